@@ -1,0 +1,199 @@
+"""The backbone registry: one table maps a name or alias to everything catfeat needs to know.
+
+Nothing else in catfeat branches on a model's name; it looks the name up here.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+WeightsArg = Any  # "imagenet" | None | "none" | str/os.PathLike path to a weights file
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone and feed it.
+
+    ``preprocessing`` names the rule applied to RGB 0..255 floats inside the compiled model
+    ("caffe": RGB->BGR minus the ImageNet mean; "tf": x/127.5 - 1; "lite": (x - 127)/128).
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    builder: str  # "module:function"; imported lazily so the registry never loads a framework
+    input_size: int
+    min_input_size: int
+    feature_dim: int
+    preprocessing: str
+    keras_preprocess: str | None  # the matching keras.applications preprocess_input, for reference
+    weights_file: str | None  # Keras's cache file name of the "imagenet" no-top weights
+    weights_url: str | None
+    has_classifier: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+_KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+_SPECS = (
+    BackboneSpec("ResNet50", ("r50", "resnet", "resnet50"), "keras.applications:ResNet50", 224, 32, 2048,
+                 "caffe", "keras.applications.resnet50:preprocess_input",
+                 "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                 _KERAS_WEIGHTS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    BackboneSpec("InceptionV3", ("incv3", "inception", "inceptionv3", "inception_v3"),
+                 "keras.applications:InceptionV3", 299, 75, 2048,
+                 "tf", "keras.applications.inception_v3:preprocess_input",
+                 "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                 _KERAS_WEIGHTS + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    BackboneSpec("Xception", ("xcep", "xception"), "keras.applications:Xception", 299, 71, 2048,
+                 "tf", "keras.applications.xception:preprocess_input",
+                 "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                 _KERAS_WEIGHTS + "xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    BackboneSpec("InceptionResNetV2", ("irv2", "inception_resnet_v2", "inceptionresnetv2"),
+                 "keras.applications:InceptionResNetV2", 299, 75, 1536,
+                 "tf", "keras.applications.inception_resnet_v2:preprocess_input",
+                 "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                 _KERAS_WEIGHTS + "inception_resnet_v2/inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    BackboneSpec("EfficientNetLite0", ("lite0", "efficientnet-lite0", "efficientnet_lite0"),
+                 "catfeat.lite:EfficientNetLite", 224, 32, 1280, "lite", None, None, None,
+                 extra={"variant": "lite0"}),
+    BackboneSpec("EfficientNetLite1", ("lite1", "efficientnet-lite1", "efficientnet_lite1"),
+                 "catfeat.lite:EfficientNetLite", 240, 32, 1280, "lite", None, None, None,
+                 extra={"variant": "lite1"}),
+    BackboneSpec("EfficientNetLite2", ("lite2", "efficientnet-lite2", "efficientnet_lite2"),
+                 "catfeat.lite:EfficientNetLite", 260, 32, 1280, "lite", None, None, None,
+                 extra={"variant": "lite2"}),
+)
+
+REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in _SPECS}
+_LOOKUP: dict[str, BackboneSpec] = {}
+for _s in _SPECS:
+    for _key in (_s.name, *_s.aliases):
+        _LOOKUP[_key.lower()] = _s
+
+
+class WeightsError(RuntimeError):
+    """Weights could not be found or loaded; the message says what to do."""
+
+
+def get_backbone(name: str | BackboneSpec) -> BackboneSpec:
+    """Look a backbone up by full name or alias, case-insensitive."""
+    if isinstance(name, BackboneSpec):
+        return name
+    try:
+        return _LOOKUP[str(name).strip().lower()]
+    except KeyError:
+        known = ", ".join(f"{s.name} ({'/'.join(s.aliases[:1])})" for s in _SPECS)
+        raise ValueError(f"unknown backbone {name!r}; known: {known}") from None
+
+
+def parse_models(models: str | list | tuple) -> list[BackboneSpec]:
+    """'xcep,incv3' or ['xcep', 'InceptionV3'] -> specs, in the order given, without repeats."""
+    if isinstance(models, (str, BackboneSpec)):
+        models = [models] if isinstance(models, BackboneSpec) else [m for m in models.split(",") if m.strip()]
+    specs: list[BackboneSpec] = []
+    for m in models:
+        spec = get_backbone(m)
+        if spec not in specs:
+            specs.append(spec)
+    if not specs:
+        raise ValueError("no backbone named; pass e.g. --models r50,incv3 (known: " + ", ".join(REGISTRY) + ")")
+    return specs
+
+
+def normalize_weights(weights: WeightsArg) -> str | Path | None:
+    """None/'none'/'random' -> None; 'imagenet' stays; anything else must be an existing file."""
+    if weights is None or (isinstance(weights, str) and weights.lower() in ("none", "random")):
+        return None
+    if isinstance(weights, str) and weights.lower() == "imagenet":
+        return "imagenet"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"weights file {str(path)!r} does not exist; pass 'imagenet', 'none' or a path "
+                           "to a .h5/.weights.h5 file (a .pth file for the Lite backbones)")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_identity(weights: WeightsArg, seed: int = 0) -> str:
+    """What the cache records as the weights: 'imagenet', 'none(seed=N)' or 'sha256:<hex>'."""
+    w = normalize_weights(weights)
+    if w is None:
+        return f"none(seed={seed})"
+    if w == "imagenet":
+        return "imagenet"
+    return "sha256:" + _sha256(Path(w))
+
+
+def _import(ref: str) -> Callable:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _keras_cache_dir() -> Path:
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def build_backbone(name: str | BackboneSpec, weights: WeightsArg = "imagenet", seed: int = 0):
+    """Build the backbone as a Keras model: preprocessed float input -> GAP features (None, feature_dim).
+
+    ``weights``: "imagenet" (Keras's download and cache, or the Lite packages' files), None for
+    random weights (deterministic for a given ``seed``), or a path to a weights file.
+    """
+    import keras
+
+    spec = get_backbone(name)
+    w = normalize_weights(weights)
+    keras.utils.set_random_seed(seed)
+    shape = (spec.input_size, spec.input_size, 3)
+    build = _import(spec.builder)
+    if spec.builder.startswith("catfeat.lite"):
+        return build(spec.extra["variant"], weights=w, input_shape=shape)
+    try:
+        if isinstance(w, Path):
+            model = build(include_top=False, weights=None, input_shape=shape, pooling="avg")
+            model.load_weights(str(w))
+        else:
+            model = build(include_top=False, weights=w, input_shape=shape, pooling="avg")
+    except (OSError, ValueError) as e:
+        if isinstance(w, Path):
+            raise WeightsError(f"could not load weights file {str(w)!r} into {spec.name}: {e}") from None
+        raise
+    except Exception as e:  # keras.utils.get_file raises a bare Exception when the download fails
+        if w == "imagenet":
+            raise WeightsError(
+                f"could not download the ImageNet weights of {spec.name} ({e.__class__.__name__}: {e}). "
+                f"Offline? Fetch {spec.weights_url} on a machine with internet and put it at "
+                f"{_keras_cache_dir() / spec.weights_file}, or pass --weights PATH_TO_FILE"
+            ) from None
+        raise
+    return model
+
+
+def preprocess(spec: BackboneSpec, x):
+    """Apply the backbone's preprocessing to a float tensor of RGB 0..255 (keras.ops; returns a new tensor)."""
+    from keras import ops
+
+    if spec.preprocessing == "tf":
+        return x / 127.5 - 1.0
+    if spec.preprocessing == "lite":
+        return (x - 127.0) / 128.0
+    if spec.preprocessing == "caffe":
+        mean = np.array([103.939, 116.779, 123.68], dtype="float32")
+        return ops.flip(x, axis=-1) - mean
+    raise ValueError(f"unknown preprocessing {spec.preprocessing!r} for {spec.name}")

@@ -1,0 +1,26 @@
+"""Shared pieces of the `python -m catfeat.<command>` entry points."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+
+def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+            argv: Sequence[str] | None = None) -> int:
+    """Parse, run, and turn expected failures into one clear line and a non-zero exit code."""
+    from .backbones import WeightsError
+    from .images import ImageSetError
+    from .store import CacheError
+
+    args = parser.parse_args(argv)
+    expected = (CacheError, ImageSetError, WeightsError, ValueError, OSError, RuntimeError, FloatingPointError)
+    try:
+        return main(args)
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; finished work is kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except expected as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2

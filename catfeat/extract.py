@@ -1,0 +1,52 @@
+"""`python -m catfeat.extract DATA_DIR`: cache GAP features of pretrained backbones in HDF5."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .backbones import REGISTRY
+from .cli import run_cli
+from .extraction import DEFAULT_MODELS, run_extraction
+
+
+def build_parser() -> argparse.ArgumentParser:
+    names = ", ".join(f"{s.name} ({s.aliases[0]})" for s in REGISTRY.values())
+    p = argparse.ArgumentParser(
+        prog="python -m catfeat.extract",
+        description="Extract global-average-pooled features of pretrained backbones for a folder of images "
+                    "into OUT/gap_<Model>.h5 (reused when unchanged, resumed when interrupted).",
+        epilog=f"Backbones: {names}.")
+    p.add_argument("data_dir", help="image folder: DIR/train + DIR/test (Kaggle), DIR/cat.1.jpg, or DIR/<class>/")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated names or aliases "
+                   "(default: %(default)s)")
+    p.add_argument("--out", default="features", help="output folder (default: %(default)s)")
+    p.add_argument("--weights", default="imagenet", help="imagenet | none (random, for tests) | PATH to a "
+                   "weights file for one backbone (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="use at most N images per split (class-balanced)")
+    p.add_argument("--force", action="store_true", help="rebuild caches that were built differently")
+    p.add_argument("--precision", default="float32", choices=["float32", "mixed", "mixed_float16",
+                   "mixed_bfloat16"], help="mixed: float16 on GPU, bfloat16 elsewhere (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None, help="image decode threads (default: min(8, cores))")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights (--weights none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
+    report = run_extraction(args.data_dir, args.models, args.out, args.weights, args.batch_size, args.limit,
+                            args.force, args.precision, args.workers, args.seed, progress=not args.no_progress)
+    for name, path in report.paths.items():
+        print(f"{name}: {path}")
+    for s in report.skipped:
+        print(f"skipped {s['path']}: {s['reason']}")
+    print("catfeat.extract: " + report.summary())
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(_main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

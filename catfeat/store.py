@@ -1,0 +1,443 @@
+"""The feature cache: one HDF5 file per backbone, written in a stream, resumable, renamed when complete.
+
+Layout of ``gap_<ModelName>.h5`` (the cache contract):
+
+    train (N, D) float32   label (N,) int64   train_names (N,) utf-8
+    test  (M, D) float32   test_names (M,) utf-8
+    skipped_names, skipped_reasons (utf-8), skipped_index (int64): images that could not be decoded
+
+Attributes: see ``KEY_FIELDS`` (what must match for a cache to be reused) and ``FeatureWriter``.
+The skipped list lives in datasets rather than an attribute because HDF5 attributes are capped at
+64 KiB, which a large messy folder would exceed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+FORMAT = "catfeat-gap/1"
+# What must be identical for a cache to stand for a request; anything else is informational.
+KEY_FIELDS = ("backbone", "weights", "input_size", "preprocessing", "precision", "tta", "images_fingerprint")
+_STR = None  # set lazily: h5py.string_dtype()
+# Refuse to read any dataset larger than this without being asked (hostile or corrupt files).
+MAX_READ_BYTES = 8 << 30
+
+
+class CacheError(ValueError):
+    """A cache file is missing, incomplete, foreign or corrupt; the message names the file."""
+
+
+class StaleCacheError(CacheError):
+    """A complete cache exists but was built differently from what is asked."""
+
+    def __init__(self, path: Path, differences: dict):
+        self.path, self.differences = path, differences
+        diff = "; ".join(f"{k}: cache has {v[0]!r}, asked {v[1]!r}" for k, v in differences.items())
+        super().__init__(f"{path} was built differently ({diff}). Use --force (force=True) to rebuild it, "
+                         "or --out another folder to keep both")
+
+
+def _h5():
+    import h5py
+
+    global _STR
+    if _STR is None:
+        _STR = h5py.string_dtype("utf-8")
+    return h5py
+
+
+def cache_path(out_dir: str | os.PathLike, backbone_name: str) -> Path:
+    return Path(out_dir) / f"gap_{backbone_name}.h5"
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _decode(values) -> list[str]:
+    return [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _attrs(f) -> dict:
+    out = {}
+    for k, v in f.attrs.items():
+        if isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, np.generic):
+            v = v.item()
+        out[k] = v
+    return out
+
+
+def differences(attrs: dict, expected: dict) -> dict:
+    """Key fields whose values differ: {field: (cached, expected)}."""
+    return {k: (attrs.get(k), expected[k]) for k in KEY_FIELDS
+            if k in expected and str(attrs.get(k)) != str(expected[k])}
+
+
+class FeatureWriter:
+    """Streams one backbone's features into ``<path>.partial`` and renames it to ``path`` when done.
+
+    ``write`` takes consecutive positions of the image set; positions already in a resumed partial
+    file are ignored, so several writers can be fed the same batches after a crash. ``next_index``
+    (attribute ``rows_written``) marks how far the file is valid.
+    """
+
+    def __init__(self, path: str | os.PathLike, attrs: dict, names: Sequence[str], labels: np.ndarray,
+                 split: Sequence[str], dim: int, chunk_rows: int = 256):
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+        self.attrs, self.dim = dict(attrs), int(dim)
+        self.names, self.labels, self.split = list(names), np.asarray(labels), list(split)
+        self.chunk_rows = chunk_rows
+        self.resumed_from = 0
+        self._f = None
+        self._open()
+
+    # -- opening / resuming -------------------------------------------------------------------
+    def _open(self) -> None:
+        h5py = _h5()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.partial.exists():
+            reason = self._try_resume()
+            if reason is None:
+                return
+            print(f"catfeat: starting {self.partial} over ({reason})", file=sys.stderr)
+            self.partial.unlink()
+        f = h5py.File(self.partial, "w")
+        n_train = sum(1 for s in self.split if s == "train")
+        n_test = len(self.split) - n_train
+        for ds, n in (("train", n_train), ("test", n_test)):
+            f.create_dataset(ds, shape=(0, self.dim), maxshape=(None, self.dim), dtype="float32",
+                             chunks=(max(1, min(self.chunk_rows, n or 1)), self.dim))
+        for ds, dt in (("label", "int64"), ("train_names", _STR), ("test_names", _STR),
+                       ("skipped_names", _STR), ("skipped_reasons", _STR), ("skipped_index", "int64")):
+            f.create_dataset(ds, shape=(0,), maxshape=(None,), dtype=dt, chunks=(1024,))
+        for k, v in self.attrs.items():
+            f.attrs[k] = v
+        f.attrs["format"] = FORMAT
+        f.attrs["complete"] = False
+        f.attrs["rows_written"] = 0
+        f.attrs["n_images"] = len(self.names)
+        f.flush()
+        self._f = f
+        self.next_index = 0
+
+    def _try_resume(self) -> str | None:
+        """Reopen a partial file if it belongs to this request; return why not otherwise."""
+        h5py = _h5()
+        try:
+            f = h5py.File(self.partial, "r+")
+        except Exception as e:  # a kill can leave a partial file HDF5 cannot open
+            return f"unreadable: {e.__class__.__name__}"
+        try:
+            a = _attrs(f)
+            diff = differences(a, self.attrs)
+            if a.get("format") != FORMAT or diff or a.get("n_images") != len(self.names):
+                f.close()
+                return "built for a different request" + (f": {', '.join(diff)} differ" if diff else "")
+            n = int(a.get("rows_written", 0))
+            skipped_idx = f["skipped_index"][:]
+            keep = skipped_idx < n
+            done = set(skipped_idx[keep].tolist())
+            want_train = [self.names[i] for i in range(n) if self.split[i] == "train" and i not in done]
+            want_test = [self.names[i] for i in range(n) if self.split[i] == "test" and i not in done]
+            sizes = {"train": len(want_train), "label": len(want_train), "train_names": len(want_train),
+                     "test": len(want_test), "test_names": len(want_test), "skipped_names": int(keep.sum()),
+                     "skipped_reasons": int(keep.sum()), "skipped_index": int(keep.sum())}
+            for ds, size in sizes.items():
+                if f[ds].shape[0] < size:
+                    f.close()
+                    return f"dataset {ds} shorter than its rows_written marker"
+                f[ds].resize(size, axis=0)  # drop rows written after the last marker
+            for ds, want in (("train_names", want_train), ("test_names", want_test)):
+                if want and _decode(f[ds][-1:])[0] != want[-1]:
+                    f.close()
+                    return f"{ds} do not match the image list"
+            f.flush()
+        except Exception as e:
+            f.close()
+            return f"inconsistent: {e.__class__.__name__}: {e}"
+        self._f, self.next_index, self.resumed_from = f, n, n
+        return None
+
+    # -- writing ------------------------------------------------------------------------------
+    def write(self, start: int, ok: np.ndarray, features: np.ndarray | None, errors: dict[int, str]) -> None:
+        """Record positions ``start .. start+len(ok)``: ``features`` holds one row per ``ok`` position."""
+        end = start + len(ok)
+        if end <= self.next_index:
+            return
+        if start > self.next_index:
+            raise RuntimeError(f"{self.partial}: gap in positions ({self.next_index} written, got {start})")
+        feats = np.zeros((0, self.dim), np.float32) if features is None else np.asarray(features, np.float32)
+        if feats.shape != (int(ok.sum()), self.dim):
+            raise ValueError(f"expected features of shape {(int(ok.sum()), self.dim)}, got {feats.shape}")
+        if not np.isfinite(feats).all():
+            bad = [self.names[p] for p, row in zip(np.flatnonzero(ok) + start, feats) if not np.isfinite(row).all()]
+            raise FloatingPointError(f"{self.attrs.get('backbone')} produced NaN/Inf features for {bad[:5]}; "
+                                     "nothing was written for this batch. Check the weights (--weights) "
+                                     "and --precision")
+        rows = {"train": ([], [], []), "test": ([], [], [])}  # features, names, labels
+        skipped = ([], [], [])
+        j = 0
+        for i in range(len(ok)):
+            pos = start + i
+            if ok[i]:
+                if pos >= self.next_index:
+                    r = rows[self.split[pos]]
+                    r[0].append(feats[j])
+                    r[1].append(self.names[pos])
+                    r[2].append(self.labels[pos])
+                j += 1
+            elif pos >= self.next_index:
+                skipped[0].append(self.names[pos])
+                skipped[1].append(errors.get(pos, "unknown error"))
+                skipped[2].append(pos)
+        f = self._f
+        for split, (fr, nm, lb) in rows.items():
+            if fr:
+                self._append(split, np.stack(fr))
+                self._append(f"{split}_names", np.array(nm, dtype=object))
+                if split == "train":
+                    self._append("label", np.array(lb, dtype=np.int64))
+        if skipped[0]:
+            self._append("skipped_names", np.array(skipped[0], dtype=object))
+            self._append("skipped_reasons", np.array(skipped[1], dtype=object))
+            self._append("skipped_index", np.array(skipped[2], dtype=np.int64))
+        f.attrs["rows_written"] = end
+        f.flush()
+        self.next_index = end
+
+    def _append(self, name: str, values: np.ndarray) -> None:
+        ds = self._f[name]
+        n = ds.shape[0]
+        ds.resize(n + len(values), axis=0)
+        ds[n:] = values
+
+    def finish(self, extra_attrs: dict | None = None) -> Path:
+        """Mark complete, close, and atomically move the file into place."""
+        if self.next_index != len(self.names):
+            raise RuntimeError(f"{self.partial}: finish() after {self.next_index} of {len(self.names)} images")
+        f = self._f
+        for k, v in (extra_attrs or {}).items():
+            f.attrs[k] = v
+        f.attrs["skipped_count"] = int(f["skipped_names"].shape[0])
+        f.attrs["complete"] = True
+        f.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        f.close()
+        self._f = None
+        _fsync(self.partial)
+        os.replace(self.partial, self.path)
+        _fsync(self.path.parent)
+        return self.path
+
+    def close(self) -> None:
+        """Close without finishing (the partial file stays for a later resume)."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- reading -------------------------------------------------------------------------------------
+_REQUIRED = {"train": 2, "test": 2, "label": 1, "train_names": 1, "test_names": 1}
+
+
+@dataclass
+class FeatureCache:
+    """A validated cache file. Arrays are read on demand."""
+
+    path: Path
+    attrs: dict
+
+    def _read(self, name: str) -> np.ndarray:
+        h5py = _h5()
+        with h5py.File(self.path, "r") as f:
+            ds = f[name]
+            if ds.size * ds.dtype.itemsize > MAX_READ_BYTES:
+                raise CacheError(f"{self.path}: dataset {name} declares {ds.shape} ({ds.dtype}), "
+                                 f"more than {MAX_READ_BYTES >> 30} GiB; refusing to load it")
+            data = ds[()]
+        return np.asarray(_decode(data), dtype=object) if name.endswith(("names", "reasons")) else data
+
+    @property
+    def name(self) -> str:
+        return str(self.attrs.get("backbone"))
+
+    @property
+    def classes(self) -> list[str]:
+        return json.loads(self.attrs.get("classes", "[]"))
+
+    def features(self, split: str = "train") -> np.ndarray:
+        return self._read(split)
+
+    def names(self, split: str = "train") -> np.ndarray:
+        return self._read(f"{split}_names")
+
+    def labels(self) -> np.ndarray:
+        return self._read("label")
+
+    def skipped(self) -> list[dict]:
+        return [{"path": p, "reason": r} for p, r in zip(self._read("skipped_names"), self._read("skipped_reasons"))]
+
+    def __len__(self) -> int:
+        return int(self.attrs.get("n_train", 0)) + int(self.attrs.get("n_test", 0))
+
+
+def open_cache(path: str | os.PathLike, require_complete: bool = True) -> FeatureCache:
+    """Open and validate a cache file (format, datasets, dtypes, shapes) without loading the arrays."""
+    h5py = _h5()
+    path = Path(path)
+    if not path.exists():
+        hint = f" (an unfinished {partial_path(path).name} exists: rerun the extraction to resume it)" \
+            if partial_path(path).exists() else ""
+        raise CacheError(f"no feature cache at {path}{hint}; run `python -m catfeat.extract DATA_DIR` first")
+    if not h5py.is_hdf5(path):
+        raise CacheError(f"{path} is not an HDF5 file (truncated or foreign); delete it and extract again")
+    try:
+        with h5py.File(path, "r") as f:
+            a = _attrs(f)
+            if a.get("format") != FORMAT:
+                raise CacheError(f"{path} is not a catfeat feature cache (format {a.get('format')!r}); "
+                                 "delete it or point --features elsewhere")
+            if require_complete and a.get("complete") is not True:
+                raise CacheError(f"{path} is incomplete ({a.get('rows_written')} of {a.get('n_images')} images); "
+                                 "rerun the extraction to finish it")
+            shapes = {}
+            for name, ndim in _REQUIRED.items():
+                if name not in f or not isinstance(f[name], h5py.Dataset):
+                    raise CacheError(f"{path}: dataset {name!r} is missing; the file is damaged, extract again")
+                ds = f[name]
+                if ds.ndim != ndim:
+                    raise CacheError(f"{path}: dataset {name!r} has {ds.ndim} dimensions, expected {ndim}")
+                shapes[name] = ds.shape
+                kind = ds.dtype.kind
+                if name in ("train", "test") and kind != "f":
+                    raise CacheError(f"{path}: dataset {name!r} has dtype {ds.dtype}, expected float32")
+                if name == "label" and kind not in "iu":
+                    raise CacheError(f"{path}: dataset 'label' has dtype {ds.dtype}, expected integers")
+                if name.endswith("names") and kind not in "OSU":
+                    raise CacheError(f"{path}: dataset {name!r} has dtype {ds.dtype}, expected strings")
+            dim = a.get("feature_dim")
+            n_tr, n_te = shapes["train"][0], shapes["test"][0]
+            ok = (shapes["label"][0] == n_tr and shapes["train_names"][0] == n_tr
+                  and shapes["test_names"][0] == n_te and shapes["train"][1] == shapes["test"][1]
+                  and (dim is None or shapes["train"][1] == dim))
+            if not ok:
+                raise CacheError(f"{path}: inconsistent shapes {shapes}; the file is damaged, extract again")
+    except CacheError:
+        raise
+    except Exception as e:
+        raise CacheError(f"{path} cannot be read ({e.__class__.__name__}: {e}); delete it and extract again") from None
+    a["n_train"], a["n_test"] = n_tr, n_te
+    return FeatureCache(path, a)
+
+
+def find_cache(model: str, features_dir: str | os.PathLike = "features") -> FeatureCache:
+    """The cache of one backbone (alias or full name) in ``features_dir``."""
+    from .backbones import get_backbone
+
+    spec = get_backbone(model)
+    return open_cache(cache_path(features_dir, spec.name))
+
+
+def align(named: dict[str, Sequence[str]], join: str = "exact") -> tuple[list[str], dict[str, np.ndarray]]:
+    """Row indices that put every cache in the same image order (that of the first).
+
+    ``join="exact"`` requires identical image sets; ``"inner"`` keeps the names all caches share.
+    """
+    keys = list(named)
+    first = list(named[keys[0]])
+    sets = {k: set(v) for k, v in named.items()}
+    for k in keys:
+        if len(sets[k]) != len(named[k]):
+            raise CacheError(f"cache of {k} lists the same image twice")
+    common = set.intersection(*sets.values())
+    if join == "exact":
+        for k in keys[1:]:
+            if sets[k] != sets[keys[0]]:
+                only_a, only_b = sorted(sets[keys[0]] - sets[k]), sorted(sets[k] - sets[keys[0]])
+                raise CacheError(
+                    f"the caches of {keys[0]} and {k} hold different images "
+                    f"({len(only_a)} only in {keys[0]}, e.g. {only_a[:3]}; {len(only_b)} only in {k}, "
+                    f"e.g. {only_b[:3]}). Extract both from the same folder, or pass join='inner'")
+    elif join != "inner":
+        raise ValueError(f"join must be 'exact' or 'inner', got {join!r}")
+    order = [n for n in first if n in common]
+    idx = {}
+    for k in keys:
+        pos = {n: i for i, n in enumerate(named[k])}
+        idx[k] = np.array([pos[n] for n in order], dtype=np.int64)
+    return order, idx
+
+
+def load_features(models: str | Iterable[str], features_dir: str | os.PathLike = "features",
+                  split: str = "train", join: str = "exact"
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]:
+    """Features of several backbones aligned by file name.
+
+    Returns ``(X, y, names)``: ``X`` maps each backbone's full name to its (n, D) array, all in the
+    order of ``names``; ``y`` are the labels (None for ``split="test"``).
+    """
+    from .backbones import parse_models
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    caches = {s.name: find_cache(s.name, features_dir) for s in parse_models(models)}
+    names = {k: c.names(split) for k, c in caches.items()}
+    order, idx = align(names, join)
+    X = {k: c.features(split)[idx[k]] for k, c in caches.items()}
+    y = None
+    if split == "train":
+        first = next(iter(caches))
+        y = caches[first].labels()[idx[first]]
+        for k, c in caches.items():
+            other = c.labels()[idx[k]]
+            if not np.array_equal(other, y):
+                raise CacheError(f"caches of {first} and {k} disagree on labels of the same images")
+    if not X[next(iter(X))].shape[0]:
+        warnings.warn(f"no {split} rows in the caches of {', '.join(caches)}", stacklevel=2)
+    return X, y, np.asarray(order, dtype=object)
+
+
+def write_cache(path: str | os.PathLike, backbone: str, train: np.ndarray, labels: Sequence[int],
+                train_names: Sequence[str], test: np.ndarray | None = None, test_names: Sequence[str] = (),
+                classes: Sequence[str] = ("cat", "dog"), attrs: dict | None = None) -> Path:
+    """Write a complete cache from arrays in memory (merging parts, tests, features from elsewhere)."""
+    train = np.asarray(train, np.float32)
+    dim = train.shape[1]
+    test = np.zeros((0, dim), np.float32) if test is None else np.asarray(test, np.float32)
+    names = [*map(str, train_names), *map(str, test_names)]
+    split = ["train"] * len(train) + ["test"] * len(test)
+    labels_all = np.concatenate([np.asarray(labels, np.int64), -np.ones(len(test), np.int64)])
+    base = {"backbone": backbone, "weights": "unknown", "input_size": 0, "preprocessing": "unknown",
+            "precision": "float32", "tta": "none", "images_fingerprint": "", "feature_dim": dim,
+            "classes": json.dumps(list(classes))}
+    base.update(attrs or {})
+    partial = partial_path(Path(path))
+    if partial.exists():
+        partial.unlink()
+    writer = FeatureWriter(path, base, names, labels_all, split, dim)
+    feats = np.concatenate([train, test])
+    writer.write(0, np.ones(len(names), bool), feats, {})
+    return writer.finish()
