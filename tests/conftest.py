@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny generated image folders and the real photos in ../shared/data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "dogs-vs-cats"
+
+
+def real_data(sub: str = "original") -> Path:
+    path = SHARED_DATA / sub
+    if not path.is_dir():
+        pytest.skip(f"real photos not found at {path}")
+    return path
+
+
+def save_image(path: Path, seed: int, size=(40, 30), mode="RGB", fmt=None) -> Path:
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    arr = rng.randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    # a smooth gradient plus noise: decodes to different features per image
+    arr[..., 0] = np.linspace(0, 255, size[0], dtype=np.uint8)[None, :]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).convert(mode).save(path, format=fmt or ("JPEG" if path.suffix == ".jpg" else None))
+    return path
+
+
+def make_kaggle(root: Path, n_per_class: int = 4, n_test: int = 3, size=(40, 30)) -> Path:
+    for k in range(n_per_class):
+        save_image(root / "train" / f"cat.{k}.jpg", 100 + k, size)
+        save_image(root / "train" / f"dog.{k}.jpg", 200 + k, size)
+    for k in range(1, n_test + 1):
+        save_image(root / "test" / f"{k}.jpg", 300 + k, size)
+    return root
+
+
+@pytest.fixture
+def kaggle_dir(tmp_path) -> Path:
+    return make_kaggle(tmp_path / "data")

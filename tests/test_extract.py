@@ -1,0 +1,202 @@
+"""Extraction end to end: caches, reuse, staleness, resume after a crash, bad files, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from catfeat.backbones import get_backbone
+from catfeat.extraction import LockedError, run_extraction
+from catfeat.images import decode_image, list_images
+from catfeat.runtime import Forward
+from catfeat.store import CacheError, FeatureWriter, StaleCacheError, load_features, open_cache
+
+from conftest import REPO, make_kaggle, real_data, save_image
+
+FAST = dict(weights=None, batch_size=4, progress=False)
+
+
+def run_cli(*args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "catfeat.extract", *map(str, args)], capture_output=True,
+                          text=True, env=env, **kw)
+
+
+def direct_features(root, names, model, seed=0):
+    spec = get_backbone(model)
+    imgs = np.stack([decode_image(root / n, [spec.input_size])[spec.input_size] for n in names])
+    return Forward(spec, None, seed=seed, batch_size=4)(imgs)
+
+
+def read(path, ds):
+    with h5py.File(path, "r") as f:
+        return f[ds][()]
+
+
+def test_cli_all_four_keras_backbones(kaggle_dir, tmp_path):
+    out = tmp_path / "features"
+    r = run_cli(kaggle_dir, "--models", "r50,incv3,xcep,irv2", "--weights", "none", "--out", out,
+                "--batch-size", "4", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "catfeat.extract: 11 images processed; 0 skipped" in r.stdout
+    images = list_images(kaggle_dir)
+    train_names = [n for n, s in zip(images.names, images.split) if s == "train"]
+    for name, dim in (("ResNet50", 2048), ("InceptionV3", 2048), ("Xception", 2048), ("InceptionResNetV2", 1536)):
+        cache = open_cache(out / f"gap_{name}.h5")
+        assert cache.features("train").shape == (8, dim) and cache.features("test").shape == (3, dim)
+        assert cache.features("train").dtype == np.float32
+        assert list(cache.names("train")) == train_names
+        assert list(cache.names("test")) == ["test/1.jpg", "test/2.jpg", "test/3.jpg"]
+        assert cache.labels().tolist() == [0] * 4 + [1] * 4
+        assert cache.attrs["backbone"] == name and cache.attrs["weights"] == "none(seed=0)"
+        assert json.loads(cache.attrs["classes"]) == ["cat", "dog"]
+        assert cache.attrs["input_size"] == get_backbone(name).input_size
+    # the cached rows are the backbone's output for exactly those images, in that order
+    for name in ("ResNet50", "InceptionResNetV2"):
+        want = direct_features(kaggle_dir, train_names, name)
+        np.testing.assert_allclose(read(out / f"gap_{name}.h5", "train"), want, rtol=1e-4, atol=1e-5)
+    X, y, names = load_features("r50,irv2", out)
+    assert X["ResNet50"].shape == (8, 2048) and X["InceptionResNetV2"].shape == (8, 1536)
+
+
+def test_reuse_stale_and_force(kaggle_dir, tmp_path):
+    out = tmp_path / "f"
+    first = run_extraction(kaggle_dir, "r50", out, **FAST)
+    path = first.paths["ResNet50"]
+    mtime = path.stat().st_mtime_ns
+    again = run_extraction(kaggle_dir, "r50", out, **FAST)
+    assert again.reused == ["ResNet50"] and again.processed == 0 and path.stat().st_mtime_ns == mtime
+
+    with pytest.raises(StaleCacheError, match="weights"):
+        run_extraction(kaggle_dir, "r50", out, seed=1, **FAST)
+    with pytest.raises(StaleCacheError, match="precision"):
+        run_extraction(kaggle_dir, "r50", out, precision="mixed_bfloat16", **FAST)
+    save_image(kaggle_dir / "train" / "cat.50.jpg", 50)
+    with pytest.raises(StaleCacheError, match="images_fingerprint"):
+        run_extraction(kaggle_dir, "r50", out, **FAST)
+    assert path.stat().st_mtime_ns == mtime  # a refusal leaves the old cache alone
+    rebuilt = run_extraction(kaggle_dir, "r50", out, force=True, **FAST)
+    assert rebuilt.processed == 12 and open_cache(path).features().shape == (9, 2048)
+
+
+def test_interrupted_run_resumes_to_identical_features(kaggle_dir, tmp_path, monkeypatch):
+    clean = run_extraction(kaggle_dir, "r50", tmp_path / "clean", **FAST)
+    want = {ds: read(clean.paths["ResNet50"], ds) for ds in ("train", "test", "train_names", "label")}
+
+    out = tmp_path / "crash"
+    calls = {"n": 0}
+    original = FeatureWriter.write
+
+    def crash_on_third(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureWriter, "write", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_extraction(kaggle_dir, "r50", out, **FAST)
+    monkeypatch.setattr(FeatureWriter, "write", original)
+    final = out / "gap_ResNet50.h5"
+    assert not final.exists() and (out / "gap_ResNet50.h5.partial").exists()
+    with pytest.raises(CacheError, match="unfinished"):
+        open_cache(final)
+
+    resumed = run_extraction(kaggle_dir, "r50", out, **FAST)
+    assert resumed.resumed == {"ResNet50": 8} and resumed.processed == 3
+    for ds, values in want.items():
+        np.testing.assert_array_equal(read(final, ds), values)
+    assert not (out / "gap_ResNet50.h5.partial").exists()
+
+
+def test_sigkill_then_resume(tmp_path):
+    data = make_kaggle(tmp_path / "data", n_per_class=16, n_test=0, size=(24, 24))
+    out = tmp_path / "f"
+    partial = out / "gap_ResNet50.h5.partial"
+    proc = subprocess.Popen([sys.executable, "-m", "catfeat.extract", str(data), "--models", "r50",
+                             "--weights", "none", "--out", str(out), "--batch-size", "2", "--no-progress"],
+                            env={**os.environ, "PYTHONPATH": str(REPO), "HDF5_USE_FILE_LOCKING": "FALSE"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows, deadline = 0, time.time() + 120
+    while time.time() < deadline and proc.poll() is None and rows < 6:
+        try:
+            with h5py.File(partial, "r", locking=False) as f:
+                rows = int(f.attrs["rows_written"])
+        except Exception:
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if rows < 6 or rows >= 32:
+        pytest.skip(f"could not catch the run mid-way (rows_written={rows})")
+    assert not (out / "gap_ResNet50.h5").exists()
+    r = run_cli(data, "--models", "r50", "--weights", "none", "--out", out, "--batch-size", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "resumed: ResNet50@" in r.stdout or "starting" in r.stderr
+    feats = open_cache(out / "gap_ResNet50.h5").features()
+    names = list_images(data).names
+    np.testing.assert_allclose(feats, direct_features(data, names, "r50"), rtol=1e-4, atol=1e-5)
+
+
+def test_corrupt_files_are_skipped_and_recorded(kaggle_dir, tmp_path):
+    (kaggle_dir / "train" / "cat.2.jpg").write_text("not a jpeg")
+    (kaggle_dir / "test" / "2.jpg").write_bytes(b"")
+    report = run_extraction(kaggle_dir, "r50", tmp_path / "f", **FAST)
+    cache = open_cache(report.paths["ResNet50"])
+    assert "train/cat.2.jpg" not in list(cache.names("train")) and cache.features().shape[0] == 7
+    assert list(cache.names("test")) == ["test/1.jpg", "test/3.jpg"]
+    reasons = {s["path"]: s["reason"] for s in cache.skipped()}
+    assert set(reasons) == {"train/cat.2.jpg", "test/2.jpg"} and "empty" in reasons["test/2.jpg"]
+    assert report.skipped == cache.skipped()
+    assert cache.labels().tolist() == [0, 0, 0, 1, 1, 1, 1]
+
+
+def test_local_weights_file_round_trip(kaggle_dir, tmp_path):
+    from catfeat.backbones import build_backbone
+
+    wfile = tmp_path / "r50_seed5.weights.h5"
+    build_backbone("r50", None, seed=5).save_weights(wfile)
+    by_path = run_extraction(kaggle_dir, "r50", tmp_path / "a", weights=wfile, batch_size=4, progress=False)
+    by_seed = run_extraction(kaggle_dir, "r50", tmp_path / "b", weights=None, seed=5, batch_size=4, progress=False)
+    a, b = (open_cache(r.paths["ResNet50"]) for r in (by_path, by_seed))
+    assert a.attrs["weights"].startswith("sha256:")
+    np.testing.assert_allclose(a.features(), b.features(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one backbone"):
+        run_extraction(kaggle_dir, "r50,incv3", tmp_path / "c", weights=wfile, progress=False)
+
+
+def test_concurrent_extraction_is_refused(kaggle_dir, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "f"
+    out.mkdir()
+    fd = os.open(out / "gap_ResNet50.h5.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(LockedError, match="another catfeat extraction"):
+            run_extraction(kaggle_dir, "r50", out, **FAST)
+    finally:
+        os.close(fd)
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    r = run_cli(tmp_path / "missing", "--weights", "none")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli(tmp_path, "--models", "vgg99")
+    assert r.returncode == 2 and "unknown backbone 'vgg99'" in r.stderr
+    r = run_cli("--help")
+    assert r.returncode == 0 and "--models" in r.stdout and "InceptionResNetV2 (irv2)" in r.stdout
+
+
+def test_real_photos(tmp_path):
+    root = real_data("original")
+    report = run_extraction(root, "r50", tmp_path / "f", limit=6, **FAST)
+    cache = open_cache(report.paths["ResNet50"])
+    assert cache.features().shape == (6, 2048) and np.isfinite(cache.features()).all()
+    assert sorted(cache.labels().tolist()) == [0, 0, 0, 1, 1, 1]
