@@ -30,18 +30,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="image decode threads (default: min(8, cores))")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (--weights none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ray = p.add_argument_group("Ray engine (pip install \"catfeat[ray]\")")
+    ray.add_argument("--engine", default="local", choices=["local", "ray"],
+                     help="local: this process (default); ray: a Ray Data job, one HDF5 part per shard")
+    ray.add_argument("--address", default=None, help="Ray cluster address: auto, ray://HOST:10001 "
+                     "(default: start a local Ray)")
+    ray.add_argument("--num-gpus-per-worker", type=float, default=0, help="GPUs per model actor (default: 0)")
+    ray.add_argument("--shards", type=int, default=None, help="number of shards, the unit of retry "
+                     "(default: about 1,000 images each)")
     return p
 
 
 def _main(args: argparse.Namespace) -> int:
     report = run_extraction(args.data_dir, args.models, args.out, args.weights, args.batch_size, args.limit,
-                            args.force, args.precision, args.workers, args.seed, progress=not args.no_progress)
+                            args.force, args.precision, args.workers, args.seed, progress=not args.no_progress,
+                            engine=args.engine, engine_options=_engine_options(args))
     for name, path in report.paths.items():
         print(f"{name}: {path}")
     for s in report.skipped:
         print(f"skipped {s['path']}: {s['reason']}")
     print("catfeat.extract: " + report.summary())
     return 0
+
+
+def _engine_options(args: argparse.Namespace) -> dict | None:
+    if args.engine == "local":
+        return None
+    return {"address": args.address, "num_gpus_per_worker": args.num_gpus_per_worker, "shards": args.shards}
 
 
 def main(argv=None) -> int:

@@ -86,8 +86,14 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
                    out: str | os.PathLike = "features", weights="imagenet", batch_size: int = 32,
                    limit: int | None = None, force: bool = False, precision: str = "float32",
                    workers: int | None = None, seed: int = 0, progress: bool = True,
-                   log=None) -> ExtractionReport:
-    """Like :func:`extract`, returning an :class:`ExtractionReport`."""
+                   log=None, engine: str = "local", engine_options: dict | None = None) -> ExtractionReport:
+    """Like :func:`extract`, returning an :class:`ExtractionReport`.
+
+    ``engine="ray"`` runs the model stage on a Ray cluster (``engine_options``: ``address``,
+    ``num_gpus_per_worker``, ``shards``); the caches are the same files either way.
+    """
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     t0 = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     specs = parse_models(models)
@@ -109,6 +115,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
     report = ExtractionReport(paths={}, n_images=len(images))
     with ExitStack() as stack:
         writers: dict[str, FeatureWriter] = {}
+        pending: dict[str, dict] = {}  # backbone -> attrs of the cache to build
         for spec in specs:
             path = cache_path(out, spec.name)
             _lock(stack, path)
@@ -128,25 +135,30 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
                 if not force:
                     raise StaleCacheError(path, diff)
                 log(f"catfeat: rebuilding {path} (--force): {', '.join(diff)} changed")
+            pending[spec.name] = attrs
+            if engine != "local":
+                continue
             writer = FeatureWriter(path, attrs, images.names, images.labels, images.split, spec.feature_dim)
             stack.callback(writer.close)
             if writer.resumed_from:
                 report.resumed[spec.name] = writer.resumed_from
                 log(f"catfeat: resuming {path.name} at image {writer.resumed_from} of {len(images)}")
             writers[spec.name] = writer
+        if pending and engine == "ray":
+            from .engines.ray_engine import extract_with_ray
+
+            extract_with_ray(images, [s for s in specs if s.name in pending], pending,
+                             {k: report.paths[k] for k in pending}, weights=w, seed=seed, precision=precision,
+                             batch_size=batch_size, report=report, progress=progress, **(engine_options or {}))
+            report.skipped = open_cache(report.paths[next(iter(pending))]).skipped()
         if writers:
             _extract_into(images, [s for s in specs if s.name in writers], writers, w, seed, precision,
                           batch_size, workers, progress, report)
             for name, writer in writers.items():
                 writer.finish()
-            report.skipped = _skipped(report.paths, writers)
+            report.skipped = open_cache(report.paths[next(iter(writers))]).skipped()
     report.seconds["total"] = time.perf_counter() - t0
     return report
-
-
-def _skipped(paths: dict[str, Path], writers: dict) -> list[dict]:
-    first = next(iter(writers))
-    return open_cache(paths[first]).skipped()
 
 
 def _extract_into(images: ImageSet, specs: list[BackboneSpec], writers: dict, weights, seed: int,
