@@ -1,0 +1,198 @@
+"""`python -m catfeat.fit --models xcep,incv3,irv2`: train the fused head on cached features.
+
+Scores it on a shuffled stratified holdout (or K-fold CV), refits on every training row, and
+writes a Kaggle submission and/or the saved head. ``--compare`` ranks every subset of backbones.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .cli import run_cli
+from .evaluation import (DEFAULT_CLIP, DEFAULT_SEED, choose_clip, compare, cross_validate, holdout_score,
+                         take_rows, write_submission)
+
+
+def _clip(value: str):
+    if value == "auto":
+        return "auto"
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--clip takes a number in [0, 0.5) or 'auto', got {value!r}") from None
+    if not 0 <= v < 0.5:
+        raise argparse.ArgumentTypeError(f"--clip must be in [0, 0.5), got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m catfeat.fit",
+        description="Train the fused head (concatenated GAP features -> Dropout -> Dense) on cached features, "
+                    "score it, and write a Kaggle submission.")
+    p.add_argument("--models", default=None, help="comma-separated backbone names or aliases "
+                   "(default: every complete cache in --features)")
+    p.add_argument("--features", default="features", help="folder of gap_<Model>.h5 caches (default: %(default)s)")
+    p.add_argument("--preset", default="default", choices=["default", "reference"],
+                   help="default: early stopping, measured defaults; reference: the classic recipe "
+                        "(Dropout 0.5, Adam, 8 epochs, batch 128) (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: from the preset)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: from the preset)")
+    p.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default: from the preset)")
+    p.add_argument("--dropout", type=float, default=None, help="dropout rate (default: from the preset)")
+    p.add_argument("--weight-decay", type=float, default=None, help="L2 penalty (default: from the preset)")
+    p.add_argument("--val-split", type=float, default=0.2, help="held-out share of the training rows for the "
+                   "reported score (default: %(default)s)")
+    p.add_argument("--cv", type=int, default=None, metavar="K", help="score by stratified K-fold CV instead "
+                   "and save out-of-fold predictions")
+    p.add_argument("--oof", default=None, help="where --cv writes out-of-fold predictions "
+                   "(default: FEATURES/oof_<models>.csv)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of splits and training (default: %(default)s)")
+    p.add_argument("--clip", type=_clip, default=DEFAULT_CLIP, help="clip probabilities to [c, 1-c] for log loss "
+                   "and the submission; 0 disables; 'auto' picks c by CV (default: %(default)s)")
+    p.add_argument("--exclude", default=None, metavar="FILE", help="file of training image names to leave out, "
+                   "one per line (e.g. outliers)")
+    p.add_argument("--submission", default=None, metavar="CSV", help="refit on all training rows and write a "
+                   "Kaggle submission (id,label) for the caches' test rows")
+    p.add_argument("--save", default=None, metavar="DIR", help="refit on all training rows and save the head")
+    p.add_argument("--compare", action="store_true", help="also rank every subset of the backbones and fusion "
+                   "strategies (writes compare.csv/.md/.png into --features)")
+    p.add_argument("--verbose", action="store_true", help="print Keras training progress")
+    return p
+
+
+def _load(args):
+    from .evaluation import cached_models
+    from .store import CacheError, load_features
+
+    models = args.models
+    if models is None:
+        models = cached_models(args.features)
+        if not models:
+            raise CacheError(f"no complete feature caches in {args.features}; run `python -m catfeat.extract "
+                             "DATA_DIR --out {args.features}` first or pass --models")
+    X, y, names = load_features(models, args.features, "train")
+    if len(names) == 0 or y is None:
+        raise CacheError(f"the caches of {', '.join(X)} in {args.features} hold no labeled (train) rows")
+    if np.any(y < 0):
+        raise CacheError(f"the caches of {', '.join(X)} have {int(np.sum(y < 0))} training rows without labels "
+                         "(label -1); extract from a folder whose training images are named or sorted by class")
+    if len(np.unique(y)) < 2:
+        raise CacheError(f"the caches of {', '.join(X)} hold only one class ({np.unique(y).tolist()}); "
+                         "a classifier needs at least two")
+    if args.exclude:
+        drop = {line.strip() for line in Path(args.exclude).read_text().splitlines() if line.strip()}
+        keep = np.array([n not in drop for n in names])
+        print(f"excluding {int((~keep).sum())} of {len(names)} training images listed in {args.exclude}")
+        X, y, names = take_rows(X, keep), y[keep], names[keep]
+    return X, y, names
+
+
+def _load_test(models, args):
+    import warnings
+
+    from .store import load_features
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an empty test split is reported below as an error
+        Xt, _, test_names = load_features(models, args.features, "test")
+    if len(test_names) == 0:
+        raise ValueError(f"the caches of {', '.join(models)} hold no test rows; extract a folder with a "
+                         "test/ subfolder to write a submission")
+    return Xt, test_names
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .head import FusedHead
+
+    t0 = time.perf_counter()
+    X, y, names = _load(args)
+    models = list(X)
+    test = _load_test(models, args) if args.submission else None  # fail before any training
+    print(f"features: {', '.join(f'{m} ({X[m].shape[1]})' for m in models)}; {len(y)} training rows "
+          f"({', '.join(f'{c}: {n}' for c, n in zip(*np.unique(y, return_counts=True)))})")
+    head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
+                     learning_rate=args.learning_rate, dropout=args.dropout, weight_decay=args.weight_decay,
+                     seed=args.seed, verbose=1 if args.verbose else 0)
+    head.resolved_params()  # reject bad values before any work
+
+    clip = args.clip
+    if args.cv:
+        score = cross_validate(head, X, y, args.cv, args.seed, 0.0 if clip == "auto" else clip)
+        if clip == "auto":
+            clip = choose_clip(score.y, score.proba)
+            score = score.reclip(clip)
+            print(f"clip chosen by CV: {clip:g}")
+        print(score.summary())
+        oof = Path(args.oof) if args.oof else Path(args.features) / f"oof_{'+'.join(models)}.csv"
+        _write_oof(oof, names, y, score)
+        print(f"out-of-fold predictions: {oof}")
+    else:
+        if clip == "auto":
+            # Chosen by CV on the training part only, so the holdout stays unseen.
+            from .evaluation import holdout_split
+
+            tr, _ = holdout_split(y, args.val_split, args.seed)
+            inner = cross_validate(head, take_rows(X, tr), y[tr], 5, args.seed, 0.0)
+            clip = choose_clip(inner.y, inner.proba)
+            print(f"clip chosen by 5-fold CV of the training part: {clip:g}")
+        score = holdout_score(head, X, y, args.val_split, args.seed, clip)
+        print(score.summary())
+
+    if args.compare:
+        df = compare(models, args.features, head=head, val_split=args.val_split, cv=args.cv, seed=args.seed,
+                     clip=clip, data=(X, y), verbose=args.verbose)
+        with _pandas_wide():
+            print(df.drop(columns=["n_backbones"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(df.attrs["summary"])
+        print("written: " + ", ".join(df.attrs["files"]))
+
+    written = []
+    if args.submission or args.save:
+        final = head.fit(X, y)
+        if test is not None:
+            if len(final.classes_) != 2:
+                raise ValueError(f"a Kaggle submission needs 2 classes, the caches have {len(final.classes_)}")
+            df = write_submission(args.submission, test[1], final.predict_proba(test[0]), clip)
+            written.append(f"submission {args.submission} ({len(df)} rows)")
+        if args.save:
+            final.save(args.save)
+            written.append(f"head {args.save}")
+    what = f"{score.folds}-fold CV" if score.folds else "validation"
+    print(f"catfeat.fit: {'+'.join(models)}, {len(y)} rows, {what} log loss {score.log_loss:.4f} "
+          f"accuracy {score.accuracy:.4f}" + (f"; wrote {', '.join(written)}" if written else "")
+          + f"; {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _write_oof(path: Path, names, y, score) -> None:
+    import pandas as pd
+
+    df = pd.DataFrame({"name": names, "label": y})
+    for i, c in enumerate(score.classes):
+        df[f"p_{c}"] = score.proba[:, i]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+
+
+class _pandas_wide:
+    def __enter__(self):
+        import pandas as pd
+
+        self._ctx = pd.option_context("display.width", 200, "display.max_columns", 30)
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def main(argv=None) -> int:
+    return run_cli(_main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""The fused head: one input per backbone -> Concatenate -> Dropout -> Dense, with scikit-learn's API.
+
+``FusedHead`` trains in seconds on cached GAP features and behaves like a scikit-learn classifier
+(``fit``/``predict_proba``/``score``, ``clone``, ``get_params``), so the CV, search and comparison
+helpers in :mod:`catfeat.evaluation` work on it as on ``LogisticRegression``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import keras
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+# What each preset fills in for the hyper-parameters left at None.
+# "reference" is the classic bottleneck-features recipe, kept exactly: Dropout 0.5, Dense sigmoid,
+# Adam at its default rate, 8 epochs of batch 128, no early stopping, no weight decay.
+# "default" was chosen by measurement on real features (see benchmarks/bench_head.py and the docs).
+PRESETS: dict[str, dict[str, Any]] = {
+    "reference": {"dropout": 0.5, "weight_decay": 0.0, "learning_rate": 1e-3, "epochs": 8, "batch_size": 128,
+                  "early_stopping": False, "patience": 0, "max_steps": 0},
+    "default": {"dropout": 0.5, "weight_decay": 0.0, "learning_rate": 1e-3, "epochs": "auto", "batch_size": 128,
+                "early_stopping": True, "patience": 10, "max_steps": 2000},
+}
+_TUNABLE = ("dropout", "weight_decay", "learning_rate", "epochs", "batch_size", "early_stopping", "patience",
+            "max_steps")
+FORMAT = "catfeat-head/1"
+
+
+def _layer_name(name: str, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_]", "_", str(name)) or "input"
+    if not base[0].isalpha():
+        base = "f_" + base
+    out, i = base, 1
+    while out in taken:
+        i += 1
+        out = f"{base}_{i}"
+    taken.add(out)
+    return out
+
+
+def build_model(dims: Sequence[int], names: Sequence[str], n_classes: int, dropout: float,
+                weight_decay: float = 0.0):
+    """The head as a Keras model: one Input per backbone -> Concatenate -> Dropout -> Dense.
+
+    Binary labels get ``Dense(1, sigmoid)``; more classes get ``Dense(K, softmax)``. ``weight_decay``
+    is an L2 penalty on the kernel, scaled like the mean loss.
+    """
+    taken: set[str] = set()
+    inputs = [keras.Input((int(d),), name=_layer_name(n, taken)) for d, n in zip(dims, names)]
+    x = inputs[0] if len(inputs) == 1 else keras.layers.Concatenate(name="concat")(inputs)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    reg = keras.regularizers.L2(weight_decay) if weight_decay else None
+    if n_classes == 2:
+        out = keras.layers.Dense(1, activation="sigmoid", kernel_regularizer=reg, name="output")(x)
+    else:
+        out = keras.layers.Dense(n_classes, activation="softmax", kernel_regularizer=reg, name="output")(x)
+    return keras.Model(inputs, out, name="fused_head")
+
+
+def _jsonable(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+class FusedHead(ClassifierMixin, BaseEstimator):
+    """Dropout + Dense head on the concatenated features of one or more backbones.
+
+    ``X`` may be a dict backbone name -> (n, D) array, a list of such arrays, or one (n, sum D)
+    array. Hyper-parameters left at ``None`` take the value of ``preset``: ``"default"`` (early
+    stopping on a shuffled, stratified internal split with the best weights restored, an epoch
+    budget of about ``max_steps`` optimizer steps) or ``"reference"`` (the classic recipe: Dropout
+    0.5, Adam, 8 epochs, batch 128). ``epochs="auto"`` means ``ceil(max_steps / steps per epoch)``,
+    at least 8. ``seed`` makes fitting reproducible on CPU.
+    """
+
+    def __init__(self, preset: str = "default", dropout: float | None = None, weight_decay: float | None = None,
+                 learning_rate: float | None = None, epochs: int | str | None = None,
+                 batch_size: int | None = None, early_stopping: bool | None = None,
+                 validation_fraction: float = 0.1, patience: int | None = None, max_steps: int | None = None,
+                 seed: int | None = 2019, verbose: int = 0):
+        self.preset = preset
+        self.dropout = dropout
+        self.weight_decay = weight_decay
+        self.learning_rate = learning_rate
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.max_steps = max_steps
+        self.seed = seed
+        self.verbose = verbose
+
+    # -- parameters -------------------------------------------------------------------------------
+    def resolved_params(self) -> dict[str, Any]:
+        """The hyper-parameters in force: explicit values over those of ``preset``."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        out = dict(PRESETS[self.preset])
+        for k in _TUNABLE:
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v
+        if not 0 <= float(out["dropout"]) < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {out['dropout']}")
+        if float(out["weight_decay"]) < 0 or float(out["learning_rate"]) <= 0:
+            raise ValueError("weight_decay must be >= 0 and learning_rate > 0")
+        if int(out["batch_size"]) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {out['batch_size']}")
+        if out["epochs"] != "auto" and int(out["epochs"]) < 1:
+            raise ValueError(f"epochs must be >= 1 or 'auto', got {out['epochs']}")
+        return out
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def _inputs(self, X, fitting: bool = False) -> list[np.ndarray]:
+        """X as a list of float32 arrays in the fitted backbone order, checked against fitted dims."""
+        if isinstance(X, Mapping):
+            keys = [str(k) for k in X]
+            arrays = [np.asarray(X[k]) for k in X]
+            if not fitting:
+                have = dict(zip(keys, arrays))
+                missing = [n for n in self.backbones_ if n not in have]
+                extra = [k for k in keys if k not in self.backbones_]
+                if missing or extra:
+                    raise ValueError(f"the head was fitted on backbones {self.backbones_}; X "
+                                     + (f"lacks {missing}" if missing else "")
+                                     + ("; " if missing and extra else "")
+                                     + (f"has unknown {extra}" if extra else ""))
+                keys, arrays = list(self.backbones_), [have[n] for n in self.backbones_]
+        elif isinstance(X, (list, tuple)):
+            arrays = [np.asarray(a) for a in X]
+            keys = [f"input_{i}" for i in range(len(arrays))] if fitting else list(self.backbones_)
+            if not fitting and len(arrays) != len(self.backbones_):
+                raise ValueError(f"the head was fitted on {len(self.backbones_)} inputs {self.backbones_}; "
+                                 f"got a list of {len(arrays)}")
+        else:
+            a = np.asarray(X)
+            if a.ndim != 2:
+                raise ValueError(f"X must be a 2-D array, a list or a dict of 2-D arrays; got shape {a.shape}")
+            if fitting:
+                keys, arrays = ["features"], [a]
+            elif len(self.dims_) > 1 and a.shape[1] == sum(self.dims_):
+                # One concatenated array for a multi-backbone head: split it in the fitted order.
+                keys, arrays = list(self.backbones_), np.split(a, np.cumsum(self.dims_)[:-1], axis=1)
+            else:
+                keys, arrays = list(self.backbones_), [a]
+                if len(self.dims_) > 1:
+                    raise ValueError(f"X has {a.shape[1]} columns; the head was fitted on "
+                                     + " + ".join(f"{n} ({d})" for n, d in zip(self.backbones_, self.dims_))
+                                     + f" = {sum(self.dims_)}")
+        if not arrays:
+            raise ValueError("X holds no feature arrays")
+        out = []
+        for k, a in zip(keys, arrays):
+            if a.ndim != 2:
+                raise ValueError(f"features of {k!r} must be 2-D (rows, dims), got shape {a.shape}")
+            out.append(np.ascontiguousarray(a, dtype=np.float32))
+        rows = {a.shape[0] for a in out}
+        if len(rows) > 1:
+            raise ValueError(f"backbones have different row counts: "
+                             + ", ".join(f"{k}: {a.shape[0]}" for k, a in zip(keys, out)))
+        if fitting:
+            self.backbones_ = keys
+            self.dims_ = [int(a.shape[1]) for a in out]
+        else:
+            for k, a, d in zip(keys, out, self.dims_):
+                if a.shape[1] != d:
+                    raise ValueError(f"backbone {k!r}: expected {d} features per row (as fitted), got {a.shape[1]}")
+        return out
+
+    # -- fitting ----------------------------------------------------------------------------------
+    def fit(self, X, y, validation_data: tuple | None = None) -> "FusedHead":
+        """Train on ``X`` (dict/list/array of features) and labels ``y`` (any 2+ distinct values).
+
+        Early stopping holds out a shuffled, stratified ``validation_fraction`` of the rows unless
+        ``validation_data=(X_val, y_val)`` is given.
+        """
+        p = self.resolved_params()
+        for attr in ("model_", "history_", "params_", "n_epochs_"):
+            self.__dict__.pop(attr, None)
+        arrays = self._inputs(X, fitting=True)
+        y = np.asarray(y)
+        if y.ndim != 1 or len(y) != arrays[0].shape[0]:
+            raise ValueError(f"y must be 1-D with one label per row ({arrays[0].shape[0]}), got shape {y.shape}")
+        if not all(np.isfinite(a).all() for a in arrays):
+            raise ValueError("features contain NaN or Inf")
+        classes, y_idx = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError(f"need at least 2 classes to fit, got only {classes.tolist()}")
+        self.classes_ = classes
+        self.n_features_in_ = int(sum(self.dims_))
+        k = len(classes)
+        target = y_idx.astype(np.float32 if k == 2 else np.int32)
+
+        val = None
+        train_arrays, train_target = arrays, target
+        if p["early_stopping"]:
+            if validation_data is not None:
+                Xv, yv = validation_data
+                val_arrays = self._inputs(Xv)
+                pos = np.searchsorted(classes, np.asarray(yv))
+                if np.any(pos >= k) or np.any(classes[np.minimum(pos, k - 1)] != np.asarray(yv)):
+                    raise ValueError("validation labels hold classes not seen in y")
+                val = (val_arrays, pos.astype(target.dtype))
+            else:
+                tr, va = _stratified_split(y_idx, self.validation_fraction, self.seed)
+                # Rows are taken by index, not by Keras's validation_split, which would take the last
+                # rows (all dogs in a sorted cat/dog list).
+                train_arrays, train_target = [a[tr] for a in arrays], target[tr]
+                val = ([a[va] for a in arrays], target[va])
+
+        n = train_arrays[0].shape[0]
+        batch = int(min(p["batch_size"], n))
+        steps = math.ceil(n / batch)
+        epochs = p["epochs"]
+        if epochs == "auto":
+            epochs = max(8, math.ceil(int(p["max_steps"]) / steps))
+        epochs = int(epochs)
+
+        if self.seed is not None:
+            keras.utils.set_random_seed(int(self.seed))
+        model = build_model(self.dims_, self.backbones_, k, float(p["dropout"]), float(p["weight_decay"]))
+        model.compile(optimizer=keras.optimizers.Adam(float(p["learning_rate"])),
+                      loss="binary_crossentropy" if k == 2 else "sparse_categorical_crossentropy",
+                      jit_compile=False)
+        stopper = _EarlyStopping(val, int(p["patience"]), k) if val is not None else None
+        hist = model.fit(train_arrays, train_target, batch_size=batch, epochs=epochs, shuffle=True,
+                         callbacks=[stopper] if stopper else [], verbose=self.verbose)
+        self.model_ = model
+        self.history_ = {k_: [float(v) for v in vs] for k_, vs in hist.history.items()}
+        self.params_ = {**p, "epochs": epochs, "batch_size": batch}
+        if stopper is not None:
+            self.history_["val_log_loss"] = stopper.losses
+            self.n_epochs_ = stopper.best_epoch + 1
+        else:
+            self.n_epochs_ = epochs
+        return self
+
+    # -- predicting -------------------------------------------------------------------------------
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities, shape (n, n_classes), columns in the order of ``classes_``."""
+        check_is_fitted(self, "model_")
+        out = _forward(self.model_, self._inputs(X))
+        if len(self.classes_) == 2:
+            p = out[:, 0]
+            return np.column_stack([1.0 - p, p])
+        return out
+
+    def predict(self, X) -> np.ndarray:
+        """The most probable class of each row (labels as given to ``fit``)."""
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``head.keras`` and ``head.json`` (params, backbones, dims, classes) into ``directory``."""
+        check_is_fitted(self, "model_")
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.model_.save(d / "head.keras")
+        from . import __version__
+
+        meta = {"format": FORMAT, "catfeat_version": __version__,
+                "params": {k: _jsonable(v) for k, v in self.get_params().items()},
+                "resolved_params": {k: _jsonable(v) for k, v in self.params_.items()},
+                "backbones": list(self.backbones_), "dims": list(self.dims_),
+                "classes": [_jsonable(c) for c in self.classes_.tolist()], "n_epochs": self.n_epochs_}
+        (d / "head.json").write_text(json.dumps(meta, indent=2))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "FusedHead":
+        """Read a head written by :meth:`save`."""
+        d = Path(directory)
+        meta_path, model_path = d / "head.json", d / "head.keras"
+        if not meta_path.is_file() or not model_path.is_file():
+            raise FileNotFoundError(f"{d} holds no saved head (needs head.json and head.keras)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path} is not a catfeat head (format {meta.get('format')!r})")
+        head = cls(**meta["params"])
+        head.model_ = keras.saving.load_model(model_path, compile=False)
+        head.backbones_ = list(meta["backbones"])
+        head.dims_ = [int(v) for v in meta["dims"]]
+        head.classes_ = np.asarray(meta["classes"])
+        head.n_features_in_ = int(sum(head.dims_))
+        head.params_ = meta.get("resolved_params", {})
+        head.n_epochs_ = meta.get("n_epochs")
+        head.history_ = {}
+        return head
+
+
+def _forward(model, arrays: list[np.ndarray], chunk: int = 8192) -> np.ndarray:
+    """Model outputs as float64 numpy, by direct calls in chunks.
+
+    A plain call skips ``model.predict``'s per-model tf.function tracing, which costs more than
+    the forward pass of a Dense layer and floods the log with retracing warnings in CV loops.
+    """
+    n = arrays[0].shape[0]
+    outs = [keras.ops.convert_to_numpy(model([a[i:i + chunk] for a in arrays], training=False))
+            for i in range(0, n, chunk)]
+    return np.concatenate(outs).astype(np.float64) if outs else np.zeros((0, model.output_shape[-1]))
+
+
+class _EarlyStopping(keras.callbacks.Callback):
+    """Stop when the validation log loss has not improved for ``patience`` epochs; keep the best weights.
+
+    Scores with a direct forward pass (Keras's per-epoch ``evaluate`` machinery cost about a third
+    of the training time on small sets) and on the log loss alone, without the L2 term.
+    """
+
+    def __init__(self, val, patience: int, n_classes: int):
+        super().__init__()
+        self.val_arrays, self.val_y = val
+        self.patience, self.n_classes = patience, n_classes
+        self.losses: list[float] = []
+        self.best, self.best_epoch, self.best_weights = np.inf, -1, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        p = np.clip(_forward(self.model, self.val_arrays), 1e-7, 1 - 1e-7)
+        y = self.val_y.astype(np.int64)
+        pt = np.where(y == 1, p[:, 0], 1 - p[:, 0]) if self.n_classes == 2 else p[np.arange(len(y)), y]
+        loss = float(-np.mean(np.log(pt)))
+        self.losses.append(loss)
+        if loss < self.best:
+            self.best, self.best_epoch, self.best_weights = loss, epoch, self.model.get_weights()
+        elif epoch - self.best_epoch >= self.patience:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+
+
+def _stratified_split(y_idx: np.ndarray, fraction: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffled, stratified (train, validation) row indices."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}")
+    idx = np.arange(len(y_idx))
+    counts = np.bincount(y_idx)
+    stratify = y_idx if counts.min() >= 2 and round(fraction * len(y_idx)) >= len(counts) else None
+    tr, va = train_test_split(idx, test_size=fraction, random_state=seed, shuffle=True, stratify=stratify)
+    return np.sort(tr), np.sort(va)

@@ -1,0 +1,179 @@
+"""FusedHead: learning, scikit-learn conventions, input checks, persistence, presets."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+
+from catfeat.evaluation import log_loss
+from catfeat.head import PRESETS, FusedHead, _stratified_split
+
+DIMS = {"EfficientNetLite0": 12, "EfficientNetLite1": 20, "EfficientNetLite2": 8}
+FAST = dict(preset="reference", epochs=15, batch_size=32)
+
+
+def blobs(n=400, sep=1.0, seed=0, classes=2, dims=DIMS):
+    """Per-backbone features whose class means differ by ``sep`` (0 = labels are noise)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    X = {}
+    for i, (name, d) in enumerate(dims.items()):
+        centers = rng.normal(size=(classes, d))
+        X[name] = (rng.normal(size=(n, d)) + sep * centers[y]).astype(np.float32)
+    return X, y
+
+
+def split(X, y, n_train):
+    return ({k: v[:n_train] for k, v in X.items()}, y[:n_train]), ({k: v[n_train:] for k, v in X.items()}, y[n_train:])
+
+
+def test_learns_separable_data():
+    (Xt, yt), (Xv, yv) = split(*blobs(600, sep=1.5), 400)
+    head = FusedHead(**FAST).fit(Xt, yt)
+    proba = head.predict_proba(Xv)
+    assert proba.shape == (200, 2)
+    assert np.isfinite(proba).all() and proba.min() >= 0 and proba.max() <= 1
+    np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-6)
+    assert head.score(Xv, yv) >= 0.97
+    assert log_loss(yv, proba[:, 1]) < 0.15
+    assert list(head.classes_) == [0, 1]
+    assert head.backbones_ == list(DIMS) and head.dims_ == list(DIMS.values())
+
+
+def test_noise_labels_give_uncommitted_finite_probabilities():
+    (Xt, yt), (Xv, yv) = split(*blobs(600, sep=0.0, seed=1), 400)
+    head = FusedHead(seed=3).fit(Xt, yt)  # default preset: early stopping stops before memorizing noise
+    proba = head.predict_proba(Xv)
+    assert np.isfinite(proba).all() and proba.min() >= 0 and proba.max() <= 1
+    assert log_loss(yv, proba[:, 1], clip=0) < 0.80  # ln 2 = 0.693 is the honest answer
+    assert 0.35 < head.score(Xv, yv) < 0.65
+
+
+def test_reproducible_with_a_seed():
+    X, y = blobs(300, sep=0.5)
+    a = FusedHead(**FAST, seed=7).fit(X, y).predict_proba(X)
+    b = FusedHead(**FAST, seed=7).fit(X, y).predict_proba(X)
+    c = FusedHead(**FAST, seed=8).fit(X, y).predict_proba(X)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_default_preset_early_stops_and_reports_epochs():
+    X, y = blobs(300, sep=0.5)
+    head = FusedHead(max_steps=400, patience=3).fit(X, y)
+    assert head.params_["early_stopping"] is True
+    losses = head.history_["val_log_loss"]
+    assert 1 <= head.n_epochs_ <= len(losses) <= head.params_["epochs"]
+    assert losses[head.n_epochs_ - 1] == min(losses)
+
+
+def test_internal_validation_split_is_shuffled_and_stratified():
+    y = np.array([0] * 100 + [1] * 100)  # sorted: a "last rows" split would be all one class
+    tr, va = _stratified_split(y, 0.1, 2019)
+    assert len(va) == 20 and np.bincount(y[va]).tolist() == [10, 10]
+    assert not set(tr) & set(va) and len(tr) + len(va) == 200
+
+
+def test_input_forms_agree():
+    X, y = blobs(200, sep=1.0)
+    arrays = list(X.values())
+    concat = np.concatenate(arrays, axis=1)
+    head = FusedHead(**FAST).fit(X, y)
+    p = head.predict_proba(X)
+    np.testing.assert_allclose(head.predict_proba(arrays), p, rtol=1e-6)
+    np.testing.assert_allclose(head.predict_proba(concat), p, rtol=1e-6)
+    reordered = {k: X[k] for k in reversed(list(X))}
+    np.testing.assert_allclose(head.predict_proba(reordered), p, rtol=1e-6)
+    np.testing.assert_allclose(FusedHead(**FAST).fit(arrays, y).predict_proba(arrays), p, rtol=1e-6)
+    single = FusedHead(**FAST).fit(concat, y)
+    assert single.backbones_ == ["features"] and single.predict_proba(concat).shape == (200, 2)
+
+
+def test_input_checks_name_the_backbone():
+    X, y = blobs(100)
+    head = FusedHead(**{**FAST, "epochs": 1}).fit(X, y)
+    bad = dict(X, EfficientNetLite1=X["EfficientNetLite1"][:, :5])
+    with pytest.raises(ValueError, match="EfficientNetLite1.*expected 20"):
+        head.predict_proba(bad)
+    with pytest.raises(ValueError, match="lacks.*EfficientNetLite2"):
+        head.predict_proba({k: X[k] for k in list(X)[:2]})
+    with pytest.raises(ValueError, match="has unknown"):
+        head.predict_proba(dict(X, Xception=X["EfficientNetLite0"]))
+    with pytest.raises(ValueError, match="columns"):
+        head.predict_proba(np.zeros((3, 7), np.float32))
+    with pytest.raises(ValueError, match="list of 2"):
+        head.predict_proba(list(X.values())[:2])
+    with pytest.raises(ValueError, match="row counts"):
+        FusedHead(**FAST).fit({"a": np.zeros((10, 2)), "b": np.zeros((9, 2))}, np.arange(10) % 2)
+    with pytest.raises(ValueError, match="2 classes"):
+        FusedHead(**FAST).fit(X, np.zeros(100))
+    with pytest.raises(ValueError, match="NaN"):
+        FusedHead(**FAST).fit({"a": np.full((10, 2), np.nan)}, np.arange(10) % 2)
+
+
+def test_sklearn_conventions():
+    head = FusedHead(dropout=0.3, epochs=4)
+    assert head.get_params()["dropout"] == 0.3 and head.get_params()["seed"] == 2019
+    with pytest.raises(NotFittedError):
+        head.predict_proba(np.zeros((2, 3)))
+    c = clone(head)
+    assert c is not head and c.get_params() == head.get_params()
+    c.set_params(dropout=0.1, preset="reference")
+    assert c.resolved_params()["dropout"] == 0.1 and head.dropout == 0.3
+    X, y = blobs(100)
+    head.fit(X, y)
+    assert not hasattr(clone(head), "model_")
+    with pytest.raises(ValueError, match="preset"):
+        FusedHead(preset="nope").fit(X, y)
+
+
+def test_reference_preset_is_the_recipe():
+    assert FusedHead(preset="reference").resolved_params() == PRESETS["reference"]
+    r = PRESETS["reference"]
+    assert (r["dropout"], r["learning_rate"], r["epochs"], r["batch_size"], r["early_stopping"], r["weight_decay"]) \
+        == (0.5, 1e-3, 8, 128, False, 0.0)
+
+
+def test_reference_preset_matches_a_hand_built_recipe_model():
+    import keras
+
+    X, y = blobs(500, sep=0.4)
+    head = FusedHead(preset="reference", seed=11).fit(X, y)
+    # The recipe as written by hand: one concatenated input, Dropout(0.5), Dense(1, sigmoid), Adam().
+    keras.utils.set_random_seed(11)
+    concat = np.concatenate(list(X.values()), axis=1)
+    inp = keras.Input((concat.shape[1],))
+    x = keras.layers.Dropout(0.5)(inp)
+    x = keras.layers.Dense(1, activation="sigmoid")(x)
+    model = keras.Model(inp, x)
+    model.compile(optimizer=keras.optimizers.Adam(), loss="binary_crossentropy")
+    model.fit(concat, y.astype("float32"), batch_size=128, epochs=8, verbose=0)
+    expected = keras.ops.convert_to_numpy(model(concat, training=False))[:, 0]
+    np.testing.assert_allclose(head.predict_proba(X)[:, 1], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_save_load_round_trip(tmp_path):
+    X, y = blobs(200, sep=1.0)
+    labels = np.where(y == 1, "dog", "cat")
+    head = FusedHead(**FAST).fit(X, labels)
+    head.save(tmp_path / "head")
+    loaded = FusedHead.load(tmp_path / "head")
+    np.testing.assert_array_equal(loaded.predict_proba(X), head.predict_proba(X))
+    assert list(loaded.classes_) == ["cat", "dog"] and loaded.backbones_ == head.backbones_
+    assert loaded.get_params() == head.get_params()
+    assert set(loaded.predict(X)) <= {"cat", "dog"}
+    with pytest.raises(ValueError, match="EfficientNetLite0"):
+        loaded.predict_proba(dict(X, EfficientNetLite0=X["EfficientNetLite0"][:, :3]))
+    with pytest.raises(FileNotFoundError):
+        FusedHead.load(tmp_path / "missing")
+
+
+def test_three_classes():
+    (Xt, yt), (Xv, yv) = split(*blobs(600, sep=1.5, classes=3), 450)
+    head = FusedHead(**FAST).fit(Xt, yt)
+    proba = head.predict_proba(Xv)
+    assert proba.shape == (150, 3)
+    np.testing.assert_allclose(proba.sum(axis=1), 1, rtol=1e-5)
+    assert head.score(Xv, yv) >= 0.9
+    assert head.model_.output_shape[-1] == 3
