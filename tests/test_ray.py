@@ -1,0 +1,159 @@
+"""The Ray engine: same caches as the local engine, one part per shard, reruns skip finished shards.
+
+Runs on a local Ray cluster of two CPUs started here; skipped when Ray is not installed or cannot start.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from catfeat.engines import EngineUnavailableError
+from catfeat.engines import ray_engine
+from catfeat.engines.ray_engine import plan_shards
+from catfeat.extraction import run_extraction
+from catfeat.store import KEY_FIELDS, open_cache
+
+from conftest import REPO, make_kaggle
+
+# lite0 is the cheapest backbone to build; ResNet50 when catfeat.lite is not there
+MODEL = "lite0" if importlib.util.find_spec("catfeat.lite") else "r50"
+FAST = dict(weights=None, batch_size=4, progress=False)
+SHARDS = 3
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    except Exception as e:
+        pytest.skip(f"Ray cannot start here: {e.__class__.__name__}: {e}")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """12 images: 4 cats, 4 dogs, 2 test, plus a corrupt and an empty file among the training ones."""
+    root = make_kaggle(tmp_path_factory.mktemp("ray") / "data", n_per_class=4, n_test=2)
+    (root / "train" / "cat.4.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "train" / "dog.4.jpg").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module")
+def local(data, tmp_path_factory):
+    report = run_extraction(data, MODEL, tmp_path_factory.mktemp("local"), **FAST)
+    return open_cache(next(iter(report.paths.values())))
+
+
+def read(path, ds):
+    with h5py.File(path, "r") as f:
+        return f[ds][()]
+
+
+def assert_same_cache(got, want, rtol=1e-5, atol=1e-6):
+    for split in ("train", "test"):
+        assert list(got.names(split)) == list(want.names(split))
+        np.testing.assert_allclose(got.features(split), want.features(split), rtol=rtol, atol=atol)
+    assert got.labels().tolist() == want.labels().tolist()
+    assert got.skipped() == want.skipped()
+    np.testing.assert_array_equal(read(got.path, "skipped_index"), read(want.path, "skipped_index"))
+    for k in (*KEY_FIELDS, "n_images", "rows_written", "skipped_count", "complete", "classes", "layout"):
+        assert got.attrs[k] == want.attrs[k], k
+
+
+def test_plan_shards_are_contiguous_and_balanced():
+    shards = plan_shards(10, 3)
+    assert [(s.start, s.end) for s in shards] == [(0, 3), (3, 6), (6, 10)]
+    assert [s.index for s in shards] == [0, 1, 2]
+    assert len(plan_shards(2, 5)) == 2  # never an empty shard
+    assert [len(s) for s in plan_shards(2500)] == [833, 833, 834]  # default: about 1,000 images each
+    with pytest.raises(ValueError, match="shards"):
+        plan_shards(10, 0)
+
+
+def test_clear_error_without_ray(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail as if not installed
+    with pytest.raises(EngineUnavailableError, match=r'pip install "catfeat\[ray\]"'):
+        run_extraction(data, MODEL, tmp_path / "a", engine="ray", **FAST)
+    from catfeat.extract import main
+
+    code = main([str(data), "--models", MODEL, "--weights", "none", "--out", str(tmp_path / "b"),
+                 "--engine", "ray", "--no-progress"])
+    assert code == 2
+    assert 'pip install "catfeat[ray]"' in capsys.readouterr().err
+
+
+def test_catfeat_imports_without_ray():
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "import catfeat, catfeat.extract, catfeat.engines.ray_engine\n"
+            "print(catfeat.extract.build_parser().parse_args(['d', '--engine', 'ray']).engine)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ray"
+
+
+def test_ray_equals_local(ray_cluster, data, local, tmp_path):
+    out = tmp_path / "ray"
+    report = run_extraction(data, MODEL, out, engine="ray", engine_options={"shards": SHARDS}, **FAST)
+    path = next(iter(report.paths.values()))
+    got = open_cache(path)
+    assert_same_cache(got, local)
+    assert got.attrs["backend"] == local.attrs["backend"]
+    assert {k for k in got.attrs if k not in ("created", "completed")} == \
+        {k for k in local.attrs if k not in ("created", "completed")}
+    assert [s["path"] for s in report.skipped] == ["train/cat.4.jpg", "train/dog.4.jpg"]
+    assert report.skipped[1]["reason"] == "empty file (0 bytes)"
+    assert report.processed == 12 and not report.resumed
+    assert {"run", "merge", f"model:{got.name}"} <= set(report.seconds)
+    assert not (out / ".parts").exists() and not path.with_name(path.name + ".partial").exists()
+    # a second run reuses the cache without touching Ray
+    again = run_extraction(data, MODEL, out, engine="ray", engine_options={"shards": SHARDS}, **FAST)
+    assert again.reused == [got.name] and again.processed == 0
+
+
+def test_rerun_recomputes_only_missing_shards(ray_cluster, data, local, tmp_path, monkeypatch):
+    out = tmp_path / "ray"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("driver died before the merge")
+
+    monkeypatch.setattr(ray_engine, "merge_parts", crash)
+    with pytest.raises(RuntimeError, match="before the merge"):
+        run_extraction(data, MODEL, out, engine="ray", engine_options={"shards": SHARDS}, **FAST)
+    monkeypatch.undo()
+    parts = sorted((out / ".parts").rglob("shard-*.h5"))
+    assert [p.name for p in parts] == ["shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
+    assert not list(out.glob("gap_*.h5"))
+    first = open_cache(parts[0])
+    assert first.attrs["shard_start"] == 0 and first.attrs["shard_end"] == 4
+    assert [s["path"] for s in first.skipped()] == []
+    # the corrupt and the empty file are positions 4 and 9 (cats then dogs, test last): shards 1 and 2
+    assert [s["path"] for s in open_cache(parts[1]).skipped()] == ["train/cat.4.jpg"]
+    parts[1].unlink()
+
+    # the rerun goes through the CLI under JAX: Ray workers must follow the driver's Keras backend
+    address = ray_cluster.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KERAS_BACKEND": "jax"}
+    r = subprocess.run([sys.executable, "-m", "catfeat.extract", str(data), "--models", MODEL, "--weights", "none",
+                        "--out", str(out), "--batch-size", "4", "--no-progress", "--engine", "ray",
+                        "--address", address, "--shards", str(SHARDS)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = next(line for line in r.stdout.splitlines() if line.startswith("catfeat.extract:"))
+    assert summary.startswith("catfeat.extract: 4 images processed; 2 skipped")  # shard 1 only
+    assert f"resumed: {local.name}@8" in summary
+    got = open_cache(out / f"gap_{local.name}.h5")
+    assert got.attrs["backend"] == "jax"
+    assert_same_cache(got, local, rtol=1e-4, atol=1e-5)
+    assert not (out / ".parts").exists()
