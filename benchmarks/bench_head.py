@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--presets", default="default,reference", help="FusedHead presets to time")
     p.add_argument("--repeat", type=int, default=2, help="fits per head preset; the fastest is reported "
                    "(the first includes one-off tracing)")
+    p.add_argument("--tune", action="store_true", help="also time FusedHead(tune=True) (search + final fit)")
     p.add_argument("--no-logreg", action="store_true", help="skip LogisticRegression")
     p.add_argument("--logreg-c", type=float, default=1.0, help="C of LogisticRegression (default: %(default)s)")
     p.add_argument("--json", default="bench_head.json", help="output file (default: %(default)s)")
@@ -67,10 +68,13 @@ def main(argv=None) -> int:
     print(f"data: {source}, {n} rows x {d} features, fit on {len(tr)}, score on {len(va)}", flush=True)
 
     rows = []
-    for preset in [s for s in args.presets.split(",") if s]:
+    runs = [(f"FusedHead(preset={s!r})", {"preset": s}, args.repeat) for s in args.presets.split(",") if s]
+    if args.tune:
+        runs.append(("FusedHead(tune=True)", {"tune": True}, 1))
+    for label, kwargs, repeat in runs:
         best = None
-        for _ in range(max(1, args.repeat)):
-            head = FusedHead(preset=preset, seed=args.seed)
+        for _ in range(max(1, repeat)):
+            head = FusedHead(**kwargs, seed=args.seed)
             t = time.perf_counter()
             head.fit(Xtr, y[tr])
             fit_s = time.perf_counter() - t
@@ -80,7 +84,9 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         proba = head.predict_proba(Xva)
         pred_s = time.perf_counter() - t
-        rows.append({"method": f"FusedHead(preset={preset!r})", "fit_s": fit_s, "predict_s": pred_s,
+        if getattr(head, "tuning_", None) is not None:
+            print(f"  {head.tuning_.summary()}")
+        rows.append({"method": label, "fit_s": fit_s, "predict_s": pred_s,
                      "epochs_run": len(head.history_.get("loss", [])), "best_epoch": head.n_epochs_,
                      "log_loss": log_loss(y_idx[va], proba), "log_loss_raw": log_loss(y_idx[va], proba, 0),
                      "accuracy": accuracy(y_idx[va], proba), "params": head.params_})

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default: from the preset)")
     p.add_argument("--dropout", type=float, default=None, help="dropout rate (default: from the preset)")
     p.add_argument("--weight-decay", type=float, default=None, help="L2 penalty (default: from the preset)")
+    p.add_argument("--tune", action="store_true", help="pick dropout, weight decay and learning rate by a small "
+                   "cross-validated search first (see catfeat.head.TUNE_GRID)")
     p.add_argument("--val-split", type=float, default=0.2, help="held-out share of the training rows for the "
                    "reported score (default: %(default)s)")
     p.add_argument("--cv", type=int, default=None, metavar="K", help="score by stratified K-fold CV instead "
@@ -119,6 +121,17 @@ def _main(args: argparse.Namespace) -> int:
                      learning_rate=args.learning_rate, dropout=args.dropout, weight_decay=args.weight_decay,
                      seed=args.seed, verbose=1 if args.verbose else 0)
     head.resolved_params()  # reject bad values before any work
+    if args.tune:
+        # Tuned once, then fixed. With a holdout the search sees only the training part, so the
+        # validation score stays honest; with --cv it sees every row and the CV score is optimistic.
+        from .evaluation import holdout_split
+        from .evaluation import tune as run_tune
+        from .head import TUNE_GRID, TUNE_MAX_ROWS
+
+        rows = np.arange(len(y)) if args.cv else holdout_split(y, args.val_split, args.seed)[0]
+        result = run_tune(head, take_rows(X, rows), y[rows], TUNE_GRID, 3, args.seed, TUNE_MAX_ROWS)
+        print(result.summary() + (" (chosen on all rows: the CV score below is optimistic)" if args.cv else ""))
+        head.set_params(**result.best_params)
 
     clip = args.clip
     if args.cv:

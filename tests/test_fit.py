@@ -203,3 +203,14 @@ def test_cli_subprocess_help():
     assert res.returncode == 0
     for flag in ("--models", "--cv", "--clip", "--submission", "--save", "--compare", "--preset", "--val-split"):
         assert flag in res.stdout
+
+
+def test_cli_tune_reports_the_chosen_values(tmp_path, capsys, monkeypatch):
+    import catfeat.head
+
+    monkeypatch.setattr(catfeat.head, "TUNE_GRID", {"learning_rate": [1e-5, 3e-2]})
+    feats = make_caches(tmp_path)
+    rc = fit_cli.main(["--features", str(feats), "--epochs", "8", "--batch-size", "32", "--preset", "reference",
+                       "--tune"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "tuned by 3-fold CV on 128 rows (2 candidates" in out and "learning_rate=0.03" in out
