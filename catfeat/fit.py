@@ -129,7 +129,9 @@ def _main(args: argparse.Namespace) -> int:
         from .head import TUNE_GRID, TUNE_MAX_ROWS
 
         rows = np.arange(len(y)) if args.cv else holdout_split(y, args.val_split, args.seed)[0]
-        result = run_tune(head, take_rows(X, rows), y[rows], TUNE_GRID, 3, args.seed, TUNE_MAX_ROWS)
+        now = head.resolved_params()
+        result = run_tune(head, take_rows(X, rows), y[rows], TUNE_GRID, 3, args.seed, TUNE_MAX_ROWS,
+                          baseline={k: now[k] for k in TUNE_GRID})
         print(result.summary() + (" (chosen on all rows: the CV score below is optimistic)" if args.cv else ""))
         head.set_params(**result.best_params)
 
@@ -160,7 +162,8 @@ def _main(args: argparse.Namespace) -> int:
         df = compare(models, args.features, head=head, val_split=args.val_split, cv=args.cv, seed=args.seed,
                      clip=clip, data=(X, y), verbose=args.verbose)
         with _pandas_wide():
-            print(df.drop(columns=["n_backbones"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            shown = df.drop(columns=["n_backbones"]).dropna(axis=1, how="all")  # no std with a holdout
+            print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         print(df.attrs["summary"])
         print("written: " + ", ".join(df.attrs["files"]))
 

@@ -88,7 +88,8 @@ class FusedHead(ClassifierMixin, BaseEstimator):
     budget of about ``max_steps`` optimizer steps) or ``"reference"`` (the classic recipe: Dropout
     0.5, Adam, 8 epochs, batch 128). ``epochs="auto"`` means ``ceil(max_steps / steps per epoch)``,
     within [8, 200]. ``tune=True`` first picks the values of ``tune_grid`` (default ``TUNE_GRID``) with
-    the lowest ``tune_cv``-fold out-of-fold log loss, on at most ``tune_max_rows`` rows; the choice
+    the lowest ``tune_cv``-fold out-of-fold log loss, on at most ``tune_max_rows`` rows, keeping
+    the preset's values unless a candidate is better by more than one standard error; the choice
     is in ``best_params_`` and the table in ``tuning_``. ``seed`` makes fitting reproducible on CPU.
     """
 
@@ -223,7 +224,8 @@ class FusedHead(ClassifierMixin, BaseEstimator):
             if unknown:
                 raise ValueError(f"tune_grid names unknown hyper-parameters {sorted(unknown)}; tunable: {_TUNABLE}")
             base = self.__class__(**{**self.get_params(), "tune": False, "verbose": 0})
-            self.tuning_ = tune(base, arrays, y_idx, grid, self.tune_cv, self.seed, self.tune_max_rows)
+            self.tuning_ = tune(base, arrays, y_idx, grid, self.tune_cv, self.seed, self.tune_max_rows,
+                                baseline={k: p[k] for k in grid})
             self.best_params_ = dict(self.tuning_.best_params)
             p.update(self.best_params_)
             if self.verbose:

@@ -126,6 +126,12 @@ def test_compare_ranks_every_subset(tmp_path):
     avg = df[df["strategy"] == "average"].iloc[0]
     assert len(avg["weights"].split("/")) == 2
     assert pd.read_csv(tmp_path / "compare.csv").shape[0] == 5
+    try:
+        import matplotlib  # noqa: F401  (the chart is optional)
+    except ImportError:
+        assert not (tmp_path / "compare.png").exists()
+    else:
+        assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_with_cv(tmp_path):
@@ -211,6 +217,6 @@ def test_cli_tune_reports_the_chosen_values(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(catfeat.head, "TUNE_GRID", {"learning_rate": [1e-5, 3e-2]})
     feats = make_caches(tmp_path)
     rc = fit_cli.main(["--features", str(feats), "--epochs", "8", "--batch-size", "32", "--preset", "reference",
-                       "--tune"])
+                       "--learning-rate", "1e-5", "--tune"])
     out = capsys.readouterr().out
     assert rc == 0 and "tuned by 3-fold CV on 128 rows (2 candidates" in out and "learning_rate=0.03" in out
