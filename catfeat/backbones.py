@@ -36,6 +36,9 @@ class BackboneSpec:
     weights_url: str | None
     has_classifier: bool = True
     extra: dict = field(default_factory=dict)
+    # "module:function" called as f(**extra, weights=w) -> (W, b) of the ImageNet classifier; None: the
+    # Keras application built with include_top=True and its "predictions" Dense layer
+    classifier_fn: str | None = None
 
     def __str__(self) -> str:
         return self.name
@@ -64,13 +67,13 @@ _SPECS = (
                  _KERAS_WEIGHTS + "inception_resnet_v2/inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
     BackboneSpec("EfficientNetLite0", ("lite0", "efficientnet-lite0", "efficientnet_lite0"),
                  "catfeat.lite:EfficientNetLite", 224, 32, 1280, "lite", None, None, None,
-                 extra={"variant": "lite0"}),
+                 extra={"variant": "lite0"}, classifier_fn="catfeat.lite:lite_classifier"),
     BackboneSpec("EfficientNetLite1", ("lite1", "efficientnet-lite1", "efficientnet_lite1"),
                  "catfeat.lite:EfficientNetLite", 240, 32, 1280, "lite", None, None, None,
-                 extra={"variant": "lite1"}),
+                 extra={"variant": "lite1"}, classifier_fn="catfeat.lite:lite_classifier"),
     BackboneSpec("EfficientNetLite2", ("lite2", "efficientnet-lite2", "efficientnet_lite2"),
                  "catfeat.lite:EfficientNetLite", 260, 32, 1280, "lite", None, None, None,
-                 extra={"variant": "lite2"}),
+                 extra={"variant": "lite2"}, classifier_fn="catfeat.lite:lite_classifier"),
 )
 
 REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in _SPECS}
@@ -183,6 +186,35 @@ def build_backbone(name: str | BackboneSpec, weights: WeightsArg = "imagenet", s
             ) from None
         raise
     return model
+
+
+def classifier(name: str | BackboneSpec, weights: WeightsArg = "imagenet") -> tuple[np.ndarray, np.ndarray]:
+    """The backbone's ImageNet classifier as ``(W (feature_dim, 1000), b (1000,))`` float32, so that
+    ``logits = gap_features @ W + b``. Keras applications have it only with ``weights="imagenet"``."""
+    spec = get_backbone(name)
+    if not spec.has_classifier:
+        raise ValueError(f"{spec.name} has no ImageNet classifier")
+    w = normalize_weights(weights)
+    if spec.classifier_fn is not None:
+        W, b = _import(spec.classifier_fn)(**spec.extra, weights=w)
+    else:
+        if w != "imagenet":
+            raise WeightsError(f"the ImageNet classifier of {spec.name} exists only with weights='imagenet' "
+                               f"(Keras's include_top weights), not {weights!r}")
+        top_file = (spec.weights_file or "").replace("_notop", "")
+        try:
+            model = _import(spec.builder)(include_top=True, weights="imagenet")
+        except Exception as e:  # keras.utils.get_file raises a bare Exception when the download fails
+            raise WeightsError(
+                f"could not load the ImageNet classifier weights of {spec.name} ({e.__class__.__name__}: {e}). "
+                f"Offline? Fetch {(spec.weights_url or '').replace('_notop', '')} elsewhere and put it at "
+                f"{_keras_cache_dir() / top_file}") from None
+        W, b = model.get_layer("predictions").get_weights()
+    W, b = np.asarray(W, np.float32), np.asarray(b, np.float32)
+    if W.shape != (spec.feature_dim, 1000) or b.shape != (1000,):
+        raise ValueError(f"classifier of {spec.name} has shapes {W.shape}/{b.shape}, "
+                         f"expected {(spec.feature_dim, 1000)}/(1000,)")
+    return W, b
 
 
 def preprocess(spec: BackboneSpec, x):

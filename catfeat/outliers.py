@@ -1,0 +1,219 @@
+"""Find training images that are neither cats nor dogs, from the cached features alone.
+
+Each backbone's ImageNet classifier is applied to its cached GAP vectors (``logits = gap @ W + b``,
+no second pass over the images). An image whose top-N ImageNet classes hold no cat (281-285) and
+no dog (151-268) class gets one vote from that backbone; ``min_votes`` votes flag it.
+
+``python -m catfeat.outliers --models lite0,lite1 --out outliers.csv --sheet outliers.png``
+writes the ranked table; ``python -m catfeat.fit --exclude outliers.csv`` trains without the
+flagged rows.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .cli import run_cli
+
+CAT_CLASSES = tuple(range(281, 286))
+DOG_CLASSES = tuple(range(151, 269))
+ANIMAL_CLASSES = np.array(CAT_CLASSES + DOG_CLASSES)
+
+
+def cache_weights(identity: str):
+    """Weights argument and seed for a cache's ``weights`` attribute ('imagenet', 'none(seed=N)')."""
+    if identity == "imagenet":
+        return "imagenet", 0
+    m = re.fullmatch(r"none\(seed=(-?\d+)\)", str(identity))
+    if m:
+        return None, int(m.group(1))
+    raise ValueError(f"the cache's weights are {identity!r}: pass the weights file explicitly "
+                     "(weights=PATH / --weights PATH)")
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def imagenet_probabilities(model: str, features_dir: str = "features", split: str = "train",
+                           weights=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ImageNet class probabilities of the cached images of one backbone: ``(probs (n, 1000), names, labels)``.
+
+    ``weights`` None: those the cache was built with (its ``weights`` attribute).
+    """
+    import keras
+
+    from .backbones import classifier
+    from .store import find_cache
+
+    cache = find_cache(model, features_dir)
+    if weights is None:
+        weights, seed = cache_weights(str(cache.attrs.get("weights")))
+        keras.utils.set_random_seed(seed)
+    W, b = classifier(cache.name, weights)
+    feats = cache.features(split).astype(np.float32)
+    labels = cache.labels() if split == "train" else -np.ones(len(feats), np.int64)
+    return _softmax(feats.astype(np.float64) @ W + b), cache.names(split), labels
+
+
+def find_outliers(models: str | Sequence[str] | None = None, features_dir: str = "features", top: int = 30,
+                  min_votes: int | None = None, split: str = "train", weights=None,
+                  show: int = 5) -> "pd.DataFrame":  # noqa: F821
+    """Vote across backbones for images whose top-``top`` ImageNet classes hold no cat or dog class.
+
+    ``min_votes`` defaults to a majority of the backbones. Returns one row per image, flagged first
+    (most votes, then lowest cat+dog probability): ``file, label, votes, flagged, p_animal``
+    (mean over backbones of the cat+dog probability), ``top_classes`` (the first backbone's
+    ``show`` best ImageNet indices with probabilities) and per backbone the best rank of a cat
+    or dog class (``animal_rank_<Model>``, 1 = top class). ``df.attrs`` holds models, top, min_votes.
+    """
+    import pandas as pd
+
+    from .backbones import parse_models
+    from .evaluation import cached_models
+
+    if models is None:
+        models = cached_models(features_dir)
+        if not models:
+            raise ValueError(f"no complete feature caches in {features_dir}")
+    specs = parse_models(models)
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    min_votes = len(specs) // 2 + 1 if min_votes is None else int(min_votes)
+    if not 1 <= min_votes <= len(specs):
+        raise ValueError(f"min_votes must be in 1..{len(specs)}, got {min_votes}")
+
+    ranks, p_animal, first = {}, {}, None
+    names = labels = None
+    classes = None
+    for spec in specs:
+        probs, n, y = imagenet_probabilities(spec.name, features_dir, split, weights)
+        if names is None:
+            names, labels, first = list(n), y, probs
+            from .store import find_cache
+            classes = find_cache(spec.name, features_dir).classes
+        else:
+            pos = {name: i for i, name in enumerate(n)}
+            missing = [name for name in names if name not in pos]
+            if missing:
+                raise ValueError(f"{spec.name}'s cache lacks {len(missing)} images of the first cache "
+                                 f"(e.g. {missing[0]}); extract every backbone from the same folder")
+            probs = probs[[pos[name] for name in names]]
+        order = np.argsort(-probs, axis=1)
+        is_animal = np.isin(order, ANIMAL_CLASSES)
+        best = np.where(is_animal.any(axis=1), is_animal.argmax(axis=1) + 1, probs.shape[1] + 1)
+        ranks[spec.name] = best
+        p_animal[spec.name] = probs[:, ANIMAL_CLASSES].sum(axis=1)
+
+    rank_arr = np.column_stack([ranks[s.name] for s in specs])
+    votes = (rank_arr > top).sum(axis=1)
+    top_idx = np.argsort(-first, axis=1)[:, :show]
+    tops = [" ".join(f"{k}:{first[i, k]:.2f}" for k in row) for i, row in enumerate(top_idx)]
+    label_names = [classes[int(v)] if 0 <= int(v) < len(classes or []) else "" for v in labels]
+    df = pd.DataFrame({"file": names, "label": label_names, "votes": votes, "flagged": votes >= min_votes,
+                       "p_animal": np.mean([p_animal[s.name] for s in specs], axis=0), "top_classes": tops})
+    for s in specs:
+        df[f"animal_rank_{s.name}"] = ranks[s.name]
+    df = df.sort_values(["votes", "p_animal"], ascending=[False, True], kind="stable").reset_index(drop=True)
+    df.attrs.update(models=[s.name for s in specs], top=top, min_votes=min_votes)
+    return df
+
+
+def read_exclude(path: str | Path) -> set[str]:
+    """Image names to leave out: a CSV with a ``file`` column (and ``flagged``, if present, true) or
+    a plain list, one name per line."""
+    import pandas as pd
+
+    text = Path(path).read_text().splitlines()
+    if text and text[0].split(",")[0].strip() == "file":
+        df = pd.read_csv(path)
+        if "flagged" in df:
+            df = df[df["flagged"].astype(str).str.lower().isin(["true", "1"])]
+        return set(df["file"].astype(str))
+    return {line.strip() for line in text if line.strip()}
+
+
+def save_contact_sheet(files: Sequence[str], data_root: str | Path, out_png: str | Path, cols: int = 6,
+                       thumb: int = 128, captions: Sequence[str] | None = None) -> Path:
+    """A grid of thumbnails of ``files`` (relative to ``data_root``) with captions, as a PNG."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    files = list(files)
+    if not files:
+        raise ValueError("no images for the contact sheet")
+    cols = max(1, min(cols, len(files)))
+    rows = -(-len(files) // cols)
+    pad = 14
+    sheet = Image.new("RGB", (cols * thumb, rows * (thumb + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, name in enumerate(files):
+        x, y = (i % cols) * thumb, (i // cols) * (thumb + pad)
+        try:
+            with Image.open(Path(data_root) / name) as im:
+                im = ImageOps.exif_transpose(im).convert("RGB")
+                im.thumbnail((thumb - 4, thumb - 4))
+                sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
+        except OSError:
+            draw.text((x + 4, y + thumb // 2), "unreadable", fill="red")
+        text = captions[i] if captions is not None else Path(name).name
+        draw.text((x + 2, y + thumb), text[: thumb // 6], fill="black")
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m catfeat.outliers",
+        description="Flag training images whose top-N ImageNet classes (from the cached features times each "
+                    "backbone's classifier) hold no cat or dog class, voting across backbones.")
+    p.add_argument("--features", default="features", help="folder of gap_<Model>.h5 caches (default: %(default)s)")
+    p.add_argument("--models", default=None, help="comma-separated backbones (default: every complete cache)")
+    p.add_argument("--top", type=int, default=30, help="an image is an animal for a backbone when a cat or dog "
+                   "class is among its top N (default: %(default)s)")
+    p.add_argument("--min-votes", type=int, default=None, help="votes needed to flag (default: a majority)")
+    p.add_argument("--weights", default=None, help="weights of the classifier (default: those of the cache)")
+    p.add_argument("--out", default="outliers.csv", help="ranked CSV of every image (default: %(default)s)")
+    p.add_argument("--sheet", default=None, metavar="PNG", help="contact sheet of the flagged images")
+    p.add_argument("--show", type=int, default=20, help="flagged rows to print (default: %(default)s)")
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .store import find_cache
+
+    df = find_outliers(args.models, args.features, args.top, args.min_votes, weights=args.weights)
+    flagged = df[df["flagged"]]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    if len(flagged):
+        print(flagged.head(args.show)[["file", "label", "votes", "p_animal", "top_classes"]]
+              .to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    written = [str(out)]
+    if args.sheet and len(flagged):
+        root = find_cache(df.attrs["models"][0], args.features).attrs.get("data_root")
+        if not root:
+            raise ValueError("the cache records no data_root; re-extract to draw the contact sheet")
+        caps = [f"{Path(f).name} v{v}" for f, v in zip(flagged["file"], flagged["votes"])]
+        written.append(str(save_contact_sheet(flagged["file"], root, args.sheet, captions=caps)))
+    print(f"catfeat.outliers: {len(flagged)} of {len(df)} images flagged ({len(flagged) / max(len(df), 1):.1%}) "
+          f"by >= {df.attrs['min_votes']} of {len(df.attrs['models'])} backbones ({', '.join(df.attrs['models'])}), "
+          f"top {args.top}; wrote {', '.join(written)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(_main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
