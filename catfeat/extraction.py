@@ -48,6 +48,19 @@ class ExtractionReport:
         return "; ".join(p for p in parts if p) + (f" [{stages}]" if stages else "")
 
 
+class NoUsableImagesError(RuntimeError):
+    """Every image failed to decode: nothing to cache."""
+
+
+def _guard_write(partial: Path, fn, *args):
+    """Turn a failed write (disk full, read-only disk, quota) into one line that says what to do."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        raise OSError(f"writing {partial} failed ({e}); the rows already written are kept: free disk "
+                      "space or fix the folder's permissions, then rerun the same command to resume") from None
+
+
 class LockedError(RuntimeError):
     """Another extraction is writing the same cache."""
 
@@ -154,8 +167,12 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
         if writers:
             _extract_into(images, [s for s in specs if s.name in writers], writers, w, seed, precision,
                           batch_size, workers, progress, report)
+            if not any(w.rows for w in writers.values()):
+                raise NoUsableImagesError(
+                    f"none of the {len(images)} images under {images.root} could be decoded "
+                    f"(e.g. {images.names[0]}); see the skipped list above")
             for name, writer in writers.items():
-                writer.finish()
+                _guard_write(writer.partial, writer.finish)
             report.skipped = open_cache(report.paths[next(iter(writers))]).skipped()
     report.seconds["total"] = time.perf_counter() - t0
     return report
@@ -196,7 +213,7 @@ def _extract_into(images: ImageSet, specs: list[BackboneSpec], writers: dict, we
                 t = time.perf_counter()
                 feats = forwards[spec.name](batch.images[spec.input_size])
                 t2 = time.perf_counter()
-                writer.write(batch.start, batch.ok, feats, batch.errors)
+                _guard_write(writer.partial, writer.write, batch.start, batch.ok, feats, batch.errors)
                 secs[f"model:{spec.name}"] += t2 - t
                 secs["write"] += time.perf_counter() - t2
             for pos, reason in batch.errors.items():

@@ -27,8 +27,15 @@ FORMAT = "catfeat-gap/1"
 # What must be identical for a cache to stand for a request; anything else is informational.
 KEY_FIELDS = ("backbone", "weights", "input_size", "preprocessing", "precision", "tta", "images_fingerprint")
 _STR = None  # set lazily: h5py.string_dtype()
-# Refuse to read any dataset larger than this without being asked (hostile or corrupt files).
-MAX_READ_BYTES = 8 << 30
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 64 << 30
+
+
+# Refuse to read a dataset that would not fit in memory (hostile or corrupt files).
+MAX_READ_BYTES = int(_memory_bytes() * 0.8)
 
 
 class CacheError(ValueError):
@@ -216,6 +223,11 @@ class FeatureWriter:
         f.flush()
         self.next_index = end
 
+    @property
+    def rows(self) -> int:
+        """Feature rows written so far (train + test)."""
+        return int(self._f["train"].shape[0] + self._f["test"].shape[0]) if self._f is not None else 0
+
     def _append(self, name: str, values: np.ndarray) -> None:
         ds = self._f[name]
         n = ds.shape[0]
@@ -276,7 +288,8 @@ class FeatureCache:
             ds = f[name]
             if ds.size * ds.dtype.itemsize > MAX_READ_BYTES:
                 raise CacheError(f"{self.path}: dataset {name} declares {ds.shape} ({ds.dtype}), "
-                                 f"more than {MAX_READ_BYTES >> 30} GiB; refusing to load it")
+                                 f"more than {MAX_READ_BYTES >> 30} GiB (80% of this machine's memory); "
+                                 "refusing to load it")
             data = ds[()]
         return np.asarray(_decode(data), dtype=object) if name.endswith(("names", "reasons")) else data
 
@@ -338,6 +351,11 @@ def open_cache(path: str | os.PathLike, require_complete: bool = True) -> Featur
                     raise CacheError(f"{path}: dataset 'label' has dtype {ds.dtype}, expected integers")
                 if name.endswith("names") and kind not in "OSU":
                     raise CacheError(f"{path}: dataset {name!r} has dtype {ds.dtype}, expected strings")
+                if name in ("train", "test") and ds.size and ds.id.get_storage_size() < ds.size * ds.dtype.itemsize:
+                    # A real cache stores every row; a dataset that only declares its size is forged
+                    # or truncated, and reading it would allocate memory for nothing.
+                    raise CacheError(f"{path}: dataset {name!r} declares {ds.shape} but stores only "
+                                     f"{ds.id.get_storage_size():,} bytes; the file is damaged or forged")
             dim = a.get("feature_dim")
             n_tr, n_te = shapes["train"][0], shapes["test"][0]
             ok = (shapes["label"][0] == n_tr and shapes["train_names"][0] == n_tr
