@@ -1,0 +1,224 @@
+"""End to end: image files -> backbones -> saved fused head, as one Keras model.
+
+The head's ``head.json`` names its backbones; the weights they were extracted with are read from
+``weights.json`` in the head folder (written by :func:`record_weights`), else from the feature
+caches' ``weights`` attribute, or given explicitly.
+
+``python -m catfeat.predict --head head/ IMG... [--csv out.csv] [--export model.keras]``
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .cli import run_cli
+
+WEIGHTS_FILE = "weights.json"
+
+
+def record_weights(head_dir: str | os.PathLike, features_dir: str | os.PathLike = "features") -> Path:
+    """Write ``head_dir/weights.json``: each backbone of the head -> the ``weights`` attribute of its cache."""
+    from .store import find_cache
+
+    meta = json.loads((Path(head_dir) / "head.json").read_text())
+    ids = {name: str(find_cache(name, features_dir).attrs.get("weights")) for name in meta["backbones"]}
+    path = Path(head_dir) / WEIGHTS_FILE
+    path.write_text(json.dumps(ids, indent=2))
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_weights(head_dir: str | os.PathLike, backbones: Sequence[str], weights=None,
+                    features_dir: str | os.PathLike | None = "features") -> dict[str, tuple]:
+    """``{backbone: (weights argument, seed)}`` for building the head's backbones.
+
+    ``weights`` (one value for all, or a dict per backbone) wins; else ``weights.json`` in the head
+    folder; else the caches in ``features_dir``. A file identity ('sha256:...') needs the file.
+    """
+    from .outliers import cache_weights
+    from .store import CacheError, find_cache
+
+    recorded_path = Path(head_dir) / WEIGHTS_FILE
+    recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
+    out = {}
+    for name in backbones:
+        given = weights.get(name) if isinstance(weights, dict) else weights
+        ident = recorded.get(name)
+        if ident is None and features_dir is not None:
+            try:
+                ident = str(find_cache(name, features_dir).attrs.get("weights"))
+            except (CacheError, OSError):
+                ident = None
+        if given is not None:
+            if isinstance(given, (str, os.PathLike)) and Path(given).is_file() and str(ident).startswith("sha256:"):
+                if "sha256:" + _sha256(Path(given)) != ident:
+                    raise ValueError(f"weights file {given} is not the one the features of {name} were built with")
+            out[name] = (given, 0)
+        elif ident is None:
+            raise ValueError(f"unknown weights of {name}: save them with catfeat.predict.record_weights(head_dir, "
+                             "features_dir), pass --features DIR of the caches, or --weights imagenet|none|PATH")
+        else:
+            out[name] = cache_weights(ident)
+    return out
+
+
+def build_predictor(head_dir: str | os.PathLike, weights=None, features_dir: str | os.PathLike | None = "features"):
+    """One Keras model: uint8 images (one input per backbone, at its size) -> class probabilities.
+
+    Returns ``(model, head)``; the model's inputs follow ``head.backbones_``, its output is the
+    head's (sigmoid P(class 1) for two classes, softmax otherwise).
+    """
+    import keras
+
+    from .backbones import get_backbone
+    from .head import FusedHead
+    from .runtime import feature_model
+
+    head = FusedHead.load(head_dir)
+    chosen = resolve_weights(head_dir, head.backbones_, weights, features_dir)
+    inputs, feats = [], []
+    for name, dim in zip(head.backbones_, head.dims_):
+        spec = get_backbone(name)
+        if spec.feature_dim != dim:
+            raise ValueError(f"head expects {dim} features from {name}, the backbone gives {spec.feature_dim}")
+        w, seed = chosen[name]
+        fm = feature_model(spec, w, seed)
+        inp = keras.Input((spec.input_size, spec.input_size, 3), dtype="uint8", name=f"image_{spec.name}")
+        inputs.append(inp)
+        feats.append(fm(inp))
+    out = head.model_(feats)
+    return keras.Model(inputs, out, name="catfeat_predictor"), head
+
+
+def _proba(out: np.ndarray, n_classes: int) -> np.ndarray:
+    out = np.asarray(out, np.float64)
+    return np.column_stack([1.0 - out[:, 0], out[:, 0]]) if n_classes == 2 else out
+
+
+def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], weights=None,
+                   features_dir: str | os.PathLike | None = "features", batch_size: int = 16,
+                   predictor=None) -> "pd.DataFrame":  # noqa: F821
+    """Class probabilities straight from image files: ``file, p_<class>..., label`` (and ``error`` for
+    files that could not be decoded). ``predictor``: a ``(model, head)`` from :func:`build_predictor`."""
+    import keras
+    import pandas as pd
+
+    from .backbones import get_backbone
+    from .images import DecodeError, decode_image
+
+    model, head = predictor or build_predictor(head_dir, weights, features_dir)
+    sizes = [get_backbone(n).input_size for n in head.backbones_]
+    rows, errors, probs = [], {}, []
+    batch: list[dict] = []
+    ok_files: list[str] = []
+
+    def flush():
+        if not batch:
+            return
+        arrays = [np.stack([d[s] for d in batch]) for s in sizes]
+        out = keras.ops.convert_to_numpy(model(arrays, training=False))
+        probs.append(_proba(out, len(head.classes_)))
+        batch.clear()
+
+    for p in map(str, paths):
+        try:
+            batch.append(decode_image(p, sorted(set(sizes))))
+            ok_files.append(p)
+        except DecodeError as e:
+            errors[p] = str(e)
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    P = np.concatenate(probs) if probs else np.zeros((0, len(head.classes_)))
+    df = pd.DataFrame({"file": ok_files})
+    for i, c in enumerate(head.classes_):
+        df[f"p_{c}"] = P[:, i]
+    df["label"] = head.classes_[np.argmax(P, axis=1)] if len(P) else []
+    if errors:
+        bad = pd.DataFrame({"file": list(errors), "error": list(errors.values())})
+        df = pd.concat([df.assign(error=""), bad], ignore_index=True)
+    return df
+
+
+def export(model, path: str | os.PathLike) -> str:
+    """Save ``model``: a ``.keras`` file, or a TensorFlow SavedModel folder (tensorflow backend only)."""
+    import keras
+
+    path = Path(path)
+    if path.suffix == ".keras":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model.save(path)
+        return f"model {path}"
+    if keras.backend.backend() != "tensorflow":
+        return f"skipped SavedModel export to {path}: needs the tensorflow backend (now {keras.backend.backend()})"
+    model.export(str(path), format="tf_saved_model")
+    return f"SavedModel {path}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m catfeat.predict",
+                                description="Predict image files with a saved fused head and its backbones.")
+    p.add_argument("images", nargs="*", help="image files (or folders: every image in them)")
+    p.add_argument("--head", required=True, help="folder of a saved head (head.json + head.keras)")
+    p.add_argument("--features", default="features", help="feature caches, read for the backbones' weights when "
+                   "the head folder has no weights.json (default: %(default)s)")
+    p.add_argument("--weights", default=None, help="imagenet | none | PATH for every backbone (default: recorded)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per call (default: %(default)s)")
+    p.add_argument("--csv", default=None, help="write the predictions here instead of printing them")
+    p.add_argument("--export", default=None, metavar="PATH", help="save the end-to-end model: PATH.keras, or a "
+                   "SavedModel folder (tensorflow backend)")
+    return p
+
+
+def _expand(items: Sequence[str]) -> list[str]:
+    from .images import IMAGE_SUFFIXES, natural_key
+
+    out = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted((str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
+        else:
+            out.append(str(p))
+    return out
+
+
+def _main(args: argparse.Namespace) -> int:
+    if not args.images and not args.export:
+        raise ValueError("name image files to predict and/or --export PATH")
+    predictor = build_predictor(args.head, args.weights, args.features)
+    done = []
+    if args.images:
+        df = predict_images(args.head, _expand(args.images), batch_size=args.batch_size, predictor=predictor)
+        if args.csv:
+            Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+            df.to_csv(args.csv, index=False)
+            done.append(f"{len(df)} predictions to {args.csv}")
+        else:
+            print(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if args.export:
+        done.append(export(predictor[0], args.export))
+    print("catfeat.predict: " + "; ".join(done) if done else "catfeat.predict: nothing to do")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(_main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
