@@ -424,7 +424,6 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     DataFrame is sorted by log loss; ``df.attrs["summary"]`` says which fusion wins and by how much.
     """
     import pandas as pd
-    from sklearn.base import clone
 
     from .head import FusedHead
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from . import __version__
 from .backbones import BackboneSpec, normalize_weights, parse_models, weights_identity

@@ -182,7 +182,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
             out.append(np.ascontiguousarray(a, dtype=np.float32))
         rows = {a.shape[0] for a in out}
         if len(rows) > 1:
-            raise ValueError(f"backbones have different row counts: "
+            raise ValueError("backbones have different row counts: "
                              + ", ".join(f"{k}: {a.shape[0]}" for k, a in zip(keys, out)))
         if fitting:
             self.backbones_ = keys

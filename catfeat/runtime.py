@@ -88,15 +88,15 @@ def compile_forward(model) -> Callable[[np.ndarray], np.ndarray]:
         frozen = [v.value for v in model.non_trainable_variables]
 
         @jax.jit
-        def run(tv, ntv, x):
+        def run_jax(tv, ntv, x):
             return model.stateless_call(tv, ntv, x, training=False)[0]
 
-        return lambda x: np.asarray(run(trainable, frozen, x))
+        return lambda x: np.asarray(run_jax(trainable, frozen, x))
     if b == "tensorflow":
         import tensorflow as tf  # the TensorFlow fast path; only reached under that backend
 
-        run = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-        return lambda x: run(tf.convert_to_tensor(x)).numpy()
+        run_tf = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        return lambda x: run_tf(tf.convert_to_tensor(x)).numpy()
     if b == "torch":
         import torch
 

@@ -44,3 +44,20 @@ def make_kaggle(root: Path, n_per_class: int = 4, n_test: int = 3, size=(40, 30)
 @pytest.fixture
 def kaggle_dir(tmp_path) -> Path:
     return make_kaggle(tmp_path / "data")
+
+
+def wait_for_rows(partial: Path, proc, rows: int, timeout: float = 120) -> int:
+    """Poll a running extraction's partial cache until ``rows`` positions are written (or it ends)."""
+    import time
+
+    import h5py
+
+    seen, deadline = 0, time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and seen < rows:
+        try:
+            with h5py.File(partial, "r", locking=False) as f:
+                seen = int(f.attrs["rows_written"])
+        except Exception:  # not created yet, or caught mid-write: try again
+            pass
+        time.sleep(0.05)
+    return seen

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
@@ -18,7 +17,7 @@ from catfeat.images import decode_image, list_images
 from catfeat.runtime import Forward
 from catfeat.store import CacheError, FeatureWriter, StaleCacheError, load_features, open_cache
 
-from conftest import REPO, make_kaggle, real_data, save_image
+from conftest import REPO, make_kaggle, real_data, save_image, wait_for_rows
 
 FAST = dict(weights=None, batch_size=4, progress=False)
 
@@ -124,14 +123,7 @@ def test_sigkill_then_resume(tmp_path):
                              "--weights", "none", "--out", str(out), "--batch-size", "2", "--no-progress"],
                             env={**os.environ, "PYTHONPATH": str(REPO), "HDF5_USE_FILE_LOCKING": "FALSE"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rows, deadline = 0, time.time() + 120
-    while time.time() < deadline and proc.poll() is None and rows < 6:
-        try:
-            with h5py.File(partial, "r", locking=False) as f:
-                rows = int(f.attrs["rows_written"])
-        except Exception:
-            pass
-        time.sleep(0.05)
+    rows = wait_for_rows(partial, proc, 6)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     if rows < 6 or rows >= 32:

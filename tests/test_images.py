@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catfeat.images import DecodeError, ImageSetError, decode_image, iter_batches, list_images, natural_key
+from catfeat.images import DecodeError, ImageSetError, decode_image, iter_batches, list_images
 
 from conftest import make_kaggle, real_data, save_image
 

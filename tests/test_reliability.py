@@ -6,7 +6,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 
 import h5py
@@ -14,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catfeat.extraction import NoUsableImagesError, run_extraction
+from catfeat.extraction import run_extraction
 from catfeat.store import CacheError, FeatureWriter, load_features, open_cache, write_cache
 
-from conftest import REPO, make_kaggle, save_image
+from conftest import REPO, make_kaggle, save_image, wait_for_rows
 
 FAST = dict(weights=None, batch_size=4, progress=False)
 
@@ -149,14 +148,7 @@ def test_ctrl_c_exits_cleanly_and_resumes(tmp_path):
     out = tmp_path / "f"
     partial = out / "gap_ResNet50.h5.partial"
     proc = cli(data, "--models", "r50", "--weights", "none", "--out", out, "--batch-size", "2", "--no-progress")
-    rows, deadline = 0, time.time() + 120
-    while time.time() < deadline and proc.poll() is None and rows < 4:
-        try:
-            with h5py.File(partial, "r", locking=False) as f:
-                rows = int(f.attrs["rows_written"])
-        except Exception:
-            pass
-        time.sleep(0.05)
+    wait_for_rows(partial, proc, 4)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
