@@ -81,13 +81,13 @@ def _lock(stack: ExitStack, path: Path) -> None:
 
 
 def cache_attrs(spec: BackboneSpec, weights, seed: int, precision: str, images: ImageSet,
-                fingerprint: str) -> dict:
+                fingerprint: str, tta: str = "none") -> dict:
     """The attributes that identify a cache (see store.KEY_FIELDS) plus provenance."""
     from .runtime import backend_name, resolve_precision
 
     return {
         "backbone": spec.name, "weights": weights_identity(weights, seed), "input_size": spec.input_size,
-        "preprocessing": spec.preprocessing, "precision": resolve_precision(precision), "tta": "none",
+        "preprocessing": spec.preprocessing, "precision": resolve_precision(precision), "tta": tta,
         "images_fingerprint": fingerprint, "feature_dim": spec.feature_dim, "backend": backend_name(),
         "catfeat_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "classes": json.dumps(images.classes), "layout": images.layout, "data_root": str(images.root.resolve()),
@@ -98,7 +98,8 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
                    out: str | os.PathLike = "features", weights="imagenet", batch_size: int = 32,
                    limit: int | None = None, force: bool = False, precision: str = "float32",
                    workers: int | None = None, seed: int = 0, progress: bool = True,
-                   log=None, engine: str = "local", engine_options: dict | None = None) -> ExtractionReport:
+                   log=None, engine: str = "local", engine_options: dict | None = None,
+                   tta: str = "none") -> ExtractionReport:
     """Like :func:`extract`, returning an :class:`ExtractionReport`.
 
     ``engine="ray"`` runs the model stage on a Ray cluster (``engine_options``: ``address``,
@@ -131,7 +132,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
         for spec in specs:
             path = cache_path(out, spec.name)
             _lock(stack, path)
-            attrs = cache_attrs(spec, w, seed, precision, images, fingerprint)
+            attrs = cache_attrs(spec, w, seed, precision, images, fingerprint, tta)
             report.paths[spec.name] = path
             if path.exists():
                 try:
@@ -165,7 +166,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
             report.skipped = open_cache(report.paths[next(iter(pending))]).skipped()
         if writers:
             _extract_into(images, [s for s in specs if s.name in writers], writers, w, seed, precision,
-                          batch_size, workers, progress, report)
+                          batch_size, workers, progress, report, tta)
             if not any(w.rows for w in writers.values()):
                 raise NoUsableImagesError(
                     f"none of the {len(images)} images under {images.root} could be decoded "
@@ -179,14 +180,14 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
 
 def _extract_into(images: ImageSet, specs: list[BackboneSpec], writers: dict, weights, seed: int,
                   precision: str, batch_size: int, workers: int | None, progress: bool,
-                  report: ExtractionReport) -> None:
+                  report: ExtractionReport, tta: str = "none") -> None:
     from .runtime import Forward
 
     start = min(w.next_index for w in writers.values())
     n_todo = len(images) - start
     secs = report.seconds
     t = time.perf_counter()
-    forwards = {s.name: Forward(s, weights, seed, precision, batch_size) for s in specs}
+    forwards = {s.name: Forward(s, weights, seed, precision, batch_size, tta) for s in specs}
     secs["build"] = time.perf_counter() - t
     if n_todo == 0:
         return
@@ -234,12 +235,13 @@ def _progress(total: int, enabled: bool):
 def extract(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_MODELS,
             out: str | os.PathLike = "features", weights="imagenet", batch_size: int = 32,
             limit: int | None = None, force: bool = False, precision: str = "float32",
-            workers: int | None = None, seed: int = 0, progress: bool = True) -> dict[str, Path]:
+            workers: int | None = None, seed: int = 0, progress: bool = True, tta: str = "none") -> dict[str, Path]:
     """Extract GAP features of ``models`` for the images under ``data_dir`` into ``out``.
 
     Returns {backbone full name: cache path}. A matching cache is reused, an unfinished one is
     resumed, a different one is refused unless ``force``. ``weights``: "imagenet", None (random,
     fixed by ``seed``) or a weights file path (one backbone). ``precision``: "float32" or "mixed".
+    ``tta="flip"`` stores the mean of the features of each image and its mirror image.
     """
     return run_extraction(data_dir, models, out, weights, batch_size, limit, force, precision, workers,
-                          seed, progress).paths
+                          seed, progress, tta=tta).paths

@@ -64,17 +64,28 @@ def dtype_policy(policy: str):
         keras.config.set_dtype_policy(old)
 
 
-def feature_model(spec: BackboneSpec, weights="imagenet", seed: int = 0, precision: str = "float32"):
-    """Keras model: uint8 (size, size, 3) -> float32 GAP features, preprocessing included."""
+TTA_MODES = ("none", "flip")
+
+
+def feature_model(spec: BackboneSpec, weights="imagenet", seed: int = 0, precision: str = "float32",
+                  tta: str = "none"):
+    """Keras model: uint8 (size, size, 3) -> float32 GAP features, preprocessing included.
+
+    ``tta="flip"``: the mean of the features of the image and of its mirror image.
+    """
     import keras
     from keras import ops
 
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     policy = resolve_precision(precision)
     with dtype_policy(policy):
         backbone = build_backbone(spec, weights=weights, seed=seed)
     inp = keras.Input((spec.input_size, spec.input_size, 3), dtype="uint8", name="image")
     x = preprocess(spec, ops.cast(inp, "float32"))
     out = ops.cast(backbone(x), "float32")
+    if tta == "flip":
+        out = (out + ops.cast(backbone(ops.flip(x, axis=2)), "float32")) / 2.0
     return keras.Model(inp, out, name=f"catfeat_{spec.name}")
 
 
@@ -113,9 +124,9 @@ class Forward:
     no backend recompiles for a short batch."""
 
     def __init__(self, spec: BackboneSpec, weights="imagenet", seed: int = 0, precision: str = "float32",
-                 batch_size: int = 32):
+                 batch_size: int = 32, tta: str = "none"):
         self.spec, self.batch_size = spec, int(batch_size)
-        self.model = feature_model(spec, weights, seed, precision)
+        self.model = feature_model(spec, weights, seed, precision, tta)
         self._run = compile_forward(self.model)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

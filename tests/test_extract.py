@@ -192,3 +192,24 @@ def test_real_photos(tmp_path):
     cache = open_cache(report.paths["ResNet50"])
     assert cache.features().shape == (6, 2048) and np.isfinite(cache.features()).all()
     assert sorted(cache.labels().tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_flip_tta_is_recorded_reproducible_and_a_mean_of_mirrors(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "d"
+    save_image(root / "cat.0.jpg", 1, size=(64, 64), fmt="PNG")
+    Image.open(root / "cat.0.jpg").transpose(Image.FLIP_LEFT_RIGHT).save(root / "cat.1.jpg", format="PNG")
+    save_image(root / "dog.0.jpg", 2, size=(64, 64), fmt="PNG")
+    plain = open_cache(run_extraction(root, "r50", tmp_path / "plain", **FAST).paths["ResNet50"])
+    tta = open_cache(run_extraction(root, "r50", tmp_path / "tta", tta="flip", **FAST).paths["ResNet50"])
+    again = open_cache(run_extraction(root, "r50", tmp_path / "tta2", tta="flip", **FAST).paths["ResNet50"])
+    assert tta.attrs["tta"] == "flip" and plain.attrs["tta"] == "none"
+    np.testing.assert_array_equal(tta.features(), again.features())
+    p, t = plain.features(), tta.features()
+    assert np.abs(t - p).max() > 1e-3
+    # image 1 is image 0 mirrored: with TTA both get the mean of the two plain feature vectors
+    np.testing.assert_allclose(t[0], (p[0] + p[1]) / 2, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(t[1], t[0], rtol=1e-3, atol=1e-4)
+    with pytest.raises(StaleCacheError, match="tta"):
+        run_extraction(root, "r50", tmp_path / "plain", tta="flip", **FAST)

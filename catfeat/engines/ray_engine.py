@@ -193,14 +193,15 @@ class FeatureActor:
     """Stage 2, one instance per Ray actor: builds every backbone once, then maps decoded batches to
     their GAP features (zeros on rows that failed to decode)."""
 
-    def __init__(self, jobs: Sequence[tuple[BackboneSpec, str]], weights, seed: int, batch_size: int,
+    def __init__(self, jobs: Sequence[tuple[BackboneSpec, str, str]], weights, seed: int, batch_size: int,
                  backend: str):
         from ..runtime import Forward, backend_name
 
         if backend_name() != backend:
             raise RuntimeError(f"this Ray worker runs Keras on {backend_name()!r} but the caches are for "
                                f"{backend!r}; install that backend on every node")
-        self.forwards = [(spec, Forward(spec, weights, seed, precision, batch_size)) for spec, precision in jobs]
+        self.forwards = [(spec, Forward(spec, weights, seed, precision, batch_size, tta))
+                         for spec, precision, tta in jobs]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], bool)
@@ -447,7 +448,8 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
     try:
         n_actors, actor_cpus = _model_actors(ray, num_gpus_per_worker)
         blocks = _input_blocks(images, todo, batch_size, ray.cluster_resources().get("CPU", 1))
-        jobs = [(sp, str(part_attrs[(sp.name, todo[0].index)]["precision"])) for sp in specs]
+        jobs = [(sp, str(part_attrs[(sp.name, todo[0].index)]["precision"]),
+                 str(part_attrs[(sp.name, todo[0].index)]["tta"])) for sp in specs]
         secs["connect"] = time.perf_counter() - t
         t = time.perf_counter()
         bar = _progress(sum(len(s) for s in todo), progress)
