@@ -21,7 +21,8 @@ writing and closing stay in). img/s = images / timed seconds, every image throug
 Framework imports happen before timing in every method. With --repeat N the methods run N times,
 interleaved, and the table shows each method's fastest run (all runs are in the JSON). Peak RSS is
 the subprocess's ru_maxrss; "growth" is peak minus the RSS right after build+warm-up.
-CPU = process CPU seconds / timed wall seconds (2.0 = both cores busy on a 2-core machine).
+"CPU cores busy" = process CPU seconds / timed wall seconds (2.0 = both cores of a 2-core machine);
+"CPU ms/img" = process CPU per image, which other load on the machine disturbs less than wall time.
 The table is printed and saved as JSON and CSV under --out-dir; the features of the three methods
 are compared (max relative difference) to show they computed the same thing.
 """
@@ -62,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run every method this many times, interleaved, and report each one's fastest run "
                         "(use on a shared machine; default: %(default)s)")
     p.add_argument("--tf-threads", default=None, metavar="INTRA,INTER",
-                   help="set TensorFlow intra-/inter-op thread counts in every method (default: TF's own)")
+                   help="TensorFlow intra-/inter-op thread counts for catfeat's run; the reference and the "
+                        "ceiling keep TF's defaults (default: TF's own)")
     p.add_argument("--check-precision", action="store_true",
                    help="also compare features with --precision mixed_bfloat16 against float32 "
                         "(compiled models, first 2 batches) and report the relative error")
@@ -98,7 +100,7 @@ def _cpu() -> float:
 
 
 def _setup_tf(args) -> None:
-    if args.tf_threads:
+    if args.tf_threads and args.method == "catfeat":  # the other methods keep TF's defaults
         import tensorflow as tf
 
         intra, inter = (int(v) for v in args.tf_threads.split(","))
@@ -189,7 +191,7 @@ def run_catfeat(args, images, specs) -> dict:
     import tqdm.auto  # noqa: F401
 
     keras.backend.backend()
-    out = args.work / "catfeat_features"
+    out = Path(tempfile.mkdtemp(prefix="catfeat_", dir=args.work))  # fresh: never a reused cache
     c0 = _cpu()
     report = run_extraction(args.data, [s.name for s in specs], out, weights=args.weights,
                             batch_size=args.batch_size, limit=args.limit, force=True, precision=args.precision,
@@ -199,6 +201,9 @@ def run_catfeat(args, images, specs) -> dict:
     secs = report.seconds["total"] - build
     np.savez(args.work / "feats_catfeat.npz",
              **{name: open_cache(path).features("train") for name, path in report.paths.items()})
+    if report.reused or report.processed != len(images):
+        raise RuntimeError(f"catfeat did not process every image: {report.summary()}")
+    shutil.rmtree(out, ignore_errors=True)
     stages = {k: v for k, v in report.seconds.items() if k not in ("total", "build")}
     stages["model"] = sum(v for k, v in stages.items() if k.startswith("model:"))
     return {"seconds": secs, "build_warmup": build, "warmup": warm, "cpu": cpu,
@@ -275,6 +280,9 @@ def run_precision(args, images, specs) -> dict:
 
 def child(args) -> int:
     _setup_tf(args)
+    import keras  # imported before any timer in every method, so "build+warm-up" compares alike
+
+    keras.backend.backend()
     from catfeat.backbones import parse_models
     from catfeat.images import list_images
 
@@ -388,7 +396,7 @@ def main(argv=None) -> int:
         row = {"method": m, "images": r["images"], "seconds": r["seconds"], "img_s": r["images"] / r["seconds"],
                "build_warmup_s": r["build_warmup"], "peak_rss_mb": r["peak_rss_mb"],
                "rss_growth_mb": r["peak_rss_mb"] - (r.get("rss_after_build_mb") or 0.0),
-               "cpu_util": r["cpu"] / r["seconds"], "load_end": r["loadavg_end"][0],
+               "cpu_util": r["cpu"] / r["seconds"], "cpu_ms_img": 1000 * r["cpu"] / r["images"], "load_end": r["loadavg_end"][0],
                "runs_img_s": " / ".join(f"{v:.1f}" for v in r["all_img_s"])}
         for other in ("reference", "ceiling"):
             if other in results and other != m:
@@ -398,6 +406,7 @@ def main(argv=None) -> int:
             ("img_s", "img/s (all backbones)", ".1f"), ("vs_reference", "x reference", ".2f"),
             ("vs_ceiling", "x ceiling", ".3f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
             ("rss_growth_mb", "RSS growth MB", ".0f"), ("cpu_util", "CPU cores busy", ".2f"),
+            ("cpu_ms_img", "CPU ms/img", ".0f"),
             ("build_warmup_s", "build+warm-up s (excl.)", ".1f")]
     if args.repeat > 1:
         cols.append(("runs_img_s", "img/s of each run", ""))
