@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from .cli import run_cli
+from .outliers import read_exclude
+from .predict import record_weights
 from .evaluation import (DEFAULT_CLIP, DEFAULT_SEED, choose_clip, compare, cross_validate, holdout_score,
                          take_rows, write_submission)
 
@@ -87,7 +89,7 @@ def _load(args):
         raise CacheError(f"the caches of {', '.join(X)} hold only one class ({np.unique(y).tolist()}); "
                          "a classifier needs at least two")
     if args.exclude:
-        drop = {line.strip() for line in Path(args.exclude).read_text().splitlines() if line.strip()}
+        drop = read_exclude(args.exclude)
         keep = np.array([n not in drop for n in names])
         print(f"excluding {int((~keep).sum())} of {len(names)} training images listed in {args.exclude}")
         X, y, names = take_rows(X, keep), y[keep], names[keep]
@@ -177,6 +179,7 @@ def _main(args: argparse.Namespace) -> int:
             written.append(f"submission {args.submission} ({len(df)} rows)")
         if args.save:
             final.save(args.save)
+            record_weights(args.save, args.features)  # so `catfeat.predict --head` finds the same backbones
             written.append(f"head {args.save}")
     what = f"{score.folds}-fold CV" if score.folds else "validation"
     print(f"catfeat.fit: {'+'.join(models)}, {len(y)} rows, {what} log loss {score.log_loss:.4f} "

@@ -204,6 +204,16 @@ def test_cli_exclude_and_compare(tmp_path, capsys):
     assert (feats / "compare.csv").exists()
 
 
+def test_cli_exclude_reads_an_outliers_csv(tmp_path, capsys):
+    """The ranked CSV of `python -m catfeat.outliers` drops its flagged training rows, and only those."""
+    feats = make_caches(tmp_path)
+    pd.DataFrame({"file": ["train/cat.3.jpg", "train/dog.100.jpg", "train/cat.4.jpg"], "label": [0, 1, 0],
+                  "votes": [2, 2, 0], "flagged": [True, True, False]}).to_csv(tmp_path / "outliers.csv", index=False)
+    rc = fit_cli.main(["--features", str(feats), "--epochs", "3", "--exclude", str(tmp_path / "outliers.csv")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "excluding 2 of 160" in out and "158 rows" in out
+
+
 def test_cli_subprocess_help():
     res = subprocess.run([sys.executable, "-m", "catfeat.fit", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0
