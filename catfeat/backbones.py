@@ -125,7 +125,8 @@ def normalize_weights(weights: WeightsArg) -> str | Path | None:
     return path
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -140,7 +141,7 @@ def weights_identity(weights: WeightsArg, seed: int = 0) -> str:
         return f"none(seed={seed})"
     if w == "imagenet":
         return "imagenet"
-    return "sha256:" + _sha256(Path(w))
+    return "sha256:" + file_sha256(Path(w))
 
 
 def _import(ref: str) -> Callable:

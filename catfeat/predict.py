@@ -9,7 +9,6 @@ caches' ``weights`` attribute, or given explicitly.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .backbones import file_sha256
 from .cli import run_cli
 
 WEIGHTS_FILE = "weights.json"
@@ -32,14 +32,6 @@ def record_weights(head_dir: str | os.PathLike, features_dir: str | os.PathLike 
     path = Path(head_dir) / WEIGHTS_FILE
     path.write_text(json.dumps(ids, indent=2))
     return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_weights(head_dir: str | os.PathLike, backbones: Sequence[str], weights=None,
@@ -65,7 +57,7 @@ def resolve_weights(head_dir: str | os.PathLike, backbones: Sequence[str], weigh
                 ident = None
         if given is not None:
             if isinstance(given, (str, os.PathLike)) and Path(given).is_file() and str(ident).startswith("sha256:"):
-                if "sha256:" + _sha256(Path(given)) != ident:
+                if "sha256:" + file_sha256(Path(given)) != ident:
                     raise ValueError(f"weights file {given} is not the one the features of {name} were built with")
             out[name] = (given, 0)
         elif ident is None:
@@ -122,7 +114,7 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
 
     model, head = predictor or build_predictor(head_dir, weights, features_dir)
     sizes = [get_backbone(n).input_size for n in head.backbones_]
-    rows, errors, probs = [], {}, []
+    errors, probs = {}, []
     batch: list[dict] = []
     ok_files: list[str] = []
 
