@@ -418,10 +418,10 @@ def main(argv=None) -> int:
         st = r["stages"]
         row = {"method": m, **{k: v for k, v in st.items()}}
         stage_rows.append(row)
-    stage_keys = ["decode", "wait", "model", *[f"model:{s.name}" for s in specs], "write"]
+    stage_keys = ["decode", "resize", "wait", "model", *[f"model:{s.name}" for s in specs], "write"]
     stage_cols = [("method", "method", "")] + [(k, k + " s", ".2f") for k in stage_keys]
     print()
-    print("Per-stage seconds (catfeat: decode summed over its threads; wait = main thread waiting for a "
+    print("Per-stage seconds (catfeat: decode and resize summed over its threads; wait = main thread waiting for a "
           "decoded batch):")
     print(_fmt_table(stage_rows, stage_cols))
     if "catfeat" in results and "ceiling" in results:

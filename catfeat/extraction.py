@@ -192,7 +192,7 @@ def _extract_into(images: ImageSet, specs: list[BackboneSpec], writers: dict, we
     if n_todo == 0:
         return
     bar = _progress(n_todo, progress)
-    secs.update(decode=0.0, wait=0.0, write=0.0)
+    secs.update(decode=0.0, resize=0.0, wait=0.0, write=0.0)
     for s in specs:
         secs[f"model:{s.name}"] = 0.0
     paths = images.paths()
@@ -206,6 +206,7 @@ def _extract_into(images: ImageSet, specs: list[BackboneSpec], writers: dict, we
             if batch is None:
                 break
             secs["decode"] += batch.decode_seconds
+            secs["resize"] += batch.resize_seconds
             for spec in specs:
                 writer = writers[spec.name]
                 if batch.start + len(batch) <= writer.next_index:

@@ -178,6 +178,11 @@ def decode_image(path: str | os.PathLike, sizes: Sequence[int]) -> dict[int, np.
     EXIF orientation is applied, any mode (grayscale, CMYK, palette, RGBA, 16-bit) becomes RGB,
     and the whole image is resized bilinearly (no crop), as the reference recipe did.
     """
+    return resize_all(read_rgb(path), sizes)
+
+
+def read_rgb(path: str | os.PathLike):
+    """Decode one image file into an RGB ``PIL.Image`` (EXIF-rotated); :class:`DecodeError` says why not."""
     from PIL import Image, ImageOps
 
     path = Path(path)
@@ -200,8 +205,7 @@ def decode_image(path: str | os.PathLike, sizes: Sequence[int]) -> dict[int, np.
                     im = im.convert("RGBA")
                     bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
                     im = Image.alpha_composite(bg, im)
-                im = im.convert("RGB")
-                return {s: np.asarray(im.resize((s, s), Image.BILINEAR), dtype=np.uint8) for s in sizes}
+                return im.convert("RGB")
     except DecodeError:
         raise
     except FileNotFoundError:
@@ -219,6 +223,13 @@ def decode_image(path: str | os.PathLike, sizes: Sequence[int]) -> dict[int, np.
         raise DecodeError(f"cannot decode ({e.__class__.__name__}: {e})") from None
 
 
+def resize_all(im, sizes: Sequence[int]) -> dict[int, np.ndarray]:
+    """{size: the whole RGB image resized bilinearly to (size, size, 3) uint8}."""
+    from PIL import Image
+
+    return {s: np.asarray(im.resize((s, s), Image.BILINEAR), dtype=np.uint8) for s in sizes}
+
+
 @dataclass
 class Batch:
     """A run of consecutive images: positions ``start..start+len``, arrays per size, failures."""
@@ -228,18 +239,22 @@ class Batch:
     ok: np.ndarray  # (n,) bool: which positions decoded
     errors: dict[int, str]  # position -> reason
     decode_seconds: float  # summed over reader threads
+    resize_seconds: float = 0.0  # summed over reader threads
 
     def __len__(self) -> int:
         return len(self.ok)
 
 
 def _decode_timed(path: Path, sizes: Sequence[int]):
+    """(arrays or None, reason or None, decode seconds, resize seconds)."""
     t = time.perf_counter()
     try:
-        out = decode_image(path, sizes)
-        return out, None, time.perf_counter() - t
+        im = read_rgb(path)
     except DecodeError as e:
-        return None, str(e), time.perf_counter() - t
+        return None, str(e), time.perf_counter() - t, 0.0
+    t1 = time.perf_counter()
+    out = resize_all(im, sizes)
+    return out, None, t1 - t, time.perf_counter() - t1
 
 
 def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, start: int = 0,
@@ -267,4 +282,4 @@ def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, s
             errors = {b0 + i: r[1] for i, r in enumerate(results) if r[0] is None}
             images = {s: (np.stack([r[0][s] for r in results if r[0] is not None])
                           if ok.any() else np.zeros((0, s, s, 3), np.uint8)) for s in sizes}
-            yield Batch(b0, images, ok, errors, sum(r[2] for r in results))
+            yield Batch(b0, images, ok, errors, sum(r[2] for r in results), sum(r[3] for r in results))

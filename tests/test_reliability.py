@@ -94,13 +94,22 @@ def test_bad_input_corpus(tmp_path):
     assert np.isfinite(cache.features()).all()
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_file_is_skipped(tmp_path):
+def test_unreadable_file_is_skipped(tmp_path, monkeypatch):
     root = make_kaggle(tmp_path / "d", n_per_class=2, n_test=0)
-    (root / "train" / "cat.0.jpg").chmod(0)
+    locked = root / "train" / "cat.0.jpg"
+    locked.chmod(0)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # root reads any file: make the open fail as it would
+        real_open = Image.open
+
+        def open_as_user(fp, *a, **kw):
+            if os.fspath(fp) == os.fspath(locked):
+                raise PermissionError(13, "Permission denied", os.fspath(fp))
+            return real_open(fp, *a, **kw)
+        monkeypatch.setattr(Image, "open", open_as_user)
     report = run_extraction(root, "r50", tmp_path / "f", **FAST)
     assert [s["path"] for s in report.skipped] == ["train/cat.0.jpg"]
     assert "permission" in report.skipped[0]["reason"]
+    assert report.processed == 4 and len(open_cache(report.paths["ResNet50"]).names("train")) == 3
 
 
 def test_nothing_usable_is_an_error(tmp_path):
