@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="features", help="output folder (default: %(default)s)")
     p.add_argument("--weights", default="imagenet", help="imagenet | none (random, for tests) | PATH to a "
                    "weights file for one backbone (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per model call (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per model call (default: 32 on a CPU, 128 on a GPU)")
     p.add_argument("--limit", type=int, default=None, help="use at most N images per split (class-balanced)")
     p.add_argument("--force", action="store_true", help="rebuild caches that were built differently")
     p.add_argument("--precision", default="float32", choices=["float32", "mixed", "mixed_float16",

@@ -95,7 +95,7 @@ def cache_attrs(spec: BackboneSpec, weights, seed: int, precision: str, images: 
 
 
 def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_MODELS,
-                   out: str | os.PathLike = "features", weights="imagenet", batch_size: int = 32,
+                   out: str | os.PathLike = "features", weights="imagenet", batch_size: int | None = None,
                    limit: int | None = None, force: bool = False, precision: str = "float32",
                    workers: int | None = None, seed: int = 0, progress: bool = True,
                    log=None, engine: str = "local", engine_options: dict | None = None,
@@ -110,6 +110,11 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
     t0 = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     specs = parse_models(models)
+    if batch_size is None:
+        from .runtime import GPU_BATCH, default_batch_size
+
+        gpu_workers = engine == "ray" and (engine_options or {}).get("num_gpus_per_worker")
+        batch_size = GPU_BATCH if gpu_workers else default_batch_size()
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     w = normalize_weights(weights)
@@ -234,7 +239,7 @@ def _progress(total: int, enabled: bool):
 
 
 def extract(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_MODELS,
-            out: str | os.PathLike = "features", weights="imagenet", batch_size: int = 32,
+            out: str | os.PathLike = "features", weights="imagenet", batch_size: int | None = None,
             limit: int | None = None, force: bool = False, precision: str = "float32",
             workers: int | None = None, seed: int = 0, progress: bool = True, tta: str = "none") -> dict[str, Path]:
     """Extract GAP features of ``models`` for the images under ``data_dir`` into ``out``.
@@ -243,6 +248,7 @@ def extract(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_M
     resumed, a different one is refused unless ``force``. ``weights``: "imagenet", None (random,
     fixed by ``seed``) or a weights file path (one backbone). ``precision``: "float32" or "mixed".
     ``tta="flip"`` stores the mean of the features of each image and its mirror image.
+    ``batch_size=None``: 32 on a CPU, 128 on a GPU.
     """
     return run_extraction(data_dir, models, out, weights, batch_size, limit, force, precision, workers,
                           seed, progress, tta=tta).paths

@@ -213,3 +213,19 @@ def test_flip_tta_is_recorded_reproducible_and_a_mean_of_mirrors(tmp_path):
     np.testing.assert_allclose(t[1], t[0], rtol=1e-3, atol=1e-4)
     with pytest.raises(StaleCacheError, match="tta"):
         run_extraction(root, "r50", tmp_path / "plain", tta="flip", **FAST)
+
+
+def test_default_batch_size_follows_the_device(kaggle_dir, tmp_path, monkeypatch):
+    import catfeat.extraction
+    from catfeat import runtime
+
+    seen, real_iter = [], catfeat.extraction.iter_batches
+
+    def spy(paths, sizes, batch_size, **kw):
+        seen.append(batch_size)
+        return real_iter(paths, sizes, batch_size, **kw)
+    monkeypatch.setattr("catfeat.extraction.iter_batches", spy)
+    for has_gpu, expected in ((False, runtime.CPU_BATCH), (True, runtime.GPU_BATCH)):
+        monkeypatch.setattr(runtime, "_has_gpu", lambda: has_gpu)
+        report = run_extraction(kaggle_dir, "r50", tmp_path / str(has_gpu), weights=None, progress=False)
+        assert report.processed == 11 and seen[-1] == expected
