@@ -168,6 +168,8 @@ def _main(args: argparse.Namespace) -> int:
             print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         print(df.attrs["summary"])
         print("written: " + ", ".join(df.attrs["files"]))
+        if not any(f.endswith(".png") for f in df.attrs["files"]):
+            print("no compare.png: the bar chart needs matplotlib (pip install -e \".[plot]\")")
 
     written = []
     if args.submission or args.save:
