@@ -111,10 +111,11 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
     log = log or (lambda msg: print(msg, file=sys.stderr))
     specs = parse_models(models)
     if batch_size is None:
-        from .runtime import GPU_BATCH, default_batch_size
+        from .runtime import default_batch_size
 
-        gpu_workers = engine == "ray" and (engine_options or {}).get("num_gpus_per_worker")
-        batch_size = GPU_BATCH if gpu_workers else default_batch_size()
+        # Ray workers given GPUs run the model there, whatever this driver has.
+        gpu_workers = engine == "ray" and bool((engine_options or {}).get("num_gpus_per_worker"))
+        batch_size = default_batch_size(True if gpu_workers else None)
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     w = normalize_weights(weights)

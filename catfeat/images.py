@@ -239,7 +239,7 @@ class Batch:
     ok: np.ndarray  # (n,) bool: which positions decoded
     errors: dict[int, str]  # position -> reason
     decode_seconds: float  # summed over reader threads
-    resize_seconds: float = 0.0  # summed over reader threads
+    resize_seconds: float  # summed over reader threads
 
     def __len__(self) -> int:
         return len(self.ok)

@@ -55,10 +55,10 @@ def _has_gpu() -> bool:
 CPU_BATCH, GPU_BATCH = 32, 128
 
 
-def default_batch_size() -> int:
+def default_batch_size(gpu: bool | None = None) -> int:
     """Images per model call when none is given: 32 on a CPU, 128 on a GPU, where large batches
-    keep the device busy (README, Performance)."""
-    return GPU_BATCH if _has_gpu() else CPU_BATCH
+    keep the device busy. ``gpu``: whether the model runs on one (default: this process sees one)."""
+    return GPU_BATCH if (_has_gpu() if gpu is None else gpu) else CPU_BATCH
 
 
 @contextlib.contextmanager
