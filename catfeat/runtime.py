@@ -98,8 +98,38 @@ def feature_model(spec: BackboneSpec, weights="imagenet", seed: int = 0, precisi
     return keras.Model(inp, out, name=f"catfeat_{spec.name}")
 
 
-def compile_forward(model) -> Callable[[np.ndarray], np.ndarray]:
-    """A function numpy uint8 batch -> numpy float32 outputs, compiled for the current backend."""
+def to_device(x: np.ndarray):
+    """Move one host batch to the backend's default device (once; every backbone of that input size
+    then reads the same copy)."""
+    b = backend_name()
+    if b == "jax":
+        import jax
+
+        return jax.device_put(x)
+    if b == "tensorflow":
+        import tensorflow as tf  # the TensorFlow fast path; only reached under that backend
+
+        return tf.convert_to_tensor(x)
+    if b == "torch":
+        import keras
+
+        return keras.ops.convert_to_tensor(x)
+    return x
+
+
+def to_host(y) -> np.ndarray:
+    """Block until a dispatched result is ready and copy it to a float32 numpy array."""
+    if hasattr(y, "detach"):  # torch
+        y = y.detach().cpu()
+    return np.asarray(y.numpy() if hasattr(y, "numpy") and not isinstance(y, np.ndarray) else y, np.float32)
+
+
+def compile_forward(model) -> Callable:
+    """A function device (or numpy) uint8 batch -> backend output, compiled for the current backend.
+
+    The result is not copied back: on an accelerator the call only dispatches work, so several
+    models can be queued before :func:`to_host` waits for any of them.
+    """
     b = backend_name()
     if b == "jax":
         import jax
@@ -111,32 +141,52 @@ def compile_forward(model) -> Callable[[np.ndarray], np.ndarray]:
         def run_jax(tv, ntv, x):
             return model.stateless_call(tv, ntv, x, training=False)[0]
 
-        return lambda x: np.asarray(run_jax(trainable, frozen, x))
+        return lambda x: run_jax(trainable, frozen, x)
     if b == "tensorflow":
         import tensorflow as tf  # the TensorFlow fast path; only reached under that backend
 
         run_tf = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-        return lambda x: run_tf(tf.convert_to_tensor(x)).numpy()
+        return lambda x: run_tf(tf.convert_to_tensor(x))
     if b == "torch":
         import torch
 
         def run_torch(x):
             with torch.no_grad():
-                return model(x, training=False).detach().cpu().numpy()
+                return model(x, training=False)
 
         return run_torch
-    return lambda x: np.asarray(model.predict_on_batch(x))
+    return lambda x: model.predict_on_batch(x)
+
+
+def pad_batch(images: np.ndarray, batch_size: int) -> np.ndarray:
+    """``images`` padded with zero images to ``batch_size`` rows (a fixed shape never recompiles)."""
+    k = len(images)
+    if k == batch_size:
+        return images
+    return np.concatenate([images, np.zeros((batch_size - k, *images.shape[1:]), np.uint8)])
 
 
 class Forward:
     """A compiled feature extractor with a fixed batch shape (the last batch is padded), so that
-    no backend recompiles for a short batch."""
+    no backend recompiles for a short batch.
+
+    ``forward(images)`` runs and returns features; :meth:`dispatch` and :meth:`fetch` split that
+    in two so that a caller can queue several models (and the next batch) before waiting.
+    """
 
     def __init__(self, spec: BackboneSpec, weights="imagenet", seed: int = 0, precision: str = "float32",
                  batch_size: int = 32, tta: str = "none"):
         self.spec, self.batch_size = spec, int(batch_size)
         self.model = feature_model(spec, weights, seed, precision, tta)
         self._run = compile_forward(self.model)
+
+    def dispatch(self, device_batch):
+        """Queue one padded batch (from :func:`to_device` of :func:`pad_batch`); returns a handle."""
+        return self._run(device_batch)
+
+    def fetch(self, handle, n: int) -> np.ndarray:
+        """Wait for a dispatched batch and return the features of its first ``n`` rows."""
+        return to_host(handle)[:n]
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         if images.dtype != np.uint8:
@@ -147,8 +197,5 @@ class Forward:
         outs = []
         for i in range(0, n, self.batch_size):
             chunk = images[i:i + self.batch_size]
-            k = len(chunk)
-            if k < self.batch_size:
-                chunk = np.concatenate([chunk, np.zeros((self.batch_size - k, *chunk.shape[1:]), np.uint8)])
-            outs.append(np.asarray(self._run(chunk), dtype=np.float32)[:k])
+            outs.append(self.fetch(self.dispatch(to_device(pad_batch(chunk, self.batch_size))), len(chunk)))
         return np.concatenate(outs)

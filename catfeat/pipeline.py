@@ -1,0 +1,212 @@
+"""Extraction as three stages shared by every engine: reader -> model runner -> writer.
+
+* reader: :func:`decode_rows` turns files into uint8 arrays at every input size (one decode per
+  file; a bad file becomes a reason, never an exception). The local engine runs it on a thread
+  pool (:func:`catfeat.images.iter_batches`), the Ray engine in Ray Data tasks.
+* runner: :class:`ModelRunner` moves each batch to the device once per input size, dispatches every
+  backbone on it, and only then reads results back, so on an accelerator batch k's models are
+  queued before batch k-1's features are copied home.
+* writer: :class:`WriterThread` appends rows to the HDF5 caches off the model's critical path, in
+  batch order (the resume marker and the atomic rename work exactly as with inline writes).
+
+:func:`run_stages` wires them for one process; ``benchmarks/bench_pipeline.py`` checks, with stub
+stages of known cost, that the wall time stays close to the slowest stage rather than their sum.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+
+import numpy as np
+
+
+class Decoded(Protocol):
+    start: int
+    images: dict[int, np.ndarray]
+    ok: np.ndarray
+    errors: dict[int, str]
+
+    def __len__(self) -> int: ...
+
+
+def decode_rows(paths: Sequence, sizes: Sequence[int], decode: Callable) -> list[tuple]:
+    """``[(arrays or None, reason or None, seconds)]`` for each path: the reader's unit of work."""
+    from .images import DecodeError
+
+    out = []
+    for path in paths:
+        t = time.perf_counter()
+        try:
+            out.append((decode(path, sizes), None, time.perf_counter() - t))
+        except DecodeError as e:
+            out.append((None, str(e), time.perf_counter() - t))
+        except Exception as e:  # anything else a decoder throws is still this one file's problem
+            out.append((None, f"cannot decode ({e.__class__.__name__}: {e})", time.perf_counter() - t))
+    return out
+
+
+class Runner(Protocol):
+    """What :class:`ModelRunner` needs of one backbone (``catfeat.runtime.Forward`` is one)."""
+
+    batch_size: int
+
+    def dispatch(self, device_batch): ...
+
+    def fetch(self, handle, n: int) -> np.ndarray: ...
+
+
+@dataclass
+class Pending:
+    """Models dispatched for one batch, not yet read back."""
+
+    n: int
+    handles: dict[str, list]  # backbone -> one handle per padded chunk
+    dispatched: float
+
+
+@dataclass
+class ModelRunner:
+    """Every backbone of a request over one decoded batch (``{input size: uint8 array}``).
+
+    ``runners`` maps a backbone name to (input size, runner). Pixels of each size cross to the
+    device once per chunk, shared by every backbone of that size.
+    """
+
+    runners: Mapping[str, tuple[int, Runner]]
+    to_device: Callable = field(default=None)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.to_device is None:
+            from .runtime import to_device
+
+            self.to_device = to_device
+
+    def dispatch(self, images: Mapping[int, np.ndarray], only: Iterable[str] | None = None) -> Pending:
+        from .runtime import pad_batch
+
+        t = time.perf_counter()
+        names = [n for n in self.runners if only is None or n in set(only)]
+        n = len(next(iter(images.values()))) if images else 0
+        handles: dict[str, list] = {name: [] for name in names}
+        if n:
+            by_size: dict[int, list[str]] = {}
+            for name in names:
+                by_size.setdefault(self.runners[name][0], []).append(name)
+            for size, group in by_size.items():
+                bs = self.runners[group[0]][1].batch_size
+                for i in range(0, n, bs):
+                    chunk = images[size][i:i + bs]
+                    x = self.to_device(pad_batch(chunk, bs))
+                    for name in group:
+                        handles[name].append((self.runners[name][1].dispatch(x), len(chunk)))
+        self.seconds["dispatch"] = self.seconds.get("dispatch", 0.0) + time.perf_counter() - t
+        return Pending(n, handles, t)
+
+    def fetch(self, pending: Pending) -> dict[str, np.ndarray]:
+        """Wait for a dispatched batch: {backbone: (n, D) float32}."""
+        out = {}
+        for name, parts in pending.handles.items():
+            t = time.perf_counter()
+            runner = self.runners[name][1]
+            out[name] = (np.concatenate([runner.fetch(h, k) for h, k in parts]) if parts
+                         else np.zeros((0, getattr(getattr(runner, "spec", None), "feature_dim", 0)), np.float32))
+            key = f"model:{name}"
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t
+        return out
+
+    def __call__(self, images: Mapping[int, np.ndarray], only: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        return self.fetch(self.dispatch(images, only))
+
+
+class WriterThread:
+    """Runs ``write(batch, features)`` on one background thread, in the order batches are put.
+
+    At most ``depth`` batches wait; :meth:`put` blocks beyond that (memory stays bounded) and
+    re-raises the first error the thread met. :meth:`close` waits for the queue to drain;
+    ``close(abort=True)`` drops what was not yet written (each write is whole or absent, so a
+    resumed run redoes exactly those batches).
+    """
+
+    def __init__(self, write: Callable[[Decoded, dict], None], depth: int = 2):
+        self._write, self._q = write, queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._abort = threading.Event()
+        self.busy = 0.0
+        self._thread = threading.Thread(target=self._loop, name="catfeat-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._error is not None or self._abort.is_set():
+                continue
+            t = time.perf_counter()
+            try:
+                self._write(*item)
+            except BaseException as e:  # handed to the main thread by put/close
+                self._error = e
+            self.busy += time.perf_counter() - t
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def put(self, batch: Decoded, features: dict) -> None:
+        self._raise()
+        while True:
+            try:
+                self._q.put((batch, features), timeout=0.2)
+                return
+            except queue.Full:
+                self._raise()
+                if not self._thread.is_alive():
+                    raise RuntimeError("the writer thread stopped")
+
+    def close(self, abort: bool = False) -> None:
+        if abort:
+            self._abort.set()
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        if not abort:
+            self._raise()
+
+
+def run_stages(batches: Iterator[Decoded], runner: ModelRunner, write: Callable[[Decoded, dict], None],
+               wanted: Callable[[Decoded], Sequence[str]] | None = None, seconds: dict | None = None,
+               depth: int = 2) -> None:
+    """Feed ``batches`` through ``runner`` into ``write`` with the three stages overlapped.
+
+    ``wanted(batch)`` names the backbones that still need that batch (a resumed cache skips what it
+    holds). ``seconds`` gains ``wait`` (main thread idle, waiting for the reader), ``dispatch``,
+    ``model:<name>`` (waiting for results), ``write`` (the writer thread's busy time).
+    """
+    seconds = {} if seconds is None else seconds
+    runner.seconds = seconds
+    writer = WriterThread(write, depth)
+    previous: tuple[Decoded, Pending] | None = None
+    ok = False
+    try:
+        while True:
+            t = time.perf_counter()
+            batch = next(batches, None)
+            seconds["wait"] = seconds.get("wait", 0.0) + time.perf_counter() - t
+            current = None
+            if batch is not None:
+                current = (batch, runner.dispatch(batch.images, wanted(batch) if wanted else None))
+            if previous is not None:  # batch k is queued on the device before k-1 is read back
+                writer.put(previous[0], runner.fetch(previous[1]))
+            previous = current
+            if batch is None:
+                break
+        ok = True
+    finally:
+        writer.close(abort=not ok)
+        seconds["write"] = seconds.get("write", 0.0) + writer.busy
