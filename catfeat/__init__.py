@@ -16,6 +16,22 @@ import os
 # TensorFlow prints start-up chatter on stderr that buries catfeat's own messages.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+def _default_backend() -> None:
+    """With the GPU extra (JAX + its CUDA plugin) installed, use JAX unless KERAS_BACKEND says
+    otherwise or Keras is already imported. (keras.json is not consulted: Keras writes one naming
+    tensorflow on its first import, so it does not tell a choice from a default.)"""
+    import importlib.util
+    import sys
+
+    if "KERAS_BACKEND" in os.environ or "keras" in sys.modules:
+        return
+    if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
+        os.environ["KERAS_BACKEND"] = "jax"
+
+
+_default_backend()
+
 __version__ = "0.1.0"
 
 # Public names -> defining module. Loaded on first use so `import catfeat` stays cheap and the

@@ -52,6 +52,48 @@ def _has_gpu() -> bool:
     return False
 
 
+def device_description() -> str:
+    """Where the model runs, e.g. ``cuda:0 (NVIDIA H100 80GB HBM3)`` or ``cpu``."""
+    b = backend_name()
+    try:
+        if b == "jax":
+            import jax
+
+            d = jax.devices()[0]
+            kind = getattr(d, "device_kind", "")
+            return f"{'cuda' if d.platform == 'gpu' else d.platform}:{d.id}" + (f" ({kind})" if d.platform != "cpu" else "")
+        if b == "tensorflow":
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+            if gpus:
+                name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+                return f"cuda:0 ({name})"
+        if b == "torch":
+            import torch
+
+            if torch.cuda.is_available():
+                return f"cuda:0 ({torch.cuda.get_device_name(0)})"
+    except Exception:
+        pass
+    return "cpu"
+
+
+GPU_INSTALL = 'pip install -e ".[gpu]"'
+
+
+def unused_gpu_hint() -> str | None:
+    """One line when this machine has an NVIDIA GPU that Keras does not use, else None."""
+    import os
+    import shutil
+
+    present = os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
+    if not present or _has_gpu():
+        return None
+    return (f"an NVIDIA GPU is present but Keras ({backend_name()}) runs on the CPU; install the GPU build "
+            f"with `{GPU_INSTALL}` (JAX with CUDA 12; catfeat then picks the jax backend by itself)")
+
+
 CPU_BATCH, GPU_BATCH = 32, 128
 
 

@@ -1,0 +1,150 @@
+"""The extraction stages: dispatch order, one device copy per input size, the writer thread, backend choice."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from catfeat.pipeline import ModelRunner, WriterThread, decode_rows, run_stages
+
+
+class Batch:
+    def __init__(self, start, n, sizes=(8,)):
+        self.start, self.ok, self.errors = start, np.ones(n, bool), {}
+        self.images = {s: np.full((n, s, s, 3), start % 251, np.uint8) for s in sizes}
+
+    def __len__(self):
+        return len(self.ok)
+
+
+class Recorder:
+    """A stub backbone: dispatch records the event and returns the batch; fetch turns it into features."""
+
+    def __init__(self, name, events, batch_size=4, dim=3):
+        self.name, self.events, self.batch_size, self.dim = name, events, batch_size, dim
+
+    def dispatch(self, x):
+        self.events.append(("dispatch", self.name, int(x[0, 0, 0, 0])))
+        return x
+
+    def fetch(self, handle, n):
+        self.events.append(("fetch", self.name, int(handle[0, 0, 0, 0])))
+        return np.repeat(handle[:n, :1, 0, 0].astype(np.float32), self.dim, axis=1)
+
+
+def test_batch_k_is_dispatched_to_every_backbone_before_k_minus_1_is_read_back():
+    events = []
+    runner = ModelRunner({"a": (8, Recorder("a", events)), "b": (8, Recorder("b", events))}, to_device=lambda x: x)
+    written = []
+    run_stages(iter([Batch(0, 4), Batch(4, 4), Batch(8, 2)]), runner, lambda b, f: written.append((b.start, f)))
+    fetch_of_first = events.index(("fetch", "a", 0))
+    assert ("dispatch", "a", 4) in events[:fetch_of_first] and ("dispatch", "b", 4) in events[:fetch_of_first]
+    assert [s for s, _ in written] == [0, 4, 8]
+    assert written[2][1]["a"].shape == (2, 3) and np.all(written[1][1]["b"] == 4)
+
+
+def test_pixels_cross_to_the_device_once_per_input_size():
+    copies = []
+    events = []
+    runner = ModelRunner({"a": (8, Recorder("a", events)), "b": (8, Recorder("b", events)),
+                          "c": (16, Recorder("c", events))}, to_device=lambda x: copies.append(x.shape) or x)
+    feats = runner(Batch(0, 4, sizes=(8, 16)).images)
+    assert sorted(copies) == [(4, 8, 8, 3), (4, 16, 16, 3)]
+    assert set(feats) == {"a", "b", "c"}
+    assert runner(Batch(0, 4, sizes=(8, 16)).images, only=["c"]).keys() == {"c"}
+
+
+def test_a_short_batch_is_padded_to_the_fixed_shape_and_cut_back():
+    events = []
+    runner = ModelRunner({"a": (8, Recorder("a", events, batch_size=4))}, to_device=lambda x: x)
+    shapes = []
+    orig = runner.runners["a"][1].dispatch
+    runner.runners["a"][1].dispatch = lambda x: shapes.append(x.shape) or orig(x)
+    out = runner(Batch(0, 6).images)
+    assert shapes == [(4, 8, 8, 3), (4, 8, 8, 3)] and out["a"].shape == (6, 3)
+
+
+def test_writer_thread_keeps_order_and_hands_errors_to_the_caller():
+    seen = []
+    w = WriterThread(lambda b, f: seen.append(b), depth=1)
+    for k in range(20):
+        w.put(k, None)
+    w.close()
+    assert seen == list(range(20))
+
+    def fail(b, f):
+        if b == 2:
+            raise OSError("disk full")
+    w = WriterThread(fail, depth=1)
+    with pytest.raises(OSError, match="disk full"):
+        for k in range(50):
+            w.put(k, None)
+        w.close()
+
+
+def test_an_error_in_the_model_stage_stops_the_writer_without_writing_later_batches():
+    written = []
+    release = threading.Event()
+
+    def slow_write(b, f):
+        release.wait(5)
+        written.append(b.start)
+
+    class Boom(Recorder):
+        def fetch(self, handle, n):
+            if int(handle[0, 0, 0, 0]) == 8:
+                release.set()
+                raise RuntimeError("device lost")
+            return super().fetch(handle, n)
+
+    runner = ModelRunner({"a": (8, Boom("a", []))}, to_device=lambda x: x)
+    with pytest.raises(RuntimeError, match="device lost"):
+        run_stages(iter([Batch(0, 4), Batch(4, 4), Batch(8, 4), Batch(12, 4)]), runner, slow_write)
+    assert 8 not in written and 12 not in written
+
+
+def test_decode_rows_turns_every_failure_into_a_reason(tmp_path):
+    from catfeat.images import DecodeError
+
+    def decode(path, sizes):
+        if path == "bad":
+            raise DecodeError("not an image")
+        if path == "worse":
+            raise MemoryError("huge")
+        return {s: np.zeros((s, s, 3), np.uint8) for s in sizes}
+
+    rows = decode_rows(["ok", "bad", "worse"], [8], decode)
+    assert rows[0][1] is None and rows[0][0][8].shape == (8, 8, 3)
+    assert rows[1][1] == "not an image" and rows[2][1].startswith("cannot decode (MemoryError")
+
+
+def test_forward_dispatch_fetch_equals_a_plain_call():
+    from catfeat.backbones import get_backbone
+    from catfeat.runtime import Forward, pad_batch, to_device
+
+    f = Forward(get_backbone("lite0"), None, 0, "float32", batch_size=4)
+    x = np.random.RandomState(0).randint(0, 256, (3, 224, 224, 3)).astype(np.uint8)
+    direct = f(x)
+    split = f.fetch(f.dispatch(to_device(pad_batch(x, 4))), 3)
+    np.testing.assert_array_equal(direct, split)
+    assert direct.shape == (3, 1280) and direct.dtype == np.float32
+
+
+@pytest.mark.parametrize("plugin, env, expected", [
+    ("jax_cuda12_plugin", {}, "jax"),
+    ("jax_cuda12_plugin", {"KERAS_BACKEND": "tensorflow"}, "tensorflow"),
+    (None, {}, None),
+])
+def test_gpu_extra_makes_jax_the_default_backend(tmp_path, plugin, env, expected):
+    if plugin:
+        (tmp_path / plugin).mkdir()
+        (tmp_path / plugin / "__init__.py").write_text("")
+    clean = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    clean.update(env, PYTHONPATH=os.pathsep.join([str(tmp_path), clean.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", "import catfeat, os; print(os.environ.get('KERAS_BACKEND'))"],
+                         env=clean, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == str(expected)
