@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild caches that were built differently")
     p.add_argument("--precision", default="float32", choices=["float32", "mixed", "mixed_float16",
                    "mixed_bfloat16"], help="mixed: float16 on GPU, bfloat16 elsewhere (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=None, help="image decode threads (default: min(8, cores))")
+    p.add_argument("--workers", type=int, default=None, help="image decode threads (default: every core)")
+    p.add_argument("--decoder", default="auto", choices=["auto", "opencv", "pillow"],
+                   help="auto: OpenCV (fast) where installed, else Pillow; recorded in the cache (default: %(default)s)")
     p.add_argument("--tta", default="none", choices=["none", "flip"], help="flip: store the mean of the "
                    "features of each image and its mirror (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (--weights none)")
@@ -47,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(args: argparse.Namespace) -> int:
     report = run_extraction(args.data_dir, args.models, args.out, args.weights, args.batch_size, args.limit,
                             args.force, args.precision, args.workers, args.seed, progress=not args.no_progress,
-                            engine=args.engine, engine_options=_engine_options(args), tta=args.tta)
+                            engine=args.engine, engine_options=_engine_options(args), tta=args.tta,
+                            decoder=args.decoder)
     for name, path in report.paths.items():
         print(f"{name}: {path}")
     for s in report.skipped:

@@ -1,7 +1,8 @@
 """Extraction: images -> decode once -> every requested backbone -> one cache file per backbone.
 
-Stages (each timed): read+decode+resize on a thread pool, the compiled model per backbone, the
-HDF5 write. A cache that already matches the request is reused; a partial one is resumed.
+:func:`run_extraction` plans (a cache that already matches the request is reused, a partial one is
+resumed, a different one refused), locks, and hands the plan to an engine from :data:`ENGINES`.
+Both engines run the same stages (:mod:`catfeat.pipeline`): reader, model runner, writer.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 from . import __version__
@@ -34,6 +35,14 @@ class ExtractionReport:
     resumed: dict[str, int] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    backend: str = ""
+    device: str = ""
+    precision: str = ""
+    decoder: str = ""
+
+    def where(self) -> str:
+        """e.g. ``jax on cuda:0 (NVIDIA H100 80GB HBM3), mixed_bfloat16, opencv decoder``."""
+        return f"{self.backend} on {self.device}, {self.precision}, {self.decoder} decoder"
 
     def summary(self) -> str:
         total = self.seconds.get("total", 0.0)
@@ -44,6 +53,8 @@ class ExtractionReport:
         if self.resumed:
             parts.append("resumed: " + ",".join(f"{k}@{v}" for k, v in self.resumed.items()))
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items() if k != "total")
+        if self.backend:
+            parts.append(self.where())
         return "; ".join(p for p in parts if p) + (f" [{stages}]" if stages else "")
 
 
@@ -81,7 +92,7 @@ def _lock(stack: ExitStack, path: Path) -> None:
 
 
 def cache_attrs(spec: BackboneSpec, weights, seed: int, precision: str, images: ImageSet,
-                fingerprint: str, tta: str = "none") -> dict:
+                fingerprint: str, tta: str = "none", decoder=None) -> dict:
     """The attributes that identify a cache (see store.KEY_FIELDS) plus provenance."""
     from .runtime import backend_name, resolve_precision
 
@@ -91,7 +102,28 @@ def cache_attrs(spec: BackboneSpec, weights, seed: int, precision: str, images: 
         "images_fingerprint": fingerprint, "feature_dim": spec.feature_dim, "backend": backend_name(),
         "catfeat_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "classes": json.dumps(images.classes), "layout": images.layout, "data_root": str(images.root.resolve()),
+        **({"decoder": decoder.name, "decoder_version": decoder.version()} if decoder is not None else {}),
     }
+
+
+@dataclass
+class ExtractionPlan:
+    """What an engine is handed: the images, the backbones whose caches must be built (with their
+    attributes and paths), and how to run them. Reused caches are already left out."""
+
+    images: ImageSet
+    specs: list[BackboneSpec]
+    attrs: dict[str, dict]
+    paths: dict[str, Path]
+    weights: object
+    seed: int
+    precision: str
+    tta: str
+    decoder: str
+    batch_size: int
+    workers: int | None
+    progress: bool
+    log: Callable[[str], None]
 
 
 def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_MODELS,
@@ -99,22 +131,27 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
                    limit: int | None = None, force: bool = False, precision: str = "float32",
                    workers: int | None = None, seed: int = 0, progress: bool = True,
                    log=None, engine: str = "local", engine_options: dict | None = None,
-                   tta: str = "none") -> ExtractionReport:
+                   tta: str = "none", decoder: str = "auto") -> ExtractionReport:
     """Like :func:`extract`, returning an :class:`ExtractionReport`.
 
-    ``engine="ray"`` runs the model stage on a Ray cluster (``engine_options``: ``address``,
+    Plans (which caches to reuse, resume or build), locks, and hands the plan to an engine from
+    :data:`ENGINES`: ``"local"`` (this process) or ``"ray"`` (``engine_options``: ``address``,
     ``num_gpus_per_worker``, ``shards``); the caches are the same files either way.
     """
-    if engine not in ("local", "ray"):
-        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    from .decoders import get_decoder
+    from .runtime import backend_name, device_description, resolve_precision, unused_gpu_hint
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     t0 = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     specs = parse_models(models)
+    dec = get_decoder(decoder)
     if batch_size is None:
         from .runtime import default_batch_size
 
         # Ray workers given GPUs run the model there, whatever this driver has.
-        gpu_workers = engine == "ray" and bool((engine_options or {}).get("num_gpus_per_worker"))
+        gpu_workers = bool((engine_options or {}).get("num_gpus_per_worker"))
         batch_size = default_batch_size(True if gpu_workers else None)
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
@@ -131,14 +168,17 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
     if not os.access(out, os.W_OK):
         raise PermissionError(f"output folder {out} is not writable; pass --out to a writable folder")
 
-    report = ExtractionReport(paths={}, n_images=len(images))
+    report = ExtractionReport(paths={}, n_images=len(images), backend=backend_name(), device=device_description(),
+                              precision=resolve_precision(precision), decoder=dec.name)
+    hint = unused_gpu_hint()
+    if hint:
+        log(f"catfeat: {hint}")
     with ExitStack() as stack:
-        writers: dict[str, FeatureWriter] = {}
         pending: dict[str, dict] = {}  # backbone -> attrs of the cache to build
         for spec in specs:
             path = cache_path(out, spec.name)
             _lock(stack, path)
-            attrs = cache_attrs(spec, w, seed, precision, images, fingerprint, tta)
+            attrs = cache_attrs(spec, w, seed, precision, images, fingerprint, tta, dec)
             report.paths[spec.name] = path
             if path.exists():
                 try:
@@ -155,101 +195,95 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
                     raise StaleCacheError(path, diff)
                 log(f"catfeat: rebuilding {path} (--force): {', '.join(diff)} changed")
             pending[spec.name] = attrs
-            if engine != "local":
-                continue
-            writer = FeatureWriter(path, attrs, images.names, images.labels, images.split, spec.feature_dim)
-            stack.callback(writer.close)
-            if writer.resumed_from:
-                report.resumed[spec.name] = writer.resumed_from
-                log(f"catfeat: resuming {path.name} at image {writer.resumed_from} of {len(images)}")
-            writers[spec.name] = writer
-        if pending and engine == "ray":
-            from .engines.ray_engine import extract_with_ray
-
-            extract_with_ray(images, [s for s in specs if s.name in pending], pending,
-                             {k: report.paths[k] for k in pending}, weights=w, seed=seed, precision=precision,
-                             batch_size=batch_size, report=report, progress=progress, **(engine_options or {}))
+        if pending:
+            plan = ExtractionPlan(images, [s for s in specs if s.name in pending], pending,
+                                  {k: report.paths[k] for k in pending}, w, seed, precision, tta, dec.name,
+                                  batch_size, workers, progress, log)
+            ENGINES[engine](plan, report, stack, **(engine_options or {}))
             report.skipped = open_cache(report.paths[next(iter(pending))]).skipped()
-        if writers:
-            _extract_into(images, [s for s in specs if s.name in writers], writers, w, seed, precision,
-                          batch_size, workers, progress, report, tta)
-            if not any(w.rows for w in writers.values()):
-                raise NoUsableImagesError(
-                    f"none of the {len(images)} images under {images.root} could be decoded "
-                    f"(e.g. {images.names[0]}); see the skipped list above")
-            for name, writer in writers.items():
-                _guard_write(writer.partial, writer.finish)
-            report.skipped = open_cache(report.paths[next(iter(writers))]).skipped()
     report.seconds["total"] = time.perf_counter() - t0
     return report
 
 
-def _extract_into(images: ImageSet, specs: list[BackboneSpec], writers: dict, weights, seed: int,
-                  precision: str, batch_size: int, workers: int | None, progress: bool,
-                  report: ExtractionReport, tta: str = "none") -> None:
+def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack) -> None:
+    """This process: decode threads -> every backbone on this device -> a writer thread."""
+    from .decoders import get_decoder
+    from .pipeline import ModelRunner, progress_bar, run_stages
     from .runtime import Forward
 
+    images, secs = plan.images, report.seconds
+    writers: dict[str, FeatureWriter] = {}
+    for spec in plan.specs:
+        writer = FeatureWriter(plan.paths[spec.name], plan.attrs[spec.name], images.names, images.labels,
+                               images.split, spec.feature_dim)
+        stack.callback(writer.close)
+        if writer.resumed_from:
+            report.resumed[spec.name] = writer.resumed_from
+            plan.log(f"catfeat: resuming {writer.path.name} at image {writer.resumed_from} of {len(images)}")
+        writers[spec.name] = writer
     start = min(w.next_index for w in writers.values())
-    n_todo = len(images) - start
-    secs = report.seconds
     t = time.perf_counter()
-    forwards = {s.name: Forward(s, weights, seed, precision, batch_size, tta) for s in specs}
+    runner = ModelRunner({s.name: (s.input_size, Forward(s, plan.weights, plan.seed, plan.precision, plan.batch_size,
+                                                         plan.tta)) for s in plan.specs})
     secs["build"] = time.perf_counter() - t
-    if n_todo == 0:
-        return
-    bar = _progress(n_todo, progress)
-    secs.update(decode=0.0, resize=0.0, wait=0.0, write=0.0)
-    for s in specs:
-        secs[f"model:{s.name}"] = 0.0
-    paths = images.paths()
-    sizes = sorted({s.input_size for s in specs})
-    batches = iter_batches(paths, sizes, batch_size, start=start, workers=workers)
-    try:
-        while True:
-            t = time.perf_counter()
-            batch = next(batches, None)
-            secs["wait"] += time.perf_counter() - t
-            if batch is None:
-                break
+    if start < len(images):
+        bar = progress_bar(len(images) - start, plan.progress)
+        secs.update(decode=0.0, resize=0.0)
+
+        def write(batch, feats: dict) -> None:
+            for name, f in feats.items():
+                _guard_write(writers[name].partial, writers[name].write, batch.start, batch.ok, f, batch.errors)
             secs["decode"] += batch.decode_seconds
             secs["resize"] += batch.resize_seconds
-            for spec in specs:
-                writer = writers[spec.name]
-                if batch.start + len(batch) <= writer.next_index:
-                    continue
-                t = time.perf_counter()
-                feats = forwards[spec.name](batch.images[spec.input_size])
-                t2 = time.perf_counter()
-                _guard_write(writer.partial, writer.write, batch.start, batch.ok, feats, batch.errors)
-                secs[f"model:{spec.name}"] += t2 - t
-                secs["write"] += time.perf_counter() - t2
             for pos, reason in batch.errors.items():
                 bar.write(f"skipped {images.names[pos]}: {reason}")
             report.processed += len(batch)
             bar.update(len(batch))
-    finally:
-        batches.close()
-        bar.close()
+
+        def wanted(batch) -> list[str]:
+            return [n for n, w in writers.items() if batch.start + len(batch) > w.next_index]
+
+        batches = iter_batches(images.paths(), sorted({s.input_size for s in plan.specs}), plan.batch_size,
+                               start=start, workers=plan.workers, decode=get_decoder(plan.decoder).decode)
+        try:
+            run_stages(batches, runner, write, wanted, secs)
+        finally:
+            batches.close()
+            bar.close()
+            if not secs["resize"]:  # decoders other than Pillow time decode and resize as one
+                del secs["resize"]
+    if not any(w.rows for w in writers.values()):
+        raise NoUsableImagesError(
+            f"none of the {len(images)} images under {images.root} could be decoded "
+            f"(e.g. {images.names[0]}); see the skipped list above")
+    for writer in writers.values():
+        _guard_write(writer.partial, writer.finish)
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
+def _ray_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack, **options) -> None:
+    """A Ray Data job over a cluster (``pip install "catfeat[ray]"``); see :mod:`catfeat.engines.ray_engine`."""
+    from .engines.ray_engine import extract_with_ray
 
-    return tqdm(total=total, unit="img", desc="extract", disable=not enabled, dynamic_ncols=True,
-                file=sys.stderr)
+    extract_with_ray(plan, report, **options)
+
+
+# Engines: name -> function(plan, report, exit stack, **engine options). Nothing else branches on the name.
+ENGINES: dict[str, Callable] = {"local": _local_engine, "ray": _ray_engine}
 
 
 def extract(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_MODELS,
             out: str | os.PathLike = "features", weights="imagenet", batch_size: int | None = None,
             limit: int | None = None, force: bool = False, precision: str = "float32",
-            workers: int | None = None, seed: int = 0, progress: bool = True, tta: str = "none") -> dict[str, Path]:
+            workers: int | None = None, seed: int = 0, progress: bool = True, tta: str = "none",
+            decoder: str = "auto") -> dict[str, Path]:
     """Extract GAP features of ``models`` for the images under ``data_dir`` into ``out``.
 
     Returns {backbone full name: cache path}. A matching cache is reused, an unfinished one is
     resumed, a different one is refused unless ``force``. ``weights``: "imagenet", None (random,
     fixed by ``seed``) or a weights file path (one backbone). ``precision``: "float32" or "mixed".
     ``tta="flip"`` stores the mean of the features of each image and its mirror image.
-    ``batch_size=None``: 32 on a CPU, 128 on a GPU.
+    ``batch_size=None``: 32 on a CPU, 128 on a GPU. ``decoder``: "auto" (OpenCV where installed),
+    "opencv" or "pillow" (see :mod:`catfeat.decoders`); recorded in the cache.
     """
     return run_extraction(data_dir, models, out, weights, batch_size, limit, force, precision, workers,
-                          seed, progress, tta=tta).paths
+                          seed, progress, tta=tta, decoder=decoder).paths

@@ -210,3 +210,12 @@ def run_stages(batches: Iterator[Decoded], runner: ModelRunner, write: Callable[
     finally:
         writer.close(abort=not ok)
         seconds["write"] = seconds.get("write", 0.0) + writer.busy
+
+
+def progress_bar(total: int, enabled: bool):
+    """The extraction progress bar (tqdm on stderr), shared by every engine."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="extract", disable=not enabled, dynamic_ncols=True, file=sys.stderr)

@@ -25,7 +25,10 @@ import numpy as np
 
 FORMAT = "catfeat-gap/1"
 # What must be identical for a cache to stand for a request; anything else is informational.
-KEY_FIELDS = ("backbone", "weights", "input_size", "preprocessing", "precision", "tta", "images_fingerprint")
+KEY_FIELDS = ("backbone", "weights", "input_size", "preprocessing", "precision", "tta", "decoder",
+              "images_fingerprint")
+# Key fields that caches of earlier versions lack, and the value those caches were built with.
+LEGACY_DEFAULTS = {"decoder": "pillow"}
 _STR = None  # set lazily: h5py.string_dtype()
 def _memory_bytes() -> int:
     try:
@@ -69,6 +72,11 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+def decode_strings(values) -> list[str]:
+    """HDF5 string values as ``str`` (bytes decoded as UTF-8, undecodable bytes kept as surrogates)."""
+    return _decode(values)
+
+
 def _decode(values) -> list[str]:
     return [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in values]
 
@@ -86,8 +94,8 @@ def _attrs(f) -> dict:
 
 def differences(attrs: dict, expected: dict) -> dict:
     """Key fields whose values differ: {field: (cached, expected)}."""
-    return {k: (attrs.get(k), expected[k]) for k in KEY_FIELDS
-            if k in expected and str(attrs.get(k)) != str(expected[k])}
+    return {k: (attrs.get(k, LEGACY_DEFAULTS.get(k)), expected[k]) for k in KEY_FIELDS
+            if k in expected and str(attrs.get(k, LEGACY_DEFAULTS.get(k))) != str(expected[k])}
 
 
 class FeatureWriter:

@@ -13,7 +13,8 @@ import pytest
 
 from catfeat.backbones import get_backbone
 from catfeat.extraction import LockedError, run_extraction
-from catfeat.images import decode_image, list_images
+from catfeat.decoders import get_decoder
+from catfeat.images import list_images
 from catfeat.runtime import Forward
 from catfeat.store import CacheError, FeatureWriter, StaleCacheError, load_features, open_cache
 
@@ -30,7 +31,8 @@ def run_cli(*args, **kw):
 
 def direct_features(root, names, model, seed=0):
     spec = get_backbone(model)
-    imgs = np.stack([decode_image(root / n, [spec.input_size])[spec.input_size] for n in names])
+    decode = get_decoder("auto").decode  # what run_extraction uses by default
+    imgs = np.stack([decode(root / n, [spec.input_size])[spec.input_size] for n in names])
     return Forward(spec, None, seed=seed, batch_size=4)(imgs)
 
 

@@ -2,10 +2,10 @@
 
 One Ray Data job serves every requested backbone::
 
-    (position, path) rows --map_batches(decode_batch)--> CPU tasks: catfeat.images.decode_image, once
+    (position, path) rows --map_batches(decode_batch)--> CPU tasks: catfeat.pipeline.decode_rows, once
         per image for every input size; a file that fails becomes a row with its reason
     --map_batches(FeatureActor)--> actor pool (GPU or CPU): each backbone built once per actor
-        with catfeat.runtime.Forward
+        in a catfeat.pipeline.ModelRunner
     --> driver: one HDF5 part per (backbone, shard), written in position order with FeatureWriter
     parts --merge_parts, in order--> gap_<Model>.h5 (via <path>.partial and os.replace)
 
@@ -38,8 +38,9 @@ import numpy as np
 
 from . import EngineUnavailableError
 from ..backbones import BackboneSpec
-from ..images import DecodeError, ImageSet, decode_image
-from ..store import KEY_FIELDS, CacheError, FeatureWriter, _decode, differences, open_cache
+from ..images import ImageSet
+from ..pipeline import ModelRunner, decode_rows, progress_bar
+from ..store import KEY_FIELDS, CacheError, FeatureWriter, decode_strings, differences, open_cache
 
 INSTALL_HINT = 'pip install "catfeat[ray]"'
 SHARD_IMAGES = 1000  # default shard: seconds of one GPU, small enough to redo, few enough files
@@ -140,7 +141,7 @@ def _copy_part(writer: FeatureWriter, shard: Shard, part: Path, split: Sequence[
     open_cache(part)  # complete and well-formed, or a CacheError naming the file
     with h5py.File(part, "r") as f:
         skipped = f["skipped_index"][()].astype(np.int64)
-        reasons = _decode(f["skipped_reasons"][()])
+        reasons = decode_strings(f["skipped_reasons"][()])
         n_train, n_test = f["train"].shape[0], f["test"].shape[0]
         if n_train + n_test + len(skipped) != len(shard):
             raise CacheError(f"{part}: {n_train} + {n_test} rows and {len(skipped)} skipped do not make "
@@ -163,35 +164,27 @@ def _copy_part(writer: FeatureWriter, shard: Shard, part: Path, split: Sequence[
 
 
 # -- the Ray Data stages (run on workers) --------------------------------------------------------
-def decode_batch(batch: dict[str, np.ndarray], sizes: Sequence[int]) -> dict[str, np.ndarray]:
-    """Stage 1: decode each row's file once into every input size. Never raises for a bad file: its
-    row gets ``ok=False`` and the reason, and zero images."""
-    paths = batch["path"]
+def decode_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], decoder: str = "auto") -> dict[str, np.ndarray]:
+    """Stage 1, the reader (:func:`catfeat.pipeline.decode_rows`): decode each row's file once into every
+    input size. Never raises for a bad file: its row gets ``ok=False``, the reason, and zero images."""
+    from ..decoders import get_decoder
+
+    paths = [os.fsdecode(bytes(raw)) for raw in batch["path"]]
     n = len(paths)
     imgs = {s: np.zeros((n, s, s, 3), np.uint8) for s in sizes}
-    ok = np.zeros(n, bool)
-    reason = np.full(n, "", dtype=object)
-    secs = np.zeros(n, np.float64)
-    for i, raw in enumerate(paths):
-        t = time.perf_counter()
-        try:
-            decoded = decode_image(os.fsdecode(bytes(raw)), sizes)
-        except DecodeError as e:
-            reason[i] = str(e)
-        except Exception as e:  # anything else Pillow throws is still this one file's problem
-            reason[i] = f"cannot decode ({e.__class__.__name__}: {e})"
-        else:
-            ok[i] = True
+    rows = decode_rows(paths, sizes, get_decoder(decoder).decode)
+    for i, (arrays, _, _) in enumerate(rows):
+        if arrays is not None:
             for s in sizes:
-                imgs[s][i] = decoded[s]
-        secs[i] = time.perf_counter() - t
-    return {"pos": np.asarray(batch["pos"], np.int64), "ok": ok, "reason": reason, "decode_s": secs,
-            **{f"img{s}": a for s, a in imgs.items()}}
+                imgs[s][i] = arrays[s]
+    return {"pos": np.asarray(batch["pos"], np.int64), "ok": np.array([r[0] is not None for r in rows], bool),
+            "reason": np.array([r[1] or "" for r in rows], dtype=object),
+            "decode_s": np.array([r[2] for r in rows], np.float64), **{f"img{s}": a for s, a in imgs.items()}}
 
 
 class FeatureActor:
-    """Stage 2, one instance per Ray actor: builds every backbone once, then maps decoded batches to
-    their GAP features (zeros on rows that failed to decode)."""
+    """Stage 2, one instance per Ray actor: the model runner (:class:`catfeat.pipeline.ModelRunner`) over
+    every backbone, built once per actor; zeros on rows that failed to decode."""
 
     def __init__(self, jobs: Sequence[tuple[BackboneSpec, str, str]], weights, seed: int, batch_size: int,
                  backend: str):
@@ -200,20 +193,21 @@ class FeatureActor:
         if backend_name() != backend:
             raise RuntimeError(f"this Ray worker runs Keras on {backend_name()!r} but the caches are for "
                                f"{backend!r}; install that backend on every node")
-        self.forwards = [(spec, Forward(spec, weights, seed, precision, batch_size, tta))
-                         for spec, precision, tta in jobs]
+        self.specs = [spec for spec, _, _ in jobs]
+        self.runner = ModelRunner({spec.name: (spec.input_size, Forward(spec, weights, seed, precision, batch_size, tta))
+                                   for spec, precision, tta in jobs})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], bool)
         n = len(ok)
         out = {k: batch[k] for k in ("pos", "ok", "reason", "decode_s")}
-        for spec, forward in self.forwards:
-            t = time.perf_counter()
-            feats = np.zeros((n, spec.feature_dim), np.float32)
-            if ok.any():
-                feats[ok] = forward(np.ascontiguousarray(batch[f"img{spec.input_size}"][ok]))
-            out[f"feat_{spec.name}"] = feats
-            out[f"model_s_{spec.name}"] = np.full(n, (time.perf_counter() - t) / max(n, 1))
+        self.runner.seconds = {}
+        feats = self.runner({s: np.ascontiguousarray(batch[f"img{s}"][ok]) for s in {sp.input_size for sp in self.specs}})
+        for spec in self.specs:
+            full = np.zeros((n, spec.feature_dim), np.float32)
+            full[ok] = feats[spec.name]
+            out[f"feat_{spec.name}"] = full
+            out[f"model_s_{spec.name}"] = np.full(n, self.runner.seconds.get(f"model:{spec.name}", 0.0) / max(n, 1))
         return out
 
 
@@ -365,22 +359,22 @@ def _input_blocks(images: ImageSet, shards: list[Shard], batch_size: int, n_cpus
     return blocks
 
 
-def extract_with_ray(images: ImageSet, specs: Sequence[BackboneSpec], attrs_by_name: dict[str, dict],
-                     paths_by_name: dict[str, Path], *, weights=None, seed: int = 0,
-                     precision: str = "float32", batch_size: int = 32, report=None, progress: bool = True,
-                     address: str | None = None, num_gpus_per_worker: float = 0,
+def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_worker: float = 0,
                      shards: int | None = None) -> dict[str, Path]:
-    """Compute the caches of ``specs`` on Ray Data; each ends complete at ``paths_by_name[name]`` with
-    exactly ``attrs_by_name[name]`` (plus the writer's bookkeeping: format, complete, counts).
+    """Compute the caches of ``plan.specs`` (a :class:`catfeat.extraction.ExtractionPlan`) on Ray Data;
+    each ends complete at ``plan.paths[name]`` with exactly ``plan.attrs[name]`` (plus the writer's
+    bookkeeping: format, complete, counts).
 
-    Called by :func:`catfeat.extraction.run_extraction` after its reuse checks and locks.
+    Called by :func:`catfeat.extraction.run_extraction` (engine "ray") after its reuse checks and locks.
     ``address``: None starts a local Ray (unless this process already joined one), "auto" or
     "ray://host:10001" joins a cluster. ``num_gpus_per_worker``: GPUs per model actor (0: CPU actors,
     one per node). ``shards``: number of contiguous shards (default about 1,000 images each).
-    ``report``: an ExtractionReport that receives the images processed and the seconds per stage;
+    ``report``: the ExtractionReport that receives the images processed and the seconds per stage;
     its ``resumed`` maps a backbone to the images taken from parts finished by an earlier run.
     ``precision`` is taken from the attrs, already resolved, so "mixed" means the same on every worker.
     """
+    images, specs, attrs_by_name, paths_by_name = plan.images, plan.specs, plan.attrs, plan.paths
+    weights, seed, batch_size, progress, decoder = plan.weights, plan.seed, plan.batch_size, plan.progress, plan.decoder
     ray = _import_ray()
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
@@ -388,10 +382,6 @@ def extract_with_ray(images: ImageSet, specs: Sequence[BackboneSpec], attrs_by_n
         raise ValueError(f"--num-gpus-per-worker must be 0 or more, got {num_gpus_per_worker}")
     if isinstance(weights, (str, os.PathLike)) and str(weights).lower() not in ("imagenet", "none", "random"):
         weights = Path(weights).expanduser().resolve()  # workers do not share the driver's folder
-    if report is None:
-        from ..extraction import ExtractionReport
-
-        report = ExtractionReport(paths=dict(paths_by_name), n_images=len(images))
     secs = report.seconds
     t = time.perf_counter()
     plan = plan_shards(len(images), shards)
@@ -418,7 +408,7 @@ def extract_with_ray(images: ImageSet, specs: Sequence[BackboneSpec], attrs_by_n
         busy = [sp for sp in specs if any(sp in v for v in need.values())]
         _run(ray, images, busy, todo, need, part_attrs, folders, weights=weights, seed=seed,
              batch_size=batch_size, report=report, progress=progress, address=address,
-             num_gpus_per_worker=num_gpus_per_worker)
+             num_gpus_per_worker=num_gpus_per_worker, decoder=decoder)
 
     t = time.perf_counter()
     for sp in specs:
@@ -436,9 +426,7 @@ def extract_with_ray(images: ImageSet, specs: Sequence[BackboneSpec], attrs_by_n
 
 def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], need: dict[int, list],
          part_attrs: dict, folders: dict[str, Path], *, weights, seed: int, batch_size: int, report,
-         progress: bool, address: str | None, num_gpus_per_worker: float) -> None:
-    from ..extraction import _progress
-
+         progress: bool, address: str | None, num_gpus_per_worker: float, decoder: str) -> None:
     secs = report.seconds
     backend = str(part_attrs[(specs[0].name, todo[0].index)]["backend"])
     env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
@@ -452,7 +440,7 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
                  str(part_attrs[(sp.name, todo[0].index)]["tta"])) for sp in specs]
         secs["connect"] = time.perf_counter() - t
         t = time.perf_counter()
-        bar = _progress(sum(len(s) for s in todo), progress)
+        bar = progress_bar(sum(len(s) for s in todo), progress)
         sink = _PartSink(images, specs, todo, need, part_attrs, folders, report, bar)
         sizes = sorted({sp.input_size for sp in specs})
         # A decode task holds one full-size photo and its batch in and out. Declaring that memory also
@@ -461,7 +449,7 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
         decode_memory = (64 << 20) + 2 * batch_size * sum(3 * s * s for s in sizes)
         with _data_context(ray):
             ds = ray.data.from_arrow(blocks)
-            ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes}, batch_size=batch_size,
+            ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes, "decoder": decoder}, batch_size=batch_size,
                                 batch_format="numpy", num_cpus=1, memory=decode_memory,
                                 runtime_env={"env_vars": env})
             ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={

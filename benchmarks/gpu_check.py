@@ -1,0 +1,131 @@
+"""The GPU check: whole-process extraction speed against the compute ceiling, in one call.
+
+Prepared here, run on the lent GPU machine (it has JAX but no TensorFlow)::
+
+    bash ../shared/tools/prepare-device.sh 1200      # keras wheels + 1,200 photos into .device/
+    # device tool, carry [".device"], timeout_s 540:
+    bash benchmarks/gpu_check.sh
+
+Also runs on a CPU with small numbers (``--limit 16 --batch-size 8``) to check the script itself.
+Prints one JSON object: for each model set (the four Keras backbones; lite0+lite1+lite2), both
+``--weights none`` (same speed as real weights), at ``--precision``:
+
+* ``whole_img_s``: images / seconds of ``catfeat.run_extraction`` from JPEG files to finished
+  HDF5 caches, model build and compilation excluded (``build`` stage), everything else in;
+* ``ceiling_img_s``: the same compiled models over uint8 batches already on the device (no decode,
+  no copy, no write), timed after a warm-up call;
+* ``ratio`` = whole / ceiling, ``seconds`` per stage, ``gpu_util_mean`` / ``gpu_util_samples`` from
+  ``nvidia-smi`` sampled every 200 ms during the extraction, and the summary line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SETS = {"keras4": "r50,incv3,xcep,irv2", "lite012": "lite0,lite1,lite2"}
+
+
+class GpuSampler:
+    """``nvidia-smi`` utilisation samples on a background thread (nothing where there is no nvidia-smi)."""
+
+    def __init__(self, period_ms: int = 200):
+        self.samples: list[float] = []
+        self._proc = None
+        if shutil.which("nvidia-smi"):
+            self._proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                           f"-lms={period_ms}"], stdout=subprocess.PIPE, text=True)
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self._proc.stdout:
+            try:
+                self.samples.append(float(line.strip().split(",")[0]))
+            except ValueError:
+                pass
+
+    def stop(self) -> dict:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait()
+        s = self.samples
+        return {"gpu_util_mean": round(sum(s) / len(s), 1) if s else None, "gpu_util_samples": len(s)}
+
+
+def ceiling(models: str, precision: str, batch_size: int, n_batches: int) -> float:
+    """img/s of every backbone on device-resident uint8 batches, each image through every backbone."""
+    import numpy as np
+
+    from catfeat.backbones import parse_models
+    from catfeat.runtime import Forward, to_device, to_host
+
+    specs = parse_models(models)
+    fw = {s.name: Forward(s, None, 0, precision, batch_size) for s in specs}
+    rng = np.random.RandomState(0)
+    x = {s.input_size: to_device(rng.randint(0, 256, (batch_size, s.input_size, s.input_size, 3), dtype=np.uint8))
+         for s in specs}
+    for s in specs:  # compile
+        to_host(fw[s.name].dispatch(x[s.input_size]))
+    t = time.perf_counter()
+    outs = []
+    for _ in range(n_batches):
+        outs += [fw[s.name].dispatch(x[s.input_size]) for s in specs]
+    for o in outs:
+        to_host(o)
+    return n_batches * batch_size / (time.perf_counter() - t)
+
+
+def whole(data: Path, models: str, precision: str, batch_size: int | None, limit: int | None,
+          workers: int | None, decoder: str) -> dict:
+    from catfeat import run_extraction
+
+    out = Path(tempfile.mkdtemp(prefix="catfeat-gpu-check-"))
+    sampler = GpuSampler()
+    try:
+        rep = run_extraction(data, models, out, weights=None, batch_size=batch_size, limit=limit, precision=precision,
+                             workers=workers, progress=False, decoder=decoder)
+    finally:
+        util = sampler.stop()
+        shutil.rmtree(out, ignore_errors=True)
+    timed = rep.seconds["total"] - rep.seconds.get("build", 0.0)
+    return {"images": rep.processed, "whole_img_s": round(rep.processed / timed, 1), "total_s": round(rep.seconds["total"], 2),
+            "seconds": {k: round(v, 2) for k, v in rep.seconds.items()}, "summary": rep.summary(), **util}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=Path(".device/img"))
+    p.add_argument("--sets", default="keras4,lite012")
+    p.add_argument("--precision", default="mixed_bfloat16")
+    p.add_argument("--batch-size", type=int, default=None, help="(default: catfeat's, 128 on a GPU)")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--decoder", default="auto")
+    p.add_argument("--ceiling-batches", type=int, default=20)
+    args = p.parse_args(argv)
+    from catfeat.runtime import backend_name, default_batch_size, device_description
+
+    bs = args.batch_size or default_batch_size()
+    result = {"backend": backend_name(), "device": device_description(), "precision": args.precision,
+              "batch_size": bs, "cores": os.cpu_count()}
+    for name in args.sets.split(","):
+        models = SETS[name]
+        w = whole(args.data, models, args.precision, bs, args.limit, args.workers, args.decoder)
+        c = ceiling(models, args.precision, bs, args.ceiling_batches)
+        result[name] = {"models": models, **w, "ceiling_img_s": round(c, 1), "ratio": round(w["whole_img_s"] / c, 3)}
+        print(json.dumps({name: result[name]}), file=sys.stderr, flush=True)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
