@@ -225,6 +225,8 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
     t = time.perf_counter()
     runner = ModelRunner({s.name: (s.input_size, Forward(s, plan.weights, plan.seed, plan.precision, plan.batch_size,
                                                          plan.tta)) for s in plan.specs})
+    if start < len(images):
+        runner.warmup()
     secs["build"] = time.perf_counter() - t
     if start < len(images):
         bar = progress_bar(len(images) - start, plan.progress)

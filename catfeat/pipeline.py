@@ -86,9 +86,12 @@ class ModelRunner:
             self.to_device = to_device
 
     def dispatch(self, images: Mapping[int, np.ndarray], only: Iterable[str] | None = None) -> Pending:
+        """Queue every wanted backbone on ``images``; ``seconds``: ``to_device`` (padding and copy) and
+        ``model:<name>`` (the call: all of the work on a synchronous backend, the launch on a GPU)."""
         from .runtime import pad_batch
 
-        t = time.perf_counter()
+        t0 = time.perf_counter()
+        secs = self.seconds
         names = [n for n in self.runners if only is None or n in set(only)]
         n = len(next(iter(images.values()))) if images else 0
         handles: dict[str, list] = {name: [] for name in names}
@@ -100,11 +103,21 @@ class ModelRunner:
                 bs = self.runners[group[0]][1].batch_size
                 for i in range(0, n, bs):
                     chunk = images[size][i:i + bs]
+                    t = time.perf_counter()
                     x = self.to_device(pad_batch(chunk, bs))
+                    secs["to_device"] = secs.get("to_device", 0.0) + time.perf_counter() - t
                     for name in group:
+                        t = time.perf_counter()
                         handles[name].append((self.runners[name][1].dispatch(x), len(chunk)))
-        self.seconds["dispatch"] = self.seconds.get("dispatch", 0.0) + time.perf_counter() - t
-        return Pending(n, handles, t)
+                        secs[f"model:{name}"] = secs.get(f"model:{name}", 0.0) + time.perf_counter() - t
+        return Pending(n, handles, t0)
+
+    def warmup(self) -> None:
+        """Compile every backbone on one batch of zeros (so that a run's timings hold no compilation)."""
+        for name, (size, runner) in self.runners.items():
+            self.fetch(Pending(1, {name: [(runner.dispatch(self.to_device(
+                np.zeros((runner.batch_size, size, size, 3), np.uint8))), 1)]}, 0.0))
+        self.seconds.clear()
 
     def fetch(self, pending: Pending) -> dict[str, np.ndarray]:
         """Wait for a dispatched batch: {backbone: (n, D) float32}."""
