@@ -183,14 +183,14 @@ def test_disk_full_is_a_clear_error(kaggle_dir, tmp_path, monkeypatch):
 def test_nan_features_are_refused_at_write_time(kaggle_dir, tmp_path, monkeypatch):
     from catfeat import runtime
 
-    real_call = runtime.Forward.__call__
+    real_fetch = runtime.Forward.fetch
 
-    def poisoned(self, images):
-        out = real_call(self, images)
+    def poisoned(self, handle, n):
+        out = real_fetch(self, handle, n).copy()
         out[0, 3] = np.nan
         return out
 
-    monkeypatch.setattr(runtime.Forward, "__call__", poisoned)
+    monkeypatch.setattr(runtime.Forward, "fetch", poisoned)
     with pytest.raises(FloatingPointError, match="NaN/Inf features for \\['train/cat.0.jpg'\\]"):
         run_extraction(kaggle_dir, "r50", tmp_path / "f", **FAST)
     with h5py.File(tmp_path / "f" / "gap_ResNet50.h5.partial", "r") as f:
