@@ -172,13 +172,16 @@ class DecodeError(Exception):
     """One image could not be used; the reason is the message."""
 
 
-def decode_image(path: str | os.PathLike, sizes: Sequence[int]) -> dict[int, np.ndarray]:
+def decode_image(path: str | os.PathLike, sizes: Sequence[int], decoder: str = "auto") -> dict[int, np.ndarray]:
     """Read one image file once and return {size: uint8 array (size, size, 3)}.
 
     EXIF orientation is applied, any mode (grayscale, CMYK, palette, RGBA, 16-bit) becomes RGB,
-    and the whole image is resized bilinearly (no crop), as the reference recipe did.
+    and the whole image is resized bilinearly (no crop), as the reference recipe did. ``decoder``:
+    see :mod:`catfeat.decoders` ("auto", the extraction default, is OpenCV where installed).
     """
-    return resize_all(read_rgb(path), sizes)
+    from .decoders import get_decoder
+
+    return get_decoder(decoder).decode(path, sizes)
 
 
 def read_rgb(path: str | os.PathLike):
@@ -271,11 +274,14 @@ def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, s
                  workers: int | None = None, prefetch: int = 2, decode=None) -> Iterator[Batch]:
     """Decode ``paths[start:]`` on a thread pool of ``workers`` threads (default: every core; the
     decoders release the GIL) in order, ``prefetch`` batches ahead of the consumer, so that decoding
-    overlaps the model. ``decode(path, sizes)``: a decoder of :mod:`catfeat.decoders` (default:
-    Pillow, with decode and resize timed apart)."""
+    overlaps the model. ``decode(path, sizes)``: a decoder's function from :mod:`catfeat.decoders`
+    (default: the "auto" decoder; Pillow's has decode and resize timed apart)."""
+    from .decoders import DECODERS, get_decoder
+
     sizes = sorted(set(int(s) for s in sizes))
     workers = workers or os.cpu_count() or 1
-    one = _decode_timed if decode is None else _decoder_timed(decode)
+    decode = decode or get_decoder("auto").decode
+    one = _decode_timed if decode is DECODERS["pillow"].decode else _decoder_timed(decode)
     queue = deque((b, min(b + batch_size, len(paths))) for b in range(start, len(paths), batch_size))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="catfeat-decode") as pool:
         pending: deque = deque()
