@@ -103,6 +103,14 @@ def test_head_with_nan_weights_refuses_to_predict_and_save(small_head, tmp_path)
     assert not (tmp_path / "head" / "head.keras").exists()
 
 
+def test_diverged_training_fails_in_one_line(tmp_path, capsys):
+    feats = caches(tmp_path / "f")
+    rc, out, err = run_fit(capsys, "--features", str(feats), "--learning-rate", "1e38", "--weight-decay", "1e30",
+                           "--save", str(tmp_path / "head"))
+    assert rc == 2 and err.count("\n") == 0 and "training diverged (learning rate 1e+38)" in err
+    assert not (tmp_path / "head").exists()
+
+
 def test_write_submission_refuses_nan_and_out_of_range(tmp_path):
     names = ["test/1.jpg", "test/2.jpg", "test/3.jpg"]
     for bad in (np.nan, np.inf, 1.5, -0.1):
