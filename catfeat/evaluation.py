@@ -313,7 +313,8 @@ def write_submission(path: str | os.PathLike, names: Sequence[str], proba_dog: n
     """Write a Kaggle Dogs vs Cats submission (``id,label``, ids ascending, P(dog) clipped).
 
     ``proba_dog`` is the probability of class 1 per test image ((n,) or the (n, 2) of
-    ``predict_proba``). ``clip=0`` writes raw probabilities. Returns the DataFrame written.
+    ``predict_proba``). ``clip=0`` writes raw probabilities; NaN or values outside [0, 1] are refused.
+    Returns the DataFrame written.
     """
     import pandas as pd
 
@@ -324,6 +325,10 @@ def write_submission(path: str | os.PathLike, names: Sequence[str], proba_dog: n
         p = p[:, 1]
     if len(p) != len(names):
         raise ValueError(f"{len(names)} test names but {len(p)} predictions")
+    bad = np.flatnonzero(~(np.isfinite(p) & (p >= 0) & (p <= 1)))
+    if len(bad):
+        raise ValueError(f"refusing to write {path}: {len(bad)} of {len(p)} probabilities are not in [0, 1] "
+                         f"(e.g. {p[bad[0]]} for {names[bad[0]]}); every test image needs a probability")
     df = pd.DataFrame({"id": submission_ids(names), "label": clip_proba(p, clip)}).sort_values("id", kind="stable")
     path = Path(path)
     if path.parent != Path(""):

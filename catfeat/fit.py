@@ -6,6 +6,8 @@ writes a Kaggle submission and/or the saved head. ``--compare`` ranks every subs
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,17 @@ from .evaluation import (DEFAULT_CLIP, DEFAULT_SEED, choose_clip, compare, cross
                          take_rows, write_submission)
 
 
+def _finite(value: str) -> float:
+    """argparse type: a finite float (NaN and Inf would train a NaN head)."""
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return v
+
+
 def _clip(value: str):
     if value == "auto":
         return "auto"
@@ -26,7 +39,7 @@ def _clip(value: str):
         v = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--clip takes a number in [0, 0.5) or 'auto', got {value!r}") from None
-    if not 0 <= v < 0.5:
+    if not math.isfinite(v) or not 0 <= v < 0.5:
         raise argparse.ArgumentTypeError(f"--clip must be in [0, 0.5), got {v}")
     return v
 
@@ -44,12 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Dropout 0.5, Adam, 8 epochs, batch 128) (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: from the preset)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: from the preset)")
-    p.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default: from the preset)")
-    p.add_argument("--dropout", type=float, default=None, help="dropout rate (default: from the preset)")
-    p.add_argument("--weight-decay", type=float, default=None, help="L2 penalty (default: from the preset)")
+    p.add_argument("--learning-rate", type=_finite, default=None, help="Adam learning rate (default: from the preset)")
+    p.add_argument("--dropout", type=_finite, default=None, help="dropout rate (default: from the preset)")
+    p.add_argument("--weight-decay", type=_finite, default=None, help="L2 penalty (default: from the preset)")
     p.add_argument("--tune", action="store_true", help="pick dropout, weight decay and learning rate by a small "
                    "cross-validated search first (see catfeat.head.TUNE_GRID)")
-    p.add_argument("--val-split", type=float, default=0.2, help="held-out share of the training rows for the "
+    p.add_argument("--val-split", type=_finite, default=0.2, help="held-out share of the training rows for the "
                    "reported score (default: %(default)s)")
     p.add_argument("--cv", type=int, default=None, metavar="K", help="score by stratified K-fold CV instead "
                    "and save out-of-fold predictions")
@@ -91,9 +104,48 @@ def _load(args):
     if args.exclude:
         drop = read_exclude(args.exclude)
         keep = np.array([n not in drop for n in names])
+        if keep.all():
+            _warn_exclude_nothing(args.exclude, drop, names)
         print(f"excluding {int((~keep).sum())} of {len(names)} training images listed in {args.exclude}")
         X, y, names = take_rows(X, keep), y[keep], names[keep]
     return X, y, names
+
+
+def _warn_exclude_nothing(path, drop: set[str], names) -> None:
+    """One line on stderr: the --exclude file leaves every training row in."""
+    if not drop:
+        msg = f"{path} names no images (empty, or a CSV without flagged rows)"
+    else:
+        n = len(drop)
+        msg = (f"none of the {n} {'name' if n == 1 else 'names'} in {path} {'matches' if n == 1 else 'match'} a "
+               f"cached training image (e.g. it lists {sorted(drop)[0]!r}, the cache has {str(names[0])!r})")
+        base = {os.path.basename(str(name)) for name in names}
+        if any(os.path.basename(d) in base for d in drop):
+            msg += "; write the names with their folder, as the cache does"
+    print(f"catfeat.fit: warning: {msg}; nothing is excluded", file=sys.stderr)
+
+
+def _check_writable(path, what: str, folder: bool = False) -> None:
+    """Fail before any training when ``path`` (a file, or with ``folder`` a directory) cannot be written."""
+    p = Path(path)
+    if p.is_dir() and not folder:
+        raise ValueError(f"cannot write {what} {p}: it is a folder; name a CSV file in it")
+    if p.exists() and folder and not p.is_dir():
+        raise ValueError(f"cannot save {what} into {p}: it is a file, not a folder")
+    existing = p if folder and p.is_dir() else p.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write {what} {p}: {existing} is a file, not a folder")
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write {what} {p}: {existing} is not writable ({e.strerror or e})") from None
+    if p.is_file() and not os.access(p, os.W_OK):
+        raise ValueError(f"cannot write {what} {p}: the file is read-only")
 
 
 def _load_test(models, args):
@@ -107,6 +159,9 @@ def _load_test(models, args):
     if len(test_names) == 0:
         raise ValueError(f"the caches of {', '.join(models)} hold no test rows; extract a folder with a "
                          "test/ subfolder to write a submission")
+    from .head import check_finite
+
+    check_finite(Xt, test_names, what="test row")  # a NaN row would get a NaN probability
     return Xt, test_names
 
 
@@ -116,7 +171,13 @@ def _main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     X, y, names = _load(args)
     models = list(X)
-    test = _load_test(models, args) if args.submission else None  # fail before any training
+    # fail before any training
+    oof = (Path(args.oof) if args.oof else Path(args.features) / f"oof_{'+'.join(models)}.csv") if args.cv else None
+    for path, what, folder in ((args.submission, "the submission", False), (args.save, "the head", True),
+                               (oof, "the out-of-fold predictions", False)):
+        if path:
+            _check_writable(path, what, folder)
+    test = _load_test(models, args) if args.submission else None
     print(f"features: {', '.join(f'{m} ({X[m].shape[1]})' for m in models)}; {len(y)} training rows "
           f"({', '.join(f'{c}: {n}' for c, n in zip(*np.unique(y, return_counts=True)))})")
     head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
@@ -145,7 +206,6 @@ def _main(args: argparse.Namespace) -> int:
             score = score.reclip(clip)
             print(f"clip chosen by CV: {clip:g}")
         print(score.summary())
-        oof = Path(args.oof) if args.oof else Path(args.features) / f"oof_{'+'.join(models)}.csv"
         _write_oof(oof, names, y, score)
         print(f"out-of-fold predictions: {oof}")
     else:
@@ -177,7 +237,7 @@ def _main(args: argparse.Namespace) -> int:
         if test is not None:
             if len(final.classes_) != 2:
                 raise ValueError(f"a Kaggle submission needs 2 classes, the caches have {len(final.classes_)}")
-            df = write_submission(args.submission, test[1], final.predict_proba(test[0]), clip)
+            df = write_submission(args.submission, test[1], final.predict_proba(test[0], test[1]), clip)
             written.append(f"submission {args.submission} ({len(df)} rows)")
         if args.save:
             final.save(args.save)

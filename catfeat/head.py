@@ -126,10 +126,25 @@ class FusedHead(ClassifierMixin, BaseEstimator):
             v = getattr(self, k)
             if v is not None:
                 out[k] = v
+        numbers = {k: out[k] for k in ("dropout", "weight_decay", "learning_rate", "batch_size", "patience",
+                                        "max_steps")}
+        numbers.update(validation_fraction=self.validation_fraction, epochs=out["epochs"])
+        for k, v in numbers.items():
+            if k == "epochs" and v == "auto":
+                continue
+            try:
+                finite = math.isfinite(float(v))
+            except (TypeError, ValueError):
+                finite = False
+            if not finite:
+                raise ValueError(f"{k} must be a finite number, got {v!r}")
         if not 0 <= float(out["dropout"]) < 1:
             raise ValueError(f"dropout must be in [0, 1), got {out['dropout']}")
         if float(out["weight_decay"]) < 0 or float(out["learning_rate"]) <= 0:
-            raise ValueError("weight_decay must be >= 0 and learning_rate > 0")
+            raise ValueError("weight_decay must be >= 0 and learning_rate > 0, got "
+                             f"{out['weight_decay']} and {out['learning_rate']}")
+        if not 0 < float(self.validation_fraction) < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if int(out["batch_size"]) < 1:
             raise ValueError(f"batch_size must be >= 1, got {out['batch_size']}")
         if out["epochs"] != "auto" and int(out["epochs"]) < 1:
@@ -207,8 +222,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         y = np.asarray(y)
         if y.ndim != 1 or len(y) != arrays[0].shape[0]:
             raise ValueError(f"y must be 1-D with one label per row ({arrays[0].shape[0]}), got shape {y.shape}")
-        if not all(np.isfinite(a).all() for a in arrays):
-            raise ValueError("features contain NaN or Inf")
+        check_finite(dict(zip(self.backbones_, arrays)), what="training row")
         classes, y_idx = np.unique(y, return_inverse=True)
         if len(classes) < 2:
             raise ValueError(f"need at least 2 classes to fit, got only {classes.tolist()}")
@@ -237,6 +251,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
             if validation_data is not None:
                 Xv, yv = validation_data
                 val_arrays = self._inputs(Xv)
+                check_finite(dict(zip(self.backbones_, val_arrays)), what="validation row")
                 pos = np.searchsorted(classes, np.asarray(yv))
                 if np.any(pos >= k) or np.any(classes[np.minimum(pos, k - 1)] != np.asarray(yv)):
                     raise ValueError("validation labels hold classes not seen in y")
@@ -276,10 +291,20 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         return self
 
     # -- predicting -------------------------------------------------------------------------------
-    def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities, shape (n, n_classes), columns in the order of ``classes_``."""
+    def predict_proba(self, X, names: Sequence[str] | None = None) -> np.ndarray:
+        """Class probabilities, shape (n, n_classes), columns in the order of ``classes_``.
+
+        Refuses rows whose features hold NaN/Inf (``names``, one per row, name them in the error)
+        and a head whose weights are not finite, rather than return NaN probabilities.
+        """
         check_is_fitted(self, "model_")
-        out = _forward(self.model_, self._inputs(X))
+        self.check_weights()
+        arrays = self._inputs(X)
+        check_finite(dict(zip(self.backbones_, arrays)), names)
+        out = _forward(self.model_, arrays)
+        if not np.isfinite(out).all():
+            raise FloatingPointError(f"the head predicted NaN/Inf for {int((~np.isfinite(out)).any(1).sum())} "
+                                     "rows from finite features and weights")
         if len(self.classes_) == 2:
             p = out[:, 0]
             return np.column_stack([1.0 - p, p])
@@ -289,10 +314,21 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         """The most probable class of each row (labels as given to ``fit``)."""
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
+    def check_weights(self) -> None:
+        """Raise ``FloatingPointError`` if the trained weights hold NaN/Inf (training diverged)."""
+        check_is_fitted(self, "model_")
+        bad = [v.path for v in self.model_.weights if not np.isfinite(keras.ops.convert_to_numpy(v)).all()]
+        if bad:
+            rate = getattr(self, "params_", {}).get("learning_rate")
+            raise FloatingPointError(f"the head's trained weights hold NaN/Inf ({', '.join(bad)}): training diverged"
+                                     + (f" (learning rate {rate:g})" if isinstance(rate, (int, float)) else "")
+                                     + "; refit with a lower learning rate")
+
     # -- persistence ------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``head.keras`` and ``head.json`` (params, backbones, dims, classes) into ``directory``."""
         check_is_fitted(self, "model_")
+        self.check_weights()  # a NaN head saved would predict NaN for every image
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.model_.save(d / "head.keras")
@@ -326,6 +362,31 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         head.n_epochs_ = meta.get("n_epochs")
         head.history_ = {}
         return head
+
+
+def check_finite(X: Mapping[str, np.ndarray], names: Sequence[str] | None = None, what: str = "row") -> None:
+    """Raise ``ValueError`` naming the rows of ``X`` (backbone -> (n, D) features) that hold NaN/Inf.
+
+    ``names`` (one per row) names them in the message; else their row indices.
+    """
+    bad, where = None, []
+    for k, a in X.items():
+        rows = ~np.isfinite(np.asarray(a)).all(axis=1)
+        if rows.any():
+            where.append(k)
+            bad = rows if bad is None else bad | rows
+    if bad is None:
+        return
+    idx = np.flatnonzero(bad)
+    label = (lambda i: str(names[i])) if names is not None else (lambda i: f"#{i}")
+    example = ", ".join(label(i) for i in idx[:3]) + (", ..." if len(idx) > 3 else "")
+    nan = any(np.isnan(np.asarray(X[k])[idx]).any() for k in where)
+    inf = any(np.isinf(np.asarray(X[k])[idx]).any() for k in where)
+    kinds = "NaN and Inf" if nan and inf else "NaN" if nan else "Inf"
+    head = f"1 {what} (e.g. {example}) of {len(bad)} holds" if len(idx) == 1 else \
+        f"{len(idx)} {what}s (e.g. {example}) of {len(bad)} hold"
+    raise ValueError(f"{head} {kinds} in the features of {', '.join(where)}: re-extract those images "
+                     "(python -m catfeat.extract) or leave them out; a head gives no probability for them")
 
 
 def _forward(model, arrays: list[np.ndarray], chunk: int = 8192) -> np.ndarray:

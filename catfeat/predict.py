@@ -35,12 +35,15 @@ def record_weights(head_dir: str | os.PathLike, features_dir: str | os.PathLike 
 
 
 def resolve_weights(head_dir: str | os.PathLike, backbones: Sequence[str], weights=None,
-                    features_dir: str | os.PathLike | None = "features") -> dict[str, tuple]:
+                    features_dir: str | os.PathLike | None = "features", allow_random: bool = False
+                    ) -> dict[str, tuple]:
     """``{backbone: (weights argument, seed)}`` for building the head's backbones.
 
     ``weights`` (one value for all, or a dict per backbone) wins; else ``weights.json`` in the head
     folder; else the caches in ``features_dir``. A file identity ('sha256:...') needs the file.
+    Random weights ('none(seed=N)', or ``weights`` none) raise ``WeightsError`` unless ``allow_random``.
     """
+    from .backbones import WeightsError, normalize_weights
     from .outliers import cache_weights
     from .store import CacheError, find_cache
 
@@ -65,14 +68,23 @@ def resolve_weights(head_dir: str | os.PathLike, backbones: Sequence[str], weigh
                              "features_dir), pass --features DIR of the caches, or --weights imagenet|none|PATH")
         else:
             out[name] = cache_weights(ident)
+    random = [n for n, (w, _) in out.items() if normalize_weights(w) is None]
+    if random and not allow_random:
+        raise WeightsError(f"the head in {head_dir} reads features of random weights ("
+                           + ", ".join(f"{n}: none(seed={out[n][1]})" for n in random)
+                           + "): they carry no ImageNet knowledge, so its predictions would be meaningless; "
+                           "extract with --weights imagenet and refit, or pass --allow-random-weights "
+                           "(allow_random=True) to predict anyway")
     return out
 
 
-def build_predictor(head_dir: str | os.PathLike, weights=None, features_dir: str | os.PathLike | None = "features"):
+def build_predictor(head_dir: str | os.PathLike, weights=None, features_dir: str | os.PathLike | None = "features",
+                    allow_random: bool = False):
     """One Keras model: uint8 images (one input per backbone, at its size) -> class probabilities.
 
     Returns ``(model, head)``; the model's inputs follow ``head.backbones_``, its output is the
-    head's (sigmoid P(class 1) for two classes, softmax otherwise).
+    head's (sigmoid P(class 1) for two classes, softmax otherwise). ``allow_random``: see
+    :func:`resolve_weights`.
     """
     import keras
 
@@ -81,7 +93,8 @@ def build_predictor(head_dir: str | os.PathLike, weights=None, features_dir: str
     from .runtime import feature_model
 
     head = FusedHead.load(head_dir)
-    chosen = resolve_weights(head_dir, head.backbones_, weights, features_dir)
+    head.check_weights()  # a NaN head would answer NaN for every image
+    chosen = resolve_weights(head_dir, head.backbones_, weights, features_dir, allow_random)
     inputs, feats = [], []
     for name, dim in zip(head.backbones_, head.dims_):
         spec = get_backbone(name)
@@ -103,16 +116,19 @@ def _proba(out: np.ndarray, n_classes: int) -> np.ndarray:
 
 def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], weights=None,
                    features_dir: str | os.PathLike | None = "features", batch_size: int = 16,
-                   predictor=None) -> "pd.DataFrame":  # noqa: F821
+                   predictor=None, allow_random: bool = False) -> "pd.DataFrame":  # noqa: F821
     """Class probabilities straight from image files: ``file, p_<class>..., label`` (and ``error`` for
-    files that could not be decoded). ``predictor``: a ``(model, head)`` from :func:`build_predictor`."""
+    files that could not be decoded). ``predictor``: a ``(model, head)`` from :func:`build_predictor`.
+
+    Raises ``FloatingPointError`` rather than return NaN/Inf probabilities.
+    """
     import keras
     import pandas as pd
 
     from .backbones import get_backbone
     from .images import DecodeError, decode_image
 
-    model, head = predictor or build_predictor(head_dir, weights, features_dir)
+    model, head = predictor or build_predictor(head_dir, weights, features_dir, allow_random)
     sizes = [get_backbone(n).input_size for n in head.backbones_]
     errors, probs = {}, []
     batch: list[dict] = []
@@ -123,6 +139,13 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
             return
         arrays = [np.stack([d[s] for d in batch]) for s in sizes]
         out = keras.ops.convert_to_numpy(model(arrays, training=False))
+        bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
+        if len(bad):
+            files = ok_files[len(ok_files) - len(batch):]
+            raise FloatingPointError(
+                f"the model predicted NaN/Inf for {len(bad)} of {len(batch)} images (e.g. {files[bad[0]]}): "
+                "the backbones' features of them are not finite (damaged weights file, or an overflow in "
+                "reduced precision); no probabilities written")
         probs.append(_proba(out, len(head.classes_)))
         batch.clear()
 
@@ -146,11 +169,15 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     return df
 
 
-def export(model, path: str | os.PathLike) -> str:
-    """Save ``model``: a ``.keras`` file, or a TensorFlow SavedModel folder (tensorflow backend only)."""
+def export(model, path: str | os.PathLike, overwrite: bool = False) -> str:
+    """Save ``model``: a ``.keras`` file, or a TensorFlow SavedModel folder (tensorflow backend only).
+
+    An existing ``path`` raises ``FileExistsError`` unless ``overwrite``.
+    """
     import keras
 
     path = Path(path)
+    _check_new(path, overwrite)
     if path.suffix == ".keras":
         path.parent.mkdir(parents=True, exist_ok=True)
         model.save(path)
@@ -159,6 +186,11 @@ def export(model, path: str | os.PathLike) -> str:
         return f"skipped SavedModel export to {path}: needs the tensorflow backend (now {keras.backend.backend()})"
     model.export(str(path), format="tf_saved_model")
     return f"SavedModel {path}"
+
+
+def _check_new(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --force (overwrite=True) to replace it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, help="write the predictions here instead of printing them")
     p.add_argument("--export", default=None, metavar="PATH", help="save the end-to-end model: PATH.keras, or a "
                    "SavedModel folder (tensorflow backend)")
+    p.add_argument("--force", action="store_true", help="let --export replace an existing file or folder")
+    p.add_argument("--allow-random-weights", action="store_true", help="predict even when the head's backbones "
+                   "were extracted with random weights (weights none): such predictions carry no ImageNet "
+                   "knowledge")
     return p
 
 
@@ -192,7 +228,9 @@ def _expand(items: Sequence[str]) -> list[str]:
 def _main(args: argparse.Namespace) -> int:
     if not args.images and not args.export:
         raise ValueError("name image files to predict and/or --export PATH")
-    predictor = build_predictor(args.head, args.weights, args.features)
+    if args.export:
+        _check_new(Path(args.export), args.force)  # before building the model
+    predictor = build_predictor(args.head, args.weights, args.features, args.allow_random_weights)
     done = []
     if args.images:
         df = predict_images(args.head, _expand(args.images), batch_size=args.batch_size, predictor=predictor)
@@ -203,7 +241,7 @@ def _main(args: argparse.Namespace) -> int:
         else:
             print(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if args.export:
-        done.append(export(predictor[0], args.export))
+        done.append(export(predictor[0], args.export, overwrite=args.force))
     print("catfeat.predict: " + "; ".join(done) if done else "catfeat.predict: nothing to do")
     return 0
 

@@ -36,7 +36,8 @@ def test_predictions_equal_cache_then_head(trained):
     X, _, names = catfeat.load_features("lite0,lite1", root / "features")
     expected = head.predict_proba(X)
     # weights.json alone identifies the backbones: no features folder needed
-    df = predict_images(root / "head", [data / n for n in names], features_dir=None, batch_size=4)
+    df = predict_images(root / "head", [data / n for n in names], features_dir=None, batch_size=4,
+                        allow_random=True)
     assert df["file"].tolist() == [str(data / n) for n in names]
     np.testing.assert_allclose(df[["p_0", "p_1"]].to_numpy(), expected, atol=1e-5)
     assert (df["label"].to_numpy() == head.classes_[expected.argmax(1)]).all()
@@ -53,10 +54,10 @@ def test_wrong_seed_gives_other_predictions_and_missing_identity_fails(trained, 
     shutil.copytree(root / "head", bare)
     (bare / "weights.json").unlink(missing_ok=True)
     with pytest.raises(ValueError, match="unknown weights"):
-        predict_images(bare, [data / "train" / "cat.0.jpg"], features_dir=None)
+        predict_images(bare, [data / "train" / "cat.0.jpg"], features_dir=None, allow_random=True)
     X, _, names = catfeat.load_features("lite0,lite1", root / "features")
     # from the caches' attribute: same as recorded
-    good = predict_images(bare, [data / names[0]], features_dir=root / "features")
+    good = predict_images(bare, [data / names[0]], features_dir=root / "features", allow_random=True)
     np.testing.assert_allclose(good[["p_0", "p_1"]].to_numpy()[0], head.predict_proba(X)[0], atol=1e-5)
 
 
@@ -71,7 +72,7 @@ def test_cli_csv_export_and_bad_file(trained, tmp_path, capsys):
     out = tmp_path / "p.csv"
     model_path = tmp_path / "model.keras"
     rc = main(["--head", str(root / "head"), "--features", str(root / "features"), str(data / "test"), str(bad),
-               "--csv", str(out), "--export", str(model_path)])
+               "--csv", str(out), "--export", str(model_path), "--allow-random-weights"])
     assert rc == 0
     df = pd.read_csv(out)
     assert len(df) == 4 and df["error"].fillna("").astype(bool).sum() == 1
@@ -80,7 +81,7 @@ def test_cli_csv_export_and_bad_file(trained, tmp_path, capsys):
     x = [np.zeros((1, 224, 224, 3), np.uint8), np.zeros((1, 240, 240, 3), np.uint8)]
     from catfeat.predict import build_predictor
 
-    model, _ = build_predictor(root / "head", features_dir=root / "features")
+    model, _ = build_predictor(root / "head", features_dir=root / "features", allow_random=True)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(reloaded(x)), keras.ops.convert_to_numpy(model(x)),
                                atol=1e-5)
     assert main(["--head", str(root / "head")]) == 2
