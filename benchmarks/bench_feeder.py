@@ -44,7 +44,7 @@ def speed(decode, paths, sizes, threads: int) -> float:
 def features(data: Path, n: int, decoder: str, out: Path):
     from catfeat import load_features, run_extraction
 
-    run_extraction(data, "lite0", out, weights="imagenet", limit=n // 2, progress=False, decoder=decoder)
+    run_extraction(data, "lite0", out, weights="imagenet", limit=n, progress=False, decoder=decoder)
     return load_features("lite0", out)
 
 

@@ -99,7 +99,7 @@ def run_case(n_batches: int, batch: int, reader: float, models: list[float], wri
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--batches", type=int, default=80)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--reader", type=float, default=None, help="seconds per batch (default: the built-in cases)")
     p.add_argument("--model", type=float, default=0.05, help="seconds per batch for each of --n-models models")
