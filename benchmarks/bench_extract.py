@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--precision", default="float32", help="float32 | mixed | mixed_bfloat16 ... (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None,
-                   help="catfeat decode threads (default: catfeat's own, min(8, cores))")
+                   help="catfeat decode threads (default: catfeat's own, every core)")
     p.add_argument("--methods", default=",".join(METHODS), help="which to run (default: %(default)s)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run every method this many times, interleaved, and report each one's fastest run "
@@ -208,7 +208,7 @@ def run_catfeat(args, images, specs) -> dict:
     stages["model"] = sum(v for k, v in stages.items() if k.startswith("model:"))
     return {"seconds": secs, "build_warmup": build, "warmup": warm, "cpu": cpu,
             "rss_after_build_mb": rss.get("after_build"), "stages": stages, "processed": report.processed,
-            "skipped": len(report.skipped), "workers": args.workers or min(8, os.cpu_count() or 1),
+            "skipped": len(report.skipped), "workers": args.workers or os.cpu_count() or 1,
             "summary": report.summary()}
 
 
