@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -23,4 +24,10 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
         return 130
     except expected as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        if getattr(e, "hdf5_unusable", False):
+            # HDF5 failed mid-write (disk full): its exit handlers would retry the write and crash,
+            # so leave now; the file on disk is resumable from its last marker.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2

@@ -6,6 +6,7 @@ Both engines run the same stages (:mod:`catfeat.pipeline`): reader, model runner
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -19,7 +20,8 @@ from typing import Callable, Sequence
 from . import __version__
 from .backbones import BackboneSpec, normalize_weights, parse_models, weights_identity
 from .images import ImageSet, iter_batches, list_images
-from .store import (CacheError, FeatureWriter, StaleCacheError, cache_path, differences, open_cache)
+from .store import (CacheError, FeatureWriter, StaleCacheError, _remove_link, cache_path, differences,
+                    open_cache)
 
 DEFAULT_MODELS = ("r50", "incv3", "xcep", "irv2")
 
@@ -67,8 +69,10 @@ def _guard_write(partial: Path, fn, *args):
     try:
         return fn(*args)
     except OSError as e:
-        raise OSError(f"writing {partial} failed ({e}); the rows already written are kept: free disk "
-                      "space or fix the folder's permissions, then rerun the same command to resume") from None
+        err = OSError(f"writing {partial} failed ({e}); the rows already written are kept: free disk "
+                      "space or fix the folder's permissions, then rerun the same command to resume")
+        err.hdf5_unusable = getattr(e, "hdf5_unusable", False)  # see cli.run_cli
+        raise err from None
 
 
 class LockedError(RuntimeError):
@@ -76,19 +80,52 @@ class LockedError(RuntimeError):
 
 
 def _lock(stack: ExitStack, path: Path) -> None:
+    """Hold ``<path>.lock`` (flock) until ``stack`` closes, then remove it.
+
+    The lock file is opened without following links (a planted link is removed, not its target).
+    A holder unlinks it before releasing, so a lock is only ours if the path still names the file
+    we locked; otherwise we lost a race with that unlink and try again.
+    """
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock, the atomic rename still protects complete files
         return
     lock_file = path.with_name(path.name + ".lock")
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(5):
+        try:
+            fd = os.open(lock_file, flags, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP and _remove_link(lock_file):
+                continue
+            raise OSError(f"cannot open the lock file {lock_file}: {e.strerror}; remove it and rerun") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise LockedError(f"another catfeat extraction is writing {path} (lock {lock_file}); "
+                              "wait for it to finish or use another --out folder") from None
+        st = os.fstat(fd)
+        try:
+            cur = os.lstat(lock_file)
+            same = (cur.st_dev, cur.st_ino) == (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
         os.close(fd)
-        raise LockedError(f"another catfeat extraction is writing {path} (lock {lock_file}); "
-                          "wait for it to finish or use another --out folder") from None
-    stack.callback(os.close, fd)
+    else:
+        raise LockedError(f"could not lock {lock_file}: it keeps being replaced; is another program writing "
+                          "into this folder? Use another --out folder")
+
+    def release():
+        try:
+            os.unlink(lock_file)  # while still holding it: see above
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    stack.callback(release)
 
 
 def cache_attrs(spec: BackboneSpec, weights, seed: int, precision: str, images: ImageSet,
@@ -180,7 +217,14 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
             _lock(stack, path)
             attrs = cache_attrs(spec, w, seed, precision, images, fingerprint, tta, dec)
             report.paths[spec.name] = path
-            if path.exists():
+            if path.is_symlink():
+                if not force:
+                    raise CacheError(f"{path} is a symbolic link (to {os.readlink(path)}), not a cache catfeat "
+                                     "wrote; remove the link, or rerun with --force to replace the link by a new "
+                                     "cache (its target is left alone)")
+                log(f"catfeat: rebuilding {path} (--force): it is a symbolic link; the new cache replaces the "
+                    "link, its target is left alone")
+            elif path.exists():
                 try:
                     cached = open_cache(path)
                     diff = differences(cached.attrs, attrs)

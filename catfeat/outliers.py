@@ -90,6 +90,9 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
     if not 1 <= min_votes <= len(specs):
         raise ValueError(f"min_votes must be in 1..{len(specs)}, got {min_votes}")
 
+    from .store import check_same_source, find_cache
+
+    check_same_source({s.name: find_cache(s.name, features_dir) for s in specs})
     ranks, p_animal, first = {}, {}, None
     names = labels = None
     classes = None
@@ -97,7 +100,6 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
         probs, n, y = imagenet_probabilities(spec.name, features_dir, split, weights)
         if names is None:
             names, labels, first = list(n), y, probs
-            from .store import find_cache
             classes = find_cache(spec.name, features_dir).classes
         else:
             pos = {name: i for i, name in enumerate(n)}

@@ -12,8 +12,11 @@ The skipped list lives in datasets rather than an attribute because HDF5 attribu
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import stat
 import sys
 import time
 import warnings
@@ -29,6 +32,11 @@ KEY_FIELDS = ("backbone", "weights", "input_size", "preprocessing", "precision",
               "images_fingerprint")
 # Key fields that caches of earlier versions lack, and the value those caches were built with.
 LEGACY_DEFAULTS = {"decoder": "pillow"}
+# What must agree for caches to be fused row by row (empty or missing: unknown, not compared).
+SOURCE_FIELDS = ("images_fingerprint", "data_root", "classes", "layout")
+# Free space kept in hand beyond a write's own rows, for HDF5 metadata (see FeatureWriter._check_space).
+SPACE_MARGIN = 256 << 10
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _STR = None  # set lazily: h5py.string_dtype()
 def _memory_bytes() -> int:
     try:
@@ -114,6 +122,8 @@ class FeatureWriter:
         self.names, self.labels, self.split = list(names), np.asarray(labels), list(split)
         self.chunk_rows = chunk_rows
         self.resumed_from = 0
+        self.next_index = 0
+        self.broken = False  # HDF5 failed mid-write: the file object must not be touched again
         self._f = None
         self._open()
 
@@ -121,12 +131,20 @@ class FeatureWriter:
     def _open(self) -> None:
         h5py = _h5()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.partial.exists():
+        if _remove_link(self.partial):
+            pass
+        elif os.path.lexists(self.partial):
             reason = self._try_resume()
             if reason is None:
                 return
             print(f"catfeat: starting {self.partial} over ({reason})", file=sys.stderr)
             self.partial.unlink()
+        self._check_space(SPACE_MARGIN)
+        try:  # create it ourselves, following no link, so h5py opens a regular file we own
+            os.close(os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644))
+        except FileExistsError:
+            raise CacheError(f"{self.partial} appeared while catfeat was creating it; another program "
+                             "writes into this folder: use another --out folder") from None
         f = h5py.File(self.partial, "w")
         n_train = sum(1 for s in self.split if s == "train")
         n_test = len(self.split) - n_train
@@ -149,10 +167,17 @@ class FeatureWriter:
     def _try_resume(self) -> str | None:
         """Reopen a partial file if it belongs to this request; return why not otherwise."""
         h5py = _h5()
+        if not stat.S_ISREG(os.lstat(self.partial).st_mode):
+            raise CacheError(f"{self.partial} is not a regular file; remove it and rerun")
         try:
             f = h5py.File(self.partial, "r+")
         except Exception as e:  # a kill can leave a partial file HDF5 cannot open
             return f"unreadable: {e.__class__.__name__}"
+        try:
+            _check_inside(f, self.partial)
+        except CacheError as e:
+            f.close()
+            return str(e).split(": ", 1)[-1]
         try:
             a = _attrs(f)
             diff = differences(a, self.attrs)
@@ -187,6 +212,8 @@ class FeatureWriter:
     # -- writing ------------------------------------------------------------------------------
     def write(self, start: int, ok: np.ndarray, features: np.ndarray | None, errors: dict[int, str]) -> None:
         """Record positions ``start .. start+len(ok)``: ``features`` holds one row per ``ok`` position."""
+        if self.broken:
+            raise RuntimeError(f"{self.partial}: an earlier write failed; rerun the command to resume")
         end = start + len(ok)
         if end <= self.next_index:
             return
@@ -216,7 +243,14 @@ class FeatureWriter:
                 skipped[0].append(self.names[pos])
                 skipped[1].append(errors.get(pos, "unknown error"))
                 skipped[2].append(pos)
-        f = self._f
+        n_new = {split: len(r[0]) for split, r in rows.items()}
+        text = sum(len(n.encode("utf-8", "surrogateescape")) for r in (rows["train"][1], rows["test"][1], *skipped[:2])
+                   for n in r)
+        self._check_space(self._chunk_bytes(n_new) + 2 * text + SPACE_MARGIN)
+        self._guarded(self._write_rows, rows, skipped, end)
+        self.next_index = end
+
+    def _write_rows(self, rows: dict, skipped: tuple, end: int) -> None:
         for split, (fr, nm, lb) in rows.items():
             if fr:
                 self._append(split, np.stack(fr))
@@ -227,14 +261,63 @@ class FeatureWriter:
             self._append("skipped_names", np.array(skipped[0], dtype=object))
             self._append("skipped_reasons", np.array(skipped[1], dtype=object))
             self._append("skipped_index", np.array(skipped[2], dtype=np.int64))
-        f.attrs["rows_written"] = end
-        f.flush()
-        self.next_index = end
+        self._f.attrs["rows_written"] = end
+        self._f.flush()
+
+    def _chunk_bytes(self, n_new: dict[str, int]) -> int:
+        """Bytes of the feature chunks that appending ``n_new`` rows per split allocates."""
+        total = 0
+        for split, k in n_new.items():
+            if k:
+                ds = self._f[split]
+                rows = ds.chunks[0] if ds.chunks else 1
+                n = ds.shape[0]
+                total += (-(-(n + k) // rows) - -(-n // rows)) * rows * self.dim * 4
+        return total
+
+    def _check_space(self, need: int) -> None:
+        """Refuse a write the disk has no room for, before HDF5 starts it.
+
+        HDF5 cannot recover from a failed write (its later calls fail and the process may crash
+        when it exits), so running out of space has to be caught here, with the file still whole.
+        """
+        try:
+            st = os.statvfs(self.partial.parent)
+        except (OSError, AttributeError):
+            return
+        free = st.f_bavail * st.f_frsize
+        if free < need:
+            raise OSError(errno.ENOSPC, f"No space left on device: {free:,} bytes free in "
+                                        f"{self.partial.parent}, about {need:,} needed")
+
+    def _guarded(self, fn, *args):
+        """Run HDF5 calls; after any failure the file object is abandoned, never flushed or closed."""
+        hooks = sys.excepthook, sys.unraisablehook
+        # h5py reports HDF5 errors met while freeing its objects as ignored exceptions, each with a
+        # traceback; the failure is reported once below instead.
+        sys.excepthook = lambda t, v, tb: None if _h5_free_error(v) else hooks[0](t, v, tb)
+        sys.unraisablehook = lambda u: None if _h5_free_error(u.exc_value) else hooks[1](u)
+        try:
+            return fn(*args)
+        except Exception as e:
+            self.broken = True
+            _ABANDONED.append(e)  # its traceback holds the datasets in use: freeing them retries the write
+            if f"errno = {errno.ENOSPC}," in str(e):
+                err = OSError(errno.ENOSPC, "No space left on device; HDF5 stopped mid-write")
+            else:
+                err = OSError(getattr(e, "errno", None) or errno.EIO, f"HDF5 write failed: {e}".splitlines()[0])
+            err.hdf5_unusable = True
+            raise err from None
+        finally:
+            if not self.broken:
+                sys.excepthook, sys.unraisablehook = hooks
 
     @property
     def rows(self) -> int:
         """Feature rows written so far (train + test)."""
-        return int(self._f["train"].shape[0] + self._f["test"].shape[0]) if self._f is not None else 0
+        if self._f is None or self.broken:
+            return 0
+        return int(self._f["train"].shape[0] + self._f["test"].shape[0])
 
     def _append(self, name: str, values: np.ndarray) -> None:
         ds = self._f[name]
@@ -246,29 +329,70 @@ class FeatureWriter:
         """Mark complete, close, and atomically move the file into place."""
         if self.next_index != len(self.names):
             raise RuntimeError(f"{self.partial}: finish() after {self.next_index} of {len(self.names)} images")
+        self._check_space(SPACE_MARGIN)
+        self._guarded(self._finish_attrs, extra_attrs or {})
+        self._f = None
+        _fsync(self.partial, _NOFOLLOW)
+        if not stat.S_ISREG(os.lstat(self.partial).st_mode):  # swapped for a link while we wrote
+            raise CacheError(f"{self.partial} is no longer the regular file catfeat wrote; not moving it "
+                             f"to {self.path}. Remove it and rerun")
+        os.replace(self.partial, self.path)  # replaces a link at self.path itself, never its target
+        _fsync(self.path.parent)
+        return self.path
+
+    def _finish_attrs(self, extra_attrs: dict) -> None:
         f = self._f
-        for k, v in (extra_attrs or {}).items():
+        for k, v in extra_attrs.items():
             f.attrs[k] = v
         f.attrs["skipped_count"] = int(f["skipped_names"].shape[0])
         f.attrs["complete"] = True
         f.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         f.close()
+
+    def close(self, discard_empty: bool = True) -> None:
+        """Close without finishing: the partial file stays for a later resume unless it holds no row."""
+        if self._f is None:
+            return
+        if not self.broken:
+            try:
+                self._f.close()
+            except Exception:
+                self.broken = True
+                _ABANDONED.append(self._f)
+        else:
+            _ABANDONED.append(self._f)  # not closed: HDF5 would retry the failed write
         self._f = None
-        _fsync(self.partial)
-        os.replace(self.partial, self.path)
-        _fsync(self.path.parent)
-        return self.path
-
-    def close(self) -> None:
-        """Close without finishing (the partial file stays for a later resume)."""
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        if discard_empty and self.next_index == 0:
+            try:
+                os.unlink(self.partial)
+            except OSError:
+                pass
 
 
-def _fsync(path: Path) -> None:
+def _h5_free_error(e) -> bool:
+    return isinstance(e, RuntimeError) and "decrement id ref count" in str(e)
+
+
+_ABANDONED: list = []  # h5py files whose writes failed: kept referenced so nothing flushes them again
+
+
+def _remove_link(path: Path) -> bool:
+    """Remove ``path`` if it is a symbolic link (the link, never its target); say so."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        if not stat.S_ISLNK(os.lstat(path).st_mode):
+            return False
+        target = os.readlink(path)
+    except OSError:
+        return False
+    os.unlink(path)
+    print(f"catfeat: removed {path}, a symbolic link to {target} that catfeat did not create "
+          "(its target was not touched)", file=sys.stderr)
+    return True
+
+
+def _fsync(path: Path, flags: int = 0) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | flags)
     except OSError:
         return
     try:
@@ -292,7 +416,9 @@ class FeatureCache:
 
     def _read(self, name: str) -> np.ndarray:
         h5py = _h5()
+        _regular(self.path)
         with h5py.File(self.path, "r") as f:
+            _check_inside(f, self.path)
             ds = f[name]
             if ds.size * ds.dtype.itemsize > MAX_READ_BYTES:
                 raise CacheError(f"{self.path}: dataset {name} declares {ds.shape} ({ds.dtype}), "
@@ -333,6 +459,7 @@ def open_cache(path: str | os.PathLike, require_complete: bool = True) -> Featur
         hint = f" (an unfinished {partial_path(path).name} exists: rerun the extraction to resume it)" \
             if partial_path(path).exists() else ""
         raise CacheError(f"no feature cache at {path}{hint}; run `python -m catfeat.extract DATA_DIR` first")
+    _regular(path)
     if not h5py.is_hdf5(path):
         raise CacheError(f"{path} is not an HDF5 file (truncated or foreign); delete it and extract again")
     try:
@@ -341,6 +468,12 @@ def open_cache(path: str | os.PathLike, require_complete: bool = True) -> Featur
             if a.get("format") != FORMAT:
                 raise CacheError(f"{path} is not a catfeat feature cache (format {a.get('format')!r}); "
                                  "delete it or point --features elsewhere")
+            named = re.fullmatch(r"gap_(.+)\.h5", path.name)
+            if named and a.get("backbone") != named.group(1):
+                raise CacheError(f"{path} holds features of {a.get('backbone')!r}, not {named.group(1)} as its "
+                                 f"name says; rename it back to gap_{a.get('backbone')}.h5, or extract "
+                                 f"{named.group(1)} again (--force)")
+            _check_inside(f, path)
             if require_complete and a.get("complete") is not True:
                 raise CacheError(f"{path} is incomplete ({a.get('rows_written')} of {a.get('n_images')} images); "
                                  "rerun the extraction to finish it")
@@ -371,12 +504,62 @@ def open_cache(path: str | os.PathLike, require_complete: bool = True) -> Featur
                   and (dim is None or shapes["train"][1] == dim))
             if not ok:
                 raise CacheError(f"{path}: inconsistent shapes {shapes}; the file is damaged, extract again")
+            if a.get("complete") is True:
+                n_sk = f["skipped_names"].shape[0] if isinstance(f.get("skipped_names"), h5py.Dataset) else 0
+                declared = {k: int(a[k]) for k in ("n_images", "rows_written") if k in a}
+                bad = {k: v for k, v in declared.items() if v != n_tr + n_te + n_sk}
+                if "skipped_count" in a and int(a["skipped_count"]) != n_sk:
+                    bad["skipped_count"] = int(a["skipped_count"])
+                if bad:
+                    said = ", ".join(f"{k}={v}" for k, v in bad.items())
+                    raise CacheError(f"{path} is damaged: it declares {said} but holds {n_tr} train + {n_te} test "
+                                     f"rows and {n_sk} skipped images; delete it or rerun the extraction with "
+                                     "--force to rebuild it")
     except CacheError:
         raise
     except Exception as e:
         raise CacheError(f"{path} cannot be read ({e.__class__.__name__}: {e}); delete it and extract again") from None
     a["n_train"], a["n_test"] = n_tr, n_te
     return FeatureCache(path, a)
+
+
+def _regular(path: Path) -> None:
+    """Refuse anything but a regular file (a FIFO or device would block or never end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise CacheError(f"{path} cannot be read ({e.strerror}); delete it and extract again") from None
+    if not stat.S_ISREG(mode):
+        raise CacheError(f"{path} is not a regular file; delete it and extract again")
+
+
+def _check_inside(f, path: Path) -> None:
+    """Refuse links and datasets whose data live outside the file, before anything is read.
+
+    External storage, virtual datasets and external or soft links would make a reader open other
+    files (``/etc/passwd``, a FIFO that never ends) and take them for features.
+    """
+    h5py = _h5()
+    for name in f:
+        link = f.get(name, getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            why = f"is an external link to {link.filename}:{link.path}"
+        elif isinstance(link, h5py.SoftLink):
+            why = f"is a soft link to {link.path}"
+        elif not isinstance(link, h5py.HardLink):
+            why = "is a link of an unknown kind"
+        else:
+            ds = f[name]
+            if not isinstance(ds, h5py.Dataset):
+                continue
+            if ds.external:
+                why = f"is stored in other files ({', '.join(str(e[0]) for e in ds.external)})"
+            elif ds.is_virtual:
+                why = "is a virtual dataset (its data live in other files)"
+            else:
+                continue
+        raise CacheError(f"{path}: {name!r} {why}; a cache must hold its own data, refusing to read it. "
+                         "Delete the file and extract again")
 
 
 def find_cache(model: str, features_dir: str | os.PathLike = "features") -> FeatureCache:
@@ -417,6 +600,30 @@ def align(named: dict[str, Sequence[str]], join: str = "exact") -> tuple[list[st
     return order, idx
 
 
+def check_same_source(caches: dict[str, FeatureCache], join: str = "exact") -> None:
+    """Refuse to fuse caches extracted from different image folders or class lists.
+
+    Compares ``SOURCE_FIELDS`` where both caches know them (write_cache leaves the fingerprint
+    empty: unknown). ``join="inner"`` (a deliberate subset) compares only the classes.
+    """
+    fields = SOURCE_FIELDS if join == "exact" else ("classes",)
+    known = lambda v: v not in (None, "")  # noqa: E731
+    (first, a), *rest = caches.items()
+    for name, c in rest:
+        fp = (a.attrs.get("images_fingerprint"), c.attrs.get("images_fingerprint"))
+        for k in fields:
+            va, vb = a.attrs.get(k), c.attrs.get(k)
+            if not (known(va) and known(vb)) or str(va) == str(vb):
+                continue
+            if k == "data_root" and all(map(known, fp)) and fp[0] == fp[1]:
+                continue  # the same images, moved or copied elsewhere
+            raise CacheError(
+                f"the caches of {first} and {name} come from different images ({k}: {a.path.name} has {va!r}, "
+                f"{c.path.name} has {vb!r}); fusing them would pair unrelated rows. Extract both backbones "
+                f"from the same folder in one command: python -m catfeat.extract DATA_DIR --models {first},{name} "
+                "--force")
+
+
 def load_features(models: str | Iterable[str], features_dir: str | os.PathLike = "features",
                   split: str = "train", join: str = "exact"
                   ) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]:
@@ -430,6 +637,7 @@ def load_features(models: str | Iterable[str], features_dir: str | os.PathLike =
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     caches = {s.name: find_cache(s.name, features_dir) for s in parse_models(models)}
+    check_same_source(caches, join)
     names = {k: c.names(split) for k, c in caches.items()}
     order, idx = align(names, join)
     X = {k: c.features(split)[idx[k]] for k, c in caches.items()}
@@ -460,9 +668,7 @@ def write_cache(path: str | os.PathLike, backbone: str, train: np.ndarray, label
             "precision": "float32", "tta": "none", "images_fingerprint": "", "feature_dim": dim,
             "classes": json.dumps(list(classes))}
     base.update(attrs or {})
-    partial = partial_path(Path(path))
-    if partial.exists():
-        partial.unlink()
+    partial_path(Path(path)).unlink(missing_ok=True)  # unlink removes a link, never its target
     writer = FeatureWriter(path, base, names, labels_all, split, dim)
     feats = np.concatenate([train, test])
     writer.write(0, np.ones(len(names), bool), feats, {})
