@@ -17,7 +17,7 @@ from typing import Sequence
 
 from . import __version__
 from .backbones import BackboneSpec, normalize_weights, parse_models, weights_identity
-from .images import ImageSet, iter_batches, list_images
+from .images import ImageSet, iter_batches, list_images, shown
 from .store import (CacheError, FeatureWriter, StaleCacheError, cache_path, differences, open_cache)
 
 DEFAULT_MODELS = ("r50", "incv3", "xcep", "irv2")
@@ -33,6 +33,7 @@ class ExtractionReport:
     reused: list[str] = field(default_factory=list)
     resumed: dict[str, int] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
+    shown: set = field(default_factory=set)  # skipped images already printed as they happened
     seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -176,7 +177,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
             if not any(w.rows for w in writers.values()):
                 raise NoUsableImagesError(
                     f"none of the {len(images)} images under {images.root} could be decoded "
-                    f"(e.g. {images.names[0]}); see the skipped list above")
+                    f"(e.g. {shown(images.names[0])}); see the skipped list above")
             for name, writer in writers.items():
                 _guard_write(writer.partial, writer.finish)
             report.skipped = open_cache(report.paths[next(iter(writers))]).skipped()
@@ -224,12 +225,22 @@ def _extract_into(images: ImageSet, specs: list[BackboneSpec], writers: dict, we
                 secs[f"model:{spec.name}"] += t2 - t
                 secs["write"] += time.perf_counter() - t2
             for pos, reason in batch.errors.items():
-                bar.write(f"skipped {images.names[pos]}: {reason}")
+                report_skip(bar, report, images.names[pos], reason)
             report.processed += len(batch)
             bar.update(len(batch))
     finally:
         batches.close()
         bar.close()
+
+
+def report_skip(bar, report: ExtractionReport, name: str, reason: str) -> None:
+    """Print one skipped image as it happens (once: the CLI's final list leaves it out)."""
+    bar.write(skip_line(name, reason))
+    report.shown.add(name)
+
+
+def skip_line(name: str, reason: str) -> str:
+    return f"skipped {shown(name)}: {reason}"
 
 
 def _progress(total: int, enabled: bool):

@@ -267,8 +267,10 @@ class _PartSink:
         for sp in self.need[shard.index]:
             feats = np.stack([r[2][sp.name] for r in run if r[0]]) if ok.any() else None
             self._writer(sp, shard).write(start - shard.start, ok, feats, local_errors)
+        from ..extraction import report_skip
+
         for j, why in local_errors.items():
-            self.bar.write(f"skipped {self.images.names[shard.start + j]}: {why}")
+            report_skip(self.bar, self.report, self.images.names[shard.start + j], why)
         self.next[shard.index] = start + len(run)
         self.report.processed += len(run)
         self.bar.update(len(run))
