@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .images import DecodeError, MAX_PIXELS, read_rgb, resize_all
+from .images import DecodeError, MAX_PIXELS, check_regular, read_rgb, resize_all
 
 DecodeFn = Callable[[str | os.PathLike, Sequence[int]], dict[int, np.ndarray]]
 
@@ -33,22 +33,16 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     never a blocking open (a FIFO named like an image would hang a plain ``open``)."""
     import stat
 
+    check_regular(path)
     try:
+        # O_NONBLOCK: should the file be swapped for a FIFO after the check, the open still returns
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise DecodeError("file not found (broken link or removed during the run)") from None
-    except PermissionError:
-        raise DecodeError("permission denied; make the file readable") from None
-    except IsADirectoryError:
-        raise DecodeError("is a folder, not an image file") from None
-    except OSError as e:
-        raise DecodeError(f"cannot open ({e.strerror})") from None
+    except OSError:
+        check_regular(path)  # names what went wrong in the same words as the Pillow path
+        raise DecodeError(f"cannot open {os.fsdecode(path)!r}") from None
     try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise DecodeError("is a folder, not an image file")
-        if not stat.S_ISREG(st.st_mode):
-            raise DecodeError("not a regular file (FIFO, socket or device); only image files are read")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DecodeError("not a regular file (it changed while being read); only image files are read")
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read()
     except OSError as e:

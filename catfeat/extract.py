@@ -7,6 +7,7 @@ import sys
 from .backbones import REGISTRY
 from .cli import run_cli
 from .extraction import DEFAULT_MODELS, run_extraction
+from .pipeline import skip_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +54,9 @@ def _main(args: argparse.Namespace) -> int:
                             decoder=args.decoder)
     for name, path in report.paths.items():
         print(f"{name}: {path}")
-    for s in report.skipped:
-        print(f"skipped {s['path']}: {s['reason']}")
+    for s in report.skipped:  # those printed during the run are not repeated
+        if s["path"] not in report.shown:
+            print(skip_line(s["path"], s["reason"]))
     print("catfeat.extract: " + report.summary())
     return 0
 

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .backbones import BackboneSpec, normalize_weights, parse_models, weights_identity
-from .images import ImageSet, iter_batches, list_images
+from .images import ImageSet, iter_batches, list_images, shown
 from .store import (CacheError, FeatureWriter, StaleCacheError, _remove_link, cache_path, differences,
                     open_cache)
 
@@ -36,6 +36,7 @@ class ExtractionReport:
     reused: list[str] = field(default_factory=list)
     resumed: dict[str, int] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
+    shown: set = field(default_factory=set)  # skipped images already printed as they happened
     seconds: dict[str, float] = field(default_factory=dict)
     backend: str = ""
     device: str = ""
@@ -252,7 +253,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
 def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack) -> None:
     """This process: decode threads -> every backbone on this device -> a writer thread."""
     from .decoders import get_decoder
-    from .pipeline import ModelRunner, progress_bar, run_stages
+    from .pipeline import ModelRunner, progress_bar, report_skip, run_stages
     from .runtime import Forward
 
     images, secs = plan.images, report.seconds
@@ -282,7 +283,7 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
             secs["decode"] += batch.decode_seconds
             secs["resize"] += batch.resize_seconds
             for pos, reason in batch.errors.items():
-                bar.write(f"skipped {images.names[pos]}: {reason}")
+                report_skip(bar, report, images.names[pos], reason)
             report.processed += len(batch)
             bar.update(len(batch))
 
@@ -301,7 +302,7 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
     if not any(w.rows for w in writers.values()):
         raise NoUsableImagesError(
             f"none of the {len(images)} images under {images.root} could be decoded "
-            f"(e.g. {images.names[0]}); see the skipped list above")
+            f"(e.g. {shown(images.names[0])}); see the skipped list above")
     for writer in writers.values():
         _guard_write(writer.partial, writer.finish)
 

@@ -253,11 +253,12 @@ def _main(args: argparse.Namespace) -> int:
 def _write_oof(path: Path, names, y, score) -> None:
     import pandas as pd
 
-    df = pd.DataFrame({"name": names, "label": y})
+    # object, not pandas' Arrow strings: those refuse file names that are not valid UTF-8
+    df = pd.DataFrame({"name": pd.Series(names, dtype=object), "label": y})
     for i, c in enumerate(score.classes):
         df[f"p_{c}"] = score.proba[:, i]
     path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path, index=False)
+    df.to_csv(path, index=False, errors="surrogateescape")  # undecodable file names keep their bytes
 
 
 class _pandas_wide:

@@ -2,15 +2,22 @@
 
 Three layouts are understood (labels of dogs vs. cats: cat=0, dog=1, i.e. sorted class names):
 
-* Kaggle: ``DIR/train/cat.123.jpg`` (labelled by the name's prefix) and ``DIR/test/123.jpg`` (unlabelled);
+* Kaggle: ``DIR/train/cat.123.jpg`` (labelled by the name's prefix) or ``DIR/train/<class>/*.jpg``
+  (labelled by folder), and ``DIR/test/123.jpg`` (unlabelled);
 * flat: ``DIR/cat.123.jpg``, ``DIR/dog.7.jpg``;
 * class folders: ``DIR/cat/*.jpg``, ``DIR/dog/*.jpg`` (sorted folder names -> 0..K-1).
+
+A folder that mixes loose images with subfolders of images is refused rather than guessed at.
+Anything named like an image is listed, so that what cannot be read (a folder, a FIFO, a broken
+link) is reported as skipped instead of silently left out; only regular files are ever opened.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import stat
+import threading
 import time
 import warnings
 from collections import deque
@@ -77,9 +84,36 @@ def _is_image_file(p: Path) -> bool:
 
 
 def _files(folder: Path) -> list[Path]:
-    # Folders named x.jpg are kept (is_file() is False for them) so they are reported, not hidden.
-    return sorted((p for p in folder.iterdir() if _is_image_file(p) and (p.is_file() or p.is_dir() or p.is_symlink())),
-                  key=lambda p: natural_key(p.name))
+    # Everything named like an image, whatever it is (folder, FIFO, socket, device, broken link):
+    # what is not a regular file is reported as skipped by read_rgb, never silently dropped.
+    return sorted((p for p in folder.iterdir() if _is_image_file(p)), key=lambda p: natural_key(p.name))
+
+
+def _image_subdirs(folder: Path) -> list[Path]:
+    """Visible subfolders of ``folder`` (not named like images) that hold at least one image."""
+    subdirs = sorted((d for d in folder.iterdir() if d.is_dir() and not _is_image_file(d)
+                      and not d.name.startswith(".")), key=lambda d: natural_key(d.name))
+    return [d for d in subdirs if any(_is_image_file(p) for p in d.iterdir())]
+
+
+def _refuse_mixed(folder: Path, files: list[Path], subdirs: list[Path], root: Path) -> None:
+    """A folder holding both loose images and subfolders of images has no single meaning: say so."""
+    if files and subdirs:
+        rel = folder.relative_to(root).as_posix()
+        where = "" if rel == "." else rel + "/"
+        raise ImageSetError(
+            f"{str(folder)!r} mixes {len(files)} loose image(s) (e.g. {where + files[0].name!r}) with "
+            f"{len(subdirs)} subfolder(s) of images (e.g. {where + subdirs[0].name + '/'!r}); use one layout: "
+            "move the loose images into class folders, or move the subfolders out (or hide them: '.name')")
+
+
+def shown(name: str) -> str:
+    """``name`` for printing: as is, or its repr when it is not valid UTF-8 (undecodable bytes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return repr(name)
+    return name
 
 
 def _label_from_name(name: str) -> str | None:
@@ -122,13 +156,24 @@ def list_images(data_dir: str | os.PathLike, limit: int | None = None) -> ImageS
     if train_dir.is_dir() or test_dir.is_dir():
         layout = "kaggle"
         if train_dir.is_dir():
-            train = _labelled_from_names(train_dir, "train/", root)
+            subdirs = _image_subdirs(train_dir)
+            _refuse_mixed(train_dir, _files(train_dir), subdirs, root)
+            if subdirs:
+                layout = "kaggle-folders"
+                for d in subdirs:
+                    train += [(f"train/{d.name}/{p.name}", d.name) for p in _files(d)]
+            else:
+                train = _labelled_from_names(train_dir, "train/", root)
         if test_dir.is_dir():
-            test = [(f"test/{p.name}", "") for p in _files(test_dir)]
+            files, subdirs = _files(test_dir), _image_subdirs(test_dir)
+            if subdirs:
+                raise ImageSetError(
+                    f"{str(test_dir)!r} holds subfolders of images (e.g. 'test/{subdirs[0].name}/'); test images "
+                    "are unlabelled: put them directly in test/ (labelled images go in train/<class>/)")
+            test = [(f"test/{p.name}", "") for p in files]
     else:
-        subdirs = sorted((d for d in root.iterdir() if d.is_dir() and not _is_image_file(d)
-                          and not d.name.startswith(".")), key=lambda d: natural_key(d.name))
-        subdirs = [d for d in subdirs if any(_is_image_file(p) for p in d.iterdir())]
+        subdirs = _image_subdirs(root)
+        _refuse_mixed(root, _files(root), subdirs, root)
         if subdirs:
             layout = "folders"
             for d in subdirs:
@@ -184,13 +229,60 @@ def decode_image(path: str | os.PathLike, sizes: Sequence[int], decoder: str = "
     return get_decoder(decoder).decode(path, sizes)
 
 
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def check_regular(path: str | os.PathLike) -> os.stat_result:
+    """``os.stat`` of ``path`` (links followed), or :class:`DecodeError` unless it is a regular file.
+
+    Opening a FIFO blocks until a writer appears, and a device may never end: nothing but a regular
+    file is ever opened.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DecodeError("file not found (broken link or removed during the run)") from None
+    except PermissionError:
+        raise DecodeError("permission denied; make the file readable") from None
+    except OSError as e:
+        raise DecodeError(f"cannot stat ({e.__class__.__name__}: {e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DecodeError("is a folder, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise DecodeError(f"not a regular file ({_file_kind(st.st_mode)}); only image files are read, "
+                          "remove it or rename it")
+    return st
+
+
+def _to_8bit(arr: np.ndarray, is_float: bool) -> np.ndarray:
+    """One channel of 16/32-bit integers or 32-bit floats as uint8 (Pillow's own conversion clips them).
+
+    Floats in [0, 1] are scaled by 255; values up to 255 are kept; 16-bit ranges are divided by 256
+    (as before); anything wider is scaled by its maximum. NaN, infinities and negatives become 0.
+    """
+    arr = np.nan_to_num(np.asarray(arr, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    arr = np.maximum(arr, 0.0)
+    top = float(arr.max()) if arr.size else 0.0
+    if is_float and top <= 1.0:
+        arr = arr * 255.0
+    elif top > 65535:
+        arr = arr * (255.0 / top)
+    elif top > 255:
+        arr = arr / 256.0
+    return np.clip(np.rint(arr) if is_float else arr, 0, 255).astype(np.uint8)
+
+
 def read_rgb(path: str | os.PathLike):
     """Decode one image file into an RGB ``PIL.Image`` (EXIF-rotated); :class:`DecodeError` says why not."""
     from PIL import Image, ImageOps
 
     path = Path(path)
-    if path.is_dir():
-        raise DecodeError("is a folder, not an image file")
+    st = check_regular(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -200,10 +292,8 @@ def read_rgb(path: str | os.PathLike):
                                       "(decompression bomb?)")
                 im.load()
                 im = ImageOps.exif_transpose(im)
-                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                    arr = np.asarray(im, dtype=np.float64)
-                    im = Image.fromarray(np.clip(arr / (256.0 if arr.max() > 255 else 1.0), 0, 255)
-                                         .astype(np.uint8))
+                if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                    im = Image.fromarray(_to_8bit(np.asarray(im), im.mode == "F"))
                 if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                     im = im.convert("RGBA")
                     bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -220,8 +310,7 @@ def read_rgb(path: str | os.PathLike):
     except Image.DecompressionBombWarning as e:
         raise DecodeError(f"decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:
-        size = path.stat().st_size if path.exists() else 0
-        raise DecodeError("empty file (0 bytes)" if size == 0 else "not an image Pillow can read") from None
+        raise DecodeError("empty file (0 bytes)" if st.st_size == 0 else "not an image Pillow can read") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise DecodeError(f"cannot decode ({e.__class__.__name__}: {e})") from None
 
@@ -248,47 +337,109 @@ class Batch:
         return len(self.ok)
 
 
-def _decode_timed(path: Path, sizes: Sequence[int]):
-    """(arrays or None, reason or None, decode seconds, resize seconds)."""
-    t = time.perf_counter()
+def _memory_bytes() -> int:
     try:
-        im = read_rgb(path)
-    except DecodeError as e:
-        return None, str(e), time.perf_counter() - t, 0.0
-    t1 = time.perf_counter()
-    out = resize_all(im, sizes)
-    return out, None, t1 - t, time.perf_counter() - t1
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
 
 
-def _decoder_timed(decode):
-    """``decode(path, sizes)`` in the shape of :func:`_decode_timed` (decode and resize timed as one)."""
-    from .pipeline import decode_rows
+# Full-size pixels decoding at once, over all reader threads: eight 8k x 8k photos at a time would
+# take gigabytes; normal photos (under a megabyte decoded) never wait.
+DECODE_BYTES = int(min(1 << 30, _memory_bytes() // 8))
 
-    def run(path: Path, sizes: Sequence[int]):
-        arrays, reason, seconds = decode_rows([path], sizes, decode)[0]
-        return arrays, reason, seconds, 0.0
-    return run
+
+class ByteBudget:
+    """Bounds the bytes of full-size images being decoded at once (estimated from their headers).
+
+    ``hold(n)`` waits until ``n`` more bytes fit under ``limit``; an image larger than the whole
+    budget runs when nothing else holds any, so it is slow but never stuck. ``peak`` is the most
+    ever held at once.
+    """
+
+    def __init__(self, limit: int = DECODE_BYTES):
+        if limit < 1:
+            raise ValueError(f"decode byte budget must be positive, got {limit}")
+        self.limit, self.used, self.peak = int(limit), 0, 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+            self.peak = max(self.peak, self.used)
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+def declared_bytes(path: str | os.PathLike) -> int:
+    """Decoded size of an image estimated from its header (width x height x 4 bytes), 0 if unknown.
+
+    Reads the header only, and only of a regular file, so it costs a small fraction of a decode.
+    """
+    from PIL import Image
+
+    try:
+        check_regular(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                return 4 * min(im.width * im.height, MAX_PIXELS)
+    except Exception:  # the decode that follows says what is wrong with the file
+        return 0
+
+
+def _decode_timed(path: Path, sizes: Sequence[int], budget: ByteBudget | None = None, decode=None):
+    """(arrays or None, reason or None, decode seconds, resize seconds). ``decode``: a decoder's
+    function (decode and resize then count as decode), default Pillow's two steps timed apart."""
+    cost = declared_bytes(path) if budget is not None else 0
+    if cost:
+        budget.acquire(cost)
+    try:
+        if decode is not None:
+            from .pipeline import decode_rows
+
+            arrays, reason, seconds = decode_rows([path], sizes, decode)[0]
+            return arrays, reason, seconds, 0.0
+        t = time.perf_counter()
+        try:
+            im = read_rgb(path)
+        except DecodeError as e:
+            return None, str(e), time.perf_counter() - t, 0.0
+        t1 = time.perf_counter()
+        out = resize_all(im, sizes)
+        del im
+        return out, None, t1 - t, time.perf_counter() - t1
+    finally:
+        if cost:
+            budget.release(cost)
 
 
 def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, start: int = 0,
-                 workers: int | None = None, prefetch: int = 2, decode=None) -> Iterator[Batch]:
+                 workers: int | None = None, prefetch: int = 2, decode=None,
+                 budget: ByteBudget | None = None) -> Iterator[Batch]:
     """Decode ``paths[start:]`` on a thread pool of ``workers`` threads (default: every core; the
     decoders release the GIL) in order, ``prefetch`` batches ahead of the consumer, so that decoding
     overlaps the model. ``decode(path, sizes)``: a decoder's function from :mod:`catfeat.decoders`
-    (default: the "auto" decoder; Pillow's has decode and resize timed apart)."""
+    (default: the "auto" decoder; Pillow's has decode and resize timed apart). ``budget`` bounds the
+    full-size pixels decoding at once (default: a new :class:`ByteBudget` of ``DECODE_BYTES``)."""
     from .decoders import DECODERS, get_decoder
 
     sizes = sorted(set(int(s) for s in sizes))
     workers = workers or os.cpu_count() or 1
     decode = decode or get_decoder("auto").decode
-    one = _decode_timed if decode is DECODERS["pillow"].decode else _decoder_timed(decode)
+    one = None if decode is DECODERS["pillow"].decode else decode
+    budget = ByteBudget() if budget is None else budget
     queue = deque((b, min(b + batch_size, len(paths))) for b in range(start, len(paths), batch_size))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="catfeat-decode") as pool:
         pending: deque = deque()
 
         def submit_next() -> None:
             b0, b1 = queue.popleft()
-            pending.append((b0, [pool.submit(one, paths[i], sizes) for i in range(b0, b1)]))
+            pending.append((b0, [pool.submit(_decode_timed, paths[i], sizes, budget, one) for i in range(b0, b1)]))
 
         while queue and len(pending) <= prefetch:
             submit_next()

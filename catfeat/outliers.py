@@ -119,7 +119,9 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
     top_idx = np.argsort(-first, axis=1)[:, :show]
     tops = [" ".join(f"{k}:{first[i, k]:.2f}" for k in row) for i, row in enumerate(top_idx)]
     label_names = [classes[int(v)] if 0 <= int(v) < len(classes or []) else "" for v in labels]
-    df = pd.DataFrame({"file": names, "label": label_names, "votes": votes, "flagged": votes >= min_votes,
+    # file as object, not pandas' Arrow strings: those refuse file names that are not valid UTF-8
+    df = pd.DataFrame({"file": pd.Series(names, dtype=object), "label": label_names, "votes": votes,
+                       "flagged": votes >= min_votes,
                        "p_animal": np.mean([p_animal[s.name] for s in specs], axis=0), "top_classes": tops})
     for s in specs:
         df[f"animal_rank_{s.name}"] = ranks[s.name]
@@ -196,10 +198,12 @@ def _main(args: argparse.Namespace) -> int:
     flagged = df[df["flagged"]]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out, index=False)
+    df.to_csv(out, index=False, errors="surrogateescape")
     if len(flagged):
-        print(flagged.head(args.show)[["file", "label", "votes", "p_animal", "top_classes"]]
-              .to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        from .images import shown
+
+        print(flagged.head(args.show)[["file", "label", "votes", "p_animal", "top_classes"]].assign(
+              file=lambda d: d["file"].map(shown)).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     written = [str(out)]
     if args.sheet and len(flagged):
         root = find_cache(df.attrs["models"][0], args.features).attrs.get("data_root")

@@ -232,3 +232,17 @@ def progress_bar(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="img", desc="extract", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+
+def skip_line(name: str, reason: str) -> str:
+    """How a skipped image is printed (undecodable names shown as their repr)."""
+    from .images import shown
+
+    return f"skipped {shown(name)}: {reason}"
+
+
+def report_skip(bar, report, name: str, reason: str) -> None:
+    """Print one skipped image as it happens, once (``report.shown`` keeps the CLI's final list from
+    printing it again)."""
+    bar.write(skip_line(name, reason))
+    report.shown.add(name)

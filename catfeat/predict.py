@@ -159,12 +159,14 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
             flush()
     flush()
     P = np.concatenate(probs) if probs else np.zeros((0, len(head.classes_)))
-    df = pd.DataFrame({"file": ok_files})
+    # object, not pandas' Arrow strings: those refuse file names that are not valid UTF-8
+    df = pd.DataFrame({"file": pd.Series(ok_files, dtype=object)})
     for i, c in enumerate(head.classes_):
         df[f"p_{c}"] = P[:, i]
     df["label"] = head.classes_[np.argmax(P, axis=1)] if len(P) else []
     if errors:
-        bad = pd.DataFrame({"file": list(errors), "error": list(errors.values())})
+        bad = pd.DataFrame({"file": pd.Series(list(errors), dtype=object),
+                            "error": pd.Series(list(errors.values()), dtype=object)})
         df = pd.concat([df.assign(error=""), bad], ignore_index=True)
     return df
 
@@ -228,6 +230,8 @@ def _expand(items: Sequence[str]) -> list[str]:
 def _main(args: argparse.Namespace) -> int:
     if not args.images and not args.export:
         raise ValueError("name image files to predict and/or --export PATH")
+    from .images import shown
+
     if args.export:
         _check_new(Path(args.export), args.force)  # before building the model
     predictor = build_predictor(args.head, args.weights, args.features, args.allow_random_weights)
@@ -236,10 +240,10 @@ def _main(args: argparse.Namespace) -> int:
         df = predict_images(args.head, _expand(args.images), batch_size=args.batch_size, predictor=predictor)
         if args.csv:
             Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-            df.to_csv(args.csv, index=False)
+            df.to_csv(args.csv, index=False, errors="surrogateescape")  # undecodable names keep their bytes
             done.append(f"{len(df)} predictions to {args.csv}")
         else:
-            print(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            print(df.assign(file=df["file"].map(shown)).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if args.export:
         done.append(export(predictor[0], args.export, overwrite=args.force))
     print("catfeat.predict: " + "; ".join(done) if done else "catfeat.predict: nothing to do")

@@ -89,15 +89,32 @@ def _decode(values) -> list[str]:
     return [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in values]
 
 
+def _encode(values: Sequence[str]) -> np.ndarray:
+    """Strings as UTF-8 bytes for an HDF5 string dataset; a file name that is not valid UTF-8 (read
+    by Python with surrogate escapes) keeps its raw bytes, so ``_decode`` gives back the same name."""
+    return np.array([str(v).encode("utf-8", "surrogateescape") for v in values], dtype=object)
+
+
 def _attrs(f) -> dict:
     out = {}
     for k, v in f.attrs.items():
         if isinstance(v, bytes):
-            v = v.decode()
+            v = v.decode("utf-8", "surrogateescape")
         elif isinstance(v, np.generic):
             v = v.item()
         out[k] = v
     return out
+
+
+def _attr_value(v):
+    """An attribute as h5py can store it: a string that is not valid UTF-8 (a folder name with
+    undecodable bytes) is stored as its raw bytes, which ``_attrs`` decodes back."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return np.bytes_(v.encode("utf-8", "surrogateescape"))
+    return v
 
 
 def differences(attrs: dict, expected: dict) -> dict:
@@ -155,7 +172,7 @@ class FeatureWriter:
                        ("skipped_names", _STR), ("skipped_reasons", _STR), ("skipped_index", "int64")):
             f.create_dataset(ds, shape=(0,), maxshape=(None,), dtype=dt, chunks=(1024,))
         for k, v in self.attrs.items():
-            f.attrs[k] = v
+            f.attrs[k] = _attr_value(v)
         f.attrs["format"] = FORMAT
         f.attrs["complete"] = False
         f.attrs["rows_written"] = 0
@@ -254,12 +271,12 @@ class FeatureWriter:
         for split, (fr, nm, lb) in rows.items():
             if fr:
                 self._append(split, np.stack(fr))
-                self._append(f"{split}_names", np.array(nm, dtype=object))
+                self._append(f"{split}_names", _encode(nm))
                 if split == "train":
                     self._append("label", np.array(lb, dtype=np.int64))
         if skipped[0]:
-            self._append("skipped_names", np.array(skipped[0], dtype=object))
-            self._append("skipped_reasons", np.array(skipped[1], dtype=object))
+            self._append("skipped_names", _encode(skipped[0]))
+            self._append("skipped_reasons", _encode(skipped[1]))
             self._append("skipped_index", np.array(skipped[2], dtype=np.int64))
         self._f.attrs["rows_written"] = end
         self._f.flush()

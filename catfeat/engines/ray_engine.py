@@ -39,7 +39,7 @@ import numpy as np
 from . import EngineUnavailableError
 from ..backbones import BackboneSpec
 from ..images import ImageSet
-from ..pipeline import ModelRunner, decode_rows, progress_bar
+from ..pipeline import ModelRunner, decode_rows, progress_bar, report_skip
 from ..store import KEY_FIELDS, CacheError, FeatureWriter, decode_strings, differences, open_cache
 
 INSTALL_HINT = 'pip install "catfeat[ray]"'
@@ -262,7 +262,7 @@ class _PartSink:
             feats = np.stack([r[2][sp.name] for r in run if r[0]]) if ok.any() else None
             self._writer(sp, shard).write(start - shard.start, ok, feats, local_errors)
         for j, why in local_errors.items():
-            self.bar.write(f"skipped {self.images.names[shard.start + j]}: {why}")
+            report_skip(self.bar, self.report, self.images.names[shard.start + j], why)
         self.next[shard.index] = start + len(run)
         self.report.processed += len(run)
         self.bar.update(len(run))
