@@ -33,7 +33,7 @@ def _plant(folder):
 
 @pytest.fixture(scope="module")
 def lite_features(tmp_path_factory):
-    import catfeat
+    import catfeat.extraction
 
     src = real_data("original")
     root = tmp_path_factory.mktemp("outl")
@@ -43,7 +43,7 @@ def lite_features(tmp_path_factory):
         shutil.copy(src / f"cat.{k}.jpg", data / f"cat.{k}.jpg")
         shutil.copy(src / f"dog.{1000 + k}.jpg", data / f"dog.{1000 + k}.jpg")
     _plant(data)
-    catfeat.extract(data, models="lite0,lite1", out=root / "features", weights="imagenet", batch_size=8)
+    catfeat.extraction.extract(data, models="lite0,lite1", out=root / "features", weights="imagenet", batch_size=8)
     return root
 
 
