@@ -2,7 +2,7 @@
 
 Prepared here, run on the lent GPU machine (it has JAX but no TensorFlow)::
 
-    bash ../shared/tools/prepare-device.sh 1200      # keras wheels + 1,200 photos into .device/
+    bash ../shared/tools/prepare-device.sh 1000      # keras wheels + 1,000 photos into .device/
     # device tool, carry [".device"], timeout_s 540:
     bash benchmarks/gpu_check.sh
 
@@ -84,6 +84,20 @@ def ceiling(models: str, precision: str, batch_size: int, n_batches: int) -> flo
     return n_batches * batch_size / (time.perf_counter() - t)
 
 
+def replicate(data: Path, times: int) -> Path:
+    """A flat folder of ``times`` links to every photo of ``data`` (distinct names), so that a run
+    lasts long enough to time on a fast GPU without carrying more photos to the machine."""
+    if times <= 1:
+        return data
+    out = Path(tempfile.mkdtemp(prefix="catfeat-gpu-photos-"))
+    photos = sorted(p for p in data.iterdir() if p.suffix.lower() == ".jpg")
+    for k in range(times):
+        for p in photos:
+            cls, num = p.name.split(".")[:2]
+            (out / f"{cls}.{k}{int(num):05d}.jpg").symlink_to(p.resolve())
+    return out
+
+
 def whole(data: Path, models: str, precision: str, batch_size: int | None, limit: int | None,
           workers: int | None, decoder: str) -> dict:
     from catfeat import run_extraction
@@ -111,12 +125,14 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--decoder", default="auto")
     p.add_argument("--ceiling-batches", type=int, default=20)
+    p.add_argument("--replicate", type=int, default=1, help="link every photo N times (distinct names)")
     args = p.parse_args(argv)
+    args.data = replicate(args.data, args.replicate)
     from catfeat.runtime import backend_name, default_batch_size, device_description
 
     bs = args.batch_size or default_batch_size()
     result = {"backend": backend_name(), "device": device_description(), "precision": args.precision,
-              "batch_size": bs, "cores": os.cpu_count()}
+              "batch_size": bs, "cores": os.cpu_count(), "photos": len(list(args.data.iterdir()))}
     for name in args.sets.split(","):
         models = SETS[name]
         w = whole(args.data, models, args.precision, bs, args.limit, args.workers, args.decoder)
