@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild caches that were built differently")
     p.add_argument("--precision", default="float32", choices=["float32", "mixed", "mixed_float16",
                    "mixed_bfloat16"], help="mixed: float16 on GPU, bfloat16 elsewhere (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype of the "
+                   "cached features; float16 halves disk and memory, loads as float32 (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="image decode threads (default: min(8, cores))")
     p.add_argument("--tta", default="none", choices=["none", "flip"], help="flip: store the mean of the "
                    "features of each image and its mirror (default: %(default)s)")
@@ -47,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(args: argparse.Namespace) -> int:
     report = run_extraction(args.data_dir, args.models, args.out, args.weights, args.batch_size, args.limit,
                             args.force, args.precision, args.workers, args.seed, progress=not args.no_progress,
-                            engine=args.engine, engine_options=_engine_options(args), tta=args.tta)
+                            engine=args.engine, engine_options=_engine_options(args), tta=args.tta,
+                            dtype=args.dtype)
     for name, path in report.paths.items():
         print(f"{name}: {path}")
     for s in report.skipped:

@@ -81,14 +81,14 @@ def _lock(stack: ExitStack, path: Path) -> None:
 
 
 def cache_attrs(spec: BackboneSpec, weights, seed: int, precision: str, images: ImageSet,
-                fingerprint: str, tta: str = "none") -> dict:
+                fingerprint: str, tta: str = "none", dtype: str = "float32") -> dict:
     """The attributes that identify a cache (see store.KEY_FIELDS) plus provenance."""
     from .runtime import backend_name, resolve_precision
 
     return {
         "backbone": spec.name, "weights": weights_identity(weights, seed), "input_size": spec.input_size,
         "preprocessing": spec.preprocessing, "precision": resolve_precision(precision), "tta": tta,
-        "images_fingerprint": fingerprint, "feature_dim": spec.feature_dim, "backend": backend_name(),
+        "images_fingerprint": fingerprint, "dtype": dtype, "feature_dim": spec.feature_dim, "backend": backend_name(),
         "catfeat_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "classes": json.dumps(images.classes), "layout": images.layout, "data_root": str(images.root.resolve()),
     }
@@ -99,7 +99,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
                    limit: int | None = None, force: bool = False, precision: str = "float32",
                    workers: int | None = None, seed: int = 0, progress: bool = True,
                    log=None, engine: str = "local", engine_options: dict | None = None,
-                   tta: str = "none") -> ExtractionReport:
+                   tta: str = "none", dtype: str = "float32") -> ExtractionReport:
     """Like :func:`extract`, returning an :class:`ExtractionReport`.
 
     ``engine="ray"`` runs the model stage on a Ray cluster (``engine_options``: ``address``,
@@ -107,6 +107,8 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
     """
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     t0 = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     specs = parse_models(models)
@@ -138,7 +140,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
         for spec in specs:
             path = cache_path(out, spec.name)
             _lock(stack, path)
-            attrs = cache_attrs(spec, w, seed, precision, images, fingerprint, tta)
+            attrs = cache_attrs(spec, w, seed, precision, images, fingerprint, tta, dtype)
             report.paths[spec.name] = path
             if path.exists():
                 try:
@@ -242,14 +244,16 @@ def _progress(total: int, enabled: bool):
 def extract(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_MODELS,
             out: str | os.PathLike = "features", weights="imagenet", batch_size: int | None = None,
             limit: int | None = None, force: bool = False, precision: str = "float32",
-            workers: int | None = None, seed: int = 0, progress: bool = True, tta: str = "none") -> dict[str, Path]:
+            workers: int | None = None, seed: int = 0, progress: bool = True, tta: str = "none",
+            dtype: str = "float32") -> dict[str, Path]:
     """Extract GAP features of ``models`` for the images under ``data_dir`` into ``out``.
 
     Returns {backbone full name: cache path}. A matching cache is reused, an unfinished one is
     resumed, a different one is refused unless ``force``. ``weights``: "imagenet", None (random,
     fixed by ``seed``) or a weights file path (one backbone). ``precision``: "float32" or "mixed".
     ``tta="flip"`` stores the mean of the features of each image and its mirror image.
-    ``batch_size=None``: 32 on a CPU, 128 on a GPU.
+    ``batch_size=None``: 32 on a CPU, 128 on a GPU. ``dtype="float16"`` stores the features at half
+    the size (recorded in the cache; they load as float32).
     """
     return run_extraction(data_dir, models, out, weights, batch_size, limit, force, precision, workers,
-                          seed, progress, tta=tta).paths
+                          seed, progress, tta=tta, dtype=dtype).paths

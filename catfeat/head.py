@@ -200,6 +200,10 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         Early stopping holds out a shuffled, stratified ``validation_fraction`` of the rows unless
         ``validation_data=(X_val, y_val)`` is given.
         """
+        from .streaming import fit_stream, is_stream
+
+        if is_stream(X):  # a catfeat.streaming.CacheRows: read from the caches in blocks
+            return fit_stream(self, X, y, validation_data)
         p = self.resolved_params()
         for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_"):
             self.__dict__.pop(attr, None)
@@ -279,7 +283,9 @@ class FusedHead(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities, shape (n, n_classes), columns in the order of ``classes_``."""
         check_is_fitted(self, "model_")
-        out = _forward(self.model_, self._inputs(X))
+        from .streaming import is_stream, predict_stream
+
+        out = predict_stream(self, X) if is_stream(X) else _forward(self.model_, self._inputs(X))
         if len(self.classes_) == 2:
             p = out[:, 0]
             return np.column_stack([1.0 - p, p])
