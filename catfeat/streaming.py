@@ -128,11 +128,11 @@ def _read_rows(ds, rows: np.ndarray, out: np.ndarray, span: int) -> None:
         lo = int(rows[i])
         j = int(np.searchsorted(rows, lo + span, "left"))
         hi = int(rows[j - 1]) + 1
-        block = ds[lo:hi]
-        if hi - lo == j - i:
-            out[i:j] = block
+        if hi - lo == j - i and ds.dtype == out.dtype:
+            ds.read_direct(out, np.s_[lo:hi], np.s_[i:j])  # no temporary copy
         else:
-            out[i:j] = block[rows[i:j] - lo]
+            block = ds[lo:hi]
+            out[i:j] = block if hi - lo == j - i else block[rows[i:j] - lo]
         i = j
 
 
@@ -282,6 +282,9 @@ class EpochBatches:
         self.shuffle = shuffle
         self.epoch = 0
         self._buf_id, self._buf, self._order_epoch = None, None, None
+        self._orders: dict[int, np.ndarray] = {}
+        self._pending: dict = {}  # (epoch, buffer) -> Future: the next buffer is read while Keras trains
+        self._pool = None
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch)
@@ -300,16 +303,43 @@ class EpochBatches:
             out[a:a + len(piece)] = piece[rng.permutation(len(piece))]
         return out
 
-    def _load(self, j: int) -> None:
-        if self._order_epoch != self.epoch:
-            self._order, self._order_epoch = self.epoch_order(), self.epoch
-        pos = self._order[j * self.buffer_rows:(j + 1) * self.buffer_rows]
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = self.epoch_order(epoch)
+        return self._orders[epoch]
+
+    def _read_buffer(self, epoch: int, j: int):
+        pos = self._order_of(epoch)[j * self.buffer_rows:(j + 1) * self.buffer_rows]
         srt = np.argsort(pos, kind="stable")
         arrays = self.rows.read(pos[srt])  # sorted positions: contiguous reads
         inv = np.empty_like(srt)
         inv[srt] = np.arange(len(srt))
-        self._buf = ([a[inv] for a in arrays], self.target[pos])
-        self._buf_id = (self.epoch, j)
+        return [a[inv] for a in arrays], self.target[pos]
+
+    def _load(self, j: int) -> None:
+        key = (self.epoch, j)
+        fut = self._pending.pop(key, None)
+        self._pending.clear()
+        self._buf = None  # drop the previous buffer before the next is held
+        self._buf = fut.result() if fut is not None else self._read_buffer(*key)
+        self._buf_id = key
+        n_buf = math.ceil(len(self.rows) / self.buffer_rows)
+        nxt = (self.epoch, j + 1) if j + 1 < n_buf else (self.epoch + 1, 0)
+        if n_buf > 1 or nxt[0] != self.epoch:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="catfeat-read")
+            self._pending[nxt] = self._pool.submit(self._read_buffer, *nxt)
+
+    def close(self) -> None:
+        for f in self._pending.values():
+            f.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def batch_at(self, i: int):
         j = i * self.batch // self.buffer_rows
@@ -321,7 +351,7 @@ class EpochBatches:
 
     def next_epoch(self) -> None:
         self.epoch += 1
-        self._buf_id, self._buf = None, None
+        self._buf_id, self._buf = None, None  # a prefetched (epoch, 0) stays pending
 
 
 def _keras_batches(batches: EpochBatches):
@@ -458,8 +488,13 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
         cls = _early_stopping_class() if is_stream(val[0]) else _EarlyStopping
         stopper = cls(val, int(p["patience"]), k)
     batches = EpochBatches(train_rows, train_target, batch, head.seed, block_rows, buffer_rows)
-    hist = model.fit(_keras_batches(batches), epochs=epochs, callbacks=[stopper] if stopper else [],
-                     verbose=head.verbose)
+    # shuffle=False: Keras would otherwise ask for the batches in random order, reading every
+    # buffer again for each batch; the rows are shuffled by EpochBatches.
+    try:
+        hist = model.fit(_keras_batches(batches), epochs=epochs, shuffle=False,
+                         callbacks=[stopper] if stopper else [], verbose=head.verbose)
+    finally:
+        batches.close()
     head.model_ = model
     head.history_ = {k_: [float(v) for v in vs] for k_, vs in hist.history.items()}
     head.params_ = {**p, "epochs": epochs, "batch_size": batch}
