@@ -464,6 +464,13 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     y = np.asarray(y)
     folds = cv_splits(y_idx, cv, seed) if cv else [holdout_split(y_idx, val_split, seed)]
     n, K = len(y_idx), len(classes)
+    if linear:  # checked before any work: the concatenation is one more copy of every feature
+        from .streaming import check_memory
+
+        d = sum(np.shape(a)[1] for a in X.values())
+        check_memory(3 * n * d * 4, f"compare's LogisticRegression on the concatenated {n:,} x {d} features",
+                     "pass linear=False, or stream: python -m catfeat.fit --stream --compare scores a "
+                     "stratified sample")
 
     def say(msg):
         if verbose:
@@ -516,12 +523,6 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
         from sklearn.linear_model import LogisticRegression
 
         say("compare: LogisticRegression on the concatenation")
-        from .streaming import check_memory
-
-        d = sum(np.shape(a)[1] for a in X.values())
-        check_memory(3 * n * d * 4, f"compare's LogisticRegression on the concatenated {n:,} x {d} features",
-                     "pass linear=False, or stream: python -m catfeat.fit --stream --compare scores a "
-                     "stratified sample")
         lr = LogisticRegression(C=1.0, max_iter=2000)
         preds[(tuple(names), "logreg")] = run(lr, concat_features(X))
 

@@ -507,9 +507,10 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
 
 
 # -- compare -----------------------------------------------------------------------------------------
-def sample_for_compare(rows: CacheRows, y, seed, max_rows: int = COMPARE_MAX_ROWS):
+def sample_for_compare(rows: CacheRows, y, seed, max_rows: int | None = None):
     """(arrays, y, note): at most ``max_rows`` stratified rows in memory for compare's many heads."""
     y = np.asarray(y)
+    max_rows = COMPARE_MAX_ROWS if max_rows is None else max_rows
     note = ""
     if len(rows) > max_rows:
         from sklearn.model_selection import train_test_split
