@@ -98,7 +98,7 @@ def run_fit(folder: Path, stream: bool, extra: list[str]) -> dict:
             "log_loss": float(ll.group(1)) if ll else None, "accuracy": float(ll.group(2)) if ll else None}
 
 
-def read_speed(root: Path, rows: int = 100000, dim: int = 1280, block: int = 8192) -> list[dict]:
+def read_speed(root: Path, rows: int = 30000, dim: int = 1280, block: int = 8192) -> list[dict]:
     """MB/s of contiguous block reads [a:a+block] of one backbone's train set, per storage layout."""
     import h5py
 
