@@ -28,7 +28,11 @@ _EPS = 1e-7
 
 # -- X helpers -------------------------------------------------------------------------------------
 def n_rows(X) -> int:
-    """Number of rows of ``X`` (dict, list or array of features)."""
+    """Number of rows of ``X`` (dict, list or array of features, or a streaming CacheRows)."""
+    from .streaming import is_stream
+
+    if is_stream(X):
+        return len(X)
     if isinstance(X, Mapping):
         return len(next(iter(X.values())))
     if isinstance(X, (list, tuple)):
@@ -37,7 +41,11 @@ def n_rows(X) -> int:
 
 
 def take_rows(X, idx: np.ndarray):
-    """Rows ``idx`` of ``X``, keeping its form."""
+    """Rows ``idx`` of ``X``, keeping its form (a CacheRows gives a row subset, nothing is read)."""
+    from .streaming import is_stream
+
+    if is_stream(X):
+        return X.subset(idx)
     if isinstance(X, Mapping):
         return {k: np.asarray(v)[idx] for k, v in X.items()}
     if isinstance(X, (list, tuple)):
@@ -261,6 +269,10 @@ def tune(estimator, X, y: Sequence, grid: Mapping[str, Sequence], cv: int = 3, s
         rows, _ = train_test_split(rows, train_size=max_rows, random_state=seed, stratify=y)
         rows = np.sort(rows)
         X, y = take_rows(X, rows), y[rows]
+    from .streaming import is_stream
+
+    if is_stream(X):
+        X = X.to_arrays(f"tuning on {len(y):,} rows")  # many small fits: in memory
     candidates = list(ParameterGrid(dict(grid)))
     base = None
     if baseline is not None:
@@ -442,6 +454,13 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
             if not models:
                 raise ValueError(f"no complete feature caches in {features_dir}")
         X, y, _ = load_features(models, features_dir, "train")
+    from .streaming import is_stream, sample_for_compare
+
+    sampled = ""
+    if is_stream(X):  # from the caches: the many candidate heads run on a sample held in memory
+        X, y, sampled = sample_for_compare(X, y, seed)
+        if sampled:
+            print(f"compare: {sampled} (streamed caches)", flush=True)
     if not isinstance(X, Mapping):
         raise ValueError("compare needs features per backbone (a dict name -> array)")
     names = list(X)
@@ -450,6 +469,13 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     y = np.asarray(y)
     folds = cv_splits(y_idx, cv, seed) if cv else [holdout_split(y_idx, val_split, seed)]
     n, K = len(y_idx), len(classes)
+    if linear:  # checked before any work: the concatenation is one more copy of every feature
+        from .streaming import check_memory
+
+        d = sum(np.shape(a)[1] for a in X.values())
+        check_memory(3 * n * d * 4, f"compare's LogisticRegression on the concatenated {n:,} x {d} features",
+                     "pass linear=False, or stream: python -m catfeat.fit --stream --compare scores a "
+                     "stratified sample")
 
     def say(msg):
         if verbose:
@@ -525,6 +551,8 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     df.insert(0, "rank", np.arange(1, len(df) + 1))
     win = df.iloc[0]
     protocol = f"{cv}-fold CV" if cv else f"holdout of {len(folds[0][1])} rows (val_split {val_split:g})"
+    if sampled:
+        protocol += f", {sampled}"
     if win["strategy"] == "single":
         verdict = f"no fusion beats the best single backbone {win['models']} (log loss {win['log_loss']:.4f})"
     else:

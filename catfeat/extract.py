@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="image decode threads (default: every core)")
     p.add_argument("--decoder", default="auto", choices=["auto", "opencv", "pillow"],
                    help="auto: OpenCV (fast) where installed, else Pillow; recorded in the cache (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype of the "
+                   "cached features; float16 halves disk and memory, loads as float32 (default: %(default)s)")
     p.add_argument("--tta", default="none", choices=["none", "flip"], help="flip: store the mean of the "
                    "features of each image and its mirror (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (--weights none)")
@@ -51,7 +53,7 @@ def _main(args: argparse.Namespace) -> int:
     report = run_extraction(args.data_dir, args.models, args.out, args.weights, args.batch_size, args.limit,
                             args.force, args.precision, args.workers, args.seed, progress=not args.no_progress,
                             engine=args.engine, engine_options=_engine_options(args), tta=args.tta,
-                            decoder=args.decoder)
+                            decoder=args.decoder, dtype=args.dtype)
     for name, path in report.paths.items():
         print(f"{name}: {path}")
     for s in report.skipped:  # those printed during the run are not repeated

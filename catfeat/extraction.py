@@ -130,14 +130,14 @@ def _lock(stack: ExitStack, path: Path) -> None:
 
 
 def cache_attrs(spec: BackboneSpec, weights, seed: int, precision: str, images: ImageSet,
-                fingerprint: str, tta: str = "none", decoder=None) -> dict:
+                fingerprint: str, tta: str = "none", decoder=None, dtype: str = "float32") -> dict:
     """The attributes that identify a cache (see store.KEY_FIELDS) plus provenance."""
     from .runtime import backend_name, resolve_precision
 
     return {
         "backbone": spec.name, "weights": weights_identity(weights, seed), "input_size": spec.input_size,
         "preprocessing": spec.preprocessing, "precision": resolve_precision(precision), "tta": tta,
-        "images_fingerprint": fingerprint, "feature_dim": spec.feature_dim, "backend": backend_name(),
+        "images_fingerprint": fingerprint, "dtype": dtype, "feature_dim": spec.feature_dim, "backend": backend_name(),
         "catfeat_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "classes": json.dumps(images.classes), "layout": images.layout, "data_root": str(images.root.resolve()),
         **({"decoder": decoder.name, "decoder_version": decoder.version()} if decoder is not None else {}),
@@ -169,7 +169,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
                    limit: int | None = None, force: bool = False, precision: str = "float32",
                    workers: int | None = None, seed: int = 0, progress: bool = True,
                    log=None, engine: str = "local", engine_options: dict | None = None,
-                   tta: str = "none", decoder: str = "auto") -> ExtractionReport:
+                   tta: str = "none", decoder: str = "auto", dtype: str = "float32") -> ExtractionReport:
     """Like :func:`extract`, returning an :class:`ExtractionReport`.
 
     Plans (which caches to reuse, resume or build), locks, and hands the plan to an engine from
@@ -181,6 +181,8 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     t0 = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     specs = parse_models(models)
@@ -216,7 +218,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
         for spec in specs:
             path = cache_path(out, spec.name)
             _lock(stack, path)
-            attrs = cache_attrs(spec, w, seed, precision, images, fingerprint, tta, dec)
+            attrs = cache_attrs(spec, w, seed, precision, images, fingerprint, tta, dec, dtype)
             report.paths[spec.name] = path
             if path.is_symlink():
                 if not force:
@@ -322,7 +324,7 @@ def extract(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_M
             out: str | os.PathLike = "features", weights="imagenet", batch_size: int | None = None,
             limit: int | None = None, force: bool = False, precision: str = "float32",
             workers: int | None = None, seed: int = 0, progress: bool = True, tta: str = "none",
-            decoder: str = "auto") -> dict[str, Path]:
+            decoder: str = "auto", dtype: str = "float32") -> dict[str, Path]:
     """Extract GAP features of ``models`` for the images under ``data_dir`` into ``out``.
 
     Returns {backbone full name: cache path}. A matching cache is reused, an unfinished one is
@@ -330,7 +332,8 @@ def extract(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_M
     fixed by ``seed``) or a weights file path (one backbone). ``precision``: "float32" or "mixed".
     ``tta="flip"`` stores the mean of the features of each image and its mirror image.
     ``batch_size=None``: 32 on a CPU, 128 on a GPU. ``decoder``: "auto" (OpenCV where installed),
-    "opencv" or "pillow" (see :mod:`catfeat.decoders`); recorded in the cache.
+    "opencv" or "pillow" (see :mod:`catfeat.decoders`); recorded in the cache. ``dtype="float16"``
+    stores the features at half the size (recorded in the cache; they load as float32).
     """
     return run_extraction(data_dir, models, out, weights, batch_size, limit, force, precision, workers,
-                          seed, progress, tta=tta, decoder=decoder).paths
+                          seed, progress, tta=tta, decoder=decoder, dtype=dtype).paths

@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", default=None, metavar="DIR", help="refit on all training rows and save the head")
     p.add_argument("--compare", action="store_true", help="also rank every subset of the backbones and fusion "
                    "strategies (writes compare.csv/.md/.png into --features)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the features from the caches in blocks instead of loading them (memory flat in "
+                        "the number of rows); default: stream when they take more than 1/8 of this machine's "
+                        "memory as float32. --compare then scores a stratified sample")
     p.add_argument("--verbose", action="store_true", help="print Keras training progress")
     return p
 
@@ -92,7 +96,16 @@ def _load(args):
         if not models:
             raise CacheError(f"no complete feature caches in {args.features}; run `python -m catfeat.extract "
                              "DATA_DIR --out {args.features}` first or pass --models")
-    X, y, names = load_features(models, args.features, "train")
+    from .streaming import STREAM_FRACTION, CacheRows, estimate_bytes, memory_bytes
+
+    need = estimate_bytes(models, args.features, "train")
+    args.stream = need > STREAM_FRACTION * memory_bytes() if args.stream is None else args.stream
+    if args.stream:
+        X = CacheRows.open(models, args.features, "train")  # names, labels and row indices only
+        y, names = X.labels, X.names
+        print(f"streaming {X} from the caches in blocks")
+    else:
+        X, y, names = load_features(models, args.features, "train")
     if len(names) == 0 or y is None:
         raise CacheError(f"the caches of {', '.join(X)} in {args.features} hold no labeled (train) rows")
     if np.any(y < 0):
@@ -155,7 +168,13 @@ def _load_test(models, args):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an empty test split is reported below as an error
-        Xt, _, test_names = load_features(models, args.features, "test")
+        if args.stream:
+            from .streaming import CacheRows
+
+            Xt = CacheRows.open(models, args.features, "test")
+            test_names = Xt.names
+        else:
+            Xt, _, test_names = load_features(models, args.features, "test")
     if len(test_names) == 0:
         raise ValueError(f"the caches of {', '.join(models)} hold no test rows; extract a folder with a "
                          "test/ subfolder to write a submission")
@@ -178,7 +197,8 @@ def _main(args: argparse.Namespace) -> int:
         if path:
             _check_writable(path, what, folder)
     test = _load_test(models, args) if args.submission else None
-    print(f"features: {', '.join(f'{m} ({X[m].shape[1]})' for m in models)}; {len(y)} training rows "
+    dims = X.dims if args.stream else {m: X[m].shape[1] for m in models}
+    print(f"features: {', '.join(f'{m} ({dims[m]})' for m in models)}; {len(y)} training rows "
           f"({', '.join(f'{c}: {n}' for c, n in zip(*np.unique(y, return_counts=True)))})")
     head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
                      learning_rate=args.learning_rate, dropout=args.dropout, weight_decay=args.weight_decay,

@@ -215,6 +215,10 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         Early stopping holds out a shuffled, stratified ``validation_fraction`` of the rows unless
         ``validation_data=(X_val, y_val)`` is given.
         """
+        from .streaming import fit_stream, is_stream
+
+        if is_stream(X):  # a catfeat.streaming.CacheRows: read from the caches in blocks
+            return fit_stream(self, X, y, validation_data)
         p = self.resolved_params()
         for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_"):
             self.__dict__.pop(attr, None)
@@ -298,10 +302,15 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         and a head whose weights are not finite, rather than return NaN probabilities.
         """
         check_is_fitted(self, "model_")
+        from .streaming import is_stream, predict_stream
+
         self.check_weights()
-        arrays = self._inputs(X)
-        check_finite(dict(zip(self.backbones_, arrays)), names)
-        out = _forward(self.model_, arrays)
+        if is_stream(X):
+            out = predict_stream(self, X)
+        else:
+            arrays = self._inputs(X)
+            check_finite(dict(zip(self.backbones_, arrays)), names)
+            out = _forward(self.model_, arrays)
         if not np.isfinite(out).all():
             raise FloatingPointError(f"the head predicted NaN/Inf for {int((~np.isfinite(out)).any(1).sum())} "
                                      "rows from finite features and weights")

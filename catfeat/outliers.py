@@ -90,34 +90,54 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
     if not 1 <= min_votes <= len(specs):
         raise ValueError(f"min_votes must be in 1..{len(specs)}, got {min_votes}")
 
-    from .store import check_same_source, find_cache
+    # Chunks of rows, aligned by file name to the first cache: memory stays flat in the number of
+    # images (a chunk's 1,000 ImageNet probabilities per row are reduced to a rank and a sum).
+    import keras
 
-    check_same_source({s.name: find_cache(s.name, features_dir) for s in specs})
-    ranks, p_animal, first = {}, {}, None
-    names = labels = None
-    classes = None
-    for spec in specs:
-        probs, n, y = imagenet_probabilities(spec.name, features_dir, split, weights)
-        if names is None:
-            names, labels, first = list(n), y, probs
-            classes = find_cache(spec.name, features_dir).classes
-        else:
-            pos = {name: i for i, name in enumerate(n)}
-            missing = [name for name in names if name not in pos]
+    from .store import check_same_source, find_cache
+    from .streaming import CacheRows
+
+    caches = [find_cache(s.name, features_dir) for s in specs]
+    check_same_source({s.name: c for s, c in zip(specs, caches)})
+    n_first = caches[0].attrs.get(f"n_{split}", 0)
+    rows = CacheRows.open([s.name for s in specs], features_dir, split, join="inner")
+    if len(rows) < n_first:
+        first_names = caches[0].names(split)
+        for c in caches[1:]:
+            have = set(c.names(split))
+            missing = [nm for nm in first_names if nm not in have]
             if missing:
-                raise ValueError(f"{spec.name}'s cache lacks {len(missing)} images of the first cache "
+                raise ValueError(f"{c.name}'s cache lacks {len(missing)} images of the first cache "
                                  f"(e.g. {missing[0]}); extract every backbone from the same folder")
-            probs = probs[[pos[name] for name in names]]
-        order = np.argsort(-probs, axis=1)
-        is_animal = np.isin(order, ANIMAL_CLASSES)
-        best = np.where(is_animal.any(axis=1), is_animal.argmax(axis=1) + 1, probs.shape[1] + 1)
-        ranks[spec.name] = best
-        p_animal[spec.name] = probs[:, ANIMAL_CLASSES].sum(axis=1)
+    order = np.argsort(rows.file_rows[specs[0].name], kind="stable")  # the first cache's order
+    rows = rows.subset(order)
+    names = list(rows.names)
+    labels = rows.labels if split == "train" else -np.ones(len(rows), np.int64)
+    classes = caches[0].classes
+    ranks = {s.name: np.empty(len(rows), np.int64) for s in specs}
+    p_animal = {s.name: np.empty(len(rows)) for s in specs}
+    tops = [""] * len(rows)
+    for i, spec in enumerate(specs):
+        w = weights
+        if w is None:
+            w, seed = cache_weights(str(caches[i].attrs.get("weights")))
+            keras.utils.set_random_seed(seed)
+        from .backbones import classifier
+
+        W, b = classifier(caches[i].name, w)
+        one = rows.select([spec.name])
+        for pos, (feats,) in one.blocks(4096):
+            probs = _softmax(feats.astype(np.float64) @ W + b)
+            srt = np.argsort(-probs, axis=1)
+            is_animal = np.isin(srt, ANIMAL_CLASSES)
+            ranks[spec.name][pos] = np.where(is_animal.any(axis=1), is_animal.argmax(axis=1) + 1, probs.shape[1] + 1)
+            p_animal[spec.name][pos] = probs[:, ANIMAL_CLASSES].sum(axis=1)
+            if i == 0:
+                for r, row in zip(pos, srt[:, :show]):
+                    tops[r] = " ".join(f"{k}:{probs[r - pos[0], k]:.2f}" for k in row)
 
     rank_arr = np.column_stack([ranks[s.name] for s in specs])
     votes = (rank_arr > top).sum(axis=1)
-    top_idx = np.argsort(-first, axis=1)[:, :show]
-    tops = [" ".join(f"{k}:{first[i, k]:.2f}" for k in row) for i, row in enumerate(top_idx)]
     label_names = [classes[int(v)] if 0 <= int(v) < len(classes or []) else "" for v in labels]
     # file as object, not pandas' Arrow strings: those refuse file names that are not valid UTF-8
     df = pd.DataFrame({"file": pd.Series(names, dtype=object), "label": label_names, "votes": votes,

@@ -29,9 +29,12 @@ import numpy as np
 FORMAT = "catfeat-gap/1"
 # What must be identical for a cache to stand for a request; anything else is informational.
 KEY_FIELDS = ("backbone", "weights", "input_size", "preprocessing", "precision", "tta", "decoder",
-              "images_fingerprint")
+              "images_fingerprint", "dtype")
+# Storage dtypes of the train/test features (attribute "dtype"; absent in older caches = float32).
+# float16 halves disk and memory; features are always returned as float32.
+DTYPES = ("float32", "float16")
 # Key fields that caches of earlier versions lack, and the value those caches were built with.
-LEGACY_DEFAULTS = {"decoder": "pillow"}
+LEGACY_DEFAULTS = {"decoder": "pillow", "dtype": "float32"}
 # What must agree for caches to be fused row by row (empty or missing: unknown, not compared).
 SOURCE_FIELDS = ("images_fingerprint", "data_root", "classes", "layout")
 # Free space kept in hand beyond a write's own rows, for HDF5 metadata (see FeatureWriter._check_space).
@@ -165,8 +168,11 @@ class FeatureWriter:
         f = h5py.File(self.partial, "w")
         n_train = sum(1 for s in self.split if s == "train")
         n_test = len(self.split) - n_train
+        dtype = str(self.attrs.get("dtype", "float32"))
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         for ds, n in (("train", n_train), ("test", n_test)):
-            f.create_dataset(ds, shape=(0, self.dim), maxshape=(None, self.dim), dtype="float32",
+            f.create_dataset(ds, shape=(0, self.dim), maxshape=(None, self.dim), dtype=dtype,
                              chunks=(max(1, min(self.chunk_rows, n or 1)), self.dim))
         for ds, dt in (("label", "int64"), ("train_names", _STR), ("test_names", _STR),
                        ("skipped_names", _STR), ("skipped_reasons", _STR), ("skipped_index", "int64")):
@@ -338,6 +344,11 @@ class FeatureWriter:
 
     def _append(self, name: str, values: np.ndarray) -> None:
         ds = self._f[name]
+        if name in ("train", "test") and ds.dtype != values.dtype:
+            values = values.astype(ds.dtype)
+            if not np.isfinite(values).all():
+                raise FloatingPointError(f"{self.attrs.get('backbone')} features overflow {ds.dtype} "
+                                         "(|value| > 65504); extract with --dtype float32")
         n = ds.shape[0]
         ds.resize(n + len(values), axis=0)
         ds[n:] = values
@@ -442,6 +453,8 @@ class FeatureCache:
                                  f"more than {MAX_READ_BYTES >> 30} GiB (80% of this machine's memory); "
                                  "refusing to load it")
             data = ds[()]
+        if name in ("train", "test") and data.dtype != np.float32:
+            data = data.astype(np.float32)  # float16 caches load as float32
         return np.asarray(_decode(data), dtype=object) if name.endswith(("names", "reasons")) else data
 
     @property
@@ -655,6 +668,9 @@ def load_features(models: str | Iterable[str], features_dir: str | os.PathLike =
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     caches = {s.name: find_cache(s.name, features_dir) for s in parse_models(models)}
     check_same_source(caches, join)
+    from .streaming import check_load_memory
+
+    check_load_memory(caches, split)  # refuse in one line rather than be killed by the OS
     names = {k: c.names(split) for k, c in caches.items()}
     order, idx = align(names, join)
     X = {k: c.features(split)[idx[k]] for k, c in caches.items()}
