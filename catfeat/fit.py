@@ -180,7 +180,8 @@ def _load_test(models, args):
                          "test/ subfolder to write a submission")
     from .head import check_finite
 
-    check_finite(Xt, test_names, what="test row")  # a NaN row would get a NaN probability
+    if not args.stream:  # streamed blocks are checked as they are read
+        check_finite(Xt, test_names, what="test row")  # a NaN row would get a NaN probability
     return Xt, test_names
 
 

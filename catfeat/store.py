@@ -250,6 +250,9 @@ class FeatureWriter:
             raise FloatingPointError(f"{self.attrs.get('backbone')} produced NaN/Inf features for {bad[:5]}; "
                                      "nothing was written for this batch. Check the weights (--weights) "
                                      "and --precision")
+        if str(self.attrs.get("dtype", "float32")) == "float16" and feats.size and np.abs(feats).max() > 65504:
+            raise FloatingPointError(f"{self.attrs.get('backbone')} features overflow float16 (|value| > 65504); "
+                                     "nothing was written for this batch; extract with --dtype float32")
         rows = {"train": ([], [], []), "test": ([], [], [])}  # features, names, labels
         skipped = ([], [], [])
         j = 0
@@ -345,10 +348,7 @@ class FeatureWriter:
     def _append(self, name: str, values: np.ndarray) -> None:
         ds = self._f[name]
         if name in ("train", "test") and ds.dtype != values.dtype:
-            values = values.astype(ds.dtype)
-            if not np.isfinite(values).all():
-                raise FloatingPointError(f"{self.attrs.get('backbone')} features overflow {ds.dtype} "
-                                         "(|value| > 65504); extract with --dtype float32")
+            values = values.astype(ds.dtype)  # float16 range checked in write(), before any row is written
         n = ds.shape[0]
         ds.resize(n + len(values), axis=0)
         ds[n:] = values
