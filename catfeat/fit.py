@@ -90,8 +90,8 @@ def _load(args):
     if models is None:
         models = cached_models(args.features)
         if not models:
-            raise CacheError(f"no complete feature caches in {args.features}; run `python -m catfeat.extract "
-                             "DATA_DIR --out {args.features}` first or pass --models")
+            raise CacheError(f"no complete feature caches in {args.features}; run `catfeat extract "
+                             f"DATA_DIR --features {args.features}` first or pass --models")
     X, y, names = load_features(models, args.features, "train")
     if len(names) == 0 or y is None:
         raise CacheError(f"the caches of {', '.join(X)} in {args.features} hold no labeled (train) rows")

@@ -240,9 +240,10 @@ def _main(args: argparse.Namespace) -> int:
             done.append(f"{len(df)} predictions to {args.csv}")
         else:
             print(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            done.append(f"{len(df)} predictions printed")
     if args.export:
         done.append(export(predictor[0], args.export, overwrite=args.force))
-    print("catfeat.predict: " + "; ".join(done) if done else "catfeat.predict: nothing to do")
+    print("catfeat.predict: " + "; ".join(done))
     return 0
 
 
