@@ -186,3 +186,9 @@ def test_fit_quiet_prints_only_the_summary_and_cv_shows_progress(tmp_path, capsy
     assert fit.main(["--features", str(tmp_path), "--cv", "3", "-q", *FAST]) == 0
     out, err = capsys.readouterr()
     assert out.splitlines()[0].startswith("catfeat.fit: ") and len(out.splitlines()) == 1 and err == ""
+
+
+def test_describe_caches_is_public(tmp_path):
+    import catfeat
+
+    assert catfeat.describe_caches(tmp_path).empty and "describe_caches" in dir(catfeat)
