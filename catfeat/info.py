@@ -96,7 +96,10 @@ def format_caches(df) -> str:
                                        zip(shown.loc[unfinished, "rows_written"], shown.loc[unfinished, "n_images"])]
     cols = [c for c in ["file", "status", "backbone", "train", "test", "classes", "skipped", "weights", "backend",
                         "precision", "decoder", "created", "size"] if c in shown]
-    text = shown[cols].fillna("").to_string(index=False)
+    cells = shown[cols].astype(object).where(shown[cols].notna(), "").astype(str)
+    widths = [max(len(c), *cells[c].str.len()) for c in cols]
+    lines = [cols, *cells.itertuples(index=False)]
+    text = "\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
     errors = [f"{f}: {e}" for f, e in zip(shown["file"], shown["error"]) if isinstance(e, str) and e]
     return "\n".join([text, *errors])
 
@@ -119,9 +122,9 @@ def _main(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_caches(df) if len(df) else f"no gap_*.h5 caches in {folder}")
     if args.verbose:
-        for path in sorted(Path(folder).glob("gap_*.h5*")):
-            print(f"\n{path.name}:")
-            for k, v in sorted(_raw_attrs(path).items()):
+        for name in df["file"]:
+            print(f"\n{name}:")
+            for k, v in sorted(_raw_attrs(Path(folder) / name).items()):
                 print(f"  {k}: {v}")
     counts = df["status"].value_counts()
     parts = [f"{counts.get(s, 0)} {s}" for s in ("complete", "unfinished", "unreadable") if counts.get(s, 0)]

@@ -1,6 +1,8 @@
 """The `catfeat` command: subcommands, shared flags, `info`, and fixed CLI messages."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -192,3 +194,18 @@ def test_describe_caches_is_public(tmp_path):
     import catfeat
 
     assert catfeat.describe_caches(tmp_path).empty and "describe_caches" in dir(catfeat)
+
+
+def test_extract_quiet_and_verbose(kaggle_dir, tmp_path, capsys):
+    from catfeat.commands import main
+
+    out = tmp_path / "f"
+    argv = ["extract", str(kaggle_dir), "--models", "lite0", "--weights", "none", "--features", str(out),
+            "--batch-size", "4"]
+    assert main([*argv, "-q"]) == 0
+    printed, err = capsys.readouterr()
+    assert len(printed.splitlines()) == 1 and printed.startswith("catfeat.extract: 11 images processed")
+    assert "img/s" not in err  # no progress bar
+    assert main([*argv, "-v", "--out", str(out)]) == 0  # the hidden alias names the same folder: reused
+    printed = capsys.readouterr().out
+    assert "reused: EfficientNetLite0" in printed and re.search(r"gap_EfficientNetLite0.h5\s+complete", printed)
