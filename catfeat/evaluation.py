@@ -406,14 +406,12 @@ def _markdown(df) -> str:
 
 def _plot(df, path: Path) -> Path | None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # not pyplot: the caller's backend (e.g. inline) stays as it is
     except ImportError:
         return None
     labels = [f"{m} ({s})" for m, s in zip(df["models"], df["strategy"])]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(df) + 1.2))
+    fig = Figure(figsize=(8, 0.35 * len(df) + 1.2))
+    ax = fig.subplots()
     colors = ["tab:green" if i == 0 else "tab:blue" for i in range(len(df))]
     ax.barh(labels[::-1], df["log_loss"].to_numpy()[::-1], color=colors[::-1],
             xerr=df["log_loss_std"].to_numpy()[::-1] if df["log_loss_std"].notna().any() else None)
@@ -421,7 +419,6 @@ def _plot(df, path: Path) -> Path | None:
     ax.set_title("catfeat: fusion comparison")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -209,3 +209,17 @@ def test_extract_quiet_and_verbose(kaggle_dir, tmp_path, capsys):
     assert main([*argv, "-v", "--out", str(out)]) == 0  # the hidden alias names the same folder: reused
     printed = capsys.readouterr().out
     assert "reused: EfficientNetLite0" in printed and re.search(r"gap_EfficientNetLite0.h5\s+complete", printed)
+
+
+def test_compare_leaves_the_matplotlib_backend_alone(tmp_path, monkeypatch):
+    from test_fit import make_caches
+
+    from catfeat.evaluation import compare
+    from catfeat.head import FusedHead
+
+    matplotlib = pytest.importorskip("matplotlib")
+    # switching to Agg silenced every later plt.show() of a notebook that had called compare
+    monkeypatch.setattr(matplotlib, "use", lambda *a, **k: pytest.fail("compare switched the matplotlib backend"))
+    make_caches(tmp_path, n=40, test=False)
+    compare(None, tmp_path, head=FusedHead(preset="reference", epochs=1), strategies=(), linear=False)
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
