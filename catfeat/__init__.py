@@ -52,6 +52,7 @@ _EXPORTS = {
     "REGISTRY": "catfeat.backbones",
     "FusedHead": "catfeat.head",
     "compare": "catfeat.evaluation",
+    "describe_caches": "catfeat.info",
 }
 
 __all__ = ["__version__", *_EXPORTS]

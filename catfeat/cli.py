@@ -31,3 +31,20 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
             sys.stderr.flush()
             os._exit(2)
         return 2
+
+
+def add_output_flags(p: argparse.ArgumentParser, verbose_help: str = "more detail") -> None:
+    """``-q/--quiet`` (no progress bars, only the summary line and errors) and ``-v/--verbose``."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars; print only the summary and errors")
+    g.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+
+
+def add_alias(p: argparse.ArgumentParser, old: str, dest: str, **kwargs) -> None:
+    """A hidden old spelling of an option: same ``dest``, no help, kept for one release."""
+    p.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+
+def echo(args: argparse.Namespace) -> Callable[..., None]:
+    """``print`` unless ``--quiet``: for the lines before a command's summary."""
+    return (lambda *a, **k: None) if getattr(args, "quiet", False) else print

@@ -11,6 +11,7 @@ import itertools
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,13 +206,16 @@ def holdout_score(estimator, X, y: Sequence, val_split: float = 0.2, seed: int |
 
 
 def cross_validate(estimator, X, y: Sequence, cv: int = 5, seed: int | None = DEFAULT_SEED,
-                   clip: float = DEFAULT_CLIP) -> Score:
-    """Stratified K-fold CV: mean +- std over folds and the out-of-fold predictions of every row."""
+                   clip: float = DEFAULT_CLIP, progress: bool = False) -> Score:
+    """Stratified K-fold CV: mean +- std over folds and the out-of-fold predictions of every row.
+
+    ``progress``: a progress bar over the folds on stderr.
+    """
     classes, y_idx = encode_labels(y)
     oof = np.zeros((len(y_idx), len(classes)))
     fl, fa, seconds = [], [], 0.0
     splits = cv_splits(y_idx, cv, seed)
-    for tr, va in splits:
+    for tr, va in _bar(splits, progress, "CV folds", "fold"):
         proba, s = _fit_predict(estimator, X, y, tr, va)
         oof[va] = proba
         seconds += s
@@ -248,7 +252,8 @@ class TuneResult:
 
 
 def tune(estimator, X, y: Sequence, grid: Mapping[str, Sequence], cv: int = 3, seed: int | None = DEFAULT_SEED,
-         max_rows: int | None = None, baseline: Mapping[str, Any] | None = None) -> TuneResult:
+         max_rows: int | None = None, baseline: Mapping[str, Any] | None = None, progress: bool = False
+         ) -> TuneResult:
     """Grid search by stratified K-fold CV on the unclipped out-of-fold log loss.
 
     Each candidate is ``clone(estimator).set_params(**candidate)`` scored on the same folds. With
@@ -256,7 +261,8 @@ def tune(estimator, X, y: Sequence, grid: Mapping[str, Sequence], cv: int = 3, s
     (the values in force before tuning; added to the grid if missing), another candidate is
     chosen only if it beats the baseline by more than one standard error of their fold-wise
     difference: on a few thousand rows the candidates' scores differ mostly by noise, and moving
-    off measured defaults on noise made held-out scores worse.
+    off measured defaults on noise made held-out scores worse. ``progress``: a progress bar over
+    the candidates on stderr.
     """
     import pandas as pd
     from sklearn.base import clone
@@ -280,7 +286,7 @@ def tune(estimator, X, y: Sequence, grid: Mapping[str, Sequence], cv: int = 3, s
         if base not in candidates:
             candidates.append(base)
     results, folds = [], []
-    for params in candidates:
+    for params in _bar(candidates, progress, "tune", "candidate"):
         s = cross_validate(clone(estimator).set_params(**params), X, y, cv, seed, clip=0.0)
         results.append({**params, "log_loss": s.log_loss_raw, "log_loss_std": s.log_loss_std,
                         "accuracy": s.accuracy, "fit_s": round(s.fit_seconds, 2), "baseline": params == base})
@@ -296,6 +302,13 @@ def tune(estimator, X, y: Sequence, grid: Mapping[str, Sequence], cv: int = 3, s
     table = pd.DataFrame([results[i] for i in order])
     best = {k: _plain(candidates[pick][k]) for k in grid}
     return TuneResult(best, float(results[pick]["log_loss"]), table, cv, len(y), time.perf_counter() - t0, kept)
+
+
+def _bar(items, progress: bool, desc: str, unit: str, total: int | None = None):
+    """A tqdm progress bar on stderr, disabled unless ``progress``."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, total=total, disable=not progress, leave=False, file=sys.stderr)
 
 
 def _plain(v):
@@ -405,14 +418,12 @@ def _markdown(df) -> str:
 
 def _plot(df, path: Path) -> Path | None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # not pyplot: the caller's backend (e.g. inline) stays as it is
     except ImportError:
         return None
     labels = [f"{m} ({s})" for m, s in zip(df["models"], df["strategy"])]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(df) + 1.2))
+    fig = Figure(figsize=(8, 0.35 * len(df) + 1.2))
+    ax = fig.subplots()
     colors = ["tab:green" if i == 0 else "tab:blue" for i in range(len(df))]
     ax.barh(labels[::-1], df["log_loss"].to_numpy()[::-1], color=colors[::-1],
             xerr=df["log_loss_std"].to_numpy()[::-1] if df["log_loss_std"].notna().any() else None)
@@ -420,7 +431,6 @@ def _plot(df, path: Path) -> Path | None:
     ax.set_title("catfeat: fusion comparison")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -428,7 +438,7 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
             head=None, val_split: float = 0.2, cv: int | None = None, seed: int | None = DEFAULT_SEED,
             clip: float = DEFAULT_CLIP, strategies: Sequence[str] = ("concat", "average"),
             linear: bool = True, inner_cv: int = 5, out_dir: str | os.PathLike | None = None,
-            data: tuple | None = None, verbose: bool = False):
+            data: tuple | None = None, verbose: bool = False, progress: bool = False):
     """Score every non-empty subset of backbones the same way and rank them by log loss.
 
     Strategies per subset of 2+ backbones: ``"concat"`` (one head on the concatenated features)
@@ -439,6 +449,7 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     for every row of the table. Writes ``compare.csv``, ``compare.md`` and ``compare.png``
     (when matplotlib is installed) to ``out_dir`` (default: ``features_dir``). The returned
     DataFrame is sorted by log loss; ``df.attrs["summary"]`` says which fusion wins and by how much.
+    ``progress``: a progress bar over the candidate heads on stderr.
     """
     import pandas as pd
 
@@ -477,9 +488,14 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
                      "pass linear=False, or stream: python -m catfeat.fit --stream --compare scores a "
                      "stratified sample")
 
+    subsets = [c for r in range(2, len(names) + 1) for c in itertools.combinations(names, r)]
+    inner = len(names) if subsets and "average" in strategies and not cv else 0
+    steps = len(names) + inner + (len(subsets) if "concat" in strategies else 0) + int(linear)
+    bar = _bar(None, progress, "compare", "head", total=steps)
+
     def say(msg):
         if verbose:
-            print(msg, flush=True)
+            (bar.write if progress else print)(msg)
 
     def run(est, Xs) -> tuple[np.ndarray, float]:
         """Held-out predictions (n, K) (NaN rows never held out) and total fit seconds."""
@@ -498,21 +514,23 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
         say(f"compare: {b}")
         singles[b] = run(head, {b: X[b]})
         preds[((b,), "single")] = singles[b]
+        bar.update()
 
     # Weights of the average are fitted without the rows they are scored on: with CV, on the
     # out-of-fold predictions of the other folds; with a holdout, on inner CV of the training rows.
     inner_oof: dict[str, np.ndarray] = {}
-    subsets = [c for r in range(2, len(names) + 1) for c in itertools.combinations(names, r)]
     if subsets and "average" in strategies and not cv:
         tr = folds[0][0]
         for b in names:
             say(f"compare: inner CV of {b} for the average's weights")
             inner_oof[b] = cross_validate(head, {b: X[b][tr]}, y[tr], inner_cv, seed).proba
+            bar.update()
 
     for combo in subsets:
         if "concat" in strategies:
             say(f"compare: {'+'.join(combo)} (concat)")
             preds[(combo, "concat")] = run(head, {b: X[b] for b in combo})
+            bar.update()
         if "average" in strategies:
             mix = np.full((n, K), np.nan)
             weights = []
@@ -530,6 +548,8 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
         say("compare: LogisticRegression on the concatenation")
         lr = LogisticRegression(C=1.0, max_iter=2000)
         preds[(tuple(names), "logreg")] = run(lr, concat_features(X))
+        bar.update()
+    bar.close()
 
     rows = []
     for (combo, strategy), value in preds.items():

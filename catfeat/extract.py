@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from .backbones import REGISTRY
-from .cli import run_cli
+from .cli import add_alias, add_output_flags, echo, run_cli
 from .extraction import DEFAULT_MODELS, run_extraction
 from .pipeline import skip_line
 
@@ -15,12 +15,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m catfeat.extract",
         description="Extract global-average-pooled features of pretrained backbones for a folder of images "
-                    "into OUT/gap_<Model>.h5 (reused when unchanged, resumed when interrupted).",
+                    "into FEATURES/gap_<Model>.h5 (reused when unchanged, resumed when interrupted).",
         epilog=f"Backbones: {names}.")
     p.add_argument("data_dir", help="image folder: DIR/train + DIR/test (Kaggle), DIR/cat.1.jpg, or DIR/<class>/")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated names or aliases "
                    "(default: %(default)s)")
-    p.add_argument("--out", default="features", help="output folder (default: %(default)s)")
+    p.add_argument("--features", default="features", help="folder of the gap_<Model>.h5 caches to write "
+                   "(default: %(default)s)")
+    add_alias(p, "--out", "features")
     p.add_argument("--weights", default="imagenet", help="imagenet | none (random, for tests) | PATH to a "
                    "weights file for one backbone (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -36,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "cached features; float16 halves disk and memory, loads as float32 (default: %(default)s)")
     p.add_argument("--tta", default="none", choices=["none", "flip"], help="flip: store the mean of the "
                    "features of each image and its mirror (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random weights (--weights none)")
+    p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights (--weights none); "
+                   "not a split or training seed (default: %(default)s)")
+    add_alias(p, "--seed", "weights_seed", type=int)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_flags(p, "also list every cache in --features (as `catfeat info`)")
     ray = p.add_argument_group("Ray engine (pip install \"catfeat[ray]\")")
     ray.add_argument("--engine", default="local", choices=["local", "ray"],
                      help="local: this process (default); ray: a Ray Data job, one HDF5 part per shard")
@@ -50,15 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
-    report = run_extraction(args.data_dir, args.models, args.out, args.weights, args.batch_size, args.limit,
-                            args.force, args.precision, args.workers, args.seed, progress=not args.no_progress,
+    say = echo(args)
+    report = run_extraction(args.data_dir, args.models, args.features, args.weights, args.batch_size, args.limit,
+                            args.force, args.precision, args.workers, args.weights_seed,
+                            progress=not (args.no_progress or args.quiet),
                             engine=args.engine, engine_options=_engine_options(args), tta=args.tta,
                             decoder=args.decoder, dtype=args.dtype)
     for name, path in report.paths.items():
-        print(f"{name}: {path}")
+        say(f"{name}: {path}")
     for s in report.skipped:  # those printed during the run are not repeated
         if s["path"] not in report.shown:
-            print(skip_line(s["path"], s["reason"]))
+            say(skip_line(s["path"], s["reason"]))
+    if args.verbose:
+        from .info import describe_caches, format_caches
+
+        print(format_caches(describe_caches(args.features)))
     print("catfeat.extract: " + report.summary())
     return 0
 

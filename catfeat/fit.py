@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import run_cli
+from .cli import add_output_flags, echo, run_cli
 from .outliers import read_exclude
 from .predict import record_weights
 from .evaluation import (DEFAULT_CLIP, DEFAULT_SEED, choose_clip, compare, cross_validate, holdout_score,
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the features from the caches in blocks instead of loading them (memory flat in "
                         "the number of rows); default: stream when they take more than 1/8 of this machine's "
                         "memory as float32. --compare then scores a stratified sample")
-    p.add_argument("--verbose", action="store_true", help="print Keras training progress")
+    add_output_flags(p, "print Keras training progress")
     return p
 
 
@@ -94,8 +94,8 @@ def _load(args):
     if models is None:
         models = cached_models(args.features)
         if not models:
-            raise CacheError(f"no complete feature caches in {args.features}; run `python -m catfeat.extract "
-                             "DATA_DIR --out {args.features}` first or pass --models")
+            raise CacheError(f"no complete feature caches in {args.features}; run `catfeat extract "
+                             f"DATA_DIR --features {args.features}` first or pass --models")
     from .streaming import STREAM_FRACTION, CacheRows, estimate_bytes, memory_bytes
 
     need = estimate_bytes(models, args.features, "train")
@@ -103,7 +103,7 @@ def _load(args):
     if args.stream:
         X = CacheRows.open(models, args.features, "train")  # names, labels and row indices only
         y, names = X.labels, X.names
-        print(f"streaming {X} from the caches in blocks")
+        echo(args)(f"streaming {X} from the caches in blocks")
     else:
         X, y, names = load_features(models, args.features, "train")
     if len(names) == 0 or y is None:
@@ -119,7 +119,7 @@ def _load(args):
         keep = np.array([n not in drop for n in names])
         if keep.all():
             _warn_exclude_nothing(args.exclude, drop, names)
-        print(f"excluding {int((~keep).sum())} of {len(names)} training images listed in {args.exclude}")
+        echo(args)(f"excluding {int((~keep).sum())} of {len(names)} training images listed in {args.exclude}")
         X, y, names = take_rows(X, keep), y[keep], names[keep]
     return X, y, names
 
@@ -189,6 +189,7 @@ def _main(args: argparse.Namespace) -> int:
     from .head import FusedHead
 
     t0 = time.perf_counter()
+    say, bars = echo(args), not args.quiet
     X, y, names = _load(args)
     models = list(X)
     # fail before any training
@@ -199,7 +200,7 @@ def _main(args: argparse.Namespace) -> int:
             _check_writable(path, what, folder)
     test = _load_test(models, args) if args.submission else None
     dims = X.dims if args.stream else {m: X[m].shape[1] for m in models}
-    print(f"features: {', '.join(f'{m} ({dims[m]})' for m in models)}; {len(y)} training rows "
+    say(f"features: {', '.join(f'{m} ({dims[m]})' for m in models)}; {len(y)} training rows "
           f"({', '.join(f'{c}: {n}' for c, n in zip(*np.unique(y, return_counts=True)))})")
     head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
                      learning_rate=args.learning_rate, dropout=args.dropout, weight_decay=args.weight_decay,
@@ -215,42 +216,42 @@ def _main(args: argparse.Namespace) -> int:
         rows = np.arange(len(y)) if args.cv else holdout_split(y, args.val_split, args.seed)[0]
         now = head.resolved_params()
         result = run_tune(head, take_rows(X, rows), y[rows], TUNE_GRID, 3, args.seed, TUNE_MAX_ROWS,
-                          baseline={k: now[k] for k in TUNE_GRID})
-        print(result.summary() + (" (chosen on all rows: the CV score below is optimistic)" if args.cv else ""))
+                          baseline={k: now[k] for k in TUNE_GRID}, progress=bars)
+        say(result.summary() + (" (chosen on all rows: the CV score below is optimistic)" if args.cv else ""))
         head.set_params(**result.best_params)
 
     clip = args.clip
     if args.cv:
-        score = cross_validate(head, X, y, args.cv, args.seed, 0.0 if clip == "auto" else clip)
+        score = cross_validate(head, X, y, args.cv, args.seed, 0.0 if clip == "auto" else clip, progress=bars)
         if clip == "auto":
             clip = choose_clip(score.y, score.proba)
             score = score.reclip(clip)
-            print(f"clip chosen by CV: {clip:g}")
-        print(score.summary())
+            say(f"clip chosen by CV: {clip:g}")
+        say(score.summary())
         _write_oof(oof, names, y, score)
-        print(f"out-of-fold predictions: {oof}")
+        say(f"out-of-fold predictions: {oof}")
     else:
         if clip == "auto":
             # Chosen by CV on the training part only, so the holdout stays unseen.
             from .evaluation import holdout_split
 
             tr, _ = holdout_split(y, args.val_split, args.seed)
-            inner = cross_validate(head, take_rows(X, tr), y[tr], 5, args.seed, 0.0)
+            inner = cross_validate(head, take_rows(X, tr), y[tr], 5, args.seed, 0.0, progress=bars)
             clip = choose_clip(inner.y, inner.proba)
-            print(f"clip chosen by 5-fold CV of the training part: {clip:g}")
+            say(f"clip chosen by 5-fold CV of the training part: {clip:g}")
         score = holdout_score(head, X, y, args.val_split, args.seed, clip)
-        print(score.summary())
+        say(score.summary())
 
     if args.compare:
         df = compare(models, args.features, head=head, val_split=args.val_split, cv=args.cv, seed=args.seed,
-                     clip=clip, data=(X, y), verbose=args.verbose)
+                     clip=clip, data=(X, y), verbose=args.verbose, progress=bars)
         with _pandas_wide():
             shown = df.drop(columns=["n_backbones"]).dropna(axis=1, how="all")  # no std with a holdout
-            print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        print(df.attrs["summary"])
-        print("written: " + ", ".join(df.attrs["files"]))
+            say(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        say(df.attrs["summary"])
+        say("written: " + ", ".join(df.attrs["files"]))
         if not any(f.endswith(".png") for f in df.attrs["files"]):
-            print("no compare.png: the bar chart needs matplotlib (pip install -e \".[plot]\")")
+            say("no compare.png: the bar chart needs matplotlib (pip install -e \".[plot]\")")
 
     written = []
     if args.submission or args.save:

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .cli import run_cli
+from .cli import add_output_flags, run_cli
 
 CAT_CLASSES = tuple(range(281, 286))
 DOG_CLASSES = tuple(range(151, 269))
@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outliers.csv", help="ranked CSV of every image (default: %(default)s)")
     p.add_argument("--sheet", default=None, metavar="PNG", help="contact sheet of the flagged images")
     p.add_argument("--show", type=int, default=20, help="flagged rows to print (default: %(default)s)")
+    add_output_flags(p, "print every flagged row, not only --show of them")
     return p
 
 
@@ -219,11 +220,12 @@ def _main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False, errors="surrogateescape")
-    if len(flagged):
-        from .images import shown
+    if len(flagged) and not args.quiet:
+        from .images import shown as show_name
 
-        print(flagged.head(args.show)[["file", "label", "votes", "p_animal", "top_classes"]].assign(
-              file=lambda d: d["file"].map(shown)).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        rows = flagged if args.verbose else flagged.head(args.show)
+        print(rows[["file", "label", "votes", "p_animal", "top_classes"]].assign(
+              file=lambda d: d["file"].map(show_name)).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     written = [str(out)]
     if args.sheet and len(flagged):
         root = find_cache(df.attrs["models"][0], args.features).attrs.get("data_root")

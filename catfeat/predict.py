@@ -4,7 +4,7 @@ The head's ``head.json`` names its backbones; the weights they were extracted wi
 ``weights.json`` in the head folder (written by :func:`record_weights`), else from the feature
 caches' ``weights`` attribute, or given explicitly.
 
-``python -m catfeat.predict --head head/ IMG... [--csv out.csv] [--export model.keras]``
+``catfeat predict --head head/ IMG... [--out out.csv] [--export model.keras]``
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .backbones import file_sha256
-from .cli import run_cli
+from .cli import add_alias, add_output_flags, run_cli
 
 WEIGHTS_FILE = "weights.json"
 
@@ -204,13 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "the head folder has no weights.json (default: %(default)s)")
     p.add_argument("--weights", default=None, help="imagenet | none | PATH for every backbone (default: recorded)")
     p.add_argument("--batch-size", type=int, default=16, help="images per call (default: %(default)s)")
-    p.add_argument("--csv", default=None, help="write the predictions here instead of printing them")
+    p.add_argument("--out", default=None, metavar="CSV", help="write the predictions here instead of printing them")
+    add_alias(p, "--csv", "out")
     p.add_argument("--export", default=None, metavar="PATH", help="save the end-to-end model: PATH.keras, or a "
                    "SavedModel folder (tensorflow backend)")
     p.add_argument("--force", action="store_true", help="let --export replace an existing file or folder")
     p.add_argument("--allow-random-weights", action="store_true", help="predict even when the head's backbones "
                    "were extracted with random weights (weights none): such predictions carry no ImageNet "
                    "knowledge")
+    add_output_flags(p, "accepted for uniformity: no extra output yet")
     return p
 
 
@@ -238,15 +240,16 @@ def _main(args: argparse.Namespace) -> int:
     done = []
     if args.images:
         df = predict_images(args.head, _expand(args.images), batch_size=args.batch_size, predictor=predictor)
-        if args.csv:
-            Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-            df.to_csv(args.csv, index=False, errors="surrogateescape")  # undecodable names keep their bytes
-            done.append(f"{len(df)} predictions to {args.csv}")
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            df.to_csv(args.out, index=False, errors="surrogateescape")  # undecodable names keep their bytes
+            done.append(f"{len(df)} predictions to {args.out}")
         else:
             print(df.assign(file=df["file"].map(shown)).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            done.append(f"{len(df)} predictions printed")
     if args.export:
         done.append(export(predictor[0], args.export, overwrite=args.force))
-    print("catfeat.predict: " + "; ".join(done) if done else "catfeat.predict: nothing to do")
+    print("catfeat.predict: " + "; ".join(done))
     return 0
 
 
