@@ -103,6 +103,9 @@ def build_compare_parser() -> argparse.ArgumentParser:
                    "log loss; 0 disables (default: %(default)s)")
     p.add_argument("--exclude", default=None, metavar="FILE", help="file of training image names to leave out, "
                    "one per line (e.g. outliers.csv)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the caches in blocks and score the candidates on a stratified sample (default: "
+                        "when the features take more than 1/8 of this machine's memory as float32)")
     add_output_flags(p, "print each candidate as it trains, and Keras training progress")
     return p
 
@@ -121,13 +124,14 @@ def _compare_main(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"unknown strategy {bad[0]!r}; --strategies takes concat and/or average")
     X, y, _ = _load(args)
-    say(f"features: {', '.join(f'{m} ({X[m].shape[1]})' for m in X)}; {len(y)} training rows "
+    dims = X.dims if args.stream else {m: X[m].shape[1] for m in X}
+    say(f"features: {', '.join(f'{m} ({d})' for m, d in dims.items())}; {len(y)} training rows "
         f"({', '.join(f'{c}: {n}' for c, n in zip(*np.unique(y, return_counts=True)))})")
     head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
                      learning_rate=args.learning_rate, dropout=args.dropout, weight_decay=args.weight_decay,
                      seed=args.seed, verbose=1 if args.verbose else 0)
     head.resolved_params()  # reject bad values before any work
-    df = compare(list(X), args.features, head=head, val_split=args.val_split, cv=args.cv, seed=args.seed,
+    df = compare(list(dims), args.features, head=head, val_split=args.val_split, cv=args.cv, seed=args.seed,
                  clip=args.clip, strategies=strategies, linear=not args.no_logreg, out_dir=args.out_dir,
                  data=(X, y), verbose=args.verbose, progress=not args.quiet)
     with _pandas_wide():

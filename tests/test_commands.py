@@ -223,3 +223,16 @@ def test_compare_leaves_the_matplotlib_backend_alone(tmp_path, monkeypatch):
     make_caches(tmp_path, n=40, test=False)
     compare(None, tmp_path, head=FusedHead(preset="reference", epochs=1), strategies=(), linear=False)
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_command_streams(tmp_path, capsys):
+    from test_fit import make_caches
+
+    from catfeat.commands import main
+
+    make_caches(tmp_path, n=80, n_test=0, test=False)
+    rc = main(["compare", "--features", str(tmp_path), "--strategies", "concat", "--out-dir", str(tmp_path / "c"),
+               "--stream", "--no-logreg", *FAST])
+    out, _ = capsys.readouterr()
+    assert rc == 0 and "EfficientNetLite0+EfficientNetLite1" in out
+    assert pd.read_csv(tmp_path / "c" / "compare.csv").shape[0] == 3
