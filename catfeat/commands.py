@@ -125,7 +125,7 @@ def _compare_main(args: argparse.Namespace) -> int:
         f"({', '.join(f'{c}: {n}' for c, n in zip(*np.unique(y, return_counts=True)))})")
     head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
                      learning_rate=args.learning_rate, dropout=args.dropout, weight_decay=args.weight_decay,
-                     seed=args.seed, verbose=1 if args.verbose else 0)
+                     random_state=args.seed, verbose=1 if args.verbose else 0)
     head.resolved_params()  # reject bad values before any work
     df = compare(list(X), args.features, head=head, val_split=args.val_split, cv=args.cv, seed=args.seed,
                  clip=args.clip, strategies=strategies, linear=not args.no_logreg, out_dir=args.out_dir,
