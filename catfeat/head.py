@@ -108,6 +108,13 @@ def _jsonable(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
+def _class_weight_json(v):
+    """class_weight for head.json: a dict as [label, weight] pairs, so int labels stay ints."""
+    if isinstance(v, Mapping):
+        return [[_jsonable(k), _jsonable(w)] for k, w in v.items()]
+    return _jsonable(v)
+
+
 class FusedHead(ClassifierMixin, BaseEstimator):
     """Dropout + Dense head on the concatenated features of one or more backbones.
 
@@ -119,7 +126,11 @@ class FusedHead(ClassifierMixin, BaseEstimator):
     within [8, 200]. ``tune=True`` first picks the values of ``tune_grid`` (default ``TUNE_GRID``) with
     the lowest ``tune_cv``-fold out-of-fold log loss, on at most ``tune_max_rows`` rows, keeping
     the preset's values unless a candidate is better by more than one standard error; the choice
-    is in ``best_params_`` and the table in ``tuning_``. ``seed`` makes fitting reproducible on CPU.
+    is in ``best_params_`` and the table in ``tuning_``. ``random_state`` makes fitting reproducible
+    on CPU (``seed`` is its deprecated alias) without touching Python's or NumPy's global generators.
+    ``class_weight`` (``"balanced"`` or a dict label -> weight) and ``fit(..., sample_weight=...)``
+    weight the loss. A 2-D array, DataFrame or list of rows is validated as scikit-learn does
+    (``n_features_in_``, ``feature_names_in_``); a dict or list of 2-D arrays is one input per backbone.
     """
 
     def __init__(self, preset: str = "default", dropout: float | None = None, weight_decay: float | None = None,
@@ -436,7 +447,8 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         from . import __version__
 
         meta = {"format": FORMAT, "catfeat_version": __version__,
-                "params": {k: _jsonable(v) for k, v in self.get_params().items()},
+                "params": {k: _class_weight_json(v) if k == "class_weight" else _jsonable(v)
+                           for k, v in self.get_params().items()},
                 "resolved_params": {k: _jsonable(v) for k, v in self.params_.items()},
                 "backbones": list(self.backbones_), "dims": list(self.dims_),
                 "classes": [_jsonable(c) for c in self.classes_.tolist()], "n_epochs": self.n_epochs_}
@@ -454,6 +466,8 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         if meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path} is not a catfeat head (format {meta.get('format')!r})")
         params = dict(meta["params"])
+        if isinstance(params.get("class_weight"), list):  # a dict, saved as pairs to keep int labels
+            params["class_weight"] = {k: v for k, v in params["class_weight"]}
         if "random_state" not in params and "seed" in params:  # saved before random_state
             params["random_state"] = params.pop("seed")
         head = cls(**params)
