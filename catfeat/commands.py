@@ -111,7 +111,7 @@ def _compare_main(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .evaluation import compare
-    from .fit import _load, _pandas_wide
+    from .fit import _load, _pandas_wide, class_names
     from .head import FusedHead
 
     t0 = time.perf_counter()
@@ -120,9 +120,11 @@ def _compare_main(args: argparse.Namespace) -> int:
     bad = sorted(set(strategies) - {"concat", "average"})
     if bad:
         raise ValueError(f"unknown strategy {bad[0]!r}; --strategies takes concat and/or average")
+    args.stream = False  # compare reads the features into memory (fit's _load asks)
     X, y, _ = _load(args)
+    names = class_names(list(X), args.features, y)
     say(f"features: {', '.join(f'{m} ({X[m].shape[1]})' for m in X)}; {len(y)} training rows "
-        f"({', '.join(f'{c}: {n}' for c, n in zip(*np.unique(y, return_counts=True)))})")
+        f"({', '.join(f'{names[c]}: {n}' for c, n in zip(*np.unique(y, return_counts=True)))})")
     head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
                      learning_rate=args.learning_rate, dropout=args.dropout, weight_decay=args.weight_decay,
                      random_state=args.seed, verbose=1 if args.verbose else 0)
