@@ -452,6 +452,8 @@ class FusedHead(ClassifierMixin, BaseEstimator):
                 "resolved_params": {k: _jsonable(v) for k, v in self.params_.items()},
                 "backbones": list(self.backbones_), "dims": list(self.dims_),
                 "classes": [_jsonable(c) for c in self.classes_.tolist()], "n_epochs": self.n_epochs_}
+        if hasattr(self, "feature_names_in_"):  # fitted on a DataFrame
+            meta["feature_names_in"] = [str(c) for c in self.feature_names_in_]
         (d / "head.json").write_text(json.dumps(meta, indent=2))
         return d
 
@@ -476,6 +478,8 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         head.dims_ = [int(v) for v in meta["dims"]]
         head.classes_ = np.asarray(meta["classes"])
         head.n_features_in_ = int(sum(head.dims_))
+        if meta.get("feature_names_in") is not None:
+            head.feature_names_in_ = np.asarray(meta["feature_names_in"], dtype=object)
         head.params_ = meta.get("resolved_params", {})
         head.n_epochs_ = meta.get("n_epochs")
         head.history_ = {}

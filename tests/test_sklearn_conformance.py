@@ -77,7 +77,7 @@ def test_sample_weight_and_class_weight_have_an_effect():
         FusedHead(**FAST).fit(X, y, sample_weight=np.ones(3))
 
 
-def test_labels_and_inputs_as_scikit_learn_takes_them():
+def test_labels_and_inputs_as_scikit_learn_takes_them(tmp_path):
     X, y = data()
     names = np.array(["cat", "dog"])[y]
     head = FusedHead(**FAST).fit(X.tolist(), names)  # a list of rows is one 2-D array
@@ -92,6 +92,9 @@ def test_labels_and_inputs_as_scikit_learn_takes_them():
     df = pd.DataFrame(X, columns=[f"f{i}" for i in range(X.shape[1])])
     head = FusedHead(**FAST).fit(df, y)
     assert head.feature_names_in_.tolist() == list(df.columns) and head.n_features_in_ == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "fitted without feature names" after a round trip
+        np.testing.assert_array_equal(FusedHead.load(head.save(tmp_path / "h")).predict(df), head.predict(df))
     with pytest.raises(ValueError, match="missing:\n- f4"):
         head.predict(df.iloc[:, :4])
     with pytest.raises(ValueError, match="5 features"):
