@@ -114,7 +114,7 @@ def _compare_main(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .evaluation import compare
-    from .fit import _load, _pandas_wide
+    from .fit import _load, _pandas_wide, class_names
     from .head import FusedHead
 
     t0 = time.perf_counter()
@@ -125,11 +125,12 @@ def _compare_main(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown strategy {bad[0]!r}; --strategies takes concat and/or average")
     X, y, _ = _load(args)
     dims = X.dims if args.stream else {m: X[m].shape[1] for m in X}
+    names = class_names(list(dims), args.features, y)
     say(f"features: {', '.join(f'{m} ({d})' for m, d in dims.items())}; {len(y)} training rows "
-        f"({', '.join(f'{c}: {n}' for c, n in zip(*np.unique(y, return_counts=True)))})")
+        f"({', '.join(f'{names[c]}: {n}' for c, n in zip(*np.unique(y, return_counts=True)))})")
     head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
                      learning_rate=args.learning_rate, dropout=args.dropout, weight_decay=args.weight_decay,
-                     seed=args.seed, verbose=1 if args.verbose else 0)
+                     random_state=args.seed, verbose=1 if args.verbose else 0)
     head.resolved_params()  # reject bad values before any work
     df = compare(list(dims), args.features, head=head, val_split=args.val_split, cv=args.cv, seed=args.seed,
                  clip=args.clip, strategies=strategies, linear=not args.no_logreg, out_dir=args.out_dir,

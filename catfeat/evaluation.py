@@ -475,7 +475,7 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     if not isinstance(X, Mapping):
         raise ValueError("compare needs features per backbone (a dict name -> array)")
     names = list(X)
-    head = FusedHead(seed=seed) if head is None else head
+    head = FusedHead(random_state=seed) if head is None else head
     classes, y_idx = encode_labels(y)
     y = np.asarray(y)
     folds = cv_splits(y_idx, cv, seed) if cv else [holdout_split(y_idx, val_split, seed)]

@@ -124,6 +124,20 @@ def _load(args):
     return X, y, names
 
 
+def class_names(models, features_dir, y) -> list:
+    """The name of each class index of ``y``: the caches' ``classes`` attribute, else the indices."""
+    from .store import find_cache
+
+    n = int(np.max(y)) + 1
+    try:
+        names = [str(c) for c in find_cache(models[0], features_dir).classes]
+    except Exception:  # an unreadable attribute is no reason to stop: fall back to the indices
+        names = []
+    if len(names) < n or len(set(names)) != len(names):
+        return list(range(n))
+    return names
+
+
 def _warn_exclude_nothing(path, drop: set[str], names) -> None:
     """One line on stderr: the --exclude file leaves every training row in."""
     if not drop:
@@ -200,11 +214,12 @@ def _main(args: argparse.Namespace) -> int:
             _check_writable(path, what, folder)
     test = _load_test(models, args) if args.submission else None
     dims = X.dims if args.stream else {m: X[m].shape[1] for m in models}
+    classes = class_names(models, args.features, y)
     say(f"features: {', '.join(f'{m} ({dims[m]})' for m in models)}; {len(y)} training rows "
-          f"({', '.join(f'{c}: {n}' for c, n in zip(*np.unique(y, return_counts=True)))})")
+          f"({', '.join(f'{classes[c]}: {n}' for c, n in zip(*np.unique(y, return_counts=True)))})")
     head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
                      learning_rate=args.learning_rate, dropout=args.dropout, weight_decay=args.weight_decay,
-                     seed=args.seed, verbose=1 if args.verbose else 0)
+                     random_state=args.seed, verbose=1 if args.verbose else 0)
     head.resolved_params()  # reject bad values before any work
     if args.tune:
         # Tuned once, then fixed. With a holdout the search sees only the training part, so the
@@ -255,11 +270,16 @@ def _main(args: argparse.Namespace) -> int:
 
     written = []
     if args.submission or args.save:
-        final = head.fit(X, y)
+        # Fitted on the class names, so that a saved head predicts names (`catfeat predict`'s p_<name>).
+        named = isinstance(classes[0], str)
+        final = head.fit(X, np.asarray(classes)[y] if named else y)
         if test is not None:
             if len(final.classes_) != 2:
                 raise ValueError(f"a Kaggle submission needs 2 classes, the caches have {len(final.classes_)}")
-            df = write_submission(args.submission, test[1], final.predict_proba(test[0], test[1]), clip)
+            proba = final.predict_proba(test[0], test[1])
+            # P(class 1 of the caches) = P(dog), whatever the order of the names
+            col = list(final.classes_).index(classes[1])
+            df = write_submission(args.submission, test[1], proba[:, col], clip)
             written.append(f"submission {args.submission} ({len(df)} rows)")
         if args.save:
             final.save(args.save)

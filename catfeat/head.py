@@ -9,14 +9,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import keras
 import numpy as np
+from scipy.sparse import issparse
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.class_weight import compute_sample_weight
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import _check_sample_weight, check_array, check_is_fitted, column_or_1d, validate_data
 
 # What each preset fills in for the hyper-parameters left at None.
 # "reference" is the classic bottleneck-features recipe, kept exactly: Dropout 0.5, Dense sigmoid,
@@ -42,6 +48,13 @@ TUNE_MAX_ROWS = 4000
 _TUNABLE = ("dropout", "weight_decay", "learning_rate", "epochs", "batch_size", "early_stopping", "patience",
             "max_steps")
 FORMAT = "catfeat-head/1"
+# Checks of sklearn.utils.estimator_checks that FusedHead fails by design, with the reason; pass it as
+# ``check_estimator(head, expected_failed_checks=EXPECTED_FAILED_CHECKS)`` (scikit-learn >= 1.6).
+EXPECTED_FAILED_CHECKS: dict[str, str] = {
+    "check_sample_weight_equivalence_on_dense_data":
+        "mini-batch Adam in float32 on shuffled rows: a weight of 2 equals a repeated row only in expectation, "
+        "not to rtol 1e-7 (the rows, batches and validation split differ)",
+}
 
 
 def _layer_name(name: str, taken: set[str]) -> str:
@@ -75,8 +88,31 @@ def build_model(dims: Sequence[int], names: Sequence[str], n_classes: int, dropo
     return keras.Model(inputs, out, name="fused_head")
 
 
+@contextmanager
+def seeded(seed: int | None):
+    """Seed Keras (backend, Python, NumPy) with ``seed`` for the block, then give Python's and NumPy's
+    global generators back their state: fitting a head must not change what ``np.random`` draws next."""
+    if seed is None:
+        yield
+        return
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        keras.utils.set_random_seed(int(seed))
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
 def _jsonable(v):
     return v.item() if isinstance(v, np.generic) else v
+
+
+def _class_weight_json(v):
+    """class_weight for head.json: a dict as [label, weight] pairs, so int labels stay ints."""
+    if isinstance(v, Mapping):
+        return [[_jsonable(k), _jsonable(w)] for k, w in v.items()]
+    return _jsonable(v)
 
 
 class FusedHead(ClassifierMixin, BaseEstimator):
@@ -90,7 +126,11 @@ class FusedHead(ClassifierMixin, BaseEstimator):
     within [8, 200]. ``tune=True`` first picks the values of ``tune_grid`` (default ``TUNE_GRID``) with
     the lowest ``tune_cv``-fold out-of-fold log loss, on at most ``tune_max_rows`` rows, keeping
     the preset's values unless a candidate is better by more than one standard error; the choice
-    is in ``best_params_`` and the table in ``tuning_``. ``seed`` makes fitting reproducible on CPU.
+    is in ``best_params_`` and the table in ``tuning_``. ``random_state`` makes fitting reproducible
+    on CPU (``seed`` is its deprecated alias) without touching Python's or NumPy's global generators.
+    ``class_weight`` (``"balanced"`` or a dict label -> weight) and ``fit(..., sample_weight=...)``
+    weight the loss. A 2-D array, DataFrame or list of rows is validated as scikit-learn does
+    (``n_features_in_``, ``feature_names_in_``); a dict or list of 2-D arrays is one input per backbone.
     """
 
     def __init__(self, preset: str = "default", dropout: float | None = None, weight_decay: float | None = None,
@@ -98,7 +138,8 @@ class FusedHead(ClassifierMixin, BaseEstimator):
                  batch_size: int | None = None, early_stopping: bool | None = None,
                  validation_fraction: float = 0.1, patience: int | None = None, max_steps: int | None = None,
                  tune: bool = False, tune_grid: dict | None = None, tune_cv: int = 3,
-                 tune_max_rows: int | None = TUNE_MAX_ROWS, seed: int | None = 2019, verbose: int = 0):
+                 tune_max_rows: int | None = TUNE_MAX_ROWS, random_state: int | None = 2019,
+                 class_weight: dict | str | None = None, verbose: int = 0, seed: int | None = None):
         self.preset = preset
         self.dropout = dropout
         self.weight_decay = weight_decay
@@ -113,8 +154,50 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         self.tune_grid = tune_grid
         self.tune_cv = tune_cv
         self.tune_max_rows = tune_max_rows
-        self.seed = seed
+        self.random_state = random_state
+        self.class_weight = class_weight
         self.verbose = verbose
+        self.seed = seed
+
+    def _seed(self) -> int | None:
+        """The integer seed in force: ``random_state`` (or the deprecated ``seed``), None for none."""
+        rs = self.random_state
+        if self.seed is not None:
+            warnings.warn("FusedHead(seed=...) is deprecated; use random_state=...", FutureWarning, stacklevel=3)
+            rs = self.seed
+        if rs is None:
+            return None
+        if isinstance(rs, np.random.RandomState):
+            return int(rs.randint(2**31 - 1))
+        if isinstance(rs, np.random.Generator):
+            return int(rs.integers(2**31 - 1))
+        return int(rs)
+
+    def _labels(self, y, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(classes, class index of each row) of labels ``y`` for ``n`` rows, checked like scikit-learn's."""
+        if y is None:
+            raise ValueError("FusedHead requires y to be passed, but the target y is None")
+        y = column_or_1d(y, warn=True)
+        check_classification_targets(y)
+        if len(y) != n:
+            raise ValueError(f"y must be 1-D with one label per row ({n}), got shape {y.shape}")
+        classes, y_idx = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError(f"need at least 2 classes to fit, got 1 class: {classes.tolist()}")
+        return classes, y_idx
+
+    def _weights(self, y, sample_weight, n: int) -> np.ndarray | None:
+        """Per-row weights: ``sample_weight`` times the ``class_weight`` ones; None when all are 1."""
+        if sample_weight is None and self.class_weight is None:
+            return None
+        w = _check_sample_weight(sample_weight, np.empty((n, 0)), dtype=np.float64)
+        if self.class_weight is not None:
+            w = w * compute_sample_weight(self.class_weight, column_or_1d(y))
+        if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError("sample weights must be finite, >= 0 and not all 0")
+        # Mean 1: Keras averages the weighted losses over the batch size, so the scale of the
+        # weights would otherwise act as a learning rate.
+        return (w * (len(w) / w.sum())).astype(np.float32)
 
     # -- parameters -------------------------------------------------------------------------------
     def resolved_params(self) -> dict[str, Any]:
@@ -152,11 +235,18 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         return out
 
     # -- inputs -----------------------------------------------------------------------------------
-    def _inputs(self, X, fitting: bool = False) -> list[np.ndarray]:
-        """X as a list of float32 arrays in the fitted backbone order, checked against fitted dims."""
-        if isinstance(X, Mapping):
+    def _inputs(self, X, fitting: bool = False, names: Sequence[str] | None = None,
+                what: str = "row") -> list[np.ndarray]:
+        """X as a list of float32 arrays in the fitted backbone order, checked against fitted dims.
+
+        A dict (backbone -> 2-D array) or a list of 2-D arrays is one input per backbone; anything
+        else (an array, a DataFrame, a list of rows) is one 2-D array, validated as scikit-learn does
+        (``n_features_in_``, ``feature_names_in_``). Rows holding NaN/Inf are refused: named (by
+        ``names`` or index) for backbone inputs and whenever ``names`` is given.
+        """
+        if isinstance(X, Mapping) and not issparse(X):  # scipy's dok sparse format is a dict
             keys = [str(k) for k in X]
-            arrays = [np.asarray(X[k]) for k in X]
+            arrays = [X[k] for k in X]
             if not fitting:
                 have = dict(zip(keys, arrays))
                 missing = [n for n in self.backbones_ if n not in have]
@@ -167,34 +257,42 @@ class FusedHead(ClassifierMixin, BaseEstimator):
                                      + ("; " if missing and extra else "")
                                      + (f"has unknown {extra}" if extra else ""))
                 keys, arrays = list(self.backbones_), [have[n] for n in self.backbones_]
-        elif isinstance(X, (list, tuple)):
-            arrays = [np.asarray(a) for a in X]
+        elif isinstance(X, (list, tuple)) and len(X) and all(np.ndim(a) == 2 for a in X):
+            arrays = list(X)
             keys = [f"input_{i}" for i in range(len(arrays))] if fitting else list(self.backbones_)
             if not fitting and len(arrays) != len(self.backbones_):
                 raise ValueError(f"the head was fitted on {len(self.backbones_)} inputs {self.backbones_}; "
                                  f"got a list of {len(arrays)}")
         else:
-            a = np.asarray(X)
-            if a.ndim != 2:
-                raise ValueError(f"X must be a 2-D array, a list or a dict of 2-D arrays; got shape {a.shape}")
+            try:
+                a = validate_data(self, X, reset=fitting, dtype=np.float32, ensure_all_finite=names is None)
+            except ValueError as e:
+                if not fitting and len(self.dims_) > 1 and "features, but" in str(e):
+                    raise ValueError(f"X has {np.shape(X)[1]} columns; the head was fitted on "
+                                     + " + ".join(f"{n} ({d})" for n, d in zip(self.backbones_, self.dims_))
+                                     + f" = {sum(self.dims_)}") from None
+                raise
             if fitting:
                 keys, arrays = ["features"], [a]
-            elif len(self.dims_) > 1 and a.shape[1] == sum(self.dims_):
+            elif len(self.dims_) > 1:
                 # One concatenated array for a multi-backbone head: split it in the fitted order.
                 keys, arrays = list(self.backbones_), np.split(a, np.cumsum(self.dims_)[:-1], axis=1)
             else:
                 keys, arrays = list(self.backbones_), [a]
-                if len(self.dims_) > 1:
-                    raise ValueError(f"X has {a.shape[1]} columns; the head was fitted on "
-                                     + " + ".join(f"{n} ({d})" for n, d in zip(self.backbones_, self.dims_))
-                                     + f" = {sum(self.dims_)}")
+            out = [np.ascontiguousarray(v, dtype=np.float32) for v in arrays]
+            if fitting:
+                self.backbones_, self.dims_ = keys, [int(out[0].shape[1])]
+            if names is not None:
+                check_finite(dict(zip(keys, out)), names, what)
+            return out
         if not arrays:
             raise ValueError("X holds no feature arrays")
         out = []
         for k, a in zip(keys, arrays):
-            if a.ndim != 2:
-                raise ValueError(f"features of {k!r} must be 2-D (rows, dims), got shape {a.shape}")
-            out.append(np.ascontiguousarray(a, dtype=np.float32))
+            if np.ndim(a) != 2:
+                raise ValueError(f"features of {k!r} must be 2-D (rows, dims), got shape {np.shape(a)}")
+            out.append(np.ascontiguousarray(check_array(a, dtype=np.float32, ensure_all_finite=False,
+                                                        input_name=f"X[{k!r}]"), dtype=np.float32))
         rows = {a.shape[0] for a in out}
         if len(rows) > 1:
             raise ValueError("backbones have different row counts: "
@@ -202,36 +300,39 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         if fitting:
             self.backbones_ = keys
             self.dims_ = [int(a.shape[1]) for a in out]
+            self.n_features_in_ = int(sum(self.dims_))
+            self.__dict__.pop("feature_names_in_", None)
         else:
             for k, a, d in zip(keys, out, self.dims_):
                 if a.shape[1] != d:
                     raise ValueError(f"backbone {k!r}: expected {d} features per row (as fitted), got {a.shape[1]}")
+        check_finite(dict(zip(keys, out)), names, what)
         return out
 
     # -- fitting ----------------------------------------------------------------------------------
-    def fit(self, X, y, validation_data: tuple | None = None) -> "FusedHead":
+    def fit(self, X, y, validation_data: tuple | None = None, sample_weight=None) -> "FusedHead":
         """Train on ``X`` (dict/list/array of features) and labels ``y`` (any 2+ distinct values).
 
         Early stopping holds out a shuffled, stratified ``validation_fraction`` of the rows unless
-        ``validation_data=(X_val, y_val)`` is given.
+        ``validation_data=(X_val, y_val)`` (or ``(X_val, y_val, sample_weight_val)``) is given.
+        ``sample_weight`` (and ``class_weight``) weight the training loss and the validation log
+        loss of the internal split. Seeds the backend with ``random_state`` and leaves Python's and
+        NumPy's global random generators as they were.
         """
         from .streaming import fit_stream, is_stream
 
         if is_stream(X):  # a catfeat.streaming.CacheRows: read from the caches in blocks
+            if sample_weight is not None:
+                raise ValueError("sample_weight is not supported with streamed (CacheRows) input")
             return fit_stream(self, X, y, validation_data)
         p = self.resolved_params()
         for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_"):
             self.__dict__.pop(attr, None)
-        arrays = self._inputs(X, fitting=True)
-        y = np.asarray(y)
-        if y.ndim != 1 or len(y) != arrays[0].shape[0]:
-            raise ValueError(f"y must be 1-D with one label per row ({arrays[0].shape[0]}), got shape {y.shape}")
-        check_finite(dict(zip(self.backbones_, arrays)), what="training row")
-        classes, y_idx = np.unique(y, return_inverse=True)
-        if len(classes) < 2:
-            raise ValueError(f"need at least 2 classes to fit, got only {classes.tolist()}")
+        seed = self._seed()
+        arrays = self._inputs(X, fitting=True, what="training row")
+        classes, y_idx = self._labels(y, arrays[0].shape[0])
+        weights = self._weights(column_or_1d(y), sample_weight, len(y_idx))
         self.classes_ = classes
-        self.n_features_in_ = int(sum(self.dims_))
         k = len(classes)
         target = y_idx.astype(np.float32 if k == 2 else np.int32)
         if self.tune:
@@ -241,8 +342,9 @@ class FusedHead(ClassifierMixin, BaseEstimator):
             unknown = set(grid) - set(_TUNABLE)
             if unknown:
                 raise ValueError(f"tune_grid names unknown hyper-parameters {sorted(unknown)}; tunable: {_TUNABLE}")
-            base = self.__class__(**{**self.get_params(), "tune": False, "verbose": 0})
-            self.tuning_ = tune(base, arrays, y_idx, grid, self.tune_cv, self.seed, self.tune_max_rows,
+            base = self.__class__(**{**self.get_params(), "tune": False, "verbose": 0, "random_state": seed,
+                                     "seed": None})
+            self.tuning_ = tune(base, arrays, y_idx, grid, self.tune_cv, seed, self.tune_max_rows,
                                 baseline={k: p[k] for k in grid})
             self.best_params_ = dict(self.tuning_.best_params)
             p.update(self.best_params_)
@@ -250,22 +352,25 @@ class FusedHead(ClassifierMixin, BaseEstimator):
                 print(self.tuning_.summary())
 
         val = None
-        train_arrays, train_target = arrays, target
+        train_arrays, train_target, train_w = arrays, target, weights
         if p["early_stopping"]:
             if validation_data is not None:
-                Xv, yv = validation_data
-                val_arrays = self._inputs(Xv)
-                check_finite(dict(zip(self.backbones_, val_arrays)), what="validation row")
-                pos = np.searchsorted(classes, np.asarray(yv))
-                if np.any(pos >= k) or np.any(classes[np.minimum(pos, k - 1)] != np.asarray(yv)):
+                Xv, yv = validation_data[:2]
+                wv = validation_data[2] if len(validation_data) > 2 else None
+                val_arrays = self._inputs(Xv, what="validation row")
+                yv = column_or_1d(yv)
+                pos = np.searchsorted(classes, yv)
+                if np.any(pos >= k) or np.any(classes[np.minimum(pos, k - 1)] != yv):
                     raise ValueError("validation labels hold classes not seen in y")
-                val = (val_arrays, pos.astype(target.dtype))
+                val = (val_arrays, pos.astype(target.dtype),
+                       None if wv is None else _check_sample_weight(wv, np.empty((len(pos), 0))))
             else:
-                tr, va = _stratified_split(y_idx, self.validation_fraction, self.seed)
+                tr, va = _stratified_split(y_idx, self.validation_fraction, seed)
                 # Rows are taken by index, not by Keras's validation_split, which would take the last
                 # rows (all dogs in a sorted cat/dog list).
                 train_arrays, train_target = [a[tr] for a in arrays], target[tr]
-                val = ([a[va] for a in arrays], target[va])
+                train_w = None if weights is None else weights[tr]
+                val = ([a[va] for a in arrays], target[va], None if weights is None else weights[va])
 
         n = train_arrays[0].shape[0]
         batch = int(min(p["batch_size"], n))
@@ -275,15 +380,14 @@ class FusedHead(ClassifierMixin, BaseEstimator):
             epochs = min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, math.ceil(int(p["max_steps"]) / steps)))
         epochs = int(epochs)
 
-        if self.seed is not None:
-            keras.utils.set_random_seed(int(self.seed))
-        model = build_model(self.dims_, self.backbones_, k, float(p["dropout"]), float(p["weight_decay"]))
-        model.compile(optimizer=keras.optimizers.Adam(float(p["learning_rate"])),
-                      loss="binary_crossentropy" if k == 2 else "sparse_categorical_crossentropy",
-                      jit_compile=False)
-        stopper = _EarlyStopping(val, int(p["patience"]), k) if val is not None else None
-        hist = model.fit(train_arrays, train_target, batch_size=batch, epochs=epochs, shuffle=True,
-                         callbacks=[stopper] if stopper else [], verbose=self.verbose)
+        with seeded(seed):
+            model = build_model(self.dims_, self.backbones_, k, float(p["dropout"]), float(p["weight_decay"]))
+            model.compile(optimizer=keras.optimizers.Adam(float(p["learning_rate"])),
+                          loss="binary_crossentropy" if k == 2 else "sparse_categorical_crossentropy",
+                          jit_compile=False)
+            stopper = _EarlyStopping(val, int(p["patience"]), k) if val is not None else None
+            hist = model.fit(train_arrays, train_target, sample_weight=train_w, batch_size=batch, epochs=epochs,
+                             shuffle=True, callbacks=[stopper] if stopper else [], verbose=self.verbose)
         self.model_ = model
         self.history_ = {k_: [float(v) for v in vs] for k_, vs in hist.history.items()}
         self.params_ = {**p, "epochs": epochs, "batch_size": batch}
@@ -301,16 +405,14 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         Refuses rows whose features hold NaN/Inf (``names``, one per row, name them in the error)
         and a head whose weights are not finite, rather than return NaN probabilities.
         """
-        check_is_fitted(self, "model_")
+        check_is_fitted(self)
         from .streaming import is_stream, predict_stream
 
         self.check_weights()
         if is_stream(X):
             out = predict_stream(self, X)
         else:
-            arrays = self._inputs(X)
-            check_finite(dict(zip(self.backbones_, arrays)), names)
-            out = _forward(self.model_, arrays)
+            out = _forward(self.model_, self._inputs(X, names=names))
         if not np.isfinite(out).all():
             raise FloatingPointError(f"the head predicted NaN/Inf for {int((~np.isfinite(out)).any(1).sum())} "
                                      "rows from finite features and weights")
@@ -321,6 +423,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         """The most probable class of each row (labels as given to ``fit``)."""
+        check_is_fitted(self)
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
     def check_weights(self) -> None:
@@ -344,10 +447,13 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         from . import __version__
 
         meta = {"format": FORMAT, "catfeat_version": __version__,
-                "params": {k: _jsonable(v) for k, v in self.get_params().items()},
+                "params": {k: _class_weight_json(v) if k == "class_weight" else _jsonable(v)
+                           for k, v in self.get_params().items()},
                 "resolved_params": {k: _jsonable(v) for k, v in self.params_.items()},
                 "backbones": list(self.backbones_), "dims": list(self.dims_),
                 "classes": [_jsonable(c) for c in self.classes_.tolist()], "n_epochs": self.n_epochs_}
+        if hasattr(self, "feature_names_in_"):  # fitted on a DataFrame
+            meta["feature_names_in"] = [str(c) for c in self.feature_names_in_]
         (d / "head.json").write_text(json.dumps(meta, indent=2))
         return d
 
@@ -361,12 +467,19 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path} is not a catfeat head (format {meta.get('format')!r})")
-        head = cls(**meta["params"])
+        params = dict(meta["params"])
+        if isinstance(params.get("class_weight"), list):  # a dict, saved as pairs to keep int labels
+            params["class_weight"] = {k: v for k, v in params["class_weight"]}
+        if "random_state" not in params and "seed" in params:  # saved before random_state
+            params["random_state"] = params.pop("seed")
+        head = cls(**params)
         head.model_ = keras.saving.load_model(model_path, compile=False)
         head.backbones_ = list(meta["backbones"])
         head.dims_ = [int(v) for v in meta["dims"]]
         head.classes_ = np.asarray(meta["classes"])
         head.n_features_in_ = int(sum(head.dims_))
+        if meta.get("feature_names_in") is not None:
+            head.feature_names_in_ = np.asarray(meta["feature_names_in"], dtype=object)
         head.params_ = meta.get("resolved_params", {})
         head.n_epochs_ = meta.get("n_epochs")
         head.history_ = {}
@@ -419,7 +532,8 @@ class _EarlyStopping(keras.callbacks.Callback):
 
     def __init__(self, val, patience: int, n_classes: int):
         super().__init__()
-        self.val_arrays, self.val_y = val
+        self.val_arrays, self.val_y = val[:2]
+        self.val_w = val[2] if len(val) > 2 else None
         self.patience, self.n_classes = patience, n_classes
         self.losses: list[float] = []
         self.best, self.best_epoch, self.best_weights = np.inf, -1, None
@@ -428,7 +542,7 @@ class _EarlyStopping(keras.callbacks.Callback):
         p = np.clip(_forward(self.model, self.val_arrays), 1e-7, 1 - 1e-7)
         y = self.val_y.astype(np.int64)
         pt = np.where(y == 1, p[:, 0], 1 - p[:, 0]) if self.n_classes == 2 else p[np.arange(len(y)), y]
-        loss = float(-np.mean(np.log(pt)))
+        loss = float(-np.average(np.log(pt), weights=self.val_w))
         self.losses.append(loss)
         if loss < self.best:
             self.best, self.best_epoch, self.best_weights = loss, epoch, self.model.get_weights()

@@ -419,17 +419,16 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
     """``FusedHead.fit`` from a :class:`CacheRows`: the same recipe, reading the rows in blocks."""
     import keras
 
-    from .head import MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, TUNE_GRID, _TUNABLE, _stratified_split, build_model
+    from .head import MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, TUNE_GRID, _TUNABLE, _stratified_split, build_model, seeded
 
     p = head.resolved_params()
     for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_"):
         head.__dict__.pop(attr, None)
-    y = np.asarray(y)
-    if y.ndim != 1 or len(y) != len(rows):
-        raise ValueError(f"y must be 1-D with one label per row ({len(rows)}), got shape {y.shape}")
-    classes, y_idx = np.unique(y, return_inverse=True)
-    if len(classes) < 2:
-        raise ValueError(f"need at least 2 classes to fit, got only {classes.tolist()}")
+    if head.class_weight is not None:
+        raise ValueError("class_weight is not supported with streamed (CacheRows) input")
+    seed = head._seed()
+    classes, y_idx = head._labels(y, len(rows))
+    head.__dict__.pop("feature_names_in_", None)
     head.backbones_ = rows.backbones
     head.dims_ = [rows.dims[b] for b in rows.backbones]
     head.classes_ = classes
@@ -443,8 +442,9 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
         unknown = set(grid) - set(_TUNABLE)
         if unknown:
             raise ValueError(f"tune_grid names unknown hyper-parameters {sorted(unknown)}; tunable: {_TUNABLE}")
-        base = head.__class__(**{**head.get_params(), "tune": False, "verbose": 0})
-        head.tuning_ = tune(base, rows, y_idx, grid, head.tune_cv, head.seed, head.tune_max_rows,
+        base = head.__class__(**{**head.get_params(), "tune": False, "verbose": 0, "random_state": seed,
+                                 "seed": None})
+        head.tuning_ = tune(base, rows, y_idx, grid, head.tune_cv, seed, head.tune_max_rows,
                             baseline={k_: p[k_] for k_ in grid})
         head.best_params_ = dict(head.tuning_.best_params)
         p.update(head.best_params_)
@@ -455,13 +455,13 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
     train_rows, train_target = rows, target
     if p["early_stopping"]:
         if validation_data is not None:
-            Xv, yv = validation_data
+            Xv, yv = validation_data[:2]
             pos = np.searchsorted(classes, np.asarray(yv))
             if np.any(pos >= k) or np.any(classes[np.minimum(pos, k - 1)] != np.asarray(yv)):
                 raise ValueError("validation labels hold classes not seen in y")
             val = (Xv.select(head.backbones_) if is_stream(Xv) else head._inputs(Xv), pos.astype(target.dtype))
         else:
-            tr, va = _stratified_split(y_idx, head.validation_fraction, head.seed)
+            tr, va = _stratified_split(y_idx, head.validation_fraction, seed)
             train_rows, train_target = rows.subset(tr), target[tr]
             val = (rows.subset(va), target[va])
         if is_stream(val[0]) and val[0].nbytes <= VAL_IN_MEMORY_BYTES:
@@ -475,26 +475,25 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
         epochs = min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, math.ceil(int(p["max_steps"]) / steps)))
     epochs = int(epochs)
 
-    if head.seed is not None:
-        keras.utils.set_random_seed(int(head.seed))
-    model = build_model(head.dims_, head.backbones_, k, float(p["dropout"]), float(p["weight_decay"]))
-    model.compile(optimizer=keras.optimizers.Adam(float(p["learning_rate"])),
-                  loss="binary_crossentropy" if k == 2 else "sparse_categorical_crossentropy",
-                  jit_compile=False)
-    stopper = None
-    if val is not None:
-        from .head import _EarlyStopping
+    with seeded(seed):
+        model = build_model(head.dims_, head.backbones_, k, float(p["dropout"]), float(p["weight_decay"]))
+        model.compile(optimizer=keras.optimizers.Adam(float(p["learning_rate"])),
+                      loss="binary_crossentropy" if k == 2 else "sparse_categorical_crossentropy",
+                      jit_compile=False)
+        stopper = None
+        if val is not None:
+            from .head import _EarlyStopping
 
-        cls = _early_stopping_class() if is_stream(val[0]) else _EarlyStopping
-        stopper = cls(val, int(p["patience"]), k)
-    batches = EpochBatches(train_rows, train_target, batch, head.seed, block_rows, buffer_rows)
-    # shuffle=False: Keras would otherwise ask for the batches in random order, reading every
-    # buffer again for each batch; the rows are shuffled by EpochBatches.
-    try:
-        hist = model.fit(_keras_batches(batches), epochs=epochs, shuffle=False,
-                         callbacks=[stopper] if stopper else [], verbose=head.verbose)
-    finally:
-        batches.close()
+            cls = _early_stopping_class() if is_stream(val[0]) else _EarlyStopping
+            stopper = cls(val, int(p["patience"]), k)
+        batches = EpochBatches(train_rows, train_target, batch, seed, block_rows, buffer_rows)
+        # shuffle=False: Keras would otherwise ask for the batches in random order, reading every
+        # buffer again for each batch; the rows are shuffled by EpochBatches.
+        try:
+            hist = model.fit(_keras_batches(batches), epochs=epochs, shuffle=False,
+                             callbacks=[stopper] if stopper else [], verbose=head.verbose)
+        finally:
+            batches.close()
     head.model_ = model
     head.history_ = {k_: [float(v) for v in vs] for k_, vs in hist.history.items()}
     head.params_ = {**p, "epochs": epochs, "batch_size": batch}

@@ -157,6 +157,25 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert head.backbones_ == ["EfficientNetLite0", "EfficientNetLite1"] and head.dims_ == [10, 6]
 
 
+def test_cli_names_the_classes_and_saves_a_head_predicting_names(tmp_path, capsys):
+    feats = make_caches(tmp_path / "features", n=60)
+    sub, head_dir = tmp_path / "sub.csv", tmp_path / "head"
+    rc = fit_cli.main(["--models", "lite0,lite1", "--features", str(feats), "--epochs", "3", "--batch-size", "32",
+                       "--preset", "reference", "--submission", str(sub), "--save", str(head_dir), "--clip", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "60 training rows (cat: 30, dog: 30)" in out
+    head = FusedHead.load(head_dir)
+    assert head.classes_.tolist() == ["cat", "dog"]
+    from catfeat.store import load_features
+
+    Xt, _, names = load_features("lite0,lite1", feats, "test")
+    p_dog = head.predict_proba(Xt)[:, 1]
+    df = pd.read_csv(sub)
+    by_id = dict(zip(df["id"], df["label"]))
+    ids = submission_ids(names)
+    np.testing.assert_allclose([by_id[i] for i in ids], p_dog, rtol=1e-5, atol=1e-6)
+
+
 def test_cli_cv_writes_out_of_fold_predictions(tmp_path, capsys):
     feats = make_caches(tmp_path)
     rc = fit_cli.main(["--features", str(feats), "--cv", "3", "--epochs", "5", "--batch-size", "32",

@@ -45,7 +45,7 @@ def test_learns_separable_data():
 
 def test_noise_labels_give_uncommitted_finite_probabilities():
     (Xt, yt), (Xv, yv) = split(*blobs(600, sep=0.0, seed=1), 400)
-    head = FusedHead(seed=3).fit(Xt, yt)  # default preset: early stopping stops before memorizing noise
+    head = FusedHead(random_state=3).fit(Xt, yt)  # default preset: early stopping stops before memorizing noise
     proba = head.predict_proba(Xv)
     assert np.isfinite(proba).all() and proba.min() >= 0 and proba.max() <= 1
     assert log_loss(yv, proba[:, 1], clip=0) < 0.80  # ln 2 = 0.693 is the honest answer
@@ -54,9 +54,9 @@ def test_noise_labels_give_uncommitted_finite_probabilities():
 
 def test_reproducible_with_a_seed():
     X, y = blobs(300, sep=0.5)
-    a = FusedHead(**FAST, seed=7).fit(X, y).predict_proba(X)
-    b = FusedHead(**FAST, seed=7).fit(X, y).predict_proba(X)
-    c = FusedHead(**FAST, seed=8).fit(X, y).predict_proba(X)
+    a = FusedHead(**FAST, random_state=7).fit(X, y).predict_proba(X)
+    b = FusedHead(**FAST, random_state=7).fit(X, y).predict_proba(X)
+    c = FusedHead(**FAST, random_state=8).fit(X, y).predict_proba(X)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 
@@ -116,7 +116,7 @@ def test_input_checks_name_the_backbone():
 
 def test_sklearn_conventions():
     head = FusedHead(dropout=0.3, epochs=4)
-    assert head.get_params()["dropout"] == 0.3 and head.get_params()["seed"] == 2019
+    assert head.get_params()["dropout"] == 0.3 and head.get_params()["random_state"] == 2019
     with pytest.raises(NotFittedError):
         head.predict_proba(np.zeros((2, 3)))
     c = clone(head)
@@ -141,7 +141,7 @@ def test_reference_preset_matches_a_hand_built_recipe_model():
     import keras
 
     X, y = blobs(500, sep=0.4)
-    head = FusedHead(preset="reference", seed=11).fit(X, y)
+    head = FusedHead(preset="reference", random_state=11).fit(X, y)
     # The recipe as written by hand: one concatenated input, Dropout(0.5), Dense(1, sigmoid), Adam().
     keras.utils.set_random_seed(11)
     concat = np.concatenate(list(X.values()), axis=1)

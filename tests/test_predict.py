@@ -20,7 +20,7 @@ def trained(tmp_path_factory):
     catfeat.run_extraction(data, "lite0,lite1", root / "features", weights=None, batch_size=4, seed=3,
                            progress=False)
     X, y, names = catfeat.load_features("lite0,lite1", root / "features")
-    head = catfeat.FusedHead(epochs=3, early_stopping=False, seed=0).fit(X, y)
+    head = catfeat.FusedHead(epochs=3, early_stopping=False, random_state=0).fit(X, y)
     head.save(root / "head")
     return root, data, head
 

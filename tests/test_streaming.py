@@ -63,7 +63,7 @@ def test_every_row_once_an_epoch_whatever_the_chunk_size(caches, block, buffer):
 
 def test_predictions_do_not_depend_on_the_chunk_size(caches):
     X, y, _ = load_features(MODELS, caches)
-    head = FusedHead(preset="reference", epochs=2, seed=0).fit(X, y)
+    head = FusedHead(preset="reference", epochs=2, random_state=0).fit(X, y)
     rows = CacheRows.open(MODELS, caches)
     ref = head.predict_proba(X)
     assert np.allclose(head.predict_proba(rows), ref, atol=1e-6)
@@ -75,8 +75,8 @@ def test_predictions_do_not_depend_on_the_chunk_size(caches):
 def test_streaming_fit_matches_the_in_memory_fit(caches):
     X, y, _ = load_features(MODELS, caches)
     rows = CacheRows.open(MODELS, caches)
-    mem = holdout_score(FusedHead(seed=1), X, y)
-    st = holdout_score(FusedHead(seed=1), rows, y)
+    mem = holdout_score(FusedHead(random_state=1), X, y)
+    st = holdout_score(FusedHead(random_state=1), rows, y)
     assert np.array_equal(mem.index, st.index)  # the same split: row subsets of the aligned order
     assert abs(mem.log_loss - st.log_loss) < 0.03 and abs(mem.accuracy - st.accuracy) < 0.03
     assert np.corrcoef(mem.proba[:, 1], st.proba[:, 1])[0, 1] > 0.98
@@ -85,10 +85,10 @@ def test_streaming_fit_matches_the_in_memory_fit(caches):
 def test_small_buffers_and_streamed_validation(caches, monkeypatch):
     monkeypatch.setattr(streaming, "VAL_IN_MEMORY_BYTES", 0)  # score early stopping from the caches
     rows = CacheRows.open(MODELS, caches)
-    head = fit_stream(FusedHead(seed=2, epochs=15), rows, rows.labels, block_rows=5, buffer_rows=40)
+    head = fit_stream(FusedHead(random_state=2, epochs=15), rows, rows.labels, block_rows=5, buffer_rows=40)
     assert 1 <= head.n_epochs_ <= 15 and len(head.history_["val_log_loss"]) >= head.n_epochs_
     X = rows.to_arrays()
-    mem = FusedHead(seed=2, epochs=15).fit(X, rows.labels)
+    mem = FusedHead(random_state=2, epochs=15).fit(X, rows.labels)
     assert head.score(X, rows.labels) > mem.score(X, rows.labels) - 0.05
 
 

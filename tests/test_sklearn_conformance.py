@@ -1,0 +1,133 @@
+"""FusedHead as a first-class scikit-learn estimator: the estimator checks, random_state, weights."""
+from __future__ import annotations
+
+import random
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.exceptions import DataConversionWarning, NotFittedError
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from catfeat.head import EXPECTED_FAILED_CHECKS, FusedHead
+
+# Small and fast (the whole file runs in about 1.5 minutes on 2 cores), yet trained enough for the
+# accuracy the checks ask (check_classifiers_train, check_class_weight_classifiers).
+CHECKED = FusedHead(epochs=20, early_stopping=False, batch_size=32, learning_rate=0.05)
+
+
+@parametrize_with_checks([CHECKED], expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS)
+def test_sklearn_estimator_checks(estimator, check):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*retracing.*")
+        check(estimator)
+
+
+def data(n=120, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    X = rng.normal(size=(n, d)) + 1.5 * y[:, None]
+    return X.astype(np.float32), y
+
+
+FAST = dict(epochs=5, early_stopping=False, batch_size=32, learning_rate=0.05)
+
+
+def test_fit_leaves_the_global_random_generators_alone():
+    X, y = data()
+    np.random.seed(123)
+    random.seed(123)
+    expected_np, expected_py = np.random.rand(), random.random()
+    np.random.seed(123)
+    random.seed(123)
+    FusedHead(**FAST, random_state=5).fit(X, y)
+    FusedHead(random_state=5, epochs=3).fit({"a": X[:, :2], "b": X[:, 2:]}, y)  # early stopping path
+    assert np.random.rand() == expected_np and random.random() == expected_py
+
+
+def test_same_random_state_same_predictions():
+    X, y = data()
+    a = FusedHead(**FAST, random_state=7).fit(X, y).predict_proba(X)
+    b = FusedHead(**FAST, random_state=7).fit(X, y).predict_proba(X)
+    c = FusedHead(**FAST, random_state=8).fit(X, y).predict_proba(X)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_seed_is_a_deprecated_alias_of_random_state():
+    X, y = data()
+    with pytest.warns(FutureWarning, match="random_state"):
+        a = FusedHead(**FAST, seed=7).fit(X, y).predict_proba(X)
+    b = FusedHead(**FAST, random_state=7).fit(X, y).predict_proba(X)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sample_weight_and_class_weight_have_an_effect():
+    X, y = data()
+    base = FusedHead(**FAST, random_state=1).fit(X, y).predict_proba(X)[:, 1].mean()
+    w = np.where(y == 1, 10.0, 0.1)
+    weighted = FusedHead(**FAST, random_state=1).fit(X, y, sample_weight=w).predict_proba(X)[:, 1].mean()
+    balanced = FusedHead(**FAST, random_state=1, class_weight={0: 0.1, 1: 10.0}).fit(X, y)
+    assert weighted > base + 0.05
+    np.testing.assert_allclose(balanced.predict_proba(X)[:, 1].mean(), weighted, rtol=1e-5)
+    # the internal validation split (early stopping) takes the weights too
+    FusedHead(random_state=1, epochs=3, class_weight="balanced").fit(X, y, sample_weight=w)
+    with pytest.raises(ValueError, match="sample_weight"):
+        FusedHead(**FAST).fit(X, y, sample_weight=np.ones(3))
+
+
+def test_labels_and_inputs_as_scikit_learn_takes_them(tmp_path):
+    X, y = data()
+    names = np.array(["cat", "dog"])[y]
+    head = FusedHead(**FAST).fit(X.tolist(), names)  # a list of rows is one 2-D array
+    assert head.classes_.tolist() == ["cat", "dog"] and head.backbones_ == ["features"]
+    assert set(head.predict(X)) <= {"cat", "dog"}
+    with pytest.warns(DataConversionWarning):
+        FusedHead(**FAST).fit(X, y[:, None])
+    with pytest.raises(ValueError, match="Unknown label type"):
+        FusedHead(**FAST).fit(X, np.linspace(0, 1, len(y)))
+    with pytest.raises(NotFittedError):
+        FusedHead().predict(X)
+    df = pd.DataFrame(X, columns=[f"f{i}" for i in range(X.shape[1])])
+    head = FusedHead(**FAST).fit(df, y)
+    assert head.feature_names_in_.tolist() == list(df.columns) and head.n_features_in_ == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "fitted without feature names" after a round trip
+        np.testing.assert_array_equal(FusedHead.load(head.save(tmp_path / "h")).predict(df), head.predict(df))
+    with pytest.raises(ValueError, match="missing:\n- f4"):
+        head.predict(df.iloc[:, :4])
+    with pytest.raises(ValueError, match="5 features"):
+        FusedHead(**FAST).fit(X, y).predict(X[:, :4])
+
+
+def test_string_classes_survive_save_and_load(tmp_path):
+    X, y = data()
+    head = FusedHead(**FAST).fit({"a": X}, np.array(["cat", "dog"])[y])
+    back = FusedHead.load(head.save(tmp_path / "h"))
+    assert back.classes_.tolist() == ["cat", "dog"]
+    np.testing.assert_array_equal(back.predict({"a": X}), head.predict({"a": X}))
+
+
+def test_image_predictions_name_their_columns_by_class(tmp_path):
+    from conftest import save_image
+    from catfeat.predict import predict_images
+
+    X, y = data(d=6)
+    head = FusedHead(**FAST).fit({"EfficientNetLite0": X}, np.array(["cat", "dog"])[y])
+    files = [save_image(tmp_path / f"{i}.jpg", i) for i in range(2)]
+
+    def model(arrays, training=False):  # sigmoid output: P(classes_[1]) = P(dog)
+        return np.full((len(arrays[0]), 1), 0.7, np.float32)
+
+    df = predict_images(None, files, predictor=(model, head))
+    assert [c for c in df.columns if c.startswith("p_")] == ["p_cat", "p_dog"]
+    np.testing.assert_allclose(df["p_dog"], 0.7, rtol=1e-6)
+    assert df["label"].tolist() == ["dog", "dog"]
+
+
+def test_class_weight_survives_save_and_load(tmp_path):
+    X, y = data()
+    head = FusedHead(**FAST, class_weight={0: 1.0, 1: 3.0}).fit(X, y)
+    back = FusedHead.load(head.save(tmp_path / "h"))
+    assert back.class_weight == {0: 1.0, 1: 3.0}
