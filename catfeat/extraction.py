@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 from . import __version__
 from .backbones import BackboneSpec, normalize_weights, parse_models, weights_identity
 from .images import ImageSet, iter_batches, list_images, shown
-from .store import (CacheError, FeatureWriter, StaleCacheError, _remove_link, cache_path, differences,
+from .store import (CacheError, FeatureWriter, StaleCacheError, remove_planted_link, cache_path, differences,
                     open_cache)
 
 DEFAULT_MODELS = ("r50", "incv3", "xcep", "irv2")
@@ -97,7 +97,7 @@ def _lock(stack: ExitStack, path: Path) -> None:
         try:
             fd = os.open(lock_file, flags, 0o644)
         except OSError as e:
-            if e.errno == errno.ELOOP and _remove_link(lock_file):
+            if e.errno == errno.ELOOP and remove_planted_link(lock_file):
                 continue
             raise OSError(f"cannot open the lock file {lock_file}: {e.strerror}; remove it and rerun") from None
         try:

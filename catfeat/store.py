@@ -151,7 +151,7 @@ class FeatureWriter:
     def _open(self) -> None:
         h5py = _h5()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if _remove_link(self.partial):
+        if remove_planted_link(self.partial):
             pass
         elif os.path.lexists(self.partial):
             reason = self._try_resume()
@@ -404,7 +404,7 @@ def _h5_free_error(e) -> bool:
 _ABANDONED: list = []  # h5py files whose writes failed: kept referenced so nothing flushes them again
 
 
-def _remove_link(path: Path) -> bool:
+def remove_planted_link(path: Path) -> bool:
     """Remove ``path`` if it is a symbolic link (the link, never its target); say so."""
     try:
         if not stat.S_ISLNK(os.lstat(path).st_mode):
