@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None,
                    help="catfeat decode threads (default: catfeat's own, every core)")
     p.add_argument("--methods", default=",".join(METHODS), help="which to run (default: %(default)s)")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="catfeat's engine (default: %(default)s); with ray, its start-up (the 'connect' "
+                        "stage) and the actors' model builds count as run time")
     p.add_argument("--repeat", type=int, default=1,
                    help="run every method this many times, interleaved, and report each one's fastest run "
                         "(use on a shared machine; default: %(default)s)")
@@ -195,7 +198,7 @@ def run_catfeat(args, images, specs) -> dict:
     c0 = _cpu()
     report = run_extraction(args.data, [s.name for s in specs], out, weights=args.weights,
                             batch_size=args.batch_size, limit=args.limit, force=True, precision=args.precision,
-                            workers=args.workers, progress=False)
+                            workers=args.workers, progress=False, engine=args.engine)
     cpu = _cpu() - c0
     build = report.seconds.get("build", 0.0)
     secs = report.seconds["total"] - build
