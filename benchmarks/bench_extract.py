@@ -306,7 +306,8 @@ def child(args) -> int:
 def _spawn(args, method: str, work: Path) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--method", method, "--work", str(work),
            "--data", str(args.data), "--models", args.models, "--weights", args.weights,
-           "--limit", str(args.limit), "--batch-size", str(args.batch_size), "--precision", args.precision]
+           "--limit", str(args.limit), "--batch-size", str(args.batch_size), "--precision", args.precision,
+           "--engine", args.engine]
     if args.workers:
         cmd += ["--workers", str(args.workers)]
     if args.tf_threads:
