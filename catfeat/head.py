@@ -310,6 +310,23 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         return out
 
     # -- fitting ----------------------------------------------------------------------------------
+    def _tune_first(self, X, y_idx: np.ndarray, seed, p: dict) -> None:
+        """Search ``tune_grid`` by CV on ``X`` (arrays or streamed rows) and put the winner into ``p``."""
+        from .evaluation import tune
+
+        grid = dict(TUNE_GRID if self.tune_grid is None else self.tune_grid)
+        unknown = set(grid) - set(_TUNABLE)
+        if unknown:
+            raise ValueError(f"tune_grid names unknown hyper-parameters {sorted(unknown)}; tunable: {_TUNABLE}")
+        base = self.__class__(**{**self.get_params(), "tune": False, "verbose": 0, "random_state": seed,
+                                 "seed": None})
+        self.tuning_ = tune(base, X, y_idx, grid, self.tune_cv, seed, self.tune_max_rows,
+                            baseline={k: p[k] for k in grid})
+        self.best_params_ = dict(self.tuning_.best_params)
+        p.update(self.best_params_)
+        if self.verbose:
+            print(self.tuning_.summary())
+
     def fit(self, X, y, validation_data: tuple | None = None, sample_weight=None) -> "FusedHead":
         """Train on ``X`` (dict/list/array of features) and labels ``y`` (any 2+ distinct values).
 
@@ -336,20 +353,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         k = len(classes)
         target = y_idx.astype(np.float32 if k == 2 else np.int32)
         if self.tune:
-            from .evaluation import tune
-
-            grid = dict(TUNE_GRID if self.tune_grid is None else self.tune_grid)
-            unknown = set(grid) - set(_TUNABLE)
-            if unknown:
-                raise ValueError(f"tune_grid names unknown hyper-parameters {sorted(unknown)}; tunable: {_TUNABLE}")
-            base = self.__class__(**{**self.get_params(), "tune": False, "verbose": 0, "random_state": seed,
-                                     "seed": None})
-            self.tuning_ = tune(base, arrays, y_idx, grid, self.tune_cv, seed, self.tune_max_rows,
-                                baseline={k: p[k] for k in grid})
-            self.best_params_ = dict(self.tuning_.best_params)
-            p.update(self.best_params_)
-            if self.verbose:
-                print(self.tuning_.summary())
+            self._tune_first(arrays, y_idx, seed, p)
 
         val = None
         train_arrays, train_target, train_w = arrays, target, weights

@@ -419,7 +419,7 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
     """``FusedHead.fit`` from a :class:`CacheRows`: the same recipe, reading the rows in blocks."""
     import keras
 
-    from .head import MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, TUNE_GRID, _TUNABLE, _stratified_split, build_model, seeded
+    from .head import MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, _stratified_split, build_model, seeded
 
     p = head.resolved_params()
     for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_"):
@@ -436,20 +436,7 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
     k = len(classes)
     target = y_idx.astype(np.float32 if k == 2 else np.int32)
     if head.tune:
-        from .evaluation import tune
-
-        grid = dict(TUNE_GRID if head.tune_grid is None else head.tune_grid)
-        unknown = set(grid) - set(_TUNABLE)
-        if unknown:
-            raise ValueError(f"tune_grid names unknown hyper-parameters {sorted(unknown)}; tunable: {_TUNABLE}")
-        base = head.__class__(**{**head.get_params(), "tune": False, "verbose": 0, "random_state": seed,
-                                 "seed": None})
-        head.tuning_ = tune(base, rows, y_idx, grid, head.tune_cv, seed, head.tune_max_rows,
-                            baseline={k_: p[k_] for k_ in grid})
-        head.best_params_ = dict(head.tuning_.best_params)
-        p.update(head.best_params_)
-        if head.verbose:
-            print(head.tuning_.summary())
+        head._tune_first(rows, y_idx, seed, p)
 
     val = None
     train_rows, train_target = rows, target
