@@ -14,6 +14,7 @@ Prints one JSON object: for each model set (the four Keras backbones; lite0+lite
   HDF5 caches, model build and compilation excluded (``build`` stage), everything else in;
 * ``ceiling_img_s``: the same compiled models over uint8 batches already on the device (no decode,
   no copy, no write), timed after a warm-up call;
+* ``feeder_img_s``: the host reader alone (decode + resize to the set's input sizes, every core);
 * ``ratio`` = whole / ceiling, ``seconds`` per stage, ``gpu_util_mean`` / ``gpu_util_samples`` from
   ``nvidia-smi`` sampled every 200 ms during the extraction, and the summary line.
 """
@@ -84,6 +85,21 @@ def ceiling(models: str, precision: str, batch_size: int, n_batches: int) -> flo
     return n_batches * batch_size / (time.perf_counter() - t)
 
 
+def feeder(data: Path, models: str, batch_size: int, limit: int | None, workers: int | None, decoder: str) -> float:
+    """img/s of the host reader alone (decode + resize to every input size of ``models``, batches
+    stacked), the same reader ``run_extraction`` uses: the feeder's own ceiling on this host."""
+    from catfeat.backbones import parse_models
+    from catfeat.decoders import get_decoder
+    from catfeat.images import iter_batches, list_images
+
+    sizes = sorted({s.input_size for s in parse_models(models)})
+    paths = list_images(data, limit).paths()
+    t, n = time.perf_counter(), 0
+    for batch in iter_batches(paths, sizes, batch_size, workers=workers, decode=get_decoder(decoder).decode):
+        n += len(batch)
+    return n / (time.perf_counter() - t)
+
+
 def replicate(data: Path, times: int) -> Path:
     """A flat folder of ``times`` links to every photo of ``data`` (distinct names), so that a run
     lasts long enough to time on a fast GPU without carrying more photos to the machine."""
@@ -137,7 +153,9 @@ def main(argv=None) -> int:
         models = SETS[name]
         w = whole(args.data, models, args.precision, bs, args.limit, args.workers, args.decoder)
         c = ceiling(models, args.precision, bs, args.ceiling_batches)
-        result[name] = {"models": models, **w, "ceiling_img_s": round(c, 1), "ratio": round(w["whole_img_s"] / c, 3)}
+        f = feeder(args.data, models, bs, args.limit, args.workers, args.decoder)
+        result[name] = {"models": models, **w, "ceiling_img_s": round(c, 1), "ratio": round(w["whole_img_s"] / c, 3),
+                        "feeder_img_s": round(f, 1)}
         print(json.dumps({name: result[name]}), file=sys.stderr, flush=True)
     print(json.dumps(result))
     return 0

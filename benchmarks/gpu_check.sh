@@ -7,4 +7,4 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD KERAS_BACKEND=jax PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 out=${OUT:-/tmp}
-timeout 500 python3 benchmarks/gpu_check.py --data .device/img --replicate 10 "$@" | tee "$out/gpu_check.json"
+timeout 470 python3 benchmarks/gpu_check.py --data .device/img --replicate 20 "$@" | tee "$out/gpu_check.json"
