@@ -14,7 +14,8 @@ Prints one JSON object: for each model set (the four Keras backbones; lite0+lite
   HDF5 caches, model build and compilation excluded (``build`` stage), everything else in;
 * ``ceiling_img_s``: the same compiled models over uint8 batches already on the device (no decode,
   no copy, no write), timed after a warm-up call;
-* ``feeder_img_s``: the host reader alone (decode + resize to the set's input sizes, every core);
+* ``feeder_img_s``: the host reader alone (decode + resize to the set's input sizes, every core),
+  on threads and on processes (``reader``: the one the whole run used, "auto" by default);
 * ``ratio`` = whole / ceiling, ``seconds`` per stage, ``gpu_util_mean`` / ``gpu_util_samples`` from
   ``nvidia-smi`` sampled every 200 ms during the extraction, and the summary line.
 """
@@ -85,7 +86,8 @@ def ceiling(models: str, precision: str, batch_size: int, n_batches: int) -> flo
     return n_batches * batch_size / (time.perf_counter() - t)
 
 
-def feeder(data: Path, models: str, batch_size: int, limit: int | None, workers: int | None, decoder: str) -> float:
+def feeder(data: Path, models: str, batch_size: int, limit: int | None, workers: int | None, decoder: str,
+           reader: str = "threads") -> float:
     """img/s of the host reader alone (decode + resize to every input size of ``models``, batches
     stacked), the same reader ``run_extraction`` uses: the feeder's own ceiling on this host."""
     from catfeat.backbones import parse_models
@@ -95,7 +97,8 @@ def feeder(data: Path, models: str, batch_size: int, limit: int | None, workers:
     sizes = sorted({s.input_size for s in parse_models(models)})
     paths = list_images(data, limit).paths()
     t, n = time.perf_counter(), 0
-    for batch in iter_batches(paths, sizes, batch_size, workers=workers, decode=get_decoder(decoder).decode):
+    for batch in iter_batches(paths, sizes, batch_size, workers=workers, decode=get_decoder(decoder).decode,
+                              reader=reader):
         n += len(batch)
     return n / (time.perf_counter() - t)
 
@@ -115,19 +118,19 @@ def replicate(data: Path, times: int) -> Path:
 
 
 def whole(data: Path, models: str, precision: str, batch_size: int | None, limit: int | None,
-          workers: int | None, decoder: str) -> dict:
+          workers: int | None, decoder: str, reader: str = "auto") -> dict:
     from catfeat import run_extraction
 
     out = Path(tempfile.mkdtemp(prefix="catfeat-gpu-check-"))
     sampler = GpuSampler()
     try:
         rep = run_extraction(data, models, out, weights=None, batch_size=batch_size, limit=limit, precision=precision,
-                             workers=workers, progress=False, decoder=decoder)
+                             workers=workers, progress=False, decoder=decoder, reader=reader)
     finally:
         util = sampler.stop()
         shutil.rmtree(out, ignore_errors=True)
     timed = rep.seconds["total"] - rep.seconds.get("build", 0.0)
-    return {"images": rep.processed, "whole_img_s": round(rep.processed / timed, 1), "total_s": round(rep.seconds["total"], 2),
+    return {"images": rep.processed, "reader": rep.reader, "whole_img_s": round(rep.processed / timed, 1), "total_s": round(rep.seconds["total"], 2),
             "seconds": {k: round(v, 2) for k, v in rep.seconds.items()}, "summary": rep.summary(), **util}
 
 
@@ -140,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--decoder", default="auto")
+    p.add_argument("--reader", default="auto", help="whole run's reader: auto, threads, processes")
     p.add_argument("--ceiling-batches", type=int, default=20)
     p.add_argument("--replicate", type=int, default=1, help="link every photo N times (distinct names)")
     args = p.parse_args(argv)
@@ -151,11 +155,12 @@ def main(argv=None) -> int:
               "batch_size": bs, "cores": os.cpu_count(), "photos": len(list(args.data.iterdir()))}
     for name in args.sets.split(","):
         models = SETS[name]
-        w = whole(args.data, models, args.precision, bs, args.limit, args.workers, args.decoder)
+        w = whole(args.data, models, args.precision, bs, args.limit, args.workers, args.decoder, args.reader)
         c = ceiling(models, args.precision, bs, args.ceiling_batches)
-        f = feeder(args.data, models, bs, args.limit, args.workers, args.decoder)
+        f = {r: round(feeder(args.data, models, bs, args.limit, args.workers, args.decoder, r), 1)
+             for r in ("threads", "processes")}
         result[name] = {"models": models, **w, "ceiling_img_s": round(c, 1), "ratio": round(w["whole_img_s"] / c, 3),
-                        "feeder_img_s": round(f, 1)}
+                        "feeder_img_s": f}
         print(json.dumps({name: result[name]}), file=sys.stderr, flush=True)
     print(json.dumps(result))
     return 0

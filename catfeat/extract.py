@@ -7,6 +7,7 @@ import sys
 from .backbones import REGISTRY
 from .cli import add_alias, add_output_flags, echo, run_cli
 from .extraction import DEFAULT_MODELS, run_extraction
+from .images import READERS
 from .pipeline import skip_line
 
 
@@ -31,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild caches that were built differently")
     p.add_argument("--precision", default="float32", choices=["float32", "mixed", "mixed_float16",
                    "mixed_bfloat16"], help="mixed: float16 on GPU, bfloat16 elsewhere (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=None, help="image decode threads (default: every core)")
+    p.add_argument("--workers", type=int, default=None, help="image decoders running at once (default: every core)")
+    p.add_argument("--reader", default="auto", choices=READERS,
+                   help="decode on threads or on worker processes (free of Python's interpreter lock: many-core "
+                   "GPU hosts); auto: processes from 8 cores and 2,048 images on (default: %(default)s)")
     p.add_argument("--decoder", default="auto", choices=["auto", "opencv", "pillow"],
                    help="auto: OpenCV (fast) where installed, else Pillow; recorded in the cache (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype of the "
@@ -60,7 +64,7 @@ def _main(args: argparse.Namespace) -> int:
                             args.force, args.precision, args.workers, args.weights_seed,
                             progress=not (args.no_progress or args.quiet),
                             engine=args.engine, engine_options=_engine_options(args), tta=args.tta,
-                            decoder=args.decoder, dtype=args.dtype)
+                            decoder=args.decoder, dtype=args.dtype, reader=args.reader)
     for name, path in report.paths.items():
         say(f"{name}: {path}")
     for s in report.skipped:  # those printed during the run are not repeated

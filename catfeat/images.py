@@ -418,17 +418,48 @@ def _decode_timed(path: Path, sizes: Sequence[int], budget: ByteBudget | None = 
             budget.release(cost)
 
 
+READERS = ("auto", "threads", "processes")
+# "auto" reads on processes from this many cores and images on: below, spawning the workers costs
+# more than the interpreter lock does.
+PROCESS_READER_MIN = {"cores": 8, "images": 2048}
+
+
+def choose_reader(reader: str, workers: int | None, n_images: int, sizes: Sequence[int] = (),
+                  batch_size: int = 0, prefetch: int = 2) -> str:
+    """"threads" or "processes" for ``reader``: "auto" takes processes from
+    ``PROCESS_READER_MIN`` cores and images on, where the shared memory for their batches is free."""
+    if reader not in READERS:
+        raise ValueError(f"unknown reader {reader!r}; choose one of {', '.join(READERS)}")
+    if reader != "auto":
+        return reader
+    from .process_reader import shared_memory_free, slot_bytes
+
+    cores = workers or os.cpu_count() or 1
+    big = cores >= PROCESS_READER_MIN["cores"] and n_images >= PROCESS_READER_MIN["images"]
+    free = shared_memory_free()
+    need = (prefetch + 3) * slot_bytes(sizes, batch_size)
+    return "processes" if big and (free is None or free >= need) else "threads"
+
+
 def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, start: int = 0,
                  workers: int | None = None, prefetch: int = 2, decode=None,
-                 budget: ByteBudget | None = None) -> Iterator[Batch]:
+                 budget: ByteBudget | None = None, reader: str = "threads") -> Iterator[Batch]:
     """Decode ``paths[start:]`` on a thread pool of ``workers`` threads (default: every core; the
     decoders release the GIL) in order, ``prefetch`` batches ahead of the consumer, so that decoding
     overlaps the model. ``decode(path, sizes)``: a decoder's function from :mod:`catfeat.decoders`
     (default: the "auto" decoder; Pillow's has decode and resize timed apart). ``budget`` bounds the
-    full-size pixels decoding at once (default: a new :class:`ByteBudget` of ``DECODE_BYTES``)."""
+    full-size pixels decoding at once (default: a new :class:`ByteBudget` of ``DECODE_BYTES``).
+    ``reader``: "threads", "processes" (:mod:`catfeat.process_reader`: many cores, no shared
+    interpreter lock) or "auto"."""
     from .decoders import DECODERS, get_decoder
 
     sizes = sorted(set(int(s) for s in sizes))
+    if choose_reader(reader, workers, len(paths) - start, sizes, batch_size, prefetch) == "processes":
+        from .process_reader import iter_batches_processes
+
+        limit = budget.limit if budget is not None else DECODE_BYTES
+        yield from iter_batches_processes(paths, sizes, batch_size, start, workers, prefetch + 1, decode, limit)
+        return
     workers = workers or os.cpu_count() or 1
     decode = decode or get_decoder("auto").decode
     one = None if decode is DECODERS["pillow"].decode else decode
