@@ -261,7 +261,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
 def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack) -> None:
     """This process: decode threads -> every backbone on this device -> a writer thread."""
     from .decoders import get_decoder
-    from .pipeline import ModelRunner, progress_bar, report_skip, run_stages
+    from .pipeline import ModelRunner, StartedEarly, progress_bar, report_skip, run_stages
     from .runtime import Forward
 
     images, secs = plan.images, report.seconds
@@ -275,11 +275,22 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
             plan.log(f"catfeat: resuming {writer.path.name} at image {writer.resumed_from} of {len(images)}")
         writers[spec.name] = writer
     start = min(w.next_index for w in writers.values())
-    t = time.perf_counter()
-    runner = ModelRunner({s.name: (s.input_size, Forward(s, plan.weights, plan.seed, plan.precision, plan.batch_size,
-                                                         plan.tta)) for s in plan.specs})
     if start < len(images):
-        runner.warmup()
+        sizes = sorted({s.input_size for s in plan.specs})
+        report.reader = choose_reader(plan.reader, plan.workers, len(images) - start, sizes, plan.batch_size)
+        # started before the build, so worker start-up and the first decodes overlap the compilation
+        batches = StartedEarly(iter_batches(images.paths(), sizes, plan.batch_size, start=start, workers=plan.workers,
+                                            decode=get_decoder(plan.decoder).decode, reader=report.reader))
+    t = time.perf_counter()
+    try:
+        runner = ModelRunner({s.name: (s.input_size, Forward(s, plan.weights, plan.seed, plan.precision,
+                                                             plan.batch_size, plan.tta)) for s in plan.specs})
+        if start < len(images):
+            runner.warmup()
+    except BaseException:
+        if start < len(images):
+            batches.close()
+        raise
     secs["build"] = time.perf_counter() - t
     if start < len(images):
         bar = progress_bar(len(images) - start, plan.progress)
@@ -298,10 +309,6 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
         def wanted(batch) -> list[str]:
             return [n for n, w in writers.items() if batch.start + len(batch) > w.next_index]
 
-        sizes = sorted({s.input_size for s in plan.specs})
-        report.reader = choose_reader(plan.reader, plan.workers, len(images) - start, sizes, plan.batch_size)
-        batches = iter_batches(images.paths(), sizes, plan.batch_size, start=start, workers=plan.workers,
-                               decode=get_decoder(plan.decoder).decode, reader=report.reader)
         try:
             run_stages(batches, runner, write, wanted, secs)
         finally:

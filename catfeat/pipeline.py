@@ -192,6 +192,40 @@ class WriterThread:
             self._raise()
 
 
+class StartedEarly:
+    """Iterates ``items`` (a generator) with its first item already being fetched on a thread, so
+    that a reader's start-up overlaps whatever the caller does first (building the models)."""
+
+    def __init__(self, items: Iterator):
+        self._items, self._first, self._error = items, [], None
+        self._thread = threading.Thread(target=self._fetch_first, name="catfeat-reader-start", daemon=True)
+        self._thread.start()
+
+    def _fetch_first(self) -> None:
+        try:
+            self._first.append(next(self._items))
+        except StopIteration:
+            pass
+        except BaseException as e:  # raised to the caller on its first next()
+            self._error = e
+
+    def __iter__(self) -> "StartedEarly":
+        return self
+
+    def __next__(self):
+        self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if self._first:
+            return self._first.pop()
+        return next(self._items)
+
+    def close(self) -> None:
+        self._thread.join()  # a generator cannot be closed while another thread runs it
+        self._items.close()
+
+
 def run_stages(batches: Iterator[Decoded], runner: ModelRunner, write: Callable[[Decoded, dict], None],
                wanted: Callable[[Decoded], Sequence[str]] | None = None, seconds: dict | None = None,
                depth: int = 2) -> None:
