@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import signal
 import sys
 from collections import deque
 from concurrent.futures import CancelledError, ProcessPoolExecutor
@@ -114,6 +115,9 @@ def _attach(names: list[dict[int, str]], sizes, batch_size) -> tuple[list, list]
 
 def _init(names, sizes, batch_size, decode, budget, barrier) -> None:
     global _SLOTS, _SHM
+    # Ctrl-C reaches the whole process group: the driver stops the workers, each would otherwise
+    # print its own KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _SHM, _SLOTS = _attach(names, sizes, batch_size)
     _SETUP.update(sizes=list(sizes), decode=decode, budget=budget, barrier=barrier)
 
