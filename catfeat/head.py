@@ -412,8 +412,9 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         unknown = set(grid) - set(_TUNABLE)
         if unknown:
             raise ValueError(f"tune_grid names unknown hyper-parameters {sorted(unknown)}; tunable: {_TUNABLE}")
+        # X is already one array per backbone: the candidates need no backbone_widths to split it
         base = self.__class__(**{**self.get_params(), "tune": False, "verbose": 0, "random_state": seed,
-                                 "seed": None})
+                                 "seed": None, "backbone_widths": None})
         self.tuning_ = tune(base, X, y_idx, grid, self.tune_cv, seed, self.tune_max_rows,
                             baseline={k: p[k] for k in grid})
         self.best_params_ = dict(self.tuning_.best_params)

@@ -201,3 +201,5 @@ def test_backbone_widths_through_scikit_learn_tools(tmp_path):
     np.testing.assert_array_equal(back.predict_proba(X), search.best_estimator_.predict_proba(X))
     tup = FusedHead(**FAST, backbone_widths=(4, 3)).fit(X, y)
     assert FusedHead.load(tup.save(tmp_path / "t")).backbone_widths == (4, 3)
+    tuned = FusedHead(**FAST, backbone_widths=widths, tune=True, tune_grid={"dropout": [0.0, 0.5]}, tune_cv=2)
+    assert tuned.fit(X, y).backbones_ == ["lite0", "lite1"] and len(tuned.tuning_.table) == 2
