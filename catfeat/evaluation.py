@@ -446,14 +446,19 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     predictions of the training rows only). A ``LogisticRegression`` (C=1) on the concatenation of
     all backbones is added as a reference row when ``linear``. Rows are scored on a shuffled
     stratified ``val_split`` holdout, or by ``cv``-fold CV when given, with the same rows and seed
-    for every row of the table. Writes ``compare.csv``, ``compare.md`` and ``compare.png``
+    for every row of the table. Every head is built and scored as with scikit-learn: on the
+    backbones' stacked matrix with ``backbone_widths`` (:func:`catfeat.head.stack_backbones`), by
+    ``sklearn.model_selection.cross_validate`` on those rows. Writes ``compare.csv``, ``compare.md`` and ``compare.png``
     (when matplotlib is installed) to ``out_dir`` (default: ``features_dir``). The returned
     DataFrame is sorted by log loss; ``df.attrs["summary"]`` says which fusion wins and by how much.
     ``progress``: a progress bar over the candidate heads on stderr.
     """
     import pandas as pd
 
-    from .head import FusedHead
+    from sklearn.base import clone
+    from sklearn.model_selection import cross_validate as sk_cross_validate
+
+    from .head import FusedHead, stack_backbones
 
     if data is not None:
         X, y = data
@@ -497,22 +502,28 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
         if verbose:
             (bar.write if progress else print)(msg)
 
+    def fused(combo) -> tuple:
+        """(head, X) for backbones ``combo`` as a scikit-learn user builds them: one 2-D matrix and
+        the head told its backbone widths (the same model as one input per backbone)."""
+        Xs, widths = stack_backbones({b: X[b] for b in combo})
+        est = clone(head)
+        return (est.set_params(backbone_widths=widths) if "backbone_widths" in est.get_params() else est), Xs
+
     def run(est, Xs) -> tuple[np.ndarray, float]:
-        """Held-out predictions (n, K) (NaN rows never held out) and total fit seconds."""
+        """Held-out predictions (n, K) (NaN rows never held out) and total fit seconds, by
+        scikit-learn's ``cross_validate`` on the folds."""
+        r = sk_cross_validate(est, Xs, y, cv=folds, return_estimator=True, return_indices=True, error_score="raise")
         out = np.full((n, K), np.nan)
-        secs = 0.0
-        for tr, va in folds:
-            p, s = _fit_predict(est, Xs, y, tr, va)
-            out[va] = p
-            secs += s
-        return out, secs
+        for fitted, va in zip(r["estimator"], r["indices"]["test"]):
+            out[va] = fitted.predict_proba(Xs[va])
+        return out, float(np.sum(r["fit_time"]))
 
     # (backbones, strategy) -> (held-out proba, fit seconds[, average weights])
     preds: dict[tuple[tuple[str, ...], str], tuple] = {}
     singles = {}
     for b in names:
         say(f"compare: {b}")
-        singles[b] = run(head, {b: X[b]})
+        singles[b] = run(*fused((b,)))
         preds[((b,), "single")] = singles[b]
         bar.update()
 
@@ -523,13 +534,14 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
         tr = folds[0][0]
         for b in names:
             say(f"compare: inner CV of {b} for the average's weights")
-            inner_oof[b] = cross_validate(head, {b: X[b][tr]}, y[tr], inner_cv, seed).proba
+            est, Xb = fused((b,))
+            inner_oof[b] = cross_validate(est, Xb[tr], y[tr], inner_cv, seed).proba
             bar.update()
 
     for combo in subsets:
         if "concat" in strategies:
             say(f"compare: {'+'.join(combo)} (concat)")
-            preds[(combo, "concat")] = run(head, {b: X[b] for b in combo})
+            preds[(combo, "concat")] = run(*fused(combo))
             bar.update()
         if "average" in strategies:
             mix = np.full((n, K), np.nan)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -108,6 +109,43 @@ def _jsonable(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
+def _widths_json(v):
+    """backbone_widths for head.json: a dict stays a dict, a sequence becomes a list of ints."""
+    if v is None:
+        return None
+    if isinstance(v, Mapping):
+        return {str(k): int(d) for k, d in v.items()}
+    return [int(d) for d in v]
+
+
+def stack_backbones(blocks: Mapping[str, Any] | Sequence[Any]) -> tuple[np.ndarray, dict[str, int] | tuple[int, ...]]:
+    """``(X, widths)``: one (n, sum D) float32 matrix from per-backbone blocks, and how it splits back.
+
+    ``blocks`` is a dict backbone name -> (n, D) array (``widths`` is then a dict name -> D, so the
+    head's inputs keep the names) or a list of arrays (``widths`` is a tuple). ``FusedHead(
+    backbone_widths=widths).fit(X, y)`` builds the same model as ``FusedHead().fit(blocks, y)``, and
+    ``X`` is a plain 2-D matrix for ``cross_val_score``, ``GridSearchCV`` and ``Pipeline``.
+    """
+    if isinstance(blocks, Mapping):
+        names, arrays = [str(k) for k in blocks], list(blocks.values())
+    elif isinstance(blocks, (list, tuple)):
+        names, arrays = None, list(blocks)
+    else:
+        raise TypeError(f"blocks must be a dict name -> 2-D array or a list of 2-D arrays, got {type(blocks).__name__}")
+    if not arrays:
+        raise ValueError("blocks holds no feature arrays")
+    arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
+    bad = [i for i, a in enumerate(arrays) if a.ndim != 2]
+    if bad:
+        raise ValueError(f"every block must be 2-D (rows, dims); block {(names or list(range(len(arrays))))[bad[0]]!r} "
+                         f"has shape {arrays[bad[0]].shape}")
+    if len({a.shape[0] for a in arrays}) > 1:
+        raise ValueError("blocks have different row counts: " + ", ".join(str(a.shape[0]) for a in arrays))
+    X = np.ascontiguousarray(arrays[0]) if len(arrays) == 1 else np.concatenate(arrays, axis=1)
+    dims = [int(a.shape[1]) for a in arrays]
+    return X, (tuple(dims) if names is None else dict(zip(names, dims)))
+
+
 def _class_weight_json(v):
     """class_weight for head.json: a dict as [label, weight] pairs, so int labels stay ints."""
     if isinstance(v, Mapping):
@@ -129,8 +167,18 @@ class FusedHead(ClassifierMixin, BaseEstimator):
     is in ``best_params_`` and the table in ``tuning_``. ``random_state`` makes fitting reproducible
     on CPU (``seed`` is its deprecated alias) without touching Python's or NumPy's global generators.
     ``class_weight`` (``"balanced"`` or a dict label -> weight) and ``fit(..., sample_weight=...)``
-    weight the loss. A 2-D array, DataFrame or list of rows is validated as scikit-learn does
-    (``n_features_in_``, ``feature_names_in_``); a dict or list of 2-D arrays is one input per backbone.
+    weight the loss, for in-memory and streamed (``CacheRows``) input alike. A 2-D array, DataFrame
+    or list of rows is validated as scikit-learn does (``n_features_in_``, ``feature_names_in_``);
+    a dict or list of 2-D arrays is one input per backbone.
+
+    Several backbones through scikit-learn's tools: ``backbone_widths`` (a tuple of ints, or a dict
+    backbone name -> int, in column order) says how the columns of a 2-D ``X`` split into backbones.
+    ``FusedHead(backbone_widths=(2048, 1536)).fit(X, y)`` on the concatenated matrix builds the same
+    model, and with the same ``random_state`` gives the same predictions, as ``FusedHead().fit([A,
+    B], y)`` (a dict gives the inputs the backbones' names, as a dict of blocks does); being a plain
+    2-D ``X``, it works in ``cross_val_score``, ``GridSearchCV``, ``Pipeline`` and ``clone``.
+    :func:`stack_backbones` builds ``(X, widths)`` from a dict of blocks. The widths must sum to the
+    number of columns (checked in ``fit``); with dict or list input they must match the blocks.
     """
 
     def __init__(self, preset: str = "default", dropout: float | None = None, weight_decay: float | None = None,
@@ -139,7 +187,8 @@ class FusedHead(ClassifierMixin, BaseEstimator):
                  validation_fraction: float = 0.1, patience: int | None = None, max_steps: int | None = None,
                  tune: bool = False, tune_grid: dict | None = None, tune_cv: int = 3,
                  tune_max_rows: int | None = TUNE_MAX_ROWS, random_state: int | None = 2019,
-                 class_weight: dict | str | None = None, verbose: int = 0, seed: int | None = None):
+                 class_weight: dict | str | None = None, verbose: int = 0, seed: int | None = None,
+                 backbone_widths: Sequence[int] | Mapping[str, int] | None = None):
         self.preset = preset
         self.dropout = dropout
         self.weight_decay = weight_decay
@@ -158,6 +207,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         self.class_weight = class_weight
         self.verbose = verbose
         self.seed = seed
+        self.backbone_widths = backbone_widths
 
     def _seed(self) -> int | None:
         """The integer seed in force: ``random_state`` (or the deprecated ``seed``), None for none."""
@@ -172,6 +222,45 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         if isinstance(rs, np.random.Generator):
             return int(rs.integers(2**31 - 1))
         return int(rs)
+
+    def _widths(self, n_features: int | None = None) -> tuple[list[str], list[int]] | None:
+        """(backbone names, widths) of ``backbone_widths``, checked; None when not set.
+
+        ``n_features``: the columns of X, which the widths must sum to.
+        """
+        w = self.backbone_widths
+        if w is None:
+            return None
+        if isinstance(w, Mapping):
+            names, dims = [str(k) for k in w], list(w.values())
+        elif isinstance(w, (list, tuple, np.ndarray)) and np.ndim(w) == 1:
+            dims = list(w)
+            names = [f"input_{i}" for i in range(len(dims))]
+        else:
+            raise ValueError(f"backbone_widths must be a tuple of ints or a dict name -> int, got {w!r}")
+        if not dims:
+            raise ValueError("backbone_widths is empty")
+        if any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in dims):
+            raise ValueError(f"backbone_widths must be integers >= 1, got {w!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"backbone_widths names a backbone twice: {names}")
+        dims = [int(d) for d in dims]
+        if n_features is not None and sum(dims) != n_features:
+            raise ValueError(f"backbone_widths {' + '.join(map(str, dims))} = {sum(dims)} columns, but X has "
+                             f"{n_features} columns")
+        return names, dims
+
+    def _match_widths(self, keys: Sequence[str], dims: Sequence[int]) -> None:
+        """With ``backbone_widths`` set, per-backbone input must have those widths (and names, for a dict)."""
+        w = self._widths()
+        if w is None:
+            return
+        names, widths = w
+        named = isinstance(self.backbone_widths, Mapping)
+        if list(dims) != widths or (named and list(keys) != names):
+            got = ", ".join(f"{k} ({d})" for k, d in zip(keys, dims))
+            want = ", ".join(f"{k} ({d})" for k, d in zip(names, widths)) if named else ", ".join(map(str, widths))
+            raise ValueError(f"backbone_widths say {want}; the per-backbone X has {got}")
 
     def _labels(self, y, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(classes, class index of each row) of labels ``y`` for ``n`` rows, checked like scikit-learn's."""
@@ -273,7 +362,11 @@ class FusedHead(ClassifierMixin, BaseEstimator):
                                      + f" = {sum(self.dims_)}") from None
                 raise
             if fitting:
-                keys, arrays = ["features"], [a]
+                w = self._widths(a.shape[1])
+                if w is None:
+                    keys, arrays = ["features"], [a]
+                else:  # one concatenated matrix, split into the backbones' inputs
+                    keys, arrays = w[0], np.split(a, np.cumsum(w[1])[:-1], axis=1)
             elif len(self.dims_) > 1:
                 # One concatenated array for a multi-backbone head: split it in the fitted order.
                 keys, arrays = list(self.backbones_), np.split(a, np.cumsum(self.dims_)[:-1], axis=1)
@@ -281,7 +374,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
                 keys, arrays = list(self.backbones_), [a]
             out = [np.ascontiguousarray(v, dtype=np.float32) for v in arrays]
             if fitting:
-                self.backbones_, self.dims_ = keys, [int(out[0].shape[1])]
+                self.backbones_, self.dims_ = list(keys), [int(v.shape[1]) for v in out]
             if names is not None:
                 check_finite(dict(zip(keys, out)), names, what)
             return out
@@ -298,6 +391,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
             raise ValueError("backbones have different row counts: "
                              + ", ".join(f"{k}: {a.shape[0]}" for k, a in zip(keys, out)))
         if fitting:
+            self._match_widths(keys, [int(a.shape[1]) for a in out])
             self.backbones_ = keys
             self.dims_ = [int(a.shape[1]) for a in out]
             self.n_features_in_ = int(sum(self.dims_))
@@ -318,8 +412,9 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         unknown = set(grid) - set(_TUNABLE)
         if unknown:
             raise ValueError(f"tune_grid names unknown hyper-parameters {sorted(unknown)}; tunable: {_TUNABLE}")
+        # X is already one array per backbone: the candidates need no backbone_widths to split it
         base = self.__class__(**{**self.get_params(), "tune": False, "verbose": 0, "random_state": seed,
-                                 "seed": None})
+                                 "seed": None, "backbone_widths": None})
         self.tuning_ = tune(base, X, y_idx, grid, self.tune_cv, seed, self.tune_max_rows,
                             baseline={k: p[k] for k in grid})
         self.best_params_ = dict(self.tuning_.best_params)
@@ -332,16 +427,14 @@ class FusedHead(ClassifierMixin, BaseEstimator):
 
         Early stopping holds out a shuffled, stratified ``validation_fraction`` of the rows unless
         ``validation_data=(X_val, y_val)`` (or ``(X_val, y_val, sample_weight_val)``) is given.
-        ``sample_weight`` (and ``class_weight``) weight the training loss and the validation log
-        loss of the internal split. Seeds the backend with ``random_state`` and leaves Python's and
+        ``sample_weight`` (one per row; for a ``CacheRows``, per row in its aligned order) and
+        ``class_weight`` weight the training loss and the validation log loss of the internal split. Seeds the backend with ``random_state`` and leaves Python's and
         NumPy's global random generators as they were.
         """
         from .streaming import fit_stream, is_stream
 
         if is_stream(X):  # a catfeat.streaming.CacheRows: read from the caches in blocks
-            if sample_weight is not None:
-                raise ValueError("sample_weight is not supported with streamed (CacheRows) input")
-            return fit_stream(self, X, y, validation_data)
+            return fit_stream(self, X, y, validation_data, sample_weight=sample_weight)
         p = self.resolved_params()
         for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_"):
             self.__dict__.pop(attr, None)
@@ -451,7 +544,8 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         from . import __version__
 
         meta = {"format": FORMAT, "catfeat_version": __version__,
-                "params": {k: _class_weight_json(v) if k == "class_weight" else _jsonable(v)
+                "params": {k: _class_weight_json(v) if k == "class_weight" else
+                           _widths_json(v) if k == "backbone_widths" else _jsonable(v)
                            for k, v in self.get_params().items()},
                 "resolved_params": {k: _jsonable(v) for k, v in self.params_.items()},
                 "backbones": list(self.backbones_), "dims": list(self.dims_),
@@ -474,6 +568,8 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         params = dict(meta["params"])
         if isinstance(params.get("class_weight"), list):  # a dict, saved as pairs to keep int labels
             params["class_weight"] = {k: v for k, v in params["class_weight"]}
+        if isinstance(params.get("backbone_widths"), list):  # a tuple, saved as a JSON list
+            params["backbone_widths"] = tuple(params["backbone_widths"])
         if "random_state" not in params and "seed" in params:  # saved before random_state
             params["random_state"] = params.pop("seed")
         head = cls(**params)

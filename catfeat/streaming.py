@@ -269,11 +269,16 @@ class EpochBatches:
 
     Every row appears once an epoch whatever the block and buffer sizes; the order depends on
     ``seed`` and the epoch. ``epoch_order()`` gives the positions of an epoch in the order served.
+    With ``weights`` (one per row), :meth:`batch_at` gives ``(x, target, weight)``, as Keras takes them.
     """
 
     def __init__(self, rows: CacheRows, target: np.ndarray, batch_size: int, seed: int | None = 0,
-                 block_rows: int | None = None, buffer_rows: int | None = None, shuffle: bool = True):
+                 block_rows: int | None = None, buffer_rows: int | None = None, shuffle: bool = True,
+                 weights: np.ndarray | None = None):
         self.rows, self.target, self.batch = rows, np.asarray(target), int(batch_size)
+        self.weights = None if weights is None else np.asarray(weights, np.float32)
+        if self.weights is not None and self.weights.shape != (len(rows),):
+            raise ValueError(f"weights must hold one value per row ({len(rows)}), got shape {self.weights.shape}")
         self.seed = 0 if seed is None else int(seed)
         rb = max(rows.row_bytes, 1)
         self.block_rows = int(block_rows or max(64, BLOCK_BYTES // rb))
@@ -315,7 +320,7 @@ class EpochBatches:
         arrays = self.rows.read(pos[srt])  # sorted positions: contiguous reads
         inv = np.empty_like(srt)
         inv[srt] = np.arange(len(srt))
-        return [a[inv] for a in arrays], self.target[pos]
+        return [a[inv] for a in arrays], self.target[pos], None if self.weights is None else self.weights[pos]
 
     def _load(self, j: int) -> None:
         key = (self.epoch, j)
@@ -346,8 +351,9 @@ class EpochBatches:
         if self._buf_id != (self.epoch, j):
             self._load(j)
         a = i * self.batch - j * self.buffer_rows
-        arrays, t = self._buf
-        return tuple(x[a:a + self.batch] for x in arrays), t[a:a + self.batch]
+        arrays, t, w = self._buf
+        out = tuple(x[a:a + self.batch] for x in arrays), t[a:a + self.batch]
+        return out if w is None else (*out, w[a:a + self.batch])
 
     def next_epoch(self) -> None:
         self.epoch += 1
@@ -365,8 +371,8 @@ def _keras_batches(batches: EpochBatches):
             return len(batches)
 
         def __getitem__(self, i):
-            x, t = batches.batch_at(int(i))
-            return (x[0] if len(x) == 1 else x), t
+            x, *rest = batches.batch_at(int(i))
+            return ((x[0] if len(x) == 1 else x), *rest)
 
         def on_epoch_end(self):
             batches.next_epoch()
@@ -384,7 +390,7 @@ def _early_stopping_class():
             p = np.clip(forward_rows(self.model, self.val_arrays), 1e-7, 1 - 1e-7)
             y = self.val_y.astype(np.int64)
             pt = np.where(y == 1, p[:, 0], 1 - p[:, 0]) if self.n_classes == 2 else p[np.arange(len(y)), y]
-            loss = float(-np.mean(np.log(pt)))
+            loss = float(-np.average(np.log(pt), weights=self.val_w))
             self.losses.append(loss)
             if loss < self.best:
                 self.best, self.best_epoch, self.best_weights = loss, epoch, self.model.get_weights()
@@ -415,19 +421,24 @@ def predict_stream(head, rows: CacheRows) -> np.ndarray:
 
 
 def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int | None = None,
-               buffer_rows: int | None = None):
-    """``FusedHead.fit`` from a :class:`CacheRows`: the same recipe, reading the rows in blocks."""
+               buffer_rows: int | None = None, sample_weight=None):
+    """``FusedHead.fit`` from a :class:`CacheRows`: the same recipe, reading the rows in blocks.
+
+    ``sample_weight`` (one per row of ``rows``) and ``head.class_weight`` weight the loss as in memory:
+    the per-row weights (mean 1) are held in memory and served with each batch.
+    """
     import keras
+    from sklearn.utils.validation import _check_sample_weight, column_or_1d
 
     from .head import MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, _stratified_split, build_model, seeded
 
     p = head.resolved_params()
     for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_"):
         head.__dict__.pop(attr, None)
-    if head.class_weight is not None:
-        raise ValueError("class_weight is not supported with streamed (CacheRows) input")
     seed = head._seed()
     classes, y_idx = head._labels(y, len(rows))
+    weights = head._weights(column_or_1d(y), sample_weight, len(y_idx))
+    head._match_widths(rows.backbones, [rows.dims[b] for b in rows.backbones])
     head.__dict__.pop("feature_names_in_", None)
     head.backbones_ = rows.backbones
     head.dims_ = [rows.dims[b] for b in rows.backbones]
@@ -439,20 +450,24 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
         head._tune_first(rows, y_idx, seed, p)
 
     val = None
-    train_rows, train_target = rows, target
+    train_rows, train_target, train_w = rows, target, weights
     if p["early_stopping"]:
         if validation_data is not None:
             Xv, yv = validation_data[:2]
-            pos = np.searchsorted(classes, np.asarray(yv))
-            if np.any(pos >= k) or np.any(classes[np.minimum(pos, k - 1)] != np.asarray(yv)):
+            wv = validation_data[2] if len(validation_data) > 2 else None
+            yv = column_or_1d(yv)
+            pos = np.searchsorted(classes, yv)
+            if np.any(pos >= k) or np.any(classes[np.minimum(pos, k - 1)] != yv):
                 raise ValueError("validation labels hold classes not seen in y")
-            val = (Xv.select(head.backbones_) if is_stream(Xv) else head._inputs(Xv), pos.astype(target.dtype))
+            val = (Xv.select(head.backbones_) if is_stream(Xv) else head._inputs(Xv), pos.astype(target.dtype),
+                   None if wv is None else _check_sample_weight(wv, np.empty((len(pos), 0))))
         else:
             tr, va = _stratified_split(y_idx, head.validation_fraction, seed)
             train_rows, train_target = rows.subset(tr), target[tr]
-            val = (rows.subset(va), target[va])
+            train_w = None if weights is None else weights[tr]
+            val = (rows.subset(va), target[va], None if weights is None else weights[va])
         if is_stream(val[0]) and val[0].nbytes <= VAL_IN_MEMORY_BYTES:
-            val = (val[0].read(), val[1])  # small enough: read once, score like the in-memory path
+            val = (val[0].read(), *val[1:])  # small enough: read once, score like the in-memory path
 
     n = len(train_rows)
     batch = int(min(p["batch_size"], n))
@@ -473,7 +488,7 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
 
             cls = _early_stopping_class() if is_stream(val[0]) else _EarlyStopping
             stopper = cls(val, int(p["patience"]), k)
-        batches = EpochBatches(train_rows, train_target, batch, seed, block_rows, buffer_rows)
+        batches = EpochBatches(train_rows, train_target, batch, seed, block_rows, buffer_rows, weights=train_w)
         # shuffle=False: Keras would otherwise ask for the batches in random order, reading every
         # buffer again for each batch; the rows are shuffled by EpochBatches.
         try:

@@ -141,6 +141,38 @@ def test_compare_with_cv(tmp_path):
     assert (tmp_path / "cmp" / "compare.md").exists()
 
 
+def test_compare_scores_the_fused_head_as_scikit_learn_does(tmp_path, monkeypatch):
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    from catfeat.head import stack_backbones
+    from catfeat.store import load_features
+
+    make_caches(tmp_path, n=120)
+    fits = []
+    real_fit = FusedHead.fit
+
+    def spy(self, X, y, *args, **kwargs):
+        fits.append((self.backbone_widths, np.ndim(X)))
+        return real_fit(self, X, y, *args, **kwargs)
+
+    monkeypatch.setattr(FusedHead, "fit", spy)
+    df = compare("lite0,lite1", tmp_path, head=FusedHead(**FAST), cv=3, seed=5, clip=0, linear=False,
+                 strategies=("concat",))
+    # every head is fitted on one 2-D matrix told its backbones' widths
+    assert fits and all(nd == 2 and isinstance(w, dict) for w, nd in fits)
+    assert {tuple(w) for w, _ in fits} == {("EfficientNetLite0",), ("EfficientNetLite1",),
+                                           ("EfficientNetLite0", "EfficientNetLite1")}
+    monkeypatch.setattr(FusedHead, "fit", real_fit)
+    blocks, y, _ = load_features("lite0,lite1", tmp_path)
+    X, widths = stack_backbones(blocks)
+    folds = StratifiedKFold(3, shuffle=True, random_state=5)
+    row = df[df["strategy"] == "concat"].iloc[0]
+    head = FusedHead(**FAST, backbone_widths=widths)
+    assert row["accuracy"] == pytest.approx(cross_val_score(head, X, y, cv=folds).mean(), abs=1e-12)
+    assert row["log_loss"] == pytest.approx(-cross_val_score(head, X, y, cv=folds, scoring="neg_log_loss").mean(),
+                                            rel=1e-5)
+
+
 # -- the CLI ------------------------------------------------------------------------------------------
 def test_cli_end_to_end(tmp_path, capsys):
     feats = make_caches(tmp_path / "features")

@@ -131,3 +131,75 @@ def test_class_weight_survives_save_and_load(tmp_path):
     head = FusedHead(**FAST, class_weight={0: 1.0, 1: 3.0}).fit(X, y)
     back = FusedHead.load(head.save(tmp_path / "h"))
     assert back.class_weight == {0: 1.0, 1: 3.0}
+
+
+# -- several backbones as one 2-D X: backbone_widths ----------------------------------------------------
+def blocks(n=120, seed=0):
+    X, y = data(n, 7, seed)
+    return {"lite0": X[:, :4], "lite1": X[:, 4:]}, y
+
+
+def test_backbone_widths_give_the_model_of_the_blocks():
+    from catfeat.head import stack_backbones
+
+    B, y = blocks()
+    X, widths = stack_backbones(B)
+    assert widths == {"lite0": 4, "lite1": 3} and X.shape == (120, 7) and X.dtype == np.float32
+    assert stack_backbones(list(B.values()))[1] == (4, 3)
+    for w, reference in ((widths, B), ((4, 3), list(B.values()))):
+        ref = FusedHead(**FAST, random_state=3).fit(reference, y)
+        head = FusedHead(**FAST, random_state=3, backbone_widths=w).fit(X, y)
+        assert head.backbones_ == ref.backbones_ and head.dims_ == [4, 3] and head.n_features_in_ == 7
+        assert [(layer.name, layer.output.shape) for layer in head.model_.layers] == \
+            [(layer.name, layer.output.shape) for layer in ref.model_.layers]
+        np.testing.assert_array_equal(head.predict_proba(X), ref.predict_proba(reference))
+        np.testing.assert_array_equal(head.predict_proba(reference), ref.predict_proba(X))
+    # without widths the same matrix is one input: another model
+    assert len(FusedHead(**FAST).fit(X, y).model_.inputs) == 1
+
+
+def test_backbone_widths_are_checked_in_fit():
+    B, y = blocks()
+    X = np.concatenate(list(B.values()), axis=1)
+    FusedHead(backbone_widths=(4, 2))  # __init__ only stores
+    with pytest.raises(ValueError, match=r"4 \+ 2 = 6 columns, but X has 7 columns"):
+        FusedHead(**FAST, backbone_widths=(4, 2)).fit(X, y)
+    for bad in ((4, 0, 3), (4.0, 3), 7, (), (True, 6)):
+        with pytest.raises(ValueError, match="backbone_widths"):
+            FusedHead(**FAST, backbone_widths=bad).fit(X, y)
+    with pytest.raises(ValueError, match=r"backbone_widths say lite1 \(4\), lite0 \(3\)"):
+        FusedHead(**FAST, backbone_widths={"lite1": 4, "lite0": 3}).fit(B, y)
+    with pytest.raises(ValueError, match="backbone_widths say 3, 4"):
+        FusedHead(**FAST, backbone_widths=(3, 4)).fit(list(B.values()), y)
+    FusedHead(**FAST, backbone_widths=(4, 3)).fit(B, y)  # blocks that agree with the widths are fine
+
+
+def test_backbone_widths_through_scikit_learn_tools(tmp_path):
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from catfeat.evaluation import cross_validate
+    from catfeat.head import stack_backbones
+
+    B, y = blocks(150)
+    X, widths = stack_backbones(B)
+    head = FusedHead(**FAST, random_state=4, backbone_widths=widths)
+    assert clone(head).get_params()["backbone_widths"] == widths
+    folds = StratifiedKFold(3, shuffle=True, random_state=0)
+    scores = cross_val_score(head, X, y, cv=folds, scoring="neg_log_loss")
+    # the same folds through catfeat's CV on the dict of blocks: the same fused heads, the same scores
+    ours = cross_validate(FusedHead(**FAST, random_state=4), B, y, cv=3, seed=0, clip=0)
+    np.testing.assert_allclose(-scores, ours.fold_log_loss, rtol=1e-6)
+    search = GridSearchCV(head, {"dropout": [0.0, 0.5]}, cv=folds, scoring="neg_log_loss").fit(X, y)
+    assert search.best_estimator_.backbones_ == ["lite0", "lite1"] and len(search.best_estimator_.model_.inputs) == 2
+    pipe = make_pipeline(StandardScaler(), clone(head)).fit(X, y)
+    assert pipe[-1].dims_ == [4, 3] and pipe.score(X, y) > 0.8
+    back = FusedHead.load(search.best_estimator_.save(tmp_path / "h"))
+    assert back.get_params() == search.best_estimator_.get_params()
+    np.testing.assert_array_equal(back.predict_proba(X), search.best_estimator_.predict_proba(X))
+    tup = FusedHead(**FAST, backbone_widths=(4, 3)).fit(X, y)
+    assert FusedHead.load(tup.save(tmp_path / "t")).backbone_widths == (4, 3)
+    tuned = FusedHead(**FAST, backbone_widths=widths, tune=True, tune_grid={"dropout": [0.0, 0.5]}, tune_cv=2)
+    assert tuned.fit(X, y).backbones_ == ["lite0", "lite1"] and len(tuned.tuning_.table) == 2

@@ -46,14 +46,15 @@ def test_rows_read_like_load_features_in_any_file_order(tmp_path):
 @pytest.mark.parametrize("block,buffer", [(1, 4), (16, 64), (7, 1000), (None, None)])
 def test_every_row_once_an_epoch_whatever_the_chunk_size(caches, block, buffer):
     rows = CacheRows.open(MODELS, caches)
-    b = EpochBatches(rows, rows.labels, 32, seed=3, block_rows=block, buffer_rows=buffer)
+    weights = np.arange(len(rows), dtype=np.float32)
+    b = EpochBatches(rows, rows.labels, 32, seed=3, block_rows=block, buffer_rows=buffer, weights=weights)
     assert len(b) == int(np.ceil(len(rows) / 32))
     seen = []
     for i in range(len(b)):
-        (x0, x1), t = b.batch_at(i)
+        (x0, x1), t, w = b.batch_at(i)
         first = rows.read()[0]
         idx = [int(np.flatnonzero((first == r).all(axis=1))[0]) for r in x0]
-        assert np.array_equal(t, rows.labels[idx])
+        assert np.array_equal(t, rows.labels[idx]) and np.array_equal(w, weights[idx])
         seen += idx
     b.close()
     assert sorted(seen) == list(range(len(rows)))
@@ -90,6 +91,39 @@ def test_small_buffers_and_streamed_validation(caches, monkeypatch):
     X = rows.to_arrays()
     mem = FusedHead(random_state=2, epochs=15).fit(X, rows.labels)
     assert head.score(X, rows.labels) > mem.score(X, rows.labels) - 0.05
+
+
+def test_streamed_class_and_sample_weights_act_as_in_memory(caches):
+    X, y, _ = load_features(MODELS, caches)
+    rows = CacheRows.open(MODELS, caches)
+    fast = dict(preset="reference", epochs=20, batch_size=32, learning_rate=0.01, random_state=1)
+    cw = {0: 0.2, 1: 5.0}
+    mem = FusedHead(**fast, class_weight=cw).fit(X, y).predict_proba(X)[:, 1]
+    st = FusedHead(**fast, class_weight=cw).fit(rows, y).predict_proba(X)[:, 1]
+    plain = FusedHead(**fast).fit(rows, y).predict_proba(X)[:, 1]
+    # the rows come in another order than in memory: close, not equal
+    assert abs(st.mean() - mem.mean()) < 0.02 and np.corrcoef(st, mem)[0, 1] > 0.99
+    assert st.mean() > plain.mean() + 0.05  # the weights change the streamed fit
+    per_row = FusedHead(**fast).fit(rows, y, sample_weight=np.where(y == 1, 5.0, 0.2)).predict_proba(X)[:, 1]
+    np.testing.assert_allclose(per_row, st, rtol=1e-6)
+    with pytest.raises(ValueError, match="sample_weight"):
+        FusedHead(**fast).fit(rows, y, sample_weight=np.ones(3))
+
+
+def test_streamed_early_stopping_weighs_the_validation_loss(caches, monkeypatch):
+    rows = CacheRows.open(MODELS, caches)
+    y = rows.labels
+    w = np.where(y == 1, 4.0, 1.0)
+
+    def fit():
+        return FusedHead(random_state=2, epochs=6, class_weight="balanced").fit(rows, y, sample_weight=w)
+
+    read_once = fit().history_["val_log_loss"]
+    monkeypatch.setattr(streaming, "VAL_IN_MEMORY_BYTES", 0)  # score early stopping from the caches
+    streamed = fit().history_["val_log_loss"]
+    np.testing.assert_allclose(streamed, read_once, rtol=1e-6)
+    unweighted = FusedHead(random_state=2, epochs=6).fit(rows, y).history_["val_log_loss"]
+    assert not np.allclose(streamed, unweighted)
 
 
 def test_float16_cache_halves_the_file_and_loads_as_float32(tmp_path):
