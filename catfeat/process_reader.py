@@ -197,11 +197,11 @@ class ProcessReader:
                     arrays[s] = np.ndarray(shape, np.uint8, buffer=shm.buf)
                 self.slots.append(arrays)
                 names.append(slot_names)
+            self._names = names
+            self.pool = self._new_pool(self.workers)
         except BaseException:
-            self.close()
+            self.close()  # the segments are unlinked whatever failed
             raise
-        self._names = names
-        self.pool = self._new_pool(self.workers)
 
     def _new_pool(self, workers: int) -> ProcessPoolExecutor:
         """A pool with all ``workers`` processes started and ready (or :class:`ReaderStartError`)."""
