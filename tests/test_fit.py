@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from catfeat import fit as fit_cli
-from catfeat.evaluation import (choose_clip, clip_proba, compare, cross_validate, cv_splits, fit_average_weights,
-                                holdout_score, holdout_split, log_loss, submission_ids, write_submission)
+from catfeat.comparison import compare, fit_average_weights
+from catfeat.evaluation import (choose_clip, clip_proba, cross_validate, cv_splits, holdout_score, holdout_split,
+                                log_loss, submission_ids, write_submission)
 from catfeat.head import FusedHead
 from catfeat.store import write_cache
 
