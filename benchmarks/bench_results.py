@@ -31,7 +31,8 @@ def main(argv=None) -> None:
 
     from catfeat import FusedHead, load_features
     from catfeat.backbones import parse_models
-    from catfeat.evaluation import _markdown, concat_features, cross_validate, holdout_score
+    from catfeat.comparison import markdown_table
+    from catfeat.evaluation import concat_features, cross_validate, holdout_score
 
     names = [s.name for s in parse_models(args.models)]
     X, y, _ = load_features(names, args.features)
@@ -65,7 +66,7 @@ def main(argv=None) -> None:
         table = table.reindex(index=[h for h in args.heads.split(",") if h in table.index],
                               columns=["+".join(c) for c in sets])
         print(f"\n{kind}: log loss (clipped) / unclipped / accuracy\n")
-        print(_markdown(table.reset_index()))
+        print(markdown_table(table.reset_index()))
     print(f"saved {args.csv}")
 
 

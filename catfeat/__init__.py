@@ -7,6 +7,7 @@ in HDF5, and a small fused head trains on them in seconds::
     catfeat.extract("data/", models="lite0,lite1", out="features/")
     X, y, names = catfeat.load_features("lite0,lite1", "features/")
     head = catfeat.FusedHead().fit(X, y)
+    report = catfeat.fit_report("lite0,lite1", "features/", cv=5, clip="auto")  # what `catfeat fit` does
 """
 from __future__ import annotations
 
@@ -51,7 +52,9 @@ _EXPORTS = {
     "build_backbone": "catfeat.backbones",
     "REGISTRY": "catfeat.backbones",
     "FusedHead": "catfeat.head",
-    "compare": "catfeat.evaluation",
+    "compare": "catfeat.comparison",
+    "fit_report": "catfeat.report",
+    "FitReport": "catfeat.report",
     "describe_caches": "catfeat.info",
 }
 

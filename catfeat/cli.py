@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Callable, Sequence
@@ -48,3 +49,27 @@ def add_alias(p: argparse.ArgumentParser, old: str, dest: str, **kwargs) -> None
 def echo(args: argparse.Namespace) -> Callable[..., None]:
     """``print`` unless ``--quiet``: for the lines before a command's summary."""
     return (lambda *a, **k: None) if getattr(args, "quiet", False) else print
+
+
+def finite_float(value: str) -> float:
+    """argparse type: a finite float (NaN and Inf would train a NaN head)."""
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return v
+
+
+def clip_value(value: str) -> float | str:
+    """argparse type of ``--clip``: a number in [0, 0.5), or ``"auto"``."""
+    if value == "auto":
+        return "auto"
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--clip takes a number in [0, 0.5) or 'auto', got {value!r}") from None
+    if not math.isfinite(v) or not 0 <= v < 0.5:
+        raise argparse.ArgumentTypeError(f"--clip must be in [0, 0.5), got {v}")
+    return v

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from .cli import add_output_flags, echo, run_cli
+from .cli import add_output_flags, clip_value, echo, finite_float, run_cli
 
 # name -> (module with build_parser and _main, one-line help)
 COMMANDS = {
@@ -62,9 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # -- catfeat compare --------------------------------------------------------------------------------
 def _number_clip(value: str) -> float:
-    from .fit import _clip
-
-    v = _clip(value)
+    v = clip_value(value)
     if v == "auto":
         raise argparse.ArgumentTypeError("catfeat compare takes a number for --clip ('auto' is fit's)")
     return v
@@ -72,7 +70,6 @@ def _number_clip(value: str) -> float:
 
 def build_compare_parser() -> argparse.ArgumentParser:
     from .evaluation import DEFAULT_CLIP, DEFAULT_SEED
-    from .fit import _finite
 
     p = argparse.ArgumentParser(
         prog="catfeat compare",
@@ -92,10 +89,10 @@ def build_compare_parser() -> argparse.ArgumentParser:
                    help="hyperparameters of the heads, as in fit (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: from the preset)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: from the preset)")
-    p.add_argument("--learning-rate", type=_finite, default=None, help="Adam learning rate (default: from the preset)")
-    p.add_argument("--dropout", type=_finite, default=None, help="dropout rate (default: from the preset)")
-    p.add_argument("--weight-decay", type=_finite, default=None, help="L2 penalty (default: from the preset)")
-    p.add_argument("--val-split", type=_finite, default=0.2, help="held-out share of the training rows "
+    p.add_argument("--learning-rate", type=finite_float, default=None, help="Adam learning rate (default: from the preset)")
+    p.add_argument("--dropout", type=finite_float, default=None, help="dropout rate (default: from the preset)")
+    p.add_argument("--weight-decay", type=finite_float, default=None, help="L2 penalty (default: from the preset)")
+    p.add_argument("--val-split", type=finite_float, default=0.2, help="held-out share of the training rows "
                    "(default: %(default)s)")
     p.add_argument("--cv", type=int, default=None, metavar="K", help="score by stratified K-fold CV instead")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of splits and training (default: %(default)s)")
@@ -111,11 +108,9 @@ def build_compare_parser() -> argparse.ArgumentParser:
 
 
 def _compare_main(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .evaluation import compare
-    from .fit import _load, _pandas_wide, class_names
+    from .comparison import compare, format_table
     from .head import FusedHead
+    from .report import class_names, describe_training, load_training
 
     t0 = time.perf_counter()
     say = echo(args)
@@ -123,21 +118,16 @@ def _compare_main(args: argparse.Namespace) -> int:
     bad = sorted(set(strategies) - {"concat", "average"})
     if bad:
         raise ValueError(f"unknown strategy {bad[0]!r}; --strategies takes concat and/or average")
-    X, y, _ = _load(args)
-    dims = X.dims if args.stream else {m: X[m].shape[1] for m in X}
-    names = class_names(list(dims), args.features, y)
-    say(f"features: {', '.join(f'{m} ({d})' for m, d in dims.items())}; {len(y)} training rows "
-        f"({', '.join(f'{names[c]}: {n}' for c, n in zip(*np.unique(y, return_counts=True)))})")
+    X, y, _ = load_training(args.models, args.features, stream=args.stream, exclude=args.exclude, log=say)
+    say(describe_training(X, y, class_names(list(X), args.features, y)))
     head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
                      learning_rate=args.learning_rate, dropout=args.dropout, weight_decay=args.weight_decay,
                      random_state=args.seed, verbose=1 if args.verbose else 0)
     head.resolved_params()  # reject bad values before any work
-    df = compare(list(dims), args.features, head=head, val_split=args.val_split, cv=args.cv, seed=args.seed,
+    df = compare(list(X), args.features, head=head, val_split=args.val_split, cv=args.cv, seed=args.seed,
                  clip=args.clip, strategies=strategies, linear=not args.no_logreg, out_dir=args.out_dir,
                  data=(X, y), verbose=args.verbose, progress=not args.quiet)
-    with _pandas_wide():
-        shown = df.drop(columns=["n_backbones"]).dropna(axis=1, how="all")  # no std with a holdout
-        say(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    say(format_table(df))
     if not any(f.endswith(".png") for f in df.attrs["files"]):
         say("no compare.png: the bar chart needs matplotlib (pip install -e \".[plot]\")")
     print(f"catfeat.compare: {len(df)} candidates; {df.attrs['summary']}; wrote {', '.join(df.attrs['files'])}; "

@@ -431,7 +431,8 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         ``class_weight`` weight the training loss and the validation log loss of the internal split. Seeds the backend with ``random_state`` and leaves Python's and
         NumPy's global random generators as they were.
         """
-        from .streaming import fit_stream, is_stream
+        from .streamed_head import fit_stream
+        from .streaming import is_stream
 
         if is_stream(X):  # a catfeat.streaming.CacheRows: read from the caches in blocks
             return fit_stream(self, X, y, validation_data, sample_weight=sample_weight)
@@ -462,7 +463,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
                 val = (val_arrays, pos.astype(target.dtype),
                        None if wv is None else _check_sample_weight(wv, np.empty((len(pos), 0))))
             else:
-                tr, va = _stratified_split(y_idx, self.validation_fraction, seed)
+                tr, va = stratified_split(y_idx, self.validation_fraction, seed)
                 # Rows are taken by index, not by Keras's validation_split, which would take the last
                 # rows (all dogs in a sorted cat/dog list).
                 train_arrays, train_target = [a[tr] for a in arrays], target[tr]
@@ -482,7 +483,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
             model.compile(optimizer=keras.optimizers.Adam(float(p["learning_rate"])),
                           loss="binary_crossentropy" if k == 2 else "sparse_categorical_crossentropy",
                           jit_compile=False)
-            stopper = _EarlyStopping(val, int(p["patience"]), k) if val is not None else None
+            stopper = LogLossEarlyStopping(val, int(p["patience"]), k) if val is not None else None
             hist = model.fit(train_arrays, train_target, sample_weight=train_w, batch_size=batch, epochs=epochs,
                              shuffle=True, callbacks=[stopper] if stopper else [], verbose=self.verbose)
         self.model_ = model
@@ -503,13 +504,14 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         and a head whose weights are not finite, rather than return NaN probabilities.
         """
         check_is_fitted(self)
-        from .streaming import is_stream, predict_stream
+        from .streamed_head import predict_stream
+        from .streaming import is_stream
 
         self.check_weights()
         if is_stream(X):
             out = predict_stream(self, X)
         else:
-            out = _forward(self.model_, self._inputs(X, names=names))
+            out = forward(self.model_, self._inputs(X, names=names))
         if not np.isfinite(out).all():
             raise FloatingPointError(f"the head predicted NaN/Inf for {int((~np.isfinite(out)).any(1).sum())} "
                                      "rows from finite features and weights")
@@ -611,7 +613,7 @@ def check_finite(X: Mapping[str, np.ndarray], names: Sequence[str] | None = None
                      "(python -m catfeat.extract) or leave them out; a head gives no probability for them")
 
 
-def _forward(model, arrays: list[np.ndarray], chunk: int = 8192) -> np.ndarray:
+def forward(model, arrays: list[np.ndarray], chunk: int = 8192) -> np.ndarray:
     """Model outputs as float64 numpy, by direct calls in chunks.
 
     A plain call skips ``model.predict``'s per-model tf.function tracing, which costs more than
@@ -623,7 +625,7 @@ def _forward(model, arrays: list[np.ndarray], chunk: int = 8192) -> np.ndarray:
     return np.concatenate(outs).astype(np.float64) if outs else np.zeros((0, model.output_shape[-1]))
 
 
-class _EarlyStopping(keras.callbacks.Callback):
+class LogLossEarlyStopping(keras.callbacks.Callback):
     """Stop when the validation log loss has not improved for ``patience`` epochs; keep the best weights.
 
     Scores with a direct forward pass (Keras's per-epoch ``evaluate`` machinery cost about a third
@@ -639,7 +641,7 @@ class _EarlyStopping(keras.callbacks.Callback):
         self.best, self.best_epoch, self.best_weights = np.inf, -1, None
 
     def on_epoch_end(self, epoch, logs=None):
-        p = np.clip(_forward(self.model, self.val_arrays), 1e-7, 1 - 1e-7)
+        p = np.clip(forward(self.model, self.val_arrays), 1e-7, 1 - 1e-7)
         y = self.val_y.astype(np.int64)
         pt = np.where(y == 1, p[:, 0], 1 - p[:, 0]) if self.n_classes == 2 else p[np.arange(len(y)), y]
         loss = float(-np.average(np.log(pt), weights=self.val_w))
@@ -654,7 +656,7 @@ class _EarlyStopping(keras.callbacks.Callback):
             self.model.set_weights(self.best_weights)
 
 
-def _stratified_split(y_idx: np.ndarray, fraction: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(y_idx: np.ndarray, fraction: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Shuffled, stratified (train, validation) row indices."""
     from sklearn.model_selection import train_test_split
 

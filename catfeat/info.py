@@ -63,12 +63,12 @@ def _common(a: dict) -> dict:
 
 def _partial(path: Path) -> dict:
     """Attributes and rows so far of an unfinished cache; read without a lock, as a writer may hold it."""
-    from .store import _attrs, _h5
+    from .store import import_h5py, read_attrs
 
-    h5py = _h5()
+    h5py = import_h5py()
     try:
         with h5py.File(path, "r", locking=False) as f:
-            a = _attrs(f)
+            a = read_attrs(f)
             train, test = (f[s].shape[0] if s in f else 0 for s in ("train", "test"))
             skipped = f["skipped_names"].shape[0] if "skipped_names" in f else 0
     except Exception as e:  # mid-write or damaged: still worth listing
@@ -135,11 +135,11 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _raw_attrs(path: Path) -> dict:
-    from .store import _attrs, _h5
+    from .store import import_h5py, read_attrs
 
     try:
-        with _h5().File(path, "r", locking=False) as f:
-            return _attrs(f)
+        with import_h5py().File(path, "r", locking=False) as f:
+            return read_attrs(f)
     except Exception as e:
         return {"error": f"{e.__class__.__name__}: {e}"}
 

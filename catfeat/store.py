@@ -41,7 +41,8 @@ SOURCE_FIELDS = ("images_fingerprint", "data_root", "classes", "layout")
 SPACE_MARGIN = 256 << 10
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _STR = None  # set lazily: h5py.string_dtype()
-def _memory_bytes() -> int:
+def memory_bytes() -> int:
+    """Physical memory of this machine (64 GiB when the system does not say)."""
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -49,7 +50,7 @@ def _memory_bytes() -> int:
 
 
 # Refuse to read a dataset that would not fit in memory (hostile or corrupt files).
-MAX_READ_BYTES = int(_memory_bytes() * 0.8)
+MAX_READ_BYTES = int(memory_bytes() * 0.8)
 
 
 class CacheError(ValueError):
@@ -66,7 +67,51 @@ class StaleCacheError(CacheError):
                          "or --out another folder to keep both")
 
 
-def _h5():
+# -- memory ------------------------------------------------------------------------------------------
+class MemoryShortError(CacheError):
+    """Loading would need more memory than is available; the message names the streaming way."""
+
+
+def available_memory() -> int:
+    """Memory available to a new allocation now (psutil's ``available``, else free pages)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return memory_bytes()
+
+
+def format_gib(b: float) -> str:
+    """Bytes as GiB with one decimal: ``"1.5 GiB"``."""
+    return f"{b / (1 << 30):.1f} GiB"
+
+
+def check_memory(need: int, what: str, instead: str) -> None:
+    """Raise :class:`MemoryShortError` (one line) when ``need`` bytes exceed 90% of the available memory."""
+    avail = available_memory()
+    if need > 0.9 * avail:
+        raise MemoryShortError(f"{what} needs about {format_gib(need)} of memory, more than the {format_gib(avail)} "
+                               f"available; {instead}")
+
+
+def check_load_memory(caches: dict, split: str) -> None:
+    """Refuse ``load_features`` when the arrays it builds would not fit (estimated from the shapes)."""
+    full = [int(c.attrs.get(f"n_{split}", 0)) * int(c.attrs.get("feature_dim") or 0) * 4 for c in caches.values()]
+    if not full:
+        return
+    need = sum(full) + max(full)  # the aligned arrays plus one whole dataset read before reindexing
+    n = max(int(c.attrs.get(f"n_{split}", 0)) for c in caches.values())
+    check_memory(need, f"loading the {split} features of {', '.join(caches)} ({n:,} rows)",
+                 "stream them from the caches instead: python -m catfeat.fit --stream, or "
+                 "catfeat.streaming.CacheRows.open(models, features_dir) in Python")
+
+
+def import_h5py():
+    """The ``h5py`` module, imported on first use (with the UTF-8 string dtype the caches write)."""
     import h5py
 
     global _STR
@@ -98,7 +143,8 @@ def _encode(values: Sequence[str]) -> np.ndarray:
     return np.array([str(v).encode("utf-8", "surrogateescape") for v in values], dtype=object)
 
 
-def _attrs(f) -> dict:
+def read_attrs(f) -> dict:
+    """The attributes of an open HDF5 file or dataset as plain Python values (bytes decoded)."""
     out = {}
     for k, v in f.attrs.items():
         if isinstance(v, bytes):
@@ -111,7 +157,7 @@ def _attrs(f) -> dict:
 
 def _attr_value(v):
     """An attribute as h5py can store it: a string that is not valid UTF-8 (a folder name with
-    undecodable bytes) is stored as its raw bytes, which ``_attrs`` decodes back."""
+    undecodable bytes) is stored as its raw bytes, which ``read_attrs`` decodes back."""
     if isinstance(v, str):
         try:
             v.encode("utf-8")
@@ -149,7 +195,7 @@ class FeatureWriter:
 
     # -- opening / resuming -------------------------------------------------------------------
     def _open(self) -> None:
-        h5py = _h5()
+        h5py = import_h5py()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if remove_planted_link(self.partial):
             pass
@@ -189,7 +235,7 @@ class FeatureWriter:
 
     def _try_resume(self) -> str | None:
         """Reopen a partial file if it belongs to this request; return why not otherwise."""
-        h5py = _h5()
+        h5py = import_h5py()
         if not stat.S_ISREG(os.lstat(self.partial).st_mode):
             raise CacheError(f"{self.partial} is not a regular file; remove it and rerun")
         try:
@@ -202,7 +248,7 @@ class FeatureWriter:
             f.close()
             return str(e).split(": ", 1)[-1]
         try:
-            a = _attrs(f)
+            a = read_attrs(f)
             diff = differences(a, self.attrs)
             if a.get("format") != FORMAT or diff or a.get("n_images") != len(self.names):
                 f.close()
@@ -443,7 +489,7 @@ class FeatureCache:
     attrs: dict
 
     def _read(self, name: str) -> np.ndarray:
-        h5py = _h5()
+        h5py = import_h5py()
         _regular(self.path)
         with h5py.File(self.path, "r") as f:
             _check_inside(f, self.path)
@@ -483,7 +529,7 @@ class FeatureCache:
 
 def open_cache(path: str | os.PathLike, require_complete: bool = True) -> FeatureCache:
     """Open and validate a cache file (format, datasets, dtypes, shapes) without loading the arrays."""
-    h5py = _h5()
+    h5py = import_h5py()
     path = Path(path)
     if not path.exists():
         hint = f" (an unfinished {partial_path(path).name} exists: rerun the extraction to resume it)" \
@@ -494,7 +540,7 @@ def open_cache(path: str | os.PathLike, require_complete: bool = True) -> Featur
         raise CacheError(f"{path} is not an HDF5 file (truncated or foreign); delete it and extract again")
     try:
         with h5py.File(path, "r") as f:
-            a = _attrs(f)
+            a = read_attrs(f)
             if a.get("format") != FORMAT:
                 raise CacheError(f"{path} is not a catfeat feature cache (format {a.get('format')!r}); "
                                  "delete it or point --features elsewhere")
@@ -569,7 +615,7 @@ def _check_inside(f, path: Path) -> None:
     External storage, virtual datasets and external or soft links would make a reader open other
     files (``/etc/passwd``, a FIFO that never ends) and take them for features.
     """
-    h5py = _h5()
+    h5py = import_h5py()
     for name in f:
         link = f.get(name, getlink=True)
         if isinstance(link, h5py.ExternalLink):
@@ -590,6 +636,22 @@ def _check_inside(f, path: Path) -> None:
                 continue
         raise CacheError(f"{path}: {name!r} {why}; a cache must hold its own data, refusing to read it. "
                          "Delete the file and extract again")
+
+
+def cached_models(features_dir: str | os.PathLike = "features") -> list[str]:
+    """Registry names of the backbones with a complete cache in ``features_dir``."""
+    from .backbones import REGISTRY
+
+    out = []
+    for name in REGISTRY:
+        path = cache_path(features_dir, name)
+        if path.exists():
+            try:
+                open_cache(path)
+            except CacheError:
+                continue
+            out.append(name)
+    return out
 
 
 def find_cache(model: str, features_dir: str | os.PathLike = "features") -> FeatureCache:
@@ -668,8 +730,6 @@ def load_features(models: str | Iterable[str], features_dir: str | os.PathLike =
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     caches = {s.name: find_cache(s.name, features_dir) for s in parse_models(models)}
     check_same_source(caches, join)
-    from .streaming import check_load_memory
-
     check_load_memory(caches, split)  # refuse in one line rather than be killed by the OS
     names = {k: c.names(split) for k, c in caches.items()}
     order, idx = align(names, join)

@@ -8,20 +8,22 @@ float32 whatever the cache stores (float32 or float16).
 
 ``FusedHead.fit``/``predict_proba`` and the helpers of :mod:`catfeat.evaluation` take a
 ``CacheRows`` wherever they take a dict of arrays; splits are row subsets (``rows.subset(idx)``).
-Training reads each epoch as shuffled blocks of ``block_rows`` gathered into buffers of
-``buffer_rows`` that are shuffled row by row, through a Keras ``PyDataset`` (every backend), so
-the memory used depends on the buffer size, not on the number of rows.
+Training (:mod:`catfeat.streamed_head`) reads each epoch as shuffled blocks of ``block_rows``
+gathered into buffers of ``buffer_rows`` that are shuffled row by row (:class:`EpochBatches`), so
+the memory used depends on the buffer size, not on the number of rows. This module knows nothing
+of the head: the memory checks live in :mod:`catfeat.store`, the training in ``streamed_head``.
 """
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from .store import CacheError
+from .store import CacheError, check_memory, format_gib
+# The memory checks moved to catfeat.store (load_features uses them); still importable from here.
+from .store import MemoryShortError, available_memory, check_load_memory, memory_bytes  # noqa: F401
 
 # python -m catfeat.fit streams (by default) when the features of the training rows, as float32,
 # take more than this share of the machine's memory; the in-memory path needs about 3 copies.
@@ -31,54 +33,6 @@ BUFFER_BYTES = 128 << 20  # rows shuffled together: ~8,700 rows of 3 x 1280
 FORWARD_BYTES = 64 << 20  # rows per read when predicting
 VAL_IN_MEMORY_BYTES = 256 << 20  # an early-stopping split up to this size is read once and kept
 COMPARE_MAX_ROWS = 20000  # compare's many candidate heads run on a stratified sample of this size
-
-
-class MemoryShortError(CacheError):
-    """Loading would need more memory than is available; the message names the streaming way."""
-
-
-def memory_bytes() -> int:
-    """Physical memory of this machine."""
-    from .store import _memory_bytes
-
-    return _memory_bytes()
-
-
-def available_memory() -> int:
-    """Memory available to a new allocation now (psutil's ``available``, else free pages)."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return memory_bytes()
-
-
-def _gib(b: float) -> str:
-    return f"{b / (1 << 30):.1f} GiB"
-
-
-def check_memory(need: int, what: str, instead: str) -> None:
-    """Raise :class:`MemoryShortError` (one line) when ``need`` bytes exceed 90% of the available memory."""
-    avail = available_memory()
-    if need > 0.9 * avail:
-        raise MemoryShortError(f"{what} needs about {_gib(need)} of memory, more than the {_gib(avail)} "
-                               f"available; {instead}")
-
-
-def check_load_memory(caches: dict, split: str) -> None:
-    """Refuse ``load_features`` when the arrays it builds would not fit (estimated from the shapes)."""
-    full = [int(c.attrs.get(f"n_{split}", 0)) * int(c.attrs.get("feature_dim") or 0) * 4 for c in caches.values()]
-    if not full:
-        return
-    need = sum(full) + max(full)  # the aligned arrays plus one whole dataset read before reindexing
-    n = max(int(c.attrs.get(f"n_{split}", 0)) for c in caches.values())
-    check_memory(need, f"loading the {split} features of {', '.join(caches)} ({n:,} rows)",
-                 "stream them from the caches instead: python -m catfeat.fit --stream, or "
-                 "catfeat.streaming.CacheRows.open(models, features_dir) in Python")
 
 
 def estimate_bytes(models, features_dir, split: str = "train") -> int:
@@ -199,7 +153,7 @@ class CacheRows:
 
     def __repr__(self) -> str:
         return (f"CacheRows({len(self):,} {self.split} rows of {', '.join(f'{k} ({d})' for k, d in self.dims.items())}"
-                f", {_gib(self.nbytes)} as float32)")
+                f", {format_gib(self.nbytes)} as float32)")
 
     # -- views ----------------------------------------------------------------------------------------
     def subset(self, rows) -> "CacheRows":
@@ -257,13 +211,7 @@ class CacheRows:
         return dict(zip(self.paths, self.read()))
 
 
-# -- training ----------------------------------------------------------------------------------------
-def _py_dataset_base():
-    import keras
-
-    return keras.utils.PyDataset
-
-
+# -- training order ----------------------------------------------------------------------------------
 class EpochBatches:
     """Batches of one epoch over ``rows``: shuffled blocks, shuffled again row by row within a buffer.
 
@@ -360,153 +308,6 @@ class EpochBatches:
         self._buf_id, self._buf = None, None  # a prefetched (epoch, 0) stays pending
 
 
-def _keras_batches(batches: EpochBatches):
-    base = _py_dataset_base()
-
-    class _Batches(base):
-        def __init__(self):
-            super().__init__(workers=1, use_multiprocessing=False)
-
-        def __len__(self):
-            return len(batches)
-
-        def __getitem__(self, i):
-            x, *rest = batches.batch_at(int(i))
-            return ((x[0] if len(x) == 1 else x), *rest)
-
-        def on_epoch_end(self):
-            batches.next_epoch()
-
-    return _Batches()
-
-
-def _early_stopping_class():
-    from .head import _EarlyStopping
-
-    class _StreamEarlyStopping(_EarlyStopping):
-        """Early stopping scored on validation rows streamed from the caches each epoch."""
-
-        def on_epoch_end(self, epoch, logs=None):
-            p = np.clip(forward_rows(self.model, self.val_arrays), 1e-7, 1 - 1e-7)
-            y = self.val_y.astype(np.int64)
-            pt = np.where(y == 1, p[:, 0], 1 - p[:, 0]) if self.n_classes == 2 else p[np.arange(len(y)), y]
-            loss = float(-np.average(np.log(pt), weights=self.val_w))
-            self.losses.append(loss)
-            if loss < self.best:
-                self.best, self.best_epoch, self.best_weights = loss, epoch, self.model.get_weights()
-            elif epoch - self.best_epoch >= self.patience:
-                self.model.stop_training = True
-
-    return _StreamEarlyStopping
-
-
-def forward_rows(model, rows: CacheRows, block_rows: int | None = None) -> np.ndarray:
-    """Model outputs (float64) for every row, reading ``block_rows`` rows at a time."""
-    from .head import _forward
-
-    outs = [_forward(model, arrays) for _, arrays in rows.blocks(block_rows)]
-    return np.concatenate(outs) if outs else np.zeros((0, model.output_shape[-1]))
-
-
-def predict_stream(head, rows: CacheRows) -> np.ndarray:
-    """``head.predict_proba`` for a :class:`CacheRows`."""
-    missing = [b for b in head.backbones_ if b not in rows.paths]
-    if missing:
-        raise ValueError(f"the head was fitted on backbones {head.backbones_}; the rows lack {missing}")
-    rows = rows.select(head.backbones_)
-    for b, d in zip(head.backbones_, head.dims_):
-        if rows.dims[b] != d:
-            raise ValueError(f"backbone {b!r}: expected {d} features per row (as fitted), got {rows.dims[b]}")
-    return forward_rows(head.model_, rows)
-
-
-def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int | None = None,
-               buffer_rows: int | None = None, sample_weight=None):
-    """``FusedHead.fit`` from a :class:`CacheRows`: the same recipe, reading the rows in blocks.
-
-    ``sample_weight`` (one per row of ``rows``) and ``head.class_weight`` weight the loss as in memory:
-    the per-row weights (mean 1) are held in memory and served with each batch.
-    """
-    import keras
-    from sklearn.utils.validation import _check_sample_weight, column_or_1d
-
-    from .head import MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, _stratified_split, build_model, seeded
-
-    p = head.resolved_params()
-    for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_"):
-        head.__dict__.pop(attr, None)
-    seed = head._seed()
-    classes, y_idx = head._labels(y, len(rows))
-    weights = head._weights(column_or_1d(y), sample_weight, len(y_idx))
-    head._match_widths(rows.backbones, [rows.dims[b] for b in rows.backbones])
-    head.__dict__.pop("feature_names_in_", None)
-    head.backbones_ = rows.backbones
-    head.dims_ = [rows.dims[b] for b in rows.backbones]
-    head.classes_ = classes
-    head.n_features_in_ = int(sum(head.dims_))
-    k = len(classes)
-    target = y_idx.astype(np.float32 if k == 2 else np.int32)
-    if head.tune:
-        head._tune_first(rows, y_idx, seed, p)
-
-    val = None
-    train_rows, train_target, train_w = rows, target, weights
-    if p["early_stopping"]:
-        if validation_data is not None:
-            Xv, yv = validation_data[:2]
-            wv = validation_data[2] if len(validation_data) > 2 else None
-            yv = column_or_1d(yv)
-            pos = np.searchsorted(classes, yv)
-            if np.any(pos >= k) or np.any(classes[np.minimum(pos, k - 1)] != yv):
-                raise ValueError("validation labels hold classes not seen in y")
-            val = (Xv.select(head.backbones_) if is_stream(Xv) else head._inputs(Xv), pos.astype(target.dtype),
-                   None if wv is None else _check_sample_weight(wv, np.empty((len(pos), 0))))
-        else:
-            tr, va = _stratified_split(y_idx, head.validation_fraction, seed)
-            train_rows, train_target = rows.subset(tr), target[tr]
-            train_w = None if weights is None else weights[tr]
-            val = (rows.subset(va), target[va], None if weights is None else weights[va])
-        if is_stream(val[0]) and val[0].nbytes <= VAL_IN_MEMORY_BYTES:
-            val = (val[0].read(), *val[1:])  # small enough: read once, score like the in-memory path
-
-    n = len(train_rows)
-    batch = int(min(p["batch_size"], n))
-    steps = math.ceil(n / batch)
-    epochs = p["epochs"]
-    if epochs == "auto":
-        epochs = min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, math.ceil(int(p["max_steps"]) / steps)))
-    epochs = int(epochs)
-
-    with seeded(seed):
-        model = build_model(head.dims_, head.backbones_, k, float(p["dropout"]), float(p["weight_decay"]))
-        model.compile(optimizer=keras.optimizers.Adam(float(p["learning_rate"])),
-                      loss="binary_crossentropy" if k == 2 else "sparse_categorical_crossentropy",
-                      jit_compile=False)
-        stopper = None
-        if val is not None:
-            from .head import _EarlyStopping
-
-            cls = _early_stopping_class() if is_stream(val[0]) else _EarlyStopping
-            stopper = cls(val, int(p["patience"]), k)
-        batches = EpochBatches(train_rows, train_target, batch, seed, block_rows, buffer_rows, weights=train_w)
-        # shuffle=False: Keras would otherwise ask for the batches in random order, reading every
-        # buffer again for each batch; the rows are shuffled by EpochBatches.
-        try:
-            hist = model.fit(_keras_batches(batches), epochs=epochs, shuffle=False,
-                             callbacks=[stopper] if stopper else [], verbose=head.verbose)
-        finally:
-            batches.close()
-    head.model_ = model
-    head.history_ = {k_: [float(v) for v in vs] for k_, vs in hist.history.items()}
-    head.params_ = {**p, "epochs": epochs, "batch_size": batch}
-    if stopper is not None:
-        head.history_["val_log_loss"] = stopper.losses
-        head.n_epochs_ = stopper.best_epoch + 1
-    else:
-        head.n_epochs_ = epochs
-    return head
-
-
 # -- compare -----------------------------------------------------------------------------------------
 def sample_for_compare(rows: CacheRows, y, seed, max_rows: int | None = None):
     """(arrays, y, note): at most ``max_rows`` stratified rows in memory for compare's many heads."""
@@ -521,3 +322,16 @@ def sample_for_compare(rows: CacheRows, y, seed, max_rows: int | None = None):
         rows, y = rows.subset(keep), y[keep]
         note = f"on a stratified sample of {max_rows:,} of {len(keep) + len(_):,} rows"
     return rows.to_arrays(f"compare on {len(rows):,} rows"), y, note
+
+
+# Names that moved to catfeat.streamed_head, still importable from here. Resolved on first use:
+# importing streamed_head here would import the head, which imports this module.
+_MOVED = {"fit_stream", "predict_stream", "forward_rows"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module("catfeat.streamed_head"), name)
+    raise AttributeError(f"module 'catfeat.streaming' has no attribute {name!r}")

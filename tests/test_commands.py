@@ -214,7 +214,7 @@ def test_extract_quiet_and_verbose(kaggle_dir, tmp_path, capsys):
 def test_compare_leaves_the_matplotlib_backend_alone(tmp_path, monkeypatch):
     from test_fit import make_caches
 
-    from catfeat.evaluation import compare
+    from catfeat.comparison import compare
     from catfeat.head import FusedHead
 
     matplotlib = pytest.importorskip("matplotlib")

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from catfeat import fit as fit_cli
-from catfeat.evaluation import (choose_clip, clip_proba, compare, cross_validate, cv_splits, fit_average_weights,
-                                holdout_score, holdout_split, log_loss, submission_ids, write_submission)
+from catfeat.comparison import compare, fit_average_weights
+from catfeat.evaluation import (choose_clip, clip_proba, cross_validate, cv_splits, holdout_score, holdout_split,
+                                log_loss, submission_ids, write_submission)
 from catfeat.head import FusedHead
 from catfeat.store import write_cache
 
@@ -215,8 +216,40 @@ def test_cli_cv_writes_out_of_fold_predictions(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "3-fold CV log loss" in out and "+-" in out and "clip chosen by CV" in out
     oof = pd.read_csv(tmp_path / "oof.csv")
-    assert len(oof) == 160 and {"name", "label", "p_0", "p_1"} <= set(oof.columns)
-    assert oof["p_1"].between(0, 1).all()
+    # one probability column per class name of the caches, as in predict's CSV
+    assert len(oof) == 160 and list(oof.columns) == ["name", "label", "p_cat", "p_dog"]
+    assert oof["p_dog"].between(0, 1).all() and np.allclose(oof["p_cat"] + oof["p_dog"], 1)
+    # cats first in the caches: the cat rows should mostly get P(cat) > 1/2
+    assert (oof.loc[oof["label"] == 0, "p_cat"] > 0.5).mean() > 0.7
+
+
+def test_fit_report_from_python(tmp_path, capsys):
+    """The CLI's work as one call: scores, the clip chosen on the training part, files, a fitted head."""
+    import catfeat
+
+    feats = make_caches(tmp_path / "features", n=120)
+    lines = []
+    report = catfeat.fit_report("lite0,lite1", feats, head=FusedHead(**FAST, random_state=1), clip="auto",
+                                submission=tmp_path / "sub.csv", log=lines.append)
+    assert isinstance(report, catfeat.FitReport)
+    assert report.models == ["EfficientNetLite0", "EfficientNetLite1"] and report.n_rows == 120
+    assert report.classes == ["cat", "dog"] and report.head.classes_.tolist() == ["cat", "dog"]
+    assert report.score.folds == 0 and len(report.score.index) == 24 and 0 < report.score.log_loss < 0.69
+    assert report.score.clip == report.clip and report.clip in (0.0, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02,
+                                                                0.03, 0.05)
+    assert report.files == {"submission": str(tmp_path / "sub.csv")} and report.submission_rows == 30
+    assert len(pd.read_csv(tmp_path / "sub.csv")) == 30
+    assert any(line.startswith("clip chosen by 5-fold CV of the training part") for line in lines)
+    assert lines[0] == "features: EfficientNetLite0 (10), EfficientNetLite1 (6); 120 training rows (cat: 60, dog: 60)"
+    assert report.summary().startswith("EfficientNetLite0+EfficientNetLite1, 120 rows, validation log loss ")
+    assert capsys.readouterr().out == ""  # nothing printed without log=
+
+    cv = catfeat.fit_report("lite0", feats, head=FusedHead(**FAST), cv=3, clip=0.01, refit=False)
+    assert cv.head is None and cv.score.folds == 3 and cv.clip == 0.01
+    oof = feats / "oof_EfficientNetLite0.csv"
+    assert cv.files == {"oof": str(oof)} and list(pd.read_csv(oof).columns) == ["name", "label", "p_cat", "p_dog"]
+    with pytest.raises(ValueError, match="cannot write the submission"):
+        catfeat.fit_report("lite0", feats, head=FusedHead(**FAST), submission=tmp_path)  # a folder
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -9,7 +9,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from catfeat.evaluation import log_loss
-from catfeat.head import PRESETS, FusedHead, _stratified_split
+from catfeat.head import PRESETS, FusedHead, stratified_split
 
 DIMS = {"EfficientNetLite0": 12, "EfficientNetLite1": 20, "EfficientNetLite2": 8}
 FAST = dict(preset="reference", epochs=15, batch_size=32)
@@ -72,7 +72,7 @@ def test_default_preset_early_stops_and_reports_epochs():
 
 def test_internal_validation_split_is_shuffled_and_stratified():
     y = np.array([0] * 100 + [1] * 100)  # sorted: a "last rows" split would be all one class
-    tr, va = _stratified_split(y, 0.1, 2019)
+    tr, va = stratified_split(y, 0.1, 2019)
     assert len(va) == 20 and np.bincount(y[va]).tolist() == [10, 10]
     assert not set(tr) & set(va) and len(tr) + len(va) == 200
 

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from catfeat import fit as fit_cli
-from catfeat import streaming
-from catfeat.evaluation import compare, holdout_score
+from catfeat import store, streaming
+from catfeat.comparison import compare
+from catfeat.evaluation import holdout_score
 from catfeat.head import FusedHead
-from catfeat.store import cache_path, differences, load_features, open_cache, write_cache
-from catfeat.streaming import CacheRows, EpochBatches, MemoryShortError, fit_stream, forward_rows
+from catfeat.store import MemoryShortError, cache_path, differences, load_features, open_cache, write_cache
+from catfeat.streamed_head import fit_stream, forward_rows
+from catfeat.streaming import CacheRows, EpochBatches
 
 from test_fit import make_caches
 
@@ -153,7 +155,7 @@ def test_float16_cache_halves_the_file_and_loads_as_float32(tmp_path):
 
 
 def test_memory_refusal_is_one_line_and_names_streaming(caches, monkeypatch, capsys):
-    monkeypatch.setattr(streaming, "available_memory", lambda: 1000)
+    monkeypatch.setattr(store, "available_memory", lambda: 1000)
     with pytest.raises(MemoryShortError, match="--stream"):
         load_features(MODELS, caches)
     assert fit_cli.main(["--features", str(caches), "--models", MODELS, "--no-stream"]) == 2
@@ -162,9 +164,9 @@ def test_memory_refusal_is_one_line_and_names_streaming(caches, monkeypatch, cap
     rows = CacheRows.open(MODELS, caches)  # names and indices only: fine
     with pytest.raises(MemoryShortError, match="stream"):
         rows.to_arrays()
-    monkeypatch.setattr(streaming, "available_memory", lambda: 10 ** 12)
+    monkeypatch.setattr(store, "available_memory", lambda: 10 ** 12)
     X, y, _ = load_features(MODELS, caches)
-    monkeypatch.setattr(streaming, "available_memory", lambda: 1000)
+    monkeypatch.setattr(store, "available_memory", lambda: 1000)
     with pytest.raises(MemoryShortError, match="linear=False"):
         compare(data=(X, y), features_dir=caches)
 
