@@ -11,29 +11,18 @@ flagged rows.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .backbones import cache_weights
 from .cli import add_output_flags, run_cli
 
 CAT_CLASSES = tuple(range(281, 286))
 DOG_CLASSES = tuple(range(151, 269))
 ANIMAL_CLASSES = np.array(CAT_CLASSES + DOG_CLASSES)
-
-
-def cache_weights(identity: str):
-    """Weights argument and seed for a cache's ``weights`` attribute ('imagenet', 'none(seed=N)')."""
-    if identity == "imagenet":
-        return "imagenet", 0
-    m = re.fullmatch(r"none\(seed=(-?\d+)\)", str(identity))
-    if m:
-        return None, int(m.group(1))
-    raise ValueError(f"the cache's weights are {identity!r}: pass the weights file explicitly "
-                     "(weights=PATH / --weights PATH)")
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
