@@ -50,6 +50,7 @@ _EXPORTS = {
     "get_backbone": "catfeat.backbones",
     "build_backbone": "catfeat.backbones",
     "REGISTRY": "catfeat.backbones",
+    "Weights": "catfeat.backbones",
     "FusedHead": "catfeat.head",
     "compare": "catfeat.evaluation",
     "describe_caches": "catfeat.info",
