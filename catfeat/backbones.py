@@ -204,7 +204,9 @@ class Weights:
         if self.kind == "sha256":
             raise WeightsError(f"the weights {self} name a file by its SHA-256 only: pass that file "
                                "(weights=PATH / --weights PATH)")
-        return {"imagenet": "imagenet", "none": None}.get(self.kind, str(self.path))
+        if self.kind == "file":
+            return str(self.path)
+        return "imagenet" if self.kind == "imagenet" else None
 
     def __str__(self) -> str:
         if self.kind == "none":
