@@ -51,6 +51,7 @@ _EXPORTS = {
     "get_backbone": "catfeat.backbones",
     "build_backbone": "catfeat.backbones",
     "REGISTRY": "catfeat.backbones",
+    "Weights": "catfeat.backbones",
     "FusedHead": "catfeat.head",
     "compare": "catfeat.comparison",
     "fit_report": "catfeat.report",

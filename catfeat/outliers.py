@@ -11,29 +11,19 @@ flagged rows.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .backbones import cache_weights
 from .cli import add_output_flags, run_cli
+from .imagenet import top_classes
 
 CAT_CLASSES = tuple(range(281, 286))
 DOG_CLASSES = tuple(range(151, 269))
 ANIMAL_CLASSES = np.array(CAT_CLASSES + DOG_CLASSES)
-
-
-def cache_weights(identity: str):
-    """Weights argument and seed for a cache's ``weights`` attribute ('imagenet', 'none(seed=N)')."""
-    if identity == "imagenet":
-        return "imagenet", 0
-    m = re.fullmatch(r"none\(seed=(-?\d+)\)", str(identity))
-    if m:
-        return None, int(m.group(1))
-    raise ValueError(f"the cache's weights are {identity!r}: pass the weights file explicitly "
-                     "(weights=PATH / --weights PATH)")
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -71,7 +61,8 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
     ``min_votes`` defaults to a majority of the backbones. Returns one row per image, flagged first
     (most votes, then lowest cat+dog probability): ``file, label, votes, flagged, p_animal``
     (mean over backbones of the cat+dog probability), ``top_classes`` (the first backbone's
-    ``show`` best ImageNet indices with probabilities) and per backbone the best rank of a cat
+    ``show`` best ImageNet classes by name with probabilities, "red fox:0.42, kit fox:0.11"),
+    ``top_class_ids`` (their indices, "277 278") and per backbone the best rank of a cat
     or dog class (``animal_rank_<Model>``, 1 = top class). ``df.attrs`` holds models, top, min_votes.
     """
     import pandas as pd
@@ -116,7 +107,7 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
     classes = caches[0].classes
     ranks = {s.name: np.empty(len(rows), np.int64) for s in specs}
     p_animal = {s.name: np.empty(len(rows)) for s in specs}
-    tops = [""] * len(rows)
+    tops, top_ids = [""] * len(rows), [""] * len(rows)
     for i, spec in enumerate(specs):
         w = weights
         if w is None:
@@ -133,8 +124,9 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
             ranks[spec.name][pos] = np.where(is_animal.any(axis=1), is_animal.argmax(axis=1) + 1, probs.shape[1] + 1)
             p_animal[spec.name][pos] = probs[:, ANIMAL_CLASSES].sum(axis=1)
             if i == 0:
-                for r, row in zip(pos, srt[:, :show]):
-                    tops[r] = " ".join(f"{k}:{probs[r - pos[0], k]:.2f}" for k in row)
+                named, ids = top_classes(probs, show)
+                for r, text, idx in zip(pos, named, ids):
+                    tops[r], top_ids[r] = text, idx
 
     rank_arr = np.column_stack([ranks[s.name] for s in specs])
     votes = (rank_arr > top).sum(axis=1)
@@ -142,7 +134,8 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
     # file as object, not pandas' Arrow strings: those refuse file names that are not valid UTF-8
     df = pd.DataFrame({"file": pd.Series(names, dtype=object), "label": label_names, "votes": votes,
                        "flagged": votes >= min_votes,
-                       "p_animal": np.mean([p_animal[s.name] for s in specs], axis=0), "top_classes": tops})
+                       "p_animal": np.mean([p_animal[s.name] for s in specs], axis=0), "top_classes": tops,
+                       "top_class_ids": top_ids})
     for s in specs:
         df[f"animal_rank_{s.name}"] = ranks[s.name]
     df = df.sort_values(["votes", "p_animal"], ascending=[False, True], kind="stable").reset_index(drop=True)

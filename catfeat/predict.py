@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .backbones import file_sha256
+from .backbones import Weights, WeightsError, cache_weights
 from .cli import add_alias, add_output_flags, run_cli
 
 WEIGHTS_FILE = "weights.json"
@@ -43,8 +43,6 @@ def resolve_weights(head_dir: str | os.PathLike, backbones: Sequence[str], weigh
     folder; else the caches in ``features_dir``. A file identity ('sha256:...') needs the file.
     Random weights ('none(seed=N)', or ``weights`` none) raise ``WeightsError`` unless ``allow_random``.
     """
-    from .backbones import WeightsError, normalize_weights
-    from .outliers import cache_weights
     from .store import CacheError, find_cache
 
     recorded_path = Path(head_dir) / WEIGHTS_FILE
@@ -59,16 +57,16 @@ def resolve_weights(head_dir: str | os.PathLike, backbones: Sequence[str], weigh
             except (CacheError, OSError):
                 ident = None
         if given is not None:
-            if isinstance(given, (str, os.PathLike)) and Path(given).is_file() and str(ident).startswith("sha256:"):
-                if "sha256:" + file_sha256(Path(given)) != ident:
-                    raise ValueError(f"weights file {given} is not the one the features of {name} were built with")
-            out[name] = (given, 0)
+            w = Weights.parse(given)
+            if w.kind == "file" and str(ident).startswith("sha256:") and w.identity() != ident:
+                raise ValueError(f"weights file {given} is not the one the features of {name} were built with")
+            out[name] = (w.argument(), w.seed_or(0))
         elif ident is None:
             raise ValueError(f"unknown weights of {name}: save them with catfeat.predict.record_weights(head_dir, "
                              "features_dir), pass --features DIR of the caches, or --weights imagenet|none|PATH")
         else:
             out[name] = cache_weights(ident)
-    random = [n for n, (w, _) in out.items() if normalize_weights(w) is None]
+    random = [n for n, (w, _) in out.items() if Weights.parse(w).kind == "none"]
     if random and not allow_random:
         raise WeightsError(f"the head in {head_dir} reads features of random weights ("
                            + ", ".join(f"{n}: none(seed={out[n][1]})" for n in random)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from catfeat.backbones import (REGISTRY, WeightsError, build_backbone, get_backbone, normalize_weights,
-                               parse_models, preprocess, weights_identity)
+from catfeat.backbones import (REGISTRY, Weights, WeightsError, build_backbone, cache_weights, get_backbone,
+                               normalize_weights, parse_models, preprocess, weights_identity)
 
 KERAS_BACKBONES = ["ResNet50", "InceptionV3", "Xception", "InceptionResNetV2"]
 EXPECTED = {"ResNet50": ("r50", 224, 2048), "InceptionV3": ("incv3", 299, 2048),
@@ -55,6 +55,91 @@ def test_weights_arguments(tmp_path):
     f.write_bytes(b"abc")
     assert weights_identity(f).startswith("sha256:ba7816bf")
     assert weights_identity(None, seed=3) == "none(seed=3)"
+
+
+ABC_SHA256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_weights_vocabulary_parses_once(tmp_path):
+    f = tmp_path / "w.weights.h5"
+    f.write_bytes(b"abc")
+    assert Weights.parse(None) == Weights.parse("none") == Weights.parse("Random") == Weights("none")
+    assert Weights.parse("IMAGENET") == Weights("imagenet")
+    assert Weights.parse("none(seed=7)") == Weights("none", seed=7) and Weights.parse("none(seed=-2)").seed == -2
+    assert Weights.parse(f) == Weights.parse(str(f)) == Weights("file", path=f)
+    assert Weights.parse("sha256:" + ABC_SHA256.upper()) == Weights("sha256", digest=ABC_SHA256)
+    w = Weights.parse(f)
+    assert Weights.parse(w) is w
+    assert [Weights.parse(v).argument() for v in (None, "imagenet", f)] == [None, "imagenet", str(f)]
+    assert Weights.parse("none(seed=7)").seed_or(0) == 7 and Weights.parse("none").seed_or(3) == 3
+
+
+@pytest.mark.parametrize("value", ["imagenet", "none", "none(seed=5)", "sha256:" + ABC_SHA256])
+def test_weights_round_trip(value):
+    w = Weights.parse(value)
+    assert str(w) == value and Weights.parse(str(w)) == w
+
+
+def test_weights_identity_and_file_round_trip(tmp_path):
+    f = tmp_path / "w.h5"
+    f.write_bytes(b"abc")
+    w = Weights.parse(f)
+    assert Weights.parse(str(w)) == w
+    assert w.identity() == "sha256:" + ABC_SHA256 == Weights.parse(w.identity()).identity()
+    assert Weights.parse(None).identity(seed=4) == "none(seed=4)"
+    assert Weights.parse("none(seed=9)").identity(seed=4) == "none(seed=9)"  # the value's own seed wins
+    assert weights_identity("none(seed=9)") == "none(seed=9)" and normalize_weights("none(seed=9)") is None
+    for ident in ("imagenet", "none(seed=2)", "sha256:" + ABC_SHA256):
+        assert Weights.from_identity(ident).identity() == ident
+
+
+def test_bad_weights_values_say_what_is_accepted(tmp_path):
+    with pytest.raises(WeightsError, match=r"'imagenet'.*'none'.*path"):
+        Weights.parse(tmp_path / "missing.pth")
+    with pytest.raises(WeightsError, match="does not exist"):
+        Weights.parse("imagenett")
+    with pytest.raises(WeightsError, match="64 hex digits"):
+        Weights.parse("sha256:abc")
+    with pytest.raises(WeightsError, match="got int 3"):
+        Weights.parse(3)
+    with pytest.raises(WeightsError, match="not a weights identity"):
+        Weights.from_identity("weights.h5")
+    with pytest.raises(WeightsError, match="pass that file"):
+        Weights.parse("sha256:" + ABC_SHA256).argument()
+    with pytest.raises(WeightsError, match="kind must be one of"):
+        Weights("random")
+    with pytest.raises(WeightsError, match="needs a path"):
+        Weights("file")
+    with pytest.raises(WeightsError, match="only random"):
+        Weights("imagenet", seed=1)
+
+
+def test_cache_weights_rebuild_arguments():
+    assert cache_weights("imagenet") == ("imagenet", 0)
+    assert cache_weights("none(seed=3)") == (None, 3)
+    for ident in ("sha256:" + ABC_SHA256, "None", "/some/file.h5"):
+        with pytest.raises(ValueError, match="pass the weights file explicitly"):
+            cache_weights(ident)
+
+
+def test_build_backbone_refuses_an_identity_and_honours_a_named_seed():
+    with pytest.raises(WeightsError, match="SHA-256 only"):
+        build_backbone("r50", "sha256:" + ABC_SHA256)
+    a = build_backbone("r50", "none(seed=1)", seed=0).get_weights()
+    b = build_backbone("r50", None, seed=1).get_weights()
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_builder_takes_keras_applications_arguments(name):
+    import importlib
+    import inspect
+
+    module, _, attr = REGISTRY[name].builder.partition(":")
+    params = inspect.signature(getattr(importlib.import_module(module), attr)).parameters
+    keras_args = {"include_top": True, "weights": "imagenet", "input_tensor": None, "input_shape": None,
+                  "pooling": None, "classes": 1000, "classifier_activation": "softmax"}
+    assert {k: params[k].default for k in keras_args if k in params} == keras_args
 
 
 def test_imagenet_download_failure_says_where_to_put_the_file(monkeypatch):

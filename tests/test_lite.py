@@ -18,6 +18,9 @@ keras = pytest.importorskip("keras")
 from catfeat.lite import (  # noqa: E402
     LITE_VARIANTS,
     EfficientNetLite,
+    EfficientNetLite0,
+    EfficientNetLite1,
+    EfficientNetLite2,
     UnsafeWeightsError,
     lite_classifier,
     lite_preprocess,
@@ -263,7 +266,7 @@ def test_packaged_weights_load_strictly(lite, variant):
     # every file tensor except num_batches_tracked ends up in the model, nothing else is there
     n_values = sum(a.size for k, a in sd.items() if not k.endswith("num_batches_tracked"))
     assert n_values == model.count_params()
-    np.testing.assert_array_equal(model.get_layer("fc").get_weights()[1], sd["_fc.bias"])
+    np.testing.assert_array_equal(model.get_layer("predictions").get_weights()[1], sd["_fc.bias"])
     np.testing.assert_array_equal(model.get_layer("blocks_1_depthwise_conv").get_weights()[0],
                                   sd["_blocks.1._depthwise_conv.weight"].transpose(2, 3, 0, 1))
     features = EfficientNetLite(variant, weights=None)
@@ -314,6 +317,81 @@ def test_random_init_is_deterministic():
     keras.utils.set_random_seed(7)
     b = EfficientNetLite("lite0", weights=None).get_weights()
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------------------
+# Keras-applications-style builders
+# ---------------------------------------------------------------------------
+
+# SHA-256 (first 16 hex digits) of the float32 weights of build_backbone(variant, None, seed=0), computed
+# with the code before the Keras-style builders (commit 8a93100, where build_backbone called
+# EfficientNetLite(variant, weights, input_shape)). Equal hashes: the same layers, made in the same order,
+# drawing the same random numbers, so features of random weights are unchanged.
+RANDOM_INIT_SHA = {
+    "tensorflow": {"lite0": "7db334a27851649a", "lite1": "949b4648e5d6f724", "lite2": "a097548d6d84a95b"},
+    "jax": {"lite0": "ca8539b8db4fe2fe", "lite1": "12c0302fc2fec04a", "lite2": "0023680f8c9acb88"},
+}
+BUILDERS = {"lite0": EfficientNetLite0, "lite1": EfficientNetLite1, "lite2": EfficientNetLite2}
+
+
+@pytest.mark.parametrize("variant", list(LITE_VARIANTS))
+def test_random_init_matches_the_previous_builder(variant):
+    import hashlib
+
+    from catfeat.backbones import build_backbone
+
+    expected = RANDOM_INIT_SHA.get(keras.backend.backend(), {}).get(variant)
+    if expected is None:
+        pytest.skip(f"no recorded hash for the {keras.backend.backend()} backend")
+    keras.utils.set_random_seed(0)
+    direct = BUILDERS[variant](include_top=False, weights=None, pooling="avg")
+    for model in (build_backbone(variant, None, seed=0), direct):
+        h = hashlib.sha256()
+        for w in model.get_weights():
+            h.update(np.ascontiguousarray(w, "<f4").tobytes())
+        assert h.hexdigest()[:16] == expected
+        assert model.output.shape == (None, 1280) and model.layers[-1].name == "avg_pool"
+
+
+def test_keras_style_builder_gives_the_same_features_and_probabilities(lite):
+    from catfeat.backbones import build_backbone
+
+    images = _centre_crop(np.load(FIXTURE)["images"], 224)[:4]
+    feats, logits = _run(_features_and_logits(lite("lite0")), images)
+    pooled = EfficientNetLite0(include_top=False, pooling="avg")
+    np.testing.assert_array_equal(_run(pooled, images), feats)
+    np.testing.assert_array_equal(_run(build_backbone("lite0", "imagenet"), images), feats)
+    np.testing.assert_allclose(np.load(FIXTURE)["lite0_features"][:4], feats, atol=1e-4, rtol=0)
+    top = EfficientNetLite0()  # include_top=True, softmax, like keras.applications
+    probs = _run(top, images)
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(probs, z / z.sum(axis=1, keepdims=True), atol=1e-6)
+    assert top.get_layer("predictions").get_weights()[0].shape == (1280, 1000)
+    fmap = EfficientNetLite0(include_top=False, pooling=None)
+    maxed = EfficientNetLite0(include_top=False, pooling="max")
+    assert fmap.output.shape == (None, 7, 7, 1280) and maxed.output.shape == (None, 1280)
+    grid = _run(fmap, images)
+    np.testing.assert_allclose(grid.mean(axis=(1, 2)), feats, atol=1e-5)
+    np.testing.assert_allclose(_run(maxed, images), grid.max(axis=(1, 2)), atol=1e-6)
+
+
+def test_keras_style_arguments():
+    tensor = keras.Input((96, 128, 3))
+    m = EfficientNetLite2(include_top=False, weights=None, input_tensor=tensor, pooling="avg")
+    assert m.input is tensor and m.output.shape == (None, 1280) and m.name == "EfficientNetLite2"
+    assert EfficientNetLite1(include_top=False, weights=None).output.shape == (None, 8, 8, 1280)
+    head = EfficientNetLite1(weights=None, classes=3, classifier_activation=None)
+    assert head.output.shape == (None, 3) and head.get_layer("predictions").activation.__name__ == "linear"
+    with pytest.raises(ValueError, match="classes must be 1000"):
+        EfficientNetLite0(weights="imagenet", classes=3)
+    with pytest.raises(ValueError, match="classifier_activation"):
+        EfficientNetLite0(weights="imagenet", classifier_activation="sigmoid")
+    with pytest.raises(ValueError, match="pooling"):
+        EfficientNetLite0(include_top=False, weights=None, pooling="mean")
+    with pytest.raises(ValueError, match="input_shape"):
+        EfficientNetLite0(include_top=False, weights=None, input_shape=(224, 224))
+    with pytest.raises(ValueError, match="set_random_seed"):
+        EfficientNetLite0(weights="none(seed=1)")
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Outlier finder: real Lite0/Lite1 ImageNet weights on real photos plus planted non-animal images."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -68,8 +69,9 @@ def test_keras_classifier_needs_imagenet_weights():
         classifier("r50", None)
 
 
-def test_planted_images_are_flagged_real_pets_are_not(lite_features, tmp_path):
-    from catfeat.outliers import find_outliers, main
+def test_planted_images_are_flagged_real_pets_are_not(lite_features, tmp_path, capsys):
+    from catfeat.imagenet import imagenet_classes
+    from catfeat.outliers import CAT_CLASSES, DOG_CLASSES, find_outliers, main
 
     df = find_outliers("lite0,lite1", lite_features / "features", top=30)
     assert df.attrs["min_votes"] == 2 and len(df) == 2 * N_REAL + len(PLANTED)
@@ -89,6 +91,17 @@ def test_planted_images_are_flagged_real_pets_are_not(lite_features, tmp_path):
     assert rc == 0 and out.is_file() and sheet.is_file()
     saved = pd.read_csv(out)
     assert set(saved.loc[saved["flagged"], "file"]) == flagged
+    # ImageNet classes by name (the indices beside them): a real cat's best class is a cat or dog breed
+    names = imagenet_classes()
+    pets = [names[k] for k in CAT_CLASSES + DOG_CLASSES]
+    for text, ids in zip(saved["top_classes"], saved["top_class_ids"]):
+        shown = [part.rsplit(":", 1)[0] for part in text.split(", ")]
+        assert len(shown) == 5 and shown == [names[int(k)] for k in str(ids).split()]
+    real_cats = saved[saved["file"].str.match(r"cat\.\d+\.jpg") & ~saved["flagged"]]
+    assert len(real_cats) and real_cats["top_classes"].map(lambda t: t.split(":")[0] in pets).mean() >= 0.8
+    printed = capsys.readouterr().out
+    first = saved.loc[saved["flagged"], "top_classes"].iloc[0].split(":")[0]
+    assert first in printed and not re.search(r"(?<![\w.])\d{1,3}:0\.\d\d", printed)
 
 
 def test_exclude_file_drops_flagged_training_rows(lite_features, tmp_path):

@@ -37,7 +37,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import EngineUnavailableError
-from ..backbones import BackboneSpec
+from ..backbones import BackboneSpec, Weights
 from ..images import ImageSet
 from ..pipeline import ModelRunner, decode_rows, progress_bar, report_skip
 from ..store import KEY_FIELDS, CacheError, FeatureWriter, decode_strings, differences, open_cache
@@ -380,8 +380,9 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
         raise ValueError(f"batch size must be positive, got {batch_size}")
     if num_gpus_per_worker < 0:
         raise ValueError(f"--num-gpus-per-worker must be 0 or more, got {num_gpus_per_worker}")
-    if isinstance(weights, (str, os.PathLike)) and str(weights).lower() not in ("imagenet", "none", "random"):
-        weights = Path(weights).expanduser().resolve()  # workers do not share the driver's folder
+    weights = Weights.parse(weights)
+    if weights.kind == "file":
+        weights = Weights("file", path=weights.path.resolve())  # workers do not share the driver's folder
     secs = report.seconds
     t = time.perf_counter()
     plan = plan_shards(len(images), shards)
