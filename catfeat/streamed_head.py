@@ -41,7 +41,7 @@ def _keras_batches(batches: EpochBatches):
 
 
 def _early_stopping_class():
-    from .head import LogLossEarlyStopping
+    from .head_model import LogLossEarlyStopping
 
     class _StreamEarlyStopping(LogLossEarlyStopping):
         """Early stopping scored on validation rows streamed from the caches each epoch."""
@@ -62,7 +62,7 @@ def _early_stopping_class():
 
 def forward_rows(model, rows: CacheRows, block_rows: int | None = None) -> np.ndarray:
     """Model outputs (float64) for every row, reading ``block_rows`` rows at a time."""
-    from .head import forward
+    from .head_model import forward
 
     outs = [forward(model, arrays) for _, arrays in rows.blocks(block_rows)]
     return np.concatenate(outs) if outs else np.zeros((0, model.output_shape[-1]))
@@ -90,7 +90,7 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
     import keras
     from sklearn.utils.validation import _check_sample_weight, column_or_1d
 
-    from .head import MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, build_model, seeded, stratified_split
+    from .head_model import MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, build_model, seeded, stratified_split
 
     p = head.resolved_params()
     for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_"):
@@ -144,7 +144,7 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
                       jit_compile=False)
         stopper = None
         if val is not None:
-            from .head import LogLossEarlyStopping
+            from .head_model import LogLossEarlyStopping
 
             cls = _early_stopping_class() if is_stream(val[0]) else LogLossEarlyStopping
             stopper = cls(val, int(p["patience"]), k)
