@@ -22,8 +22,9 @@ from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_array, check_is_fitted, column_or_1d, validate_data
 
-from .head_model import (  # the Keras side, shared with streamed_head
-    MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, LogLossEarlyStopping, build_model, forward, seeded, stratified_split)
+from .head_model import (  # noqa: F401  (the Keras side, shared with streamed_head; old names kept here)
+    MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, LogLossEarlyStopping, build_model, compiled_model, forward, record_fit, schedule,
+    seeded, stratified_split, validation_target)
 
 # What each preset fills in for the hyper-parameters left at None.
 # "reference" is the classic bottleneck-features recipe, kept exactly: Dropout 0.5, Dense sigmoid,
@@ -406,13 +407,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
             if validation_data is not None:
                 Xv, yv = validation_data[:2]
                 wv = validation_data[2] if len(validation_data) > 2 else None
-                val_arrays = self._inputs(Xv, what="validation row")
-                yv = column_or_1d(yv)
-                pos = np.searchsorted(classes, yv)
-                if np.any(pos >= k) or np.any(classes[np.minimum(pos, k - 1)] != yv):
-                    raise ValueError("validation labels hold classes not seen in y")
-                val = (val_arrays, pos.astype(target.dtype),
-                       None if wv is None else _check_sample_weight(wv, np.empty((len(pos), 0))))
+                val = (self._inputs(Xv, what="validation row"), *validation_target(classes, yv, wv, target.dtype))
             else:
                 tr, va = stratified_split(y_idx, self.validation_fraction, seed)
                 # Rows are taken by index, not by Keras's validation_split, which would take the last
@@ -421,31 +416,13 @@ class FusedHead(ClassifierMixin, BaseEstimator):
                 train_w = None if weights is None else weights[tr]
                 val = ([a[va] for a in arrays], target[va], None if weights is None else weights[va])
 
-        n = train_arrays[0].shape[0]
-        batch = int(min(p["batch_size"], n))
-        steps = math.ceil(n / batch)
-        epochs = p["epochs"]
-        if epochs == "auto":
-            epochs = min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, math.ceil(int(p["max_steps"]) / steps)))
-        epochs = int(epochs)
-
+        batch, epochs = schedule(p, train_arrays[0].shape[0])
         with seeded(seed):
-            model = build_model(self.dims_, self.backbones_, k, float(p["dropout"]), float(p["weight_decay"]))
-            model.compile(optimizer=keras.optimizers.Adam(float(p["learning_rate"])),
-                          loss="binary_crossentropy" if k == 2 else "sparse_categorical_crossentropy",
-                          jit_compile=False)
+            model = compiled_model(self.dims_, self.backbones_, k, p)
             stopper = LogLossEarlyStopping(val, int(p["patience"]), k) if val is not None else None
             hist = model.fit(train_arrays, train_target, sample_weight=train_w, batch_size=batch, epochs=epochs,
                              shuffle=True, callbacks=[stopper] if stopper else [], verbose=self.verbose)
-        self.model_ = model
-        self.history_ = {k_: [float(v) for v in vs] for k_, vs in hist.history.items()}
-        self.params_ = {**p, "epochs": epochs, "batch_size": batch}
-        if stopper is not None:
-            self.history_["val_log_loss"] = stopper.losses
-            self.n_epochs_ = stopper.best_epoch + 1
-        else:
-            self.n_epochs_ = epochs
-        return self
+        return record_fit(self, model, hist, p, batch, epochs, stopper)
 
     # -- predicting -------------------------------------------------------------------------------
     def predict_proba(self, X, names: Sequence[str] | None = None) -> np.ndarray:

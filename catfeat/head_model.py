@@ -6,6 +6,7 @@ Neither of those modules is imported here, so both can import it without a cycle
 """
 from __future__ import annotations
 
+import math
 import random
 import re
 from contextlib import contextmanager
@@ -92,8 +93,12 @@ class LogLossEarlyStopping(keras.callbacks.Callback):
         self.losses: list[float] = []
         self.best, self.best_epoch, self.best_weights = np.inf, -1, None
 
+    def predict_validation(self) -> np.ndarray:
+        """The model's outputs for the validation rows (a subclass may read them from elsewhere)."""
+        return forward(self.model, self.val_arrays)
+
     def on_epoch_end(self, epoch, logs=None):
-        p = np.clip(forward(self.model, self.val_arrays), 1e-7, 1 - 1e-7)
+        p = np.clip(self.predict_validation(), 1e-7, 1 - 1e-7)
         y = self.val_y.astype(np.int64)
         pt = np.where(y == 1, p[:, 0], 1 - p[:, 0]) if self.n_classes == 2 else p[np.arange(len(y)), y]
         loss = float(-np.average(np.log(pt), weights=self.val_w))
@@ -119,3 +124,50 @@ def stratified_split(y_idx: np.ndarray, fraction: float, seed: int | None) -> tu
     stratify = y_idx if counts.min() >= 2 and round(fraction * len(y_idx)) >= len(counts) else None
     tr, va = train_test_split(idx, test_size=fraction, random_state=seed, shuffle=True, stratify=stratify)
     return np.sort(tr), np.sort(va)
+
+
+def schedule(p: dict, n: int) -> tuple[int, int]:
+    """(batch size, epochs) for ``n`` training rows under resolved params ``p`` (epochs="auto":
+    about ``max_steps`` optimizer steps, within ``MIN_AUTO_EPOCHS .. MAX_AUTO_EPOCHS``)."""
+    batch = int(min(p["batch_size"], n))
+    epochs = p["epochs"]
+    if epochs == "auto":
+        steps = math.ceil(n / batch)
+        epochs = min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, math.ceil(int(p["max_steps"]) / steps)))
+    return batch, int(epochs)
+
+
+def compiled_model(dims: Sequence[int], names: Sequence[str], n_classes: int, p: dict):
+    """:func:`build_model` compiled with Adam and the log loss, under resolved params ``p``
+    (call inside :func:`seeded`)."""
+    model = build_model(dims, names, n_classes, float(p["dropout"]), float(p["weight_decay"]))
+    model.compile(optimizer=keras.optimizers.Adam(float(p["learning_rate"])),
+                  loss="binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy",
+                  jit_compile=False)
+    return model
+
+
+def validation_target(classes: np.ndarray, y, sample_weight, dtype) -> tuple[np.ndarray, np.ndarray | None]:
+    """Positions in ``classes`` of validation labels ``y`` (as ``dtype``) and their checked weights."""
+    from sklearn.utils.validation import _check_sample_weight, column_or_1d
+
+    y = column_or_1d(y)
+    pos = np.searchsorted(classes, y)
+    k = len(classes)
+    if np.any(pos >= k) or np.any(classes[np.minimum(pos, k - 1)] != y):
+        raise ValueError("validation labels hold classes not seen in y")
+    w = None if sample_weight is None else _check_sample_weight(sample_weight, np.empty((len(pos), 0)))
+    return pos.astype(dtype), w
+
+
+def record_fit(head, model, history, p: dict, batch: int, epochs: int, stopper=None):
+    """Set a fitted head's ``model_``, ``history_``, ``params_`` and ``n_epochs_``; returns ``head``."""
+    head.model_ = model
+    head.history_ = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    head.params_ = {**p, "epochs": epochs, "batch_size": batch}
+    if stopper is not None:
+        head.history_["val_log_loss"] = stopper.losses
+        head.n_epochs_ = stopper.best_epoch + 1
+    else:
+        head.n_epochs_ = epochs
+    return head

@@ -6,7 +6,6 @@ so that the scoring helpers of :mod:`catfeat.evaluation` can take streamed rows 
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -46,16 +45,8 @@ def _early_stopping_class():
     class _StreamEarlyStopping(LogLossEarlyStopping):
         """Early stopping scored on validation rows streamed from the caches each epoch."""
 
-        def on_epoch_end(self, epoch, logs=None):
-            p = np.clip(forward_rows(self.model, self.val_arrays), 1e-7, 1 - 1e-7)
-            y = self.val_y.astype(np.int64)
-            pt = np.where(y == 1, p[:, 0], 1 - p[:, 0]) if self.n_classes == 2 else p[np.arange(len(y)), y]
-            loss = float(-np.average(np.log(pt), weights=self.val_w))
-            self.losses.append(loss)
-            if loss < self.best:
-                self.best, self.best_epoch, self.best_weights = loss, epoch, self.model.get_weights()
-            elif epoch - self.best_epoch >= self.patience:
-                self.model.stop_training = True
+        def predict_validation(self) -> np.ndarray:
+            return forward_rows(self.model, self.val_arrays)
 
     return _StreamEarlyStopping
 
@@ -87,10 +78,9 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
     ``sample_weight`` (one per row of ``rows``) and ``head.class_weight`` weight the loss as in memory:
     the per-row weights (mean 1) are held in memory and served with each batch.
     """
-    import keras
-    from sklearn.utils.validation import _check_sample_weight, column_or_1d
+    from sklearn.utils.validation import column_or_1d
 
-    from .head_model import MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, build_model, seeded, stratified_split
+    from .head_model import compiled_model, record_fit, schedule, seeded, stratified_split, validation_target
 
     p = head.resolved_params()
     for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_"):
@@ -115,12 +105,8 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
         if validation_data is not None:
             Xv, yv = validation_data[:2]
             wv = validation_data[2] if len(validation_data) > 2 else None
-            yv = column_or_1d(yv)
-            pos = np.searchsorted(classes, yv)
-            if np.any(pos >= k) or np.any(classes[np.minimum(pos, k - 1)] != yv):
-                raise ValueError("validation labels hold classes not seen in y")
-            val = (Xv.select(head.backbones_) if is_stream(Xv) else head._inputs(Xv), pos.astype(target.dtype),
-                   None if wv is None else _check_sample_weight(wv, np.empty((len(pos), 0))))
+            val = (Xv.select(head.backbones_) if is_stream(Xv) else head._inputs(Xv),
+                   *validation_target(classes, yv, wv, target.dtype))
         else:
             tr, va = stratified_split(y_idx, head.validation_fraction, seed)
             train_rows, train_target = rows.subset(tr), target[tr]
@@ -129,19 +115,9 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
         if is_stream(val[0]) and val[0].nbytes <= streaming.VAL_IN_MEMORY_BYTES:
             val = (val[0].read(), *val[1:])  # small enough: read once, score like the in-memory path
 
-    n = len(train_rows)
-    batch = int(min(p["batch_size"], n))
-    steps = math.ceil(n / batch)
-    epochs = p["epochs"]
-    if epochs == "auto":
-        epochs = min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, math.ceil(int(p["max_steps"]) / steps)))
-    epochs = int(epochs)
-
+    batch, epochs = schedule(p, len(train_rows))
     with seeded(seed):
-        model = build_model(head.dims_, head.backbones_, k, float(p["dropout"]), float(p["weight_decay"]))
-        model.compile(optimizer=keras.optimizers.Adam(float(p["learning_rate"])),
-                      loss="binary_crossentropy" if k == 2 else "sparse_categorical_crossentropy",
-                      jit_compile=False)
+        model = compiled_model(head.dims_, head.backbones_, k, p)
         stopper = None
         if val is not None:
             from .head_model import LogLossEarlyStopping
@@ -156,12 +132,4 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
                              callbacks=[stopper] if stopper else [], verbose=head.verbose)
         finally:
             batches.close()
-    head.model_ = model
-    head.history_ = {k_: [float(v) for v in vs] for k_, vs in hist.history.items()}
-    head.params_ = {**p, "epochs": epochs, "batch_size": batch}
-    if stopper is not None:
-        head.history_["val_log_loss"] = stopper.losses
-        head.n_epochs_ = stopper.best_epoch + 1
-    else:
-        head.n_epochs_ = epochs
-    return head
+    return record_fit(head, model, hist, p, batch, epochs, stopper)

@@ -230,7 +230,8 @@ def lite_features(pytestconfig, tmp_path_factory):
             link = data / src.name
             if not link.exists():
                 link.symlink_to(src.resolve())
-    extract(data, models="lite0,lite1,lite2", out=root / "features", progress=False)
+    # force: pytest's cache outlives the photos' metadata; a cache of other files is rebuilt, a matching one reused
+    extract(data, models="lite0,lite1,lite2", out=root / "features", progress=False, force=True)
     return load_features("lite0,lite1,lite2", root / "features")
 
 
