@@ -218,7 +218,7 @@ def run_catfeat(args, images, specs) -> dict:
 def _decode_all(images, sizes):
     import numpy as np
 
-    from catfeat.images import iter_batches
+    from catfeat.reader import iter_batches
 
     arrays = {s: [] for s in sizes}
     for b in iter_batches(images.paths(), sizes, 64):

@@ -92,7 +92,8 @@ def feeder(data: Path, models: str, batch_size: int, limit: int | None, workers:
     stacked), the same reader ``run_extraction`` uses: the feeder's own ceiling on this host."""
     from catfeat.backbones import parse_models
     from catfeat.decoders import get_decoder
-    from catfeat.images import iter_batches, list_images
+    from catfeat.images import list_images
+    from catfeat.reader import iter_batches
 
     sizes = sorted({s.input_size for s in parse_models(models)})
     paths = list_images(data, limit).paths()

@@ -85,7 +85,7 @@ class ActivationMapper:
         """The backbone's last feature map (h, w, C) of one photo."""
         import keras
 
-        from .images import decode_image
+        from .decoders import decode_image
 
         x = decode_image(path, [self.spec.input_size])[self.spec.input_size][None]
         return keras.ops.convert_to_numpy(self.model(x, training=False))[0].astype(np.float64)

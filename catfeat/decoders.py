@@ -141,3 +141,13 @@ def get_decoder(name: str = "auto") -> Decoder:
 
 
 __all__ = ["DECODERS", "Decoder", "DecodeError", "get_decoder", "available"]
+
+
+def decode_image(path: str | os.PathLike, sizes: Sequence[int], decoder: str = "auto") -> dict[int, np.ndarray]:
+    """Read one image file once and return {size: uint8 array (size, size, 3)}.
+
+    EXIF orientation is applied, any mode (grayscale, CMYK, palette, RGBA, 16-bit) becomes RGB,
+    and the whole image is resized bilinearly (no crop), as the reference recipe did. ``decoder``:
+    see :mod:`catfeat.decoders` ("auto", the extraction default, is OpenCV where installed).
+    """
+    return get_decoder(decoder).decode(path, sizes)

@@ -7,7 +7,7 @@ import sys
 from .backbones import REGISTRY
 from .cli import add_alias, add_output_flags, echo, run_cli
 from .extraction import DEFAULT_MODELS, run_extraction
-from .images import READERS
+from .reader import READERS
 from .pipeline import skip_line
 
 

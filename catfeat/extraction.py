@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .backbones import BackboneSpec, Weights, parse_models, weights_identity
-from .images import READERS, ImageSet, choose_reader, iter_batches, list_images, shown
+from .images import ImageSet, list_images, shown
+from .reader import READERS, choose_reader, iter_batches
 from .store import (CacheError, FeatureWriter, StaleCacheError, remove_planted_link, cache_path, differences,
                     open_cache)
 

@@ -18,13 +18,10 @@ import os
 import re
 import stat
 import threading
-import time
 import warnings
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -217,18 +214,6 @@ class DecodeError(Exception):
     """One image could not be used; the reason is the message."""
 
 
-def decode_image(path: str | os.PathLike, sizes: Sequence[int], decoder: str = "auto") -> dict[int, np.ndarray]:
-    """Read one image file once and return {size: uint8 array (size, size, 3)}.
-
-    EXIF orientation is applied, any mode (grayscale, CMYK, palette, RGBA, 16-bit) becomes RGB,
-    and the whole image is resized bilinearly (no crop), as the reference recipe did. ``decoder``:
-    see :mod:`catfeat.decoders` ("auto", the extraction default, is OpenCV where installed).
-    """
-    from .decoders import get_decoder
-
-    return get_decoder(decoder).decode(path, sizes)
-
-
 def _file_kind(mode: int) -> str:
     for test, kind in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
                        (stat.S_ISBLK, "block device")):
@@ -390,97 +375,3 @@ def declared_bytes(path: str | os.PathLike) -> int:
                 return 4 * min(im.width * im.height, MAX_PIXELS)
     except Exception:  # the decode that follows says what is wrong with the file
         return 0
-
-
-def _decode_timed(path: Path, sizes: Sequence[int], budget: ByteBudget | None = None, decode=None):
-    """(arrays or None, reason or None, decode seconds, resize seconds). ``decode``: a decoder's
-    function (decode and resize then count as decode), default Pillow's two steps timed apart."""
-    cost = declared_bytes(path) if budget is not None else 0
-    if cost:
-        budget.acquire(cost)
-    try:
-        if decode is not None:
-            from .pipeline import decode_rows
-
-            arrays, reason, seconds = decode_rows([path], sizes, decode)[0]
-            return arrays, reason, seconds, 0.0
-        t = time.perf_counter()
-        try:
-            im = read_rgb(path)
-        except DecodeError as e:
-            return None, str(e), time.perf_counter() - t, 0.0
-        t1 = time.perf_counter()
-        out = resize_all(im, sizes)
-        del im
-        return out, None, t1 - t, time.perf_counter() - t1
-    finally:
-        if cost:
-            budget.release(cost)
-
-
-READERS = ("auto", "threads", "processes")
-# "auto" reads on processes from this many cores and images on: below, spawning the workers costs
-# more than the interpreter lock does.
-PROCESS_READER_MIN = {"cores": 8, "images": 2048}
-
-
-def choose_reader(reader: str, workers: int | None, n_images: int, sizes: Sequence[int] = (),
-                  batch_size: int = 0, prefetch: int = 2) -> str:
-    """"threads" or "processes" for ``reader``: "auto" takes processes from
-    ``PROCESS_READER_MIN`` cores and images on, where the shared memory for their batches is free."""
-    if reader not in READERS:
-        raise ValueError(f"unknown reader {reader!r}; choose one of {', '.join(READERS)}")
-    if reader != "auto":
-        return reader
-    from .process_reader import shared_memory_free, slot_bytes
-
-    cores = workers or os.cpu_count() or 1
-    big = cores >= PROCESS_READER_MIN["cores"] and n_images >= PROCESS_READER_MIN["images"]
-    free = shared_memory_free()
-    need = (prefetch + 3) * slot_bytes(sizes, batch_size)
-    return "processes" if big and (free is None or free >= need) else "threads"
-
-
-def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, start: int = 0,
-                 workers: int | None = None, prefetch: int = 2, decode=None,
-                 budget: ByteBudget | None = None, reader: str = "threads") -> Iterator[Batch]:
-    """Decode ``paths[start:]`` on a thread pool of ``workers`` threads (default: every core; the
-    decoders release the GIL) in order, ``prefetch`` batches ahead of the consumer, so that decoding
-    overlaps the model. ``decode(path, sizes)``: a decoder's function from :mod:`catfeat.decoders`
-    (default: the "auto" decoder; Pillow's has decode and resize timed apart). ``budget`` bounds the
-    full-size pixels decoding at once (default: a new :class:`ByteBudget` of ``DECODE_BYTES``).
-    ``reader``: "threads", "processes" (:mod:`catfeat.process_reader`: many cores, no shared
-    interpreter lock) or "auto"."""
-    from .decoders import DECODERS, get_decoder
-
-    sizes = sorted(set(int(s) for s in sizes))
-    if choose_reader(reader, workers, len(paths) - start, sizes, batch_size, prefetch) == "processes":
-        from .process_reader import iter_batches_processes
-
-        limit = budget.limit if budget is not None else DECODE_BYTES
-        yield from iter_batches_processes(paths, sizes, batch_size, start, workers, prefetch + 1, decode, limit)
-        return
-    workers = workers or os.cpu_count() or 1
-    decode = decode or get_decoder("auto").decode
-    one = None if decode is DECODERS["pillow"].decode else decode
-    budget = ByteBudget() if budget is None else budget
-    queue = deque((b, min(b + batch_size, len(paths))) for b in range(start, len(paths), batch_size))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="catfeat-decode") as pool:
-        pending: deque = deque()
-
-        def submit_next() -> None:
-            b0, b1 = queue.popleft()
-            pending.append((b0, [pool.submit(_decode_timed, paths[i], sizes, budget, one) for i in range(b0, b1)]))
-
-        while queue and len(pending) <= prefetch:
-            submit_next()
-        while pending:
-            b0, futures = pending.popleft()
-            if queue:
-                submit_next()
-            results = [f.result() for f in futures]
-            ok = np.array([r[0] is not None for r in results], dtype=bool)
-            errors = {b0 + i: r[1] for i, r in enumerate(results) if r[0] is None}
-            images = {s: (np.stack([r[0][s] for r in results if r[0] is not None])
-                          if ok.any() else np.zeros((0, s, s, 3), np.uint8)) for s in sizes}
-            yield Batch(b0, images, ok, errors, sum(r[2] for r in results), sum(r[3] for r in results))

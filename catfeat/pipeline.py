@@ -2,7 +2,7 @@
 
 * reader: :func:`decode_rows` turns files into uint8 arrays at every input size (one decode per
   file; a bad file becomes a reason, never an exception). The local engine runs it on a thread
-  pool (:func:`catfeat.images.iter_batches`), the Ray engine in Ray Data tasks.
+  pool (:func:`catfeat.reader.iter_batches`), the Ray engine in Ray Data tasks.
 * runner: :class:`ModelRunner` moves each batch to the device once per input size, dispatches every
   backbone on it, and only then reads results back, so on an accelerator batch k's models are
   queued before batch k-1's features are copied home.

@@ -124,7 +124,8 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     import pandas as pd
 
     from .backbones import get_backbone
-    from .images import DecodeError, decode_image
+    from .decoders import decode_image
+    from .images import DecodeError
 
     model, head = predictor or build_predictor(head_dir, weights, features_dir, allow_random)
     sizes = [get_backbone(n).input_size for n in head.backbones_]

@@ -286,7 +286,7 @@ class ProcessReader:
 def iter_batches_processes(paths: Sequence, sizes: Sequence[int], batch_size: int, start: int = 0,
                            workers: int | None = None, prefetch: int = 2, decode: Callable | None = None,
                            budget: int = DECODE_BYTES) -> Iterator[Batch]:
-    """Like :func:`catfeat.images.iter_batches`, on ``workers`` processes (default: every core)."""
+    """Like :func:`catfeat.reader.iter_batches`, on ``workers`` processes (default: every core)."""
     from .decoders import get_decoder
 
     sizes = sorted(set(int(s) for s in sizes))

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catfeat.images import ByteBudget, DecodeError, ImageSetError, iter_batches, list_images, read_rgb
+from catfeat.images import ByteBudget, DecodeError, ImageSetError, list_images, read_rgb
+from catfeat.reader import iter_batches
 from catfeat.store import load_features, open_cache
 
 from conftest import REPO, make_kaggle, save_image

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catfeat.images import DecodeError, ImageSetError, decode_image, iter_batches, list_images
+from catfeat.decoders import decode_image
+from catfeat.images import DecodeError, ImageSetError, list_images
+from catfeat.reader import iter_batches
 
 from conftest import make_kaggle, real_data, save_image
 

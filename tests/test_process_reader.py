@@ -14,7 +14,8 @@ import pytest
 from conftest import REPO, real_data, save_image
 from catfeat import process_reader
 from catfeat.decoders import get_decoder
-from catfeat.images import choose_reader, iter_batches, list_images
+from catfeat.images import list_images
+from catfeat.reader import choose_reader, iter_batches
 from catfeat.process_reader import CRASH_REASON, ReaderStartError
 
 
@@ -100,7 +101,8 @@ def test_a_script_without_a_main_guard_reads_on_processes_once(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
-        from catfeat.images import iter_batches, list_images
+        from catfeat.images import list_images
+        from catfeat.reader import iter_batches
         paths = list_images({str(data)!r}).paths()
         batches = list(iter_batches(paths, (32,), 4, workers=2, reader="processes"))
         print("read", sum(int(b.ok.sum()) for b in batches))
