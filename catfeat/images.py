@@ -152,6 +152,12 @@ def list_images(data_dir: str | os.PathLike, limit: int | None = None) -> ImageS
     train_dir, test_dir = root / "train", root / "test"
     if train_dir.is_dir() or test_dir.is_dir():
         layout = "kaggle"
+        loose = _files(root)
+        if loose:  # they belong to neither split: refused rather than silently left out
+            raise ImageSetError(
+                f"{str(root)!r} holds {len(loose)} loose image(s) (e.g. {loose[0].name!r}) beside train/ and "
+                "test/, which belong to neither split; move them into train/ (labelled) or test/ (unlabelled), "
+                "or hide them ('.name')")
         if train_dir.is_dir():
             subdirs = _image_subdirs(train_dir)
             _refuse_mixed(train_dir, _files(train_dir), subdirs, root)

@@ -195,6 +195,17 @@ def test_class_folders_under_train(tmp_path):
         list_images(root)
 
 
+def test_loose_images_beside_train_and_test_are_refused_not_ignored(tmp_path):
+    root = make_kaggle(tmp_path / "d", n_per_class=2, n_test=1, size=(16, 16))
+    save_image(root / "cat.99.jpg", 99, (16, 16))
+    with pytest.raises(ImageSetError, match=r"holds 1 loose image\(s\) \(e.g. 'cat.99.jpg'\) beside train/ and test/"):
+        list_images(root)
+    r = extract(root, tmp_path / "f", timeout=120)
+    assert r.returncode == 2 and "beside train/ and test/" in r.stderr and "Traceback" not in r.stderr
+    (root / "cat.99.jpg").rename(root / ".cat.99.jpg")  # hidden: ignored
+    assert len(list_images(root)) == 5
+
+
 # -- 9a. bytes of full-size images in the decode pool -------------------------------------------------
 def test_decode_pool_is_bounded_by_bytes(tmp_path):
     paths = [save_image(tmp_path / f"big{k}.png", k, (400, 300)) for k in range(6)]
