@@ -22,7 +22,7 @@ def lite_head(tmp_path_factory):
         shutil.copy(src / f"dog.{1020 + k}.jpg", data / f"dog.{1020 + k}.jpg")
     catfeat.run_extraction(data, "lite0", root / "features", weights="imagenet", batch_size=4, progress=False)
     X, y, names = catfeat.load_features("lite0", root / "features")
-    head = catfeat.FusedHead(epochs=2, early_stopping=False, seed=0).fit(X, y)
+    head = catfeat.FusedHead(epochs=2, early_stopping=False, random_state=0).fit(X, y)
     return data, head, X, names
 
 

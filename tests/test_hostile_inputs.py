@@ -141,7 +141,7 @@ def test_predict_reports_a_fifo_instead_of_hanging(tmp_path):
     data = make_kaggle(tmp_path / "data", n_per_class=3, n_test=0, size=(24, 24))
     catfeat.run_extraction(data, MODEL, tmp_path / "f", weights=None, batch_size=4, progress=False)
     X, y, _ = catfeat.load_features(MODEL, tmp_path / "f")
-    catfeat.FusedHead(epochs=1, early_stopping=False, seed=0).fit(X, y).save(tmp_path / "head")
+    catfeat.FusedHead(epochs=1, early_stopping=False, random_state=0).fit(X, y).save(tmp_path / "head")
     record_weights(tmp_path / "head", tmp_path / "f")
     folder = tmp_path / "new"
     save_image(folder / "a.jpg", 1, (24, 24))
