@@ -48,6 +48,33 @@ def decode_rows(paths: Sequence, sizes: Sequence[int], decode: Callable) -> list
     return out
 
 
+def decode_timed(path, sizes: Sequence[int], budget=None, decode=None) -> tuple:
+    """One image under the byte ``budget``: (arrays or None, reason or None, decode seconds, resize
+    seconds). ``decode``: a decoder's function (decode and resize then count as decode), default
+    Pillow's two steps timed apart. The unit of work of both readers (threads and processes)."""
+    from .images import DecodeError, declared_bytes, read_rgb, resize_all
+
+    cost = declared_bytes(path) if budget is not None else 0
+    if cost:
+        budget.acquire(cost)
+    try:
+        if decode is not None:
+            arrays, reason, seconds = decode_rows([path], sizes, decode)[0]
+            return arrays, reason, seconds, 0.0
+        t = time.perf_counter()
+        try:
+            im = read_rgb(path)
+        except DecodeError as e:
+            return None, str(e), time.perf_counter() - t, 0.0
+        t1 = time.perf_counter()
+        out = resize_all(im, sizes)
+        del im
+        return out, None, t1 - t, time.perf_counter() - t1
+    finally:
+        if cost:
+            budget.release(cost)
+
+
 class Runner(Protocol):
     """What :class:`ModelRunner` needs of one backbone (``catfeat.runtime.Forward`` is one)."""
 

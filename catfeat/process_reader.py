@@ -5,7 +5,7 @@ batch) and the HDF5 writer share one interpreter lock; on a GPU host with many c
 not the decoder, caps the feed (measured on an H100 host: see ``benchmarks/gpu_check.py``).
 Here each worker process decodes a run of a batch's images straight into that batch's slot of
 shared memory, and the driver only copies finished rows out. Same decoders, same skip reasons as
-the thread reader (both call :func:`catfeat.pipeline.decode_rows`), same byte budget, shared
+the thread reader (both call :func:`catfeat.pipeline.decode_timed`), same byte budget, shared
 between the processes.
 
 A worker that dies (a decoder crashing on a hostile file) costs nothing but that file: the
@@ -27,8 +27,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .images import DECODE_BYTES, Batch, ByteBudget, declared_bytes
-from .pipeline import decode_rows
+from .images import DECODE_BYTES, Batch, ByteBudget
+from .pipeline import decode_timed
 
 CRASH_REASON = "the decoder crashed on this file (its worker process died); the file was skipped"
 
@@ -42,13 +42,10 @@ class SharedByteBudget(ByteBudget):
     """:class:`ByteBudget` over processes: the count lives in shared memory under one lock."""
 
     def __init__(self, limit: int = DECODE_BYTES, context=None):
-        if limit < 1:
-            raise ValueError(f"decode byte budget must be positive, got {limit}")
         ctx = context or mp.get_context()
-        self.limit = int(limit)
+        self._used, self._peak = ctx.RawValue("q", 0), ctx.RawValue("q", 0)
+        super().__init__(limit)
         self._cond = ctx.Condition()
-        self._used = ctx.RawValue("q", 0)
-        self._peak = ctx.RawValue("q", 0)
 
     @property
     def used(self) -> int:
@@ -70,6 +67,21 @@ class SharedByteBudget(ByteBudget):
 def slot_bytes(sizes: Sequence[int], batch_size: int) -> int:
     """Bytes of one batch's shared-memory slot (uint8 pixels at every size)."""
     return sum(int(np.prod(shape)) for shape in _slot_shapes(sizes, batch_size).values())
+
+
+def _depth(prefetch: int) -> int:
+    """Batches decoding ahead: one more than the thread reader's ``prefetch`` (workers start slower)."""
+    return prefetch + 1
+
+
+def _slot_count(prefetch: int) -> int:
+    # the depth + 1 batches in flight, and one to spare
+    return _depth(prefetch) + 2
+
+
+def shared_memory_needed(sizes: Sequence[int], batch_size: int, prefetch: int) -> int:
+    """Bytes of shared memory :func:`iter_batches_processes` takes for these batches."""
+    return _slot_count(prefetch) * slot_bytes(sizes, batch_size)
 
 
 def shared_memory_free() -> int | None:
@@ -154,14 +166,7 @@ def _decode_into(slot: int, row: int, paths: Sequence) -> list[tuple[bool, str |
     sizes, decode, budget = _SETUP["sizes"], _SETUP["decode"], _SETUP["budget"]
     out = []
     for i, path in enumerate(paths):
-        cost = declared_bytes(path)
-        if cost:
-            budget.acquire(cost)
-        try:
-            arrays, reason, seconds = decode_rows([path], sizes, decode)[0]
-        finally:
-            if cost:
-                budget.release(cost)
+        arrays, reason, seconds, _ = decode_timed(path, sizes, budget, decode)
         if arrays is not None:
             for s in sizes:
                 _SLOTS[slot][s][row + i] = arrays[s]
@@ -293,7 +298,8 @@ def iter_batches_processes(paths: Sequence, sizes: Sequence[int], batch_size: in
     workers = workers or os.cpu_count() or 1
     decode = decode or get_decoder("auto").decode
     queue = deque((b, min(b + batch_size, len(paths))) for b in range(start, len(paths), batch_size))
-    with ProcessReader(sizes, batch_size, workers, prefetch + 2, decode, budget) as reader:
+    depth = _depth(prefetch)
+    with ProcessReader(sizes, batch_size, workers, _slot_count(prefetch), decode, budget) as reader:
         free = deque(range(len(reader.slots)))
         pending: deque = deque()
 
@@ -302,7 +308,7 @@ def iter_batches_processes(paths: Sequence, sizes: Sequence[int], batch_size: in
             slot = free.popleft()
             pending.append((b0, slot, paths[b0:b1], reader.submit(slot, paths[b0:b1])))
 
-        while queue and len(pending) <= prefetch:
+        while queue and len(pending) <= depth:
             submit_next()
         while pending:
             b0, slot, batch_paths, futures = pending.popleft()

@@ -8,7 +8,6 @@ process reader in :mod:`catfeat.process_reader`.
 from __future__ import annotations
 
 import os
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,32 +15,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .images import DECODE_BYTES, Batch, ByteBudget, DecodeError, declared_bytes, read_rgb, resize_all
-from .pipeline import decode_rows
-
-
-def _decode_timed(path: Path, sizes: Sequence[int], budget: ByteBudget | None = None, decode=None):
-    """(arrays or None, reason or None, decode seconds, resize seconds). ``decode``: a decoder's
-    function (decode and resize then count as decode), default Pillow's two steps timed apart."""
-    cost = declared_bytes(path) if budget is not None else 0
-    if cost:
-        budget.acquire(cost)
-    try:
-        if decode is not None:
-            arrays, reason, seconds = decode_rows([path], sizes, decode)[0]
-            return arrays, reason, seconds, 0.0
-        t = time.perf_counter()
-        try:
-            im = read_rgb(path)
-        except DecodeError as e:
-            return None, str(e), time.perf_counter() - t, 0.0
-        t1 = time.perf_counter()
-        out = resize_all(im, sizes)
-        del im
-        return out, None, t1 - t, time.perf_counter() - t1
-    finally:
-        if cost:
-            budget.release(cost)
+from .images import DECODE_BYTES, Batch, ByteBudget
+from .pipeline import decode_timed
 
 
 READERS = ("auto", "threads", "processes")
@@ -58,13 +33,13 @@ def choose_reader(reader: str, workers: int | None, n_images: int, sizes: Sequen
         raise ValueError(f"unknown reader {reader!r}; choose one of {', '.join(READERS)}")
     if reader != "auto":
         return reader
-    from .process_reader import shared_memory_free, slot_bytes
+    from .process_reader import shared_memory_free, shared_memory_needed
 
     cores = workers or os.cpu_count() or 1
     big = cores >= PROCESS_READER_MIN["cores"] and n_images >= PROCESS_READER_MIN["images"]
     free = shared_memory_free()
-    need = (prefetch + 3) * slot_bytes(sizes, batch_size)
-    return "processes" if big and (free is None or free >= need) else "threads"
+    return "processes" if big and (free is None or free >= shared_memory_needed(sizes, batch_size, prefetch)) \
+        else "threads"
 
 
 def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, start: int = 0,
@@ -84,7 +59,7 @@ def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, s
         from .process_reader import iter_batches_processes
 
         limit = budget.limit if budget is not None else DECODE_BYTES
-        yield from iter_batches_processes(paths, sizes, batch_size, start, workers, prefetch + 1, decode, limit)
+        yield from iter_batches_processes(paths, sizes, batch_size, start, workers, prefetch, decode, limit)
         return
     workers = workers or os.cpu_count() or 1
     decode = decode or get_decoder("auto").decode
@@ -96,7 +71,7 @@ def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, s
 
         def submit_next() -> None:
             b0, b1 = queue.popleft()
-            pending.append((b0, [pool.submit(_decode_timed, paths[i], sizes, budget, one) for i in range(b0, b1)]))
+            pending.append((b0, [pool.submit(decode_timed, paths[i], sizes, budget, one) for i in range(b0, b1)]))
 
         while queue and len(pending) <= prefetch:
             submit_next()
