@@ -16,6 +16,14 @@ Prints one JSON object: for each model set (the four Keras backbones; lite0+lite
   no copy, no write), timed after a warm-up call;
 * ``feeder_img_s``: the host reader alone (decode + resize to the set's input sizes, every core),
   on threads and on processes (``reader``: the one the whole run used, "auto" by default);
+* ``driver_img_s``: the model stage alone, as the whole run drives it: ``catfeat.pipeline.run_stages``
+  over uint8 batches already in host memory (no decode), copied to the device and dispatched by
+  ``ModelRunner``, features read back by the writer thread and dropped (no HDF5). Whole ~ driver <
+  ceiling puts the gap in the driver's per-batch path; driver ~ ceiling puts it in the reader or
+  writer;
+* ``trace``: per-batch stamps of the whole run and of the driver run, summarised: milliseconds
+  between consecutive read-backs (p50, p90: the device's pace as the host sees it), the share of
+  batches dispatched before the previous one was read back, and seconds lost waiting per stage;
 * ``ratio`` = whole / ceiling, ``seconds`` per stage, ``gpu_util_mean`` / ``gpu_util_samples`` from
   ``nvidia-smi`` sampled every 200 ms during the extraction, and the summary line.
 """
@@ -86,6 +94,59 @@ def ceiling(models: str, precision: str, batch_size: int, n_batches: int) -> flo
     return n_batches * batch_size / (time.perf_counter() - t)
 
 
+class HostBatch:
+    """A decoded batch already in host memory (what the reader hands the model stage)."""
+
+    def __init__(self, start: int, images: dict):
+        import numpy as np
+
+        self.start, self.images = start, images
+        n = len(next(iter(images.values())))
+        self.ok, self.errors = np.ones(n, bool), {}
+
+    def __len__(self) -> int:
+        return len(self.ok)
+
+
+def summarize_trace(trace: list) -> dict:
+    """What per-batch stamps (start, got, dispatched, fetched, written) say about the device's pace."""
+    import numpy as np
+
+    if len(trace) < 3:
+        return {}
+    t = np.array([row[1:] for row in sorted(trace)])
+    got, dispatched, fetched, written = t.T
+    gaps = np.diff(fetched) * 1000
+    return {"batches": len(t), "readback_interval_ms_p50": round(float(np.median(gaps)), 1),
+            "readback_interval_ms_p90": round(float(np.percentile(gaps, 90)), 1),
+            "dispatched_before_previous_readback": round(float(np.mean(dispatched[1:] < fetched[:-1])), 3),
+            "dispatch_ms_mean": round(float(np.mean(dispatched - got)) * 1000, 2),
+            "write_ms_mean": round(float(np.mean(written - fetched)) * 1000, 2),
+            "span_s": round(float(written[-1] - got[0]), 3)}
+
+
+def driver(models: str, precision: str, batch_size: int, n_batches: int) -> dict:
+    """img/s of run_stages over host-memory uint8 batches (no decode, no HDF5): the driver's own ceiling."""
+    import numpy as np
+
+    from catfeat.backbones import parse_models
+    from catfeat.pipeline import ModelRunner, run_stages
+    from catfeat.runtime import Forward
+
+    specs = parse_models(models)
+    runner = ModelRunner({s.name: (s.input_size, Forward(s, None, 0, precision, batch_size)) for s in specs})
+    runner.warmup()
+    rng = np.random.RandomState(0)
+    sizes = sorted({s.input_size for s in specs})
+    pool = [{s: rng.randint(0, 256, (batch_size, s, s, 3), dtype=np.uint8) for s in sizes} for _ in range(4)]
+    batches = (HostBatch(k * batch_size, pool[k % len(pool)]) for k in range(n_batches))
+    trace, secs = [], {}
+    t = time.perf_counter()
+    run_stages(batches, runner, lambda b, f: None, seconds=secs, trace=trace)
+    return {"driver_img_s": round(n_batches * batch_size / (time.perf_counter() - t), 1),
+            "driver_seconds": {k: round(v, 2) for k, v in secs.items()}, "driver_trace": summarize_trace(trace)}
+
+
 def feeder(data: Path, models: str, batch_size: int, limit: int | None, workers: int | None, decoder: str,
            reader: str = "threads") -> float:
     """img/s of the host reader alone (decode + resize to every input size of ``models``, batches
@@ -120,19 +181,25 @@ def replicate(data: Path, times: int) -> Path:
 
 def whole(data: Path, models: str, precision: str, batch_size: int | None, limit: int | None,
           workers: int | None, decoder: str, reader: str = "auto") -> dict:
+    import catfeat.pipeline as pipeline
     from catfeat import run_extraction
 
     out = Path(tempfile.mkdtemp(prefix="catfeat-gpu-check-"))
     sampler = GpuSampler()
+    trace: list = []
+    plain = pipeline.run_stages
+    pipeline.run_stages = lambda *a, **k: plain(*a, **k, trace=trace)  # the engine imports it at call time
     try:
         rep = run_extraction(data, models, out, weights=None, batch_size=batch_size, limit=limit, precision=precision,
                              workers=workers, progress=False, decoder=decoder, reader=reader)
     finally:
+        pipeline.run_stages = plain
         util = sampler.stop()
         shutil.rmtree(out, ignore_errors=True)
     timed = rep.seconds["total"] - rep.seconds.get("build", 0.0)
     return {"images": rep.processed, "reader": rep.reader, "whole_img_s": round(rep.processed / timed, 1), "total_s": round(rep.seconds["total"], 2),
-            "seconds": {k: round(v, 2) for k, v in rep.seconds.items()}, "summary": rep.summary(), **util}
+            "seconds": {k: round(v, 2) for k, v in rep.seconds.items()}, "summary": rep.summary(),
+            "trace": summarize_trace(trace), **util}
 
 
 def main(argv=None) -> int:
@@ -146,6 +213,7 @@ def main(argv=None) -> int:
     p.add_argument("--decoder", default="auto")
     p.add_argument("--reader", default="auto", help="whole run's reader: auto, threads, processes")
     p.add_argument("--ceiling-batches", type=int, default=20)
+    p.add_argument("--driver-batches", type=int, default=40)
     p.add_argument("--replicate", type=int, default=1, help="link every photo N times (distinct names)")
     args = p.parse_args(argv)
     args.data = replicate(args.data, args.replicate)
@@ -158,10 +226,11 @@ def main(argv=None) -> int:
         models = SETS[name]
         w = whole(args.data, models, args.precision, bs, args.limit, args.workers, args.decoder, args.reader)
         c = ceiling(models, args.precision, bs, args.ceiling_batches)
+        d = driver(models, args.precision, bs, args.driver_batches)
         f = {r: round(feeder(args.data, models, bs, args.limit, args.workers, args.decoder, r), 1)
              for r in ("threads", "processes")}
         result[name] = {"models": models, **w, "ceiling_img_s": round(c, 1), "ratio": round(w["whole_img_s"] / c, 3),
-                        "feeder_img_s": f}
+                        **d, "feeder_img_s": f}
         print(json.dumps({name: result[name]}), file=sys.stderr, flush=True)
     print(json.dumps(result))
     return 0

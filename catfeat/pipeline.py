@@ -3,11 +3,12 @@
 * reader: :func:`decode_rows` turns files into uint8 arrays at every input size (one decode per
   file; a bad file becomes a reason, never an exception). The local engine runs it on a thread
   pool (:func:`catfeat.reader.iter_batches`), the Ray engine in Ray Data tasks.
-* runner: :class:`ModelRunner` moves each batch to the device once per input size, dispatches every
-  backbone on it, and only then reads results back, so on an accelerator batch k's models are
-  queued before batch k-1's features are copied home.
-* writer: :class:`WriterThread` appends rows to the HDF5 caches off the model's critical path, in
-  batch order (the resume marker and the atomic rename work exactly as with inline writes).
+* runner: :class:`ModelRunner` moves each batch to the device once per input size and dispatches
+  every backbone on it without waiting for results.
+* writer: :class:`WriterThread` reads each batch's features back and appends them to the HDF5
+  caches, in batch order, on its own thread (the resume marker and the atomic rename work exactly
+  as with inline writes). The thread that dispatches therefore never waits for the device: on an
+  accelerator, while one batch is read back, ``depth`` more wait queued and one more is dispatched.
 
 :func:`run_stages` wires them for one process; ``benchmarks/bench_pipeline.py`` checks, with stub
 stages of known cost, that the wall time stays close to the slowest stage rather than their sum.
@@ -91,7 +92,7 @@ class Pending:
 
     n: int
     handles: dict[str, list]  # backbone -> one handle per padded chunk
-    dispatched: float
+    dispatched: float  # time.perf_counter() when the last backbone was dispatched
 
 
 @dataclass
@@ -111,14 +112,17 @@ class ModelRunner:
             from .runtime import to_device
 
             self.to_device = to_device
+        self._lock = threading.Lock()  # dispatch and fetch may run on different threads
+
+    def _add(self, key: str, dt: float) -> None:
+        with self._lock:
+            self.seconds[key] = self.seconds.get(key, 0.0) + dt
 
     def dispatch(self, images: Mapping[int, np.ndarray], only: Iterable[str] | None = None) -> Pending:
         """Queue every wanted backbone on ``images``; ``seconds``: ``to_device`` (padding and copy) and
         ``model:<name>`` (the call: all of the work on a synchronous backend, the launch on a GPU)."""
         from .runtime import pad_batch
 
-        t0 = time.perf_counter()
-        secs = self.seconds
         names = [n for n in self.runners if only is None or n in set(only)]
         n = len(next(iter(images.values()))) if images else 0
         handles: dict[str, list] = {name: [] for name in names}
@@ -132,12 +136,12 @@ class ModelRunner:
                     chunk = images[size][i:i + bs]
                     t = time.perf_counter()
                     x = self.to_device(pad_batch(chunk, bs))
-                    secs["to_device"] = secs.get("to_device", 0.0) + time.perf_counter() - t
+                    self._add("to_device", time.perf_counter() - t)
                     for name in group:
                         t = time.perf_counter()
                         handles[name].append((self.runners[name][1].dispatch(x), len(chunk)))
-                        secs[f"model:{name}"] = secs.get(f"model:{name}", 0.0) + time.perf_counter() - t
-        return Pending(n, handles, t0)
+                        self._add(f"model:{name}", time.perf_counter() - t)
+        return Pending(n, handles, time.perf_counter())
 
     def warmup(self) -> None:
         """Compile every backbone on one batch of zeros (so that a run's timings hold no compilation)."""
@@ -154,8 +158,7 @@ class ModelRunner:
             runner = self.runners[name][1]
             out[name] = (np.concatenate([runner.fetch(h, k) for h, k in parts]) if parts
                          else np.zeros((0, getattr(getattr(runner, "spec", None), "feature_dim", 0)), np.float32))
-            key = f"model:{name}"
-            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t
+            self._add(f"model:{name}", time.perf_counter() - t)
         return out
 
     def __call__(self, images: Mapping[int, np.ndarray], only: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -255,35 +258,52 @@ class StartedEarly:
 
 def run_stages(batches: Iterator[Decoded], runner: ModelRunner, write: Callable[[Decoded, dict], None],
                wanted: Callable[[Decoded], Sequence[str]] | None = None, seconds: dict | None = None,
-               depth: int = 2) -> None:
+               depth: int = 3, trace: list | None = None) -> None:
     """Feed ``batches`` through ``runner`` into ``write`` with the three stages overlapped.
 
+    This thread takes each decoded batch and dispatches it; the writer thread waits for its features
+    and writes them. At most ``depth`` dispatched batches wait for the writer, so the device can have
+    that many queued behind the one being read back, absorbing a late batch from the reader.
     ``wanted(batch)`` names the backbones that still need that batch (a resumed cache skips what it
-    holds). ``seconds`` gains ``wait`` (main thread idle, waiting for the reader), ``dispatch``,
-    ``model:<name>`` (waiting for results), ``write`` (the writer thread's busy time).
+    holds). ``seconds`` gains ``wait`` (waiting for the reader), ``queue`` (waiting for room behind
+    the writer: the device or the disk is the slower stage), ``to_device``, ``model:<name>``
+    (dispatch plus waiting for results) and ``write``. ``trace``, when given, receives one
+    ``(start, got, dispatched, fetched, written)`` tuple per batch: its first position and
+    ``time.perf_counter()`` when it came from the reader, was dispatched, was read back and was
+    written (for benchmarks).
     """
     seconds = {} if seconds is None else seconds
     runner.seconds = seconds
-    writer = WriterThread(write, depth)
-    previous: tuple[Decoded, Pending] | None = None
+    for key in ("wait", "queue", "write"):
+        seconds.setdefault(key, 0.0)
+
+    def fetch_and_write(batch: Decoded, job: tuple[Pending, float]) -> None:
+        pending, got = job
+        feats = runner.fetch(pending)
+        t = time.perf_counter()
+        write(batch, feats)
+        done = time.perf_counter()
+        seconds["write"] += done - t  # only this thread adds to "write"
+        if trace is not None:
+            trace.append((batch.start, got, pending.dispatched, t, done))
+
+    writer = WriterThread(fetch_and_write, depth)
     ok = False
     try:
         while True:
             t = time.perf_counter()
             batch = next(batches, None)
-            seconds["wait"] = seconds.get("wait", 0.0) + time.perf_counter() - t
-            current = None
-            if batch is not None:
-                current = (batch, runner.dispatch(batch.images, wanted(batch) if wanted else None))
-            if previous is not None:  # batch k is queued on the device before k-1 is read back
-                writer.put(previous[0], runner.fetch(previous[1]))
-            previous = current
+            got = time.perf_counter()
+            seconds["wait"] += got - t
             if batch is None:
                 break
+            pending = runner.dispatch(batch.images, wanted(batch) if wanted else None)
+            t = time.perf_counter()
+            writer.put(batch, (pending, got))
+            seconds["queue"] += time.perf_counter() - t
         ok = True
     finally:
         writer.close(abort=not ok)
-        seconds["write"] = seconds.get("write", 0.0) + writer.busy
 
 
 def progress_bar(total: int, enabled: bool):

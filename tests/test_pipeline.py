@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -36,15 +37,44 @@ class Recorder:
         return np.repeat(handle[:n, :1, 0, 0].astype(np.float32), self.dim, axis=1)
 
 
-def test_batch_k_is_dispatched_to_every_backbone_before_k_minus_1_is_read_back():
+def test_batches_are_dispatched_ahead_of_a_slow_read_back_in_order():
+    """The dispatching thread never waits for the device: while batch 0's features are still being
+    read back, the next ``depth`` batches are already dispatched to every backbone; writes keep order."""
     events = []
-    runner = ModelRunner({"a": (8, Recorder("a", events)), "b": (8, Recorder("b", events))}, to_device=lambda x: x)
+    release = threading.Event()
+
+    class SlowFetch(Recorder):
+        def fetch(self, handle, n):
+            release.wait(10)
+            return super().fetch(handle, n)
+
+    runner = ModelRunner({"a": (8, SlowFetch("a", events)), "b": (8, SlowFetch("b", events))}, to_device=lambda x: x)
     written = []
-    run_stages(iter([Batch(0, 4), Batch(4, 4), Batch(8, 2)]), runner, lambda b, f: written.append((b.start, f)))
-    fetch_of_first = events.index(("fetch", "a", 0))
-    assert ("dispatch", "a", 4) in events[:fetch_of_first] and ("dispatch", "b", 4) in events[:fetch_of_first]
-    assert [s for s, _ in written] == [0, 4, 8]
-    assert written[2][1]["a"].shape == (2, 3) and np.all(written[1][1]["b"] == 4)
+    batches = [Batch(4 * k, 4) for k in range(6)] + [Batch(24, 2)]
+    job = threading.Thread(target=run_stages, args=(iter(batches), runner, lambda b, f: written.append((b.start, f))),
+                           kwargs={"depth": 2})
+    job.start()
+    deadline = time.monotonic() + 10
+    while ("dispatch", "b", 12) not in events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # batch 0 is being read back, 4 and 8 wait in the queue, 12 is dispatched and waits for room
+    assert [e for e in events if e[0] == "dispatch"] == [("dispatch", m, s) for s in (0, 4, 8, 12) for m in "ab"]
+    assert not any(e[0] == "fetch" for e in events) and written == []
+    time.sleep(0.2)
+    assert ("dispatch", "a", 16) not in events  # bounded: no more than depth + 2 batches in flight
+    release.set()
+    job.join(10)
+    assert [s for s, _ in written] == [0, 4, 8, 12, 16, 20, 24]
+    assert written[-1][1]["a"].shape == (2, 3) and np.all(written[1][1]["b"] == 4)
+
+
+def test_trace_stamps_every_batch_in_order():
+    runner = ModelRunner({"a": (8, Recorder("a", []))}, to_device=lambda x: x)
+    trace, secs = [], {}
+    run_stages(iter([Batch(0, 4), Batch(4, 4)]), runner, lambda b, f: None, seconds=secs, trace=trace)
+    assert [t[0] for t in trace] == [0, 4]
+    assert all(t[1] <= t[2] <= t[3] <= t[4] for t in trace)
+    assert {"wait", "queue", "write", "to_device", "model:a"} <= set(secs)
 
 
 def test_pixels_cross_to_the_device_once_per_input_size():

@@ -188,6 +188,7 @@ class FeatureActor:
 
     def __init__(self, jobs: Sequence[tuple[BackboneSpec, str, str]], weights, seed: int, batch_size: int,
                  backend: str):
+        t = time.perf_counter()
         from ..runtime import Forward, backend_name
 
         if backend_name() != backend:
@@ -196,11 +197,18 @@ class FeatureActor:
         self.specs = [spec for spec, _, _ in jobs]
         self.runner = ModelRunner({spec.name: (spec.input_size, Forward(spec, weights, seed, precision, batch_size, tta))
                                    for spec, precision, tta in jobs})
+        self.runner.warmup()  # compiled here, as in the local engine, so no batch pays for tracing
+        # reported once, with this actor's first batch: how long it built, and when it was ready
+        self.build_seconds, self.ready_at = time.perf_counter() - t, time.time()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], bool)
         n = len(ok)
         out = {k: batch[k] for k in ("pos", "ok", "reason", "decode_s")}
+        out["build_s"], out["ready_at"] = np.zeros(n), np.zeros(n)
+        if n:
+            out["build_s"][0], out["ready_at"][0] = self.build_seconds, self.ready_at
+            self.build_seconds = self.ready_at = 0.0
         self.runner.seconds = {}
         feats = self.runner({s: np.ascontiguousarray(batch[f"img{s}"][ok]) for s in {sp.input_size for sp in self.specs}})
         for spec in self.specs:
@@ -218,7 +226,7 @@ class _PartSink:
 
     def __init__(self, images: ImageSet, specs: list[BackboneSpec], shards: list[Shard],
                  need: dict[int, list[BackboneSpec]], part_attrs: dict[tuple[str, int], dict],
-                 folders: dict[str, Path], report, bar):
+                 folders: dict[str, Path], report, bar, started_at: float):
         self.images, self.shards, self.need, self.part_attrs = images, shards, need, part_attrs
         self.folders, self.report, self.bar = folders, report, bar
         self.starts = [s.start for s in shards]
@@ -226,10 +234,16 @@ class _PartSink:
         self.rows: dict[int, dict[int, tuple]] = {s.index: {} for s in shards}
         self.writers: dict[tuple[str, int], FeatureWriter] = {}
         self.specs = specs
+        self.started_at = started_at  # time.time() when the run began: actors report readiness in it
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         secs = self.report.seconds
         secs["decode"] = secs.get("decode", 0.0) + float(np.sum(batch["decode_s"]))
+        # actors build side by side: the slowest build is the run's build stage, as in the local engine
+        secs["build"] = max(secs.get("build", 0.0), float(np.max(batch["build_s"], initial=0.0)))
+        ready = batch["ready_at"][batch["ready_at"] > 0]
+        if len(ready) and "startup" not in secs:  # Ray up, first actor built: the run's fixed cost
+            secs["startup"] = min(max(0.0, float(ready.min()) - self.started_at), time.time() - self.started_at)
         for sp in self.specs:
             key = f"model:{sp.name}"
             secs[key] = secs.get(key, 0.0) + float(np.sum(batch[f"model_s_{sp.name}"]))
@@ -431,7 +445,7 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
     secs = report.seconds
     backend = str(part_attrs[(specs[0].name, todo[0].index)]["backend"])
     env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    t = time.perf_counter()
+    t, started_at = time.perf_counter(), time.time()
     started = _connect(ray, address, env)
     sink = bar = None
     try:
@@ -442,7 +456,7 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
         secs["connect"] = time.perf_counter() - t
         t = time.perf_counter()
         bar = progress_bar(sum(len(s) for s in todo), progress)
-        sink = _PartSink(images, specs, todo, need, part_attrs, folders, report, bar)
+        sink = _PartSink(images, specs, todo, need, part_attrs, folders, report, bar, started_at)
         sizes = sorted({sp.input_size for sp in specs})
         # A decode task holds one full-size photo and its batch in and out. Declaring that memory also
         # keeps Ray Data from fusing decode into the CPU model actor (it fuses stages whose requests
