@@ -71,15 +71,22 @@ class GpuSampler:
         return {"gpu_util_mean": round(sum(s) / len(s), 1) if s else None, "gpu_util_samples": len(s)}
 
 
-def ceiling(models: str, precision: str, batch_size: int, n_batches: int) -> float:
+def build_forwards(models: str, precision: str, batch_size: int) -> dict:
+    """{name: (spec, compiled Forward)}, built once per set for the ceiling and the driver runs."""
+    from catfeat.backbones import parse_models
+    from catfeat.runtime import Forward
+
+    return {s.name: (s, Forward(s, None, 0, precision, batch_size)) for s in parse_models(models)}
+
+
+def ceiling(forwards: dict, batch_size: int, n_batches: int) -> float:
     """img/s of every backbone on device-resident uint8 batches, each image through every backbone."""
     import numpy as np
 
-    from catfeat.backbones import parse_models
-    from catfeat.runtime import Forward, to_device, to_host
+    from catfeat.runtime import to_device, to_host
 
-    specs = parse_models(models)
-    fw = {s.name: Forward(s, None, 0, precision, batch_size) for s in specs}
+    specs = [spec for spec, _ in forwards.values()]
+    fw = {name: f for name, (_, f) in forwards.items()}
     rng = np.random.RandomState(0)
     x = {s.input_size: to_device(rng.randint(0, 256, (batch_size, s.input_size, s.input_size, 3), dtype=np.uint8))
          for s in specs}
@@ -125,16 +132,14 @@ def summarize_trace(trace: list) -> dict:
             "span_s": round(float(written[-1] - got[0]), 3)}
 
 
-def driver(models: str, precision: str, batch_size: int, n_batches: int) -> dict:
+def driver(forwards: dict, batch_size: int, n_batches: int) -> dict:
     """img/s of run_stages over host-memory uint8 batches (no decode, no HDF5): the driver's own ceiling."""
     import numpy as np
 
-    from catfeat.backbones import parse_models
     from catfeat.pipeline import ModelRunner, run_stages
-    from catfeat.runtime import Forward
 
-    specs = parse_models(models)
-    runner = ModelRunner({s.name: (s.input_size, Forward(s, None, 0, precision, batch_size)) for s in specs})
+    specs = [spec for spec, _ in forwards.values()]
+    runner = ModelRunner({name: (spec.input_size, f) for name, (spec, f) in forwards.items()})
     runner.warmup()
     rng = np.random.RandomState(0)
     sizes = sorted({s.input_size for s in specs})
@@ -225,8 +230,10 @@ def main(argv=None) -> int:
     for name in args.sets.split(","):
         models = SETS[name]
         w = whole(args.data, models, args.precision, bs, args.limit, args.workers, args.decoder, args.reader)
-        c = ceiling(models, args.precision, bs, args.ceiling_batches)
-        d = driver(models, args.precision, bs, args.driver_batches)
+        forwards = build_forwards(models, args.precision, bs)
+        c = ceiling(forwards, bs, args.ceiling_batches)
+        d = driver(forwards, bs, args.driver_batches)
+        del forwards
         f = {r: round(feeder(args.data, models, bs, args.limit, args.workers, args.decoder, r), 1)
              for r in ("threads", "processes")}
         result[name] = {"models": models, **w, "ceiling_img_s": round(c, 1), "ratio": round(w["whole_img_s"] / c, 3),

@@ -263,7 +263,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
 def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack) -> None:
     """This process: decode threads -> every backbone on this device -> a writer thread."""
     from .decoders import get_decoder
-    from .pipeline import ModelRunner, StartedEarly, progress_bar, report_skip, run_stages
+    from .pipeline import InBackground, ModelRunner, progress_bar, report_skip, run_stages
     from .runtime import Forward
 
     images, secs = plan.images, report.seconds
@@ -280,8 +280,9 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
     if start < len(images):
         sizes = sorted({s.input_size for s in plan.specs})
         report.reader = choose_reader(plan.reader, plan.workers, len(images) - start, sizes, plan.batch_size)
-        # started before the build, so worker start-up and the first decodes overlap the compilation
-        batches = StartedEarly(iter_batches(images.paths(), sizes, plan.batch_size, start=start, workers=plan.workers,
+        # on a thread of its own, started before the build: worker start-up and the first decodes
+        # overlap the compilation, and the reader's per-batch work stays off the dispatching thread
+        batches = InBackground(iter_batches(images.paths(), sizes, plan.batch_size, start=start, workers=plan.workers,
                                             decode=get_decoder(plan.decoder).decode, reader=report.reader))
     t = time.perf_counter()
     try:

@@ -222,38 +222,65 @@ class WriterThread:
             self._raise()
 
 
-class StartedEarly:
-    """Iterates ``items`` (a generator) with its first item already being fetched on a thread, so
-    that a reader's start-up overlaps whatever the caller does first (building the models)."""
+class InBackground:
+    """Iterates ``items`` (a generator) on a thread of its own, up to ``depth`` items ahead.
 
-    def __init__(self, items: Iterator):
-        self._items, self._first, self._error = items, [], None
-        self._thread = threading.Thread(target=self._fetch_first, name="catfeat-reader-start", daemon=True)
+    The reader's own work on its consumer's side (collecting decoded rows, stacking them or copying
+    them out of shared memory: tens of milliseconds per large batch) then happens off the thread
+    that dispatches to the device; it also starts at once, so worker start-up and the first decodes
+    overlap the model build. Items come out in order; an error the generator raises comes out
+    after the items before it. :meth:`close` stops the thread and closes the generator.
+    """
+
+    _END = object()
+
+    def __init__(self, items: Iterator, depth: int = 2):
+        self._items, self._q = items, queue.Queue(maxsize=depth)
+        self._stop, self._done = threading.Event(), False
+        self._thread = threading.Thread(target=self._run, name="catfeat-reader", daemon=True)
         self._thread.start()
 
-    def _fetch_first(self) -> None:
-        try:
-            self._first.append(next(self._items))
-        except StopIteration:
-            pass
-        except BaseException as e:  # raised to the caller on its first next()
-            self._error = e
+    def _offer(self, entry) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
-    def __iter__(self) -> "StartedEarly":
+    def _run(self) -> None:
+        try:
+            for item in self._items:
+                if not self._offer((item, None)):
+                    return
+            self._offer((self._END, None))
+        except BaseException as e:  # raised to the consumer in its place
+            self._offer((self._END, e))
+        finally:
+            self._items.close()  # this thread ran it, so this thread closes it (its pools shut down)
+
+    def __iter__(self) -> "InBackground":
         return self
 
     def __next__(self):
-        self._thread.join()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        if self._first:
-            return self._first.pop()
-        return next(self._items)
+        while not self._done:
+            try:
+                item, error = self._q.get(timeout=0.2)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._q.empty():
+                    raise RuntimeError("the reader thread stopped") from None
+                continue
+            if item is not self._END:
+                return item
+            self._done = True
+            if error is not None:
+                raise error
+        raise StopIteration
 
     def close(self) -> None:
-        self._thread.join()  # a generator cannot be closed while another thread runs it
-        self._items.close()
+        self._stop.set()
+        self._thread.join()
 
 
 def run_stages(batches: Iterator[Decoded], runner: ModelRunner, write: Callable[[Decoded, dict], None],

@@ -4,5 +4,5 @@
 set -u
 cd "$(dirname "$0")/.."
 python -m pytest -q "$@" || exit $?
-KERAS_BACKEND=jax python -m pytest -q -m "not tensorflow_only" tests/test_images.py tests/test_backbones.py tests/test_head.py tests/test_predict.py tests/test_cam.py \
+KERAS_BACKEND=jax python -m pytest -q -m "not tensorflow_only" tests/test_images.py tests/test_backbones.py tests/test_head.py tests/test_predict.py tests/test_cam.py tests/test_pipeline.py \
   tests/test_extract.py "$@" || exit $?

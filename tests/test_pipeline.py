@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from catfeat.pipeline import ModelRunner, WriterThread, decode_rows, run_stages
+from catfeat.pipeline import InBackground, ModelRunner, WriterThread, decode_rows, run_stages
 
 
 class Batch:
@@ -135,6 +135,44 @@ def test_an_error_in_the_model_stage_stops_the_writer_without_writing_later_batc
     with pytest.raises(RuntimeError, match="device lost"):
         run_stages(iter([Batch(0, 4), Batch(4, 4), Batch(8, 4), Batch(12, 4)]), runner, slow_write)
     assert 8 not in written and 12 not in written
+
+
+def test_in_background_keeps_order_runs_off_the_caller_and_raises_in_place():
+    threads = []
+
+    def items():
+        for k in range(5):
+            threads.append(threading.current_thread().name)
+            yield k
+        raise OSError("disk gone")
+
+    it = InBackground(items(), depth=2)
+    got = [next(it) for _ in range(5)]
+    with pytest.raises(OSError, match="disk gone"):
+        next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+    it.close()
+    assert got == [0, 1, 2, 3, 4] and set(threads) == {"catfeat-reader"}
+
+
+def test_in_background_close_stops_the_generator_and_runs_its_cleanup():
+    made, cleaned = [], threading.Event()
+
+    def items():
+        try:
+            for k in range(1000):
+                made.append(k)
+                yield k
+        finally:
+            cleaned.set()
+
+    it = InBackground(items(), depth=2)
+    assert next(it) == 0
+    time.sleep(0.2)
+    assert len(made) <= 4  # bounded: the one taken, two queued, one waiting for room
+    it.close()
+    assert cleaned.is_set() and len(made) <= 5
 
 
 def test_decode_rows_turns_every_failure_into_a_reason(tmp_path):
