@@ -62,10 +62,10 @@ class ImageSet:
 
     def fingerprint(self) -> str:
         """Hash of names, labels, sizes and modification times: changes when the image list changes."""
-        h = hashlib.sha256()
-        for name, label in zip(self.names, self.labels):
+        h, root = hashlib.sha256(), os.fspath(self.root)
+        for name, label in zip(self.names, self.labels.tolist()):
             try:
-                st = os.stat(self.root / name)
+                st = os.stat(os.path.join(root, name))  # strings, not Paths: one call per image
                 meta = f"{st.st_size}:{st.st_mtime_ns}"
             except OSError:
                 meta = "missing"
@@ -88,8 +88,9 @@ def _files(folder: Path) -> list[Path]:
 
 def _image_subdirs(folder: Path) -> list[Path]:
     """Visible subfolders of ``folder`` (not named like images) that hold at least one image."""
-    subdirs = sorted((d for d in folder.iterdir() if d.is_dir() and not _is_image_file(d)
-                      and not d.name.startswith(".")), key=lambda d: natural_key(d.name))
+    # names first: a folder of many images then costs no stat per image
+    subdirs = sorted((d for d in folder.iterdir() if not d.name.startswith(".") and not _is_image_file(d)
+                      and d.is_dir()), key=lambda d: natural_key(d.name))
     return [d for d in subdirs if any(_is_image_file(p) for p in d.iterdir())]
 
 
@@ -159,14 +160,14 @@ def list_images(data_dir: str | os.PathLike, limit: int | None = None) -> ImageS
                 "test/, which belong to neither split; move them into train/ (labelled) or test/ (unlabelled), "
                 "or hide them ('.name')")
         if train_dir.is_dir():
-            subdirs = _image_subdirs(train_dir)
-            _refuse_mixed(train_dir, _files(train_dir), subdirs, root)
+            subdirs, files = _image_subdirs(train_dir), _files(train_dir)
+            _refuse_mixed(train_dir, files, subdirs, root)
             if subdirs:
                 layout = "kaggle-folders"
                 for d in subdirs:
                     train += [(f"train/{d.name}/{p.name}", d.name) for p in _files(d)]
             else:
-                train = _labelled_from_names(train_dir, "train/", root)
+                train = _labelled_from_names(train_dir, files, "train/")
         if test_dir.is_dir():
             files, subdirs = _files(test_dir), _image_subdirs(test_dir)
             if subdirs:
@@ -175,15 +176,15 @@ def list_images(data_dir: str | os.PathLike, limit: int | None = None) -> ImageS
                     "are unlabelled: put them directly in test/ (labelled images go in train/<class>/)")
             test = [(f"test/{p.name}", "") for p in files]
     else:
-        subdirs = _image_subdirs(root)
-        _refuse_mixed(root, _files(root), subdirs, root)
+        subdirs, files = _image_subdirs(root), _files(root)
+        _refuse_mixed(root, files, subdirs, root)
         if subdirs:
             layout = "folders"
             for d in subdirs:
                 train += [(f"{d.name}/{p.name}", d.name) for p in _files(d)]
         else:
             layout = "flat"
-            train = _labelled_from_names(root, "", root)
+            train = _labelled_from_names(root, files, "")
 
     if not train and not test:
         raise ImageSetError(
@@ -200,9 +201,10 @@ def list_images(data_dir: str | os.PathLike, limit: int | None = None) -> ImageS
     return ImageSet(root, names, labels, split, classes, layout)
 
 
-def _labelled_from_names(folder: Path, prefix: str, root: Path) -> list[tuple[str, str]]:
+def _labelled_from_names(folder: Path, files: list[Path], prefix: str) -> list[tuple[str, str]]:
+    """(prefix + name, class) of ``files`` (those of ``folder``), the class read from each name."""
     items, unlabelled = [], []
-    for p in _files(folder):
+    for p in files:
         cls = _label_from_name(p.name)
         (items if cls else unlabelled).append((prefix + p.name, cls))
     if unlabelled and items:
