@@ -116,7 +116,7 @@ def test_ray_equals_local(ray_cluster, data, local, tmp_path):
     assert [s["path"] for s in report.skipped] == ["train/cat.4.jpg", "train/dog.4.jpg"]
     assert report.skipped[1]["reason"] == "empty file (0 bytes)"
     assert report.processed == 12 and not report.resumed
-    assert {"run", "merge", f"model:{got.name}"} <= set(report.seconds)
+    assert {"run", "merge", "build", "startup", f"model:{got.name}"} <= set(report.seconds)
     assert not (out / ".parts").exists() and not path.with_name(path.name + ".partial").exists()
     # a second run reuses the cache without touching Ray
     again = run_extraction(data, MODEL, out, engine="ray", engine_options={"shards": SHARDS}, **FAST)
