@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -109,6 +110,7 @@ class Decoder:
     name: str
     decode: DecodeFn
     module: str
+    install: str  # what to tell a user who lacks ``module``
 
     def version(self) -> str:
         import importlib
@@ -117,8 +119,8 @@ class Decoder:
 
 
 DECODERS: dict[str, Decoder] = {
-    "opencv": Decoder("opencv", _decode_opencv, "cv2"),
-    "pillow": Decoder("pillow", _decode_pillow, "PIL"),
+    "opencv": Decoder("opencv", _decode_opencv, "cv2", "pip install opencv-python-headless, or pass --decoder pillow"),
+    "pillow": Decoder("pillow", _decode_pillow, "PIL", "pip install pillow"),
 }
 
 
@@ -131,12 +133,15 @@ def available(name: str) -> bool:
 def get_decoder(name: str = "auto") -> Decoder:
     """The decoder called ``name``; ``auto``: OpenCV where installed, else Pillow."""
     if name == "auto":
+        if not any(available(n) for n in DECODERS):  # catfeat installs both: likely another Python
+            raise ValueError(f"no image decoder (OpenCV or Pillow) is installed in {sys.executable}; run catfeat "
+                             "with the Python it was installed into, or pip install opencv-python-headless pillow")
         name = "opencv" if available("opencv") else "pillow"
     if name not in DECODERS:
         raise ValueError(f"decoder must be auto or one of {', '.join(DECODERS)}, got {name!r}")
     if not available(name):
         raise ValueError(f"decoder {name!r} needs the {DECODERS[name].module} module, which is not installed "
-                         "(pip install opencv-python-headless), or pass --decoder pillow")
+                         f"in {sys.executable}: {DECODERS[name].install}")
     return DECODERS[name]
 
 

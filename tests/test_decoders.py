@@ -3,6 +3,7 @@ on odd files (they go to Pillow), recorded in the cache."""
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -92,3 +93,19 @@ def test_the_decoder_is_part_of_the_cache_identity(tmp_path):
         run_extraction(data, "lite0", out, weights=None, progress=False, decoder="pillow")
     rep = run_extraction(data, "lite0", out, weights=None, progress=False, decoder="auto")
     assert rep.reused == ["EfficientNetLite0"]
+
+
+def test_missing_decoders_are_named_with_the_interpreter_and_the_fix(monkeypatch):
+    import importlib.util
+    import sys
+
+    from catfeat.decoders import get_decoder
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("cv2", "PIL") else real(name, *a))
+    with pytest.raises(ValueError, match="no image decoder .* is installed in " + re.escape(sys.executable)):
+        get_decoder("auto")
+    with pytest.raises(ValueError, match="'opencv' needs the cv2 module.*--decoder pillow"):
+        get_decoder("opencv")
+    with pytest.raises(ValueError, match="'pillow' needs the PIL module.*pip install pillow$"):
+        get_decoder("pillow")
