@@ -258,7 +258,9 @@ class InBackground:
         except BaseException as e:  # raised to the consumer in its place
             self._offer((self._END, e))
         finally:
-            self._items.close()  # this thread ran it, so this thread closes it (its pools shut down)
+            close = getattr(self._items, "close", None)
+            if close is not None:  # this thread ran the generator, so this thread closes it (pools shut down)
+                close()
 
     def __iter__(self) -> "InBackground":
         return self
