@@ -101,20 +101,6 @@ def ceiling(forwards: dict, batch_size: int, n_batches: int) -> float:
     return n_batches * batch_size / (time.perf_counter() - t)
 
 
-class HostBatch:
-    """A decoded batch already in host memory (what the reader hands the model stage)."""
-
-    def __init__(self, start: int, images: dict):
-        import numpy as np
-
-        self.start, self.images = start, images
-        n = len(next(iter(images.values())))
-        self.ok, self.errors = np.ones(n, bool), {}
-
-    def __len__(self) -> int:
-        return len(self.ok)
-
-
 def summarize_trace(trace: list) -> dict:
     """What per-batch stamps (start, got, dispatched, fetched, written) say about the device's pace."""
     import numpy as np
@@ -136,6 +122,7 @@ def driver(forwards: dict, batch_size: int, n_batches: int) -> dict:
     """img/s of run_stages over host-memory uint8 batches (no decode, no HDF5): the driver's own ceiling."""
     import numpy as np
 
+    from catfeat.images import Batch
     from catfeat.pipeline import ModelRunner, run_stages
 
     specs = [spec for spec, _ in forwards.values()]
@@ -144,7 +131,8 @@ def driver(forwards: dict, batch_size: int, n_batches: int) -> dict:
     rng = np.random.RandomState(0)
     sizes = sorted({s.input_size for s in specs})
     pool = [{s: rng.randint(0, 256, (batch_size, s, s, 3), dtype=np.uint8) for s in sizes} for _ in range(4)]
-    batches = (HostBatch(k * batch_size, pool[k % len(pool)]) for k in range(n_batches))
+    batches = (Batch(k * batch_size, pool[k % len(pool)], np.ones(batch_size, bool), {}, 0.0, 0.0)
+               for k in range(n_batches))
     trace, secs = [], {}
     t = time.perf_counter()
     run_stages(batches, runner, lambda b, f: None, seconds=secs, trace=trace)

@@ -178,7 +178,6 @@ class WriterThread:
         self._write, self._q = write, queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._abort = threading.Event()
-        self.busy = 0.0
         self._thread = threading.Thread(target=self._loop, name="catfeat-writer", daemon=True)
         self._thread.start()
 
@@ -189,12 +188,10 @@ class WriterThread:
                 return
             if self._error is not None or self._abort.is_set():
                 continue
-            t = time.perf_counter()
             try:
                 self._write(*item)
             except BaseException as e:  # handed to the main thread by put/close
                 self._error = e
-            self.busy += time.perf_counter() - t
 
     def _raise(self) -> None:
         if self._error is not None:
