@@ -196,9 +196,21 @@ def fit_predict(estimator, X, y, tr: np.ndarray, va: np.ndarray) -> tuple[np.nda
     return est.predict_proba(take_rows(X, va)), seconds
 
 
+def check_rows(X, names: Sequence[str] | None = None) -> None:
+    """Refuse NaN/Inf rows of ``X`` (a dict of arrays) before it is split, naming them by ``names``
+    (one per row) or by their row in ``X``: a fold's fit would number them within the fold."""
+    if isinstance(X, Mapping):
+        from .head import check_finite
+
+        check_finite(X, names, what="training row")
+
+
 def holdout_score(estimator, X, y: Sequence, val_split: float = 0.2, seed: int | None = DEFAULT_SEED,
-                  clip: float = DEFAULT_CLIP) -> Score:
-    """Fit a clone on a shuffled stratified ``1 - val_split`` of the rows, score the rest."""
+                  clip: float = DEFAULT_CLIP, names: Sequence[str] | None = None) -> Score:
+    """Fit a clone on a shuffled stratified ``1 - val_split`` of the rows, score the rest.
+
+    NaN/Inf rows are refused first, named by ``names`` when given."""
+    check_rows(X, names)
     classes, y_idx = encode_labels(y)
     tr, va = holdout_split(y_idx, val_split, seed)
     proba, seconds = fit_predict(estimator, X, y, tr, va)
@@ -207,11 +219,13 @@ def holdout_score(estimator, X, y: Sequence, val_split: float = 0.2, seed: int |
 
 
 def cross_validate(estimator, X, y: Sequence, cv: int = 5, seed: int | None = DEFAULT_SEED,
-                   clip: float = DEFAULT_CLIP, progress: bool = False) -> Score:
+                   clip: float = DEFAULT_CLIP, progress: bool = False, names: Sequence[str] | None = None) -> Score:
     """Stratified K-fold CV: mean +- std over folds and the out-of-fold predictions of every row.
 
-    ``progress``: a progress bar over the folds on stderr.
+    ``progress``: a progress bar over the folds on stderr. NaN/Inf rows are refused first, named
+    by ``names`` when given.
     """
+    check_rows(X, names)
     classes, y_idx = encode_labels(y)
     oof = np.zeros((len(y_idx), len(classes)))
     fl, fa, seconds = [], [], 0.0

@@ -21,8 +21,8 @@ from . import __version__
 from .backbones import BackboneSpec, Weights, parse_models, weights_identity
 from .images import ImageSet, list_images, shown
 from .reader import READERS, choose_reader, iter_batches
-from .store import (CacheError, FeatureWriter, StaleCacheError, remove_planted_link, cache_path, differences,
-                    open_cache)
+from .store import (CacheError, FeatureWriter, StaleCacheError, StalePartialError, remove_planted_link, cache_path,
+                    differences, open_cache, partial_attrs, partial_path, removed_during_run)
 
 DEFAULT_MODELS = ("r50", "incv3", "xcep", "irv2")
 
@@ -73,6 +73,8 @@ def _guard_write(partial: Path, fn, *args):
     try:
         return fn(*args)
     except OSError as e:
+        if not os.path.lexists(partial):  # deleted under the running writer: its rows went with it
+            raise CacheError(removed_during_run(partial)) from None
         err = OSError(f"writing {partial} failed ({e}); the rows already written are kept: free disk "
                       "space or fix the folder's permissions, then rerun the same command to resume")
         err.hdf5_unusable = getattr(e, "hdf5_unusable", False)  # see cli.run_cli
@@ -249,6 +251,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
                 if not force:
                     raise StaleCacheError(path, diff)
                 log(f"catfeat: rebuilding {path} (--force): {', '.join(diff)} changed")
+            _check_partial(partial_path(path), attrs, len(images), force, log)
             pending[spec.name] = attrs
         if pending:
             plan = ExtractionPlan(images, [s for s in specs if s.name in pending], pending,
@@ -258,6 +261,27 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
             report.skipped = open_cache(report.paths[next(iter(pending))]).skipped()
     report.seconds["total"] = time.perf_counter() - t0
     return report
+
+
+def _check_partial(partial: Path, attrs: dict, n_images: int, force: bool, log: Callable[[str], None]) -> None:
+    """Refuse to discard an unfinished cache built for another request unless ``force``.
+
+    Its rows may be hours of work, worth as much as a complete cache, which is refused the same way.
+    Only a partial that cannot be read at all is started over without ``force`` (by FeatureWriter).
+    """
+    held = partial_attrs(partial)
+    if held is None:
+        return
+    diff = differences(held, attrs)
+    if held.get("n_images") != n_images:
+        diff["n_images"] = (held.get("n_images"), n_images)
+    if not diff:
+        return
+    if not force:
+        raise StalePartialError(partial, diff, held.get("rows_written"), held.get("n_images"))
+    log(f"catfeat: starting {partial} over (--force): {', '.join(diff)} changed; its "
+        f"{held.get('rows_written')} images done are discarded")
+    partial.unlink()
 
 
 def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack) -> None:

@@ -214,6 +214,10 @@ def load_training(models: str | Sequence[str] | None, features_dir: str | os.Pat
             _warn_exclude_nothing(exclude, drop, names)
         say(f"excluding {int((~keep).sum())} of {len(names)} training images listed in {exclude}")
         X, y, names = take_rows(X, keep), y[keep], names[keep]
+    if not stream:  # streamed blocks are checked as they are read
+        from .head import check_finite
+
+        check_finite(X, names, what="training row")  # named here: the folds only know row numbers
     return X, y, names
 
 

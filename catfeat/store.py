@@ -67,6 +67,17 @@ class StaleCacheError(CacheError):
                          "or --out another folder to keep both")
 
 
+class StalePartialError(CacheError):
+    """An unfinished cache (``.partial``) holds rows of a request that differs from what is asked."""
+
+    def __init__(self, path: Path, differences: dict, rows: int | None, n_images: int | None):
+        self.path, self.differences = path, differences
+        diff = "; ".join(f"{k}: partial has {v[0]!r}, asked {v[1]!r}" for k, v in differences.items())
+        super().__init__(f"{path} is an unfinished cache ({rows} of {n_images} images done) built differently "
+                         f"({diff}). Rerun with the options it was started with to resume it, or use --force "
+                         "(force=True) to start it over with these (its rows are discarded)")
+
+
 # -- memory ------------------------------------------------------------------------------------------
 class MemoryShortError(CacheError):
     """Loading would need more memory than is available; the message names the streaming way."""
@@ -126,6 +137,20 @@ def cache_path(out_dir: str | os.PathLike, backbone_name: str) -> Path:
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
+
+
+def partial_attrs(partial: Path) -> dict | None:
+    """The attributes of the unfinished cache ``partial``: None when it is not a regular file catfeat
+    wrote that HDF5 can open (nothing there can be resumed; :class:`FeatureWriter` starts it over)."""
+    h5py = import_h5py()
+    try:
+        if not stat.S_ISREG(os.lstat(partial).st_mode):
+            return None
+        with h5py.File(partial, "r") as f:
+            a = read_attrs(f)
+    except Exception:  # missing, or torn by a kill: HDF5 cannot open it
+        return None
+    return a if a.get("format") == FORMAT else None
 
 
 def decode_strings(values) -> list[str]:
@@ -293,9 +318,10 @@ class FeatureWriter:
             raise ValueError(f"expected features of shape {(int(ok.sum()), self.dim)}, got {feats.shape}")
         if not np.isfinite(feats).all():
             bad = [self.names[p] for p, row in zip(np.flatnonzero(ok) + start, feats) if not np.isfinite(row).all()]
-            raise FloatingPointError(f"{self.attrs.get('backbone')} produced NaN/Inf features for {bad[:5]}; "
-                                     "nothing was written for this batch. Check the weights (--weights) "
-                                     "and --precision")
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise FloatingPointError(f"{self.attrs.get('backbone')} produced NaN/Inf features for {bad[:5]}{more} "
+                                     f"({len(bad)} of the {len(ok)} images of this batch); nothing was written "
+                                     "for this batch. Check the weights (--weights) and --precision")
         if str(self.attrs.get("dtype", "float32")) == "float16" and feats.size and np.abs(feats).max() > 65504:
             raise FloatingPointError(f"{self.attrs.get('backbone')} features overflow float16 (|value| > 65504); "
                                      "nothing was written for this batch; extract with --dtype float32")
@@ -407,7 +433,11 @@ class FeatureWriter:
         self._guarded(self._finish_attrs, extra_attrs or {})
         self._f = None
         _fsync(self.partial, _NOFOLLOW)
-        if not stat.S_ISREG(os.lstat(self.partial).st_mode):  # swapped for a link while we wrote
+        try:
+            mode = os.lstat(self.partial).st_mode
+        except FileNotFoundError:
+            raise CacheError(removed_during_run(self.partial)) from None
+        if not stat.S_ISREG(mode):  # swapped for a link while we wrote
             raise CacheError(f"{self.partial} is no longer the regular file catfeat wrote; not moving it "
                              f"to {self.path}. Remove it and rerun")
         os.replace(self.partial, self.path)  # replaces a link at self.path itself, never its target
@@ -448,6 +478,13 @@ def _h5_free_error(e) -> bool:
 
 
 _ABANDONED: list = []  # h5py files whose writes failed: kept referenced so nothing flushes them again
+
+
+def removed_during_run(partial: Path) -> str:
+    """The message for an unfinished cache deleted (with its folder, maybe) while catfeat wrote it."""
+    where = partial if partial.parent.is_dir() else f"{partial} (its folder {partial.parent} too)"
+    return (f"{where} was removed during the run; nothing was kept (its rows went with it): rerun the same "
+            "command to start over")
 
 
 def remove_planted_link(path: Path) -> bool:

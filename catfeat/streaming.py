@@ -193,7 +193,12 @@ class CacheRows:
                     _read_rows(ds, r[order], tmp, step)
                     a[order] = tmp
                 if not np.isfinite(a.sum()) and not np.isfinite(a).all():
-                    raise ValueError(f"features of {k} contain NaN or Inf ({self.paths[k]})")
+                    from .head import check_finite
+
+                    try:
+                        check_finite({k: a}, self.names[pos], f"{self.split} row")
+                    except ValueError as e:  # names the images; the file says where they are
+                        raise ValueError(f"{self.paths[k]}: {e}") from None
             out.append(a)
         return out
 

@@ -26,7 +26,8 @@ import hashlib
 import json
 import logging
 import os
-import shutil
+import re
+import stat
 import time
 import warnings
 from contextlib import contextmanager
@@ -40,12 +41,16 @@ from . import EngineUnavailableError
 from ..backbones import BackboneSpec, Weights
 from ..images import ImageSet
 from ..pipeline import ModelRunner, decode_rows, progress_bar, report_skip
-from ..store import KEY_FIELDS, CacheError, FeatureWriter, decode_strings, differences, open_cache
+from ..store import (KEY_FIELDS, CacheError, FeatureWriter, decode_strings, differences, open_cache,
+                     remove_planted_link)
 
 INSTALL_HINT = 'pip install "catfeat[ray]"'
 SHARD_IMAGES = 1000  # default shard: seconds of one GPU, small enough to redo, few enough files
 PARTS_DIR = ".parts"
 MERGE_ROWS = 4096  # rows copied per step when merging, so memory stays flat for any shard size
+PART_NAME = re.compile(r"shard-\d{5}\.h5(\.partial)?")  # the only files catfeat writes under .parts
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
 def _import_ray():
@@ -101,9 +106,95 @@ def part_file(folder: Path, shard: Shard) -> Path:
     return folder / f"shard-{shard.index:05d}.h5"
 
 
+def make_parts_dir(folder: Path, out: Path) -> Path:
+    """Create ``folder`` (``OUT/.parts/<backbone>/<key>``) one level below ``out`` at a time.
+
+    A symbolic link on the way (``.parts``, ``.parts/<backbone>``, ``<key>``) is removed, never
+    followed, so parts are never written into (nor later deleted from) the folder it points to.
+    Raises :class:`CacheError` when one of them is something other than a folder.
+    """
+    cur = Path(out)
+    for name in Path(folder).relative_to(out).parts:
+        cur = cur / name
+        remove_planted_link(cur)
+        try:
+            os.mkdir(cur)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(cur).st_mode):
+                raise CacheError(f"{cur} is not a folder; the Ray engine keeps its parts there: remove it "
+                                 "and rerun") from None
+    return folder
+
+
+def remove_parts(backbone_dir: Path) -> None:
+    """Delete the parts catfeat wrote under ``OUT/.parts/<backbone>/`` (of every request), then the
+    folders left empty, ``OUT/.parts`` included.
+
+    Only regular files named like parts are deleted; links are removed, never followed (every folder
+    is opened with ``O_NOFOLLOW``); anything else is left where it is, with its folders.
+    """
+    parts_root = backbone_dir.parent
+    root_fd = _open_dir(parts_root)
+    if root_fd is None:
+        remove_planted_link(parts_root)
+        return
+    try:
+        bb_fd = _open_dir(backbone_dir.name, root_fd)
+        if bb_fd is None:
+            remove_planted_link(backbone_dir)
+        else:
+            try:
+                for entry in os.scandir(bb_fd):
+                    if entry.is_symlink():
+                        remove_planted_link(backbone_dir / entry.name)
+                        continue
+                    key_fd = _open_dir(entry.name, bb_fd)
+                    if key_fd is None:
+                        continue  # not a folder: not ours
+                    try:
+                        for part in os.scandir(key_fd):
+                            if not PART_NAME.fullmatch(part.name):
+                                continue
+                            if part.is_symlink():
+                                remove_planted_link(backbone_dir / entry.name / part.name)
+                            elif part.is_file(follow_symlinks=False):
+                                os.unlink(part.name, dir_fd=key_fd)
+                    finally:
+                        os.close(key_fd)
+                    _rmdir(entry.name, bb_fd)
+            finally:
+                os.close(bb_fd)
+            _rmdir(backbone_dir.name, root_fd)
+    finally:
+        os.close(root_fd)
+    try:
+        os.rmdir(parts_root)  # when nothing else is in it; rmdir never follows a link
+    except OSError:
+        pass
+
+
+def _open_dir(path, dir_fd: int | None = None) -> int | None:
+    """A descriptor of the folder ``path``; None when it is a link, not a folder, or gone."""
+    try:
+        return os.open(path, os.O_RDONLY | _DIRECTORY | _NOFOLLOW, dir_fd=dir_fd)
+    except OSError:
+        return None
+
+
+def _rmdir(name: str, dir_fd: int) -> None:
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except OSError:  # not empty: something catfeat did not write is in it
+        pass
+
+
 def part_is_done(path: Path, attrs: dict, shard: Shard) -> bool:
-    """Whether ``path`` is a complete part of ``shard`` built for the request described by ``attrs``."""
-    if not path.exists():
+    """Whether ``path`` is a complete part of ``shard`` built for the request described by ``attrs``
+    (a regular file: a link is never read)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+    except OSError:
         return False
     try:
         a = open_cache(path).attrs
@@ -138,6 +229,8 @@ def merge_parts(path: str | os.PathLike, attrs: dict, images: ImageSet, dim: int
 def _copy_part(writer: FeatureWriter, shard: Shard, part: Path, split: Sequence[str]) -> None:
     import h5py
 
+    if not part.is_file() or part.is_symlink():
+        raise CacheError(f"{part} is not a regular file catfeat wrote; remove it and rerun")
     open_cache(part)  # complete and well-formed, or a CacheError naming the file
     with h5py.File(part, "r") as f:
         skipped = f["skipped_index"][()].astype(np.int64)
@@ -407,9 +500,12 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
                                         "shard_start": sh.start, "shard_end": sh.end, "n_shards": len(plan)}
                   for sp in specs for sh in plan}
     need: dict[int, list[BackboneSpec]] = {}
+    out = Path(paths_by_name[specs[0].name]).parent
     for sp in specs:
+        make_parts_dir(folders[sp.name], out)
         done = 0
         for sh in plan:
+            remove_planted_link(part_file(folders[sp.name], sh))
             if part_is_done(part_file(folders[sp.name], sh), part_attrs[(sp.name, sh.index)], sh):
                 done += len(sh)
             else:
@@ -430,11 +526,7 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
         merge_parts(paths_by_name[sp.name], attrs_by_name[sp.name], images, sp.feature_dim,
                     [(sh, part_file(folders[sp.name], sh)) for sh in plan])
         # the cache now holds everything; parts of this and of any abandoned request are obsolete
-        shutil.rmtree(folders[sp.name].parent, ignore_errors=True)
-    try:
-        folders[specs[0].name].parent.parent.rmdir()  # OUT/.parts, when nothing else is in it
-    except OSError:
-        pass
+        remove_parts(folders[sp.name].parent)
     secs["merge"] = time.perf_counter() - t
     return {sp.name: Path(paths_by_name[sp.name]) for sp in specs}
 
