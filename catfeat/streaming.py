@@ -196,7 +196,7 @@ class CacheRows:
                     from .head import check_finite
 
                     try:
-                        check_finite({k: a}, self.names[pos], f"{self.split} row")
+                        check_finite({k: a}, self.names[pos], "training row" if self.split == "train" else "test row")
                     except ValueError as e:  # names the images; the file says where they are
                         raise ValueError(f"{self.paths[k]}: {e}") from None
             out.append(a)
