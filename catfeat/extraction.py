@@ -168,6 +168,7 @@ class ExtractionPlan:
     progress: bool
     log: Callable[[str], None]
     reader: str = "auto"
+    force: bool = False  # discard unfinished work of a different request (the Ray engine's parts)
 
 
 def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_MODELS,
@@ -256,7 +257,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
         if pending:
             plan = ExtractionPlan(images, [s for s in specs if s.name in pending], pending,
                                   {k: report.paths[k] for k in pending}, w, seed, precision, tta, dec.name,
-                                  batch_size, workers, progress, log, reader)
+                                  batch_size, workers, progress, log, reader, force)
             ENGINES[engine](plan, report, stack, **(engine_options or {}))
             report.skipped = open_cache(report.paths[next(iter(pending))]).skipped()
     report.seconds["total"] = time.perf_counter() - t0

@@ -18,7 +18,7 @@ from catfeat.engines import ray_engine
 from catfeat.evaluation import cross_validate
 from catfeat.extraction import run_extraction
 from catfeat.head import FusedHead
-from catfeat.store import FeatureWriter, StalePartialError, open_cache, write_cache
+from catfeat.store import CacheError, FeatureWriter, StalePartialError, open_cache, write_cache
 
 from conftest import REPO, make_kaggle, wait_for_rows
 
@@ -125,6 +125,18 @@ def test_ray_part_file_links_and_foreign_files_survive(ray_cluster, ray_data, tm
     parts = sorted((out / ".parts").rglob("shard-*.h5"))
     assert [p.name for p in parts] == ["shard-00000.h5", "shard-00001.h5"]
     key = parts[0].parent
+    # unfinished parts of another request are refused (before Ray starts), not deleted by the next run
+    before = tree(out)
+    with pytest.raises(CacheError, match=f"{out / '.parts' / NAME} holds 2 parts \\(10 images done\\) of an "
+                                         "unfinished Ray extraction built differently \\(dtype: parts have "
+                                         "'float32', asked 'float16'\\).*--force"):
+        run_extraction(ray_data, MODEL, out, engine="ray", engine_options={"shards": 2}, dtype="float16", **FAST)
+    assert tree(out) == before
+    said = []  # --force goes on, saying the parts will go
+    ray_engine.check_other_requests(key.parent / "another-request", {**open_cache(parts[0]).attrs, "dtype": "float16"},
+                                    2, True, said.append)
+    assert said == [f"catfeat: {key.parent} holds 2 parts (10 images done) built differently (dtype changed); "
+                    "--force: they are deleted when this run completes"]
     # a finished part swapped for a link to a (valid) part elsewhere: must be recomputed, not read
     outside = tmp_path / "outside"
     outside.mkdir()

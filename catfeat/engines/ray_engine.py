@@ -42,7 +42,7 @@ from ..backbones import BackboneSpec, Weights
 from ..images import ImageSet
 from ..pipeline import ModelRunner, decode_rows, progress_bar, report_skip
 from ..store import (KEY_FIELDS, CacheError, FeatureWriter, decode_strings, differences, open_cache,
-                     remove_planted_link)
+                     partial_attrs, remove_planted_link)
 
 INSTALL_HINT = 'pip install "catfeat[ray]"'
 SHARD_IMAGES = 1000  # default shard: seconds of one GPU, small enough to redo, few enough files
@@ -186,6 +186,34 @@ def _rmdir(name: str, dir_fd: int) -> None:
         os.rmdir(name, dir_fd=dir_fd)
     except OSError:  # not empty: something catfeat did not write is in it
         pass
+
+
+def check_other_requests(folder: Path, attrs: dict, n_shards: int, force: bool, log) -> None:
+    """Refuse, unless ``force``, when ``OUT/.parts/<backbone>/`` holds parts of an unfinished run
+    built for another request than the one whose parts go to ``folder``: a successful run deletes
+    them, and they may be hours of work (as an unfinished ``.partial`` of the local engine)."""
+    others = []
+    for d in sorted(folder.parent.iterdir()):
+        if d.name == folder.name or d.is_symlink() or not d.is_dir():
+            continue
+        others += [p for p in sorted(d.iterdir()) if PART_NAME.fullmatch(p.name) and p.is_file()
+                   and not p.is_symlink()]
+    held = [a for a in map(partial_attrs, others) if a is not None]
+    if not held:
+        return
+    diff = differences(held[0], attrs)
+    if held[0].get("n_shards") != n_shards:
+        diff["n_shards"] = (held[0].get("n_shards"), n_shards)
+    done = sum(int(a.get("rows_written", 0)) for a in held)
+    what = ", ".join(diff) or "the request"
+    if not force:
+        detail = "; ".join(f"{k}: parts have {v[0]!r}, asked {v[1]!r}" for k, v in diff.items())
+        raise CacheError(f"{folder.parent} holds {len(held)} parts ({done} images done) of an unfinished Ray "
+                         f"extraction built differently ({detail or 'another request'}). Rerun with the options it "
+                         "was started with to resume it, or use --force (force=True) to start over with these "
+                         "(those parts are deleted when this run completes)")
+    log(f"catfeat: {folder.parent} holds {len(held)} parts ({done} images done) built differently ({what} "
+        "changed); --force: they are deleted when this run completes")
 
 
 def part_is_done(path: Path, attrs: dict, shard: Shard) -> bool:
@@ -482,6 +510,7 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
     """
     images, specs, attrs_by_name, paths_by_name = plan.images, plan.specs, plan.attrs, plan.paths
     weights, seed, batch_size, progress, decoder = plan.weights, plan.seed, plan.batch_size, plan.progress, plan.decoder
+    force, log = plan.force, plan.log
     ray = _import_ray()
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
@@ -502,6 +531,8 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
     need: dict[int, list[BackboneSpec]] = {}
     out = Path(paths_by_name[specs[0].name]).parent
     for sp in specs:
+        make_parts_dir(folders[sp.name].parent, out)  # OUT/.parts/<backbone>: planted links removed
+        check_other_requests(folders[sp.name], attrs_by_name[sp.name], len(plan), force, log)
         make_parts_dir(folders[sp.name], out)
         done = 0
         for sh in plan:
