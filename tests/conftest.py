@@ -46,6 +46,21 @@ def kaggle_dir(tmp_path) -> Path:
     return make_kaggle(tmp_path / "data")
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray of two CPUs on this machine, for one test module; skips when Ray is missing or cannot start."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    except Exception as e:
+        pytest.skip(f"Ray cannot start here: {e.__class__.__name__}: {e}")
+    yield ray
+    ray.shutdown()
+
+
 def wait_for_rows(partial: Path, proc, rows: int, timeout: float = 120) -> int:
     """Poll a running extraction's partial cache until ``rows`` positions are written (or it ends)."""
     import time

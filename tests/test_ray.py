@@ -28,20 +28,6 @@ SHARDS = 3
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
-    if ray.is_initialized():
-        ray.shutdown()
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    except Exception as e:
-        pytest.skip(f"Ray cannot start here: {e.__class__.__name__}: {e}")
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """12 images: 4 cats, 4 dogs, 2 test, plus a corrupt and an empty file among the training ones."""
     root = make_kaggle(tmp_path_factory.mktemp("ray") / "data", n_per_class=4, n_test=2)

@@ -54,20 +54,6 @@ def tree(folder) -> dict:
 
 # -- 1. the Ray engine's parts never go through a planted link ---------------------------------------
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
-    if ray.is_initialized():
-        ray.shutdown()
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    except Exception as e:
-        pytest.skip(f"Ray cannot start here: {e.__class__.__name__}: {e}")
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def ray_data(tmp_path_factory):
     return make_kaggle(tmp_path_factory.mktemp("ray") / "data", n_per_class=4, n_test=2, size=(16, 16))
 
