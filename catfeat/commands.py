@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from .cli import add_output_flags, clip_value, echo, finite_float, run_cli
+from .cli import add_output_flags, clip_value, cv_folds, echo, finite_float, run_cli
 
 # name -> (module with build_parser and _main, one-line help)
 COMMANDS = {
@@ -94,7 +94,8 @@ def build_compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=finite_float, default=None, help="L2 penalty (default: from the preset)")
     p.add_argument("--val-split", type=finite_float, default=0.2, help="held-out share of the training rows "
                    "(default: %(default)s)")
-    p.add_argument("--cv", type=int, default=None, metavar="K", help="score by stratified K-fold CV instead")
+    p.add_argument("--cv", type=cv_folds, default=None, metavar="K", help="score by stratified K-fold CV instead "
+                   "(K >= 2)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of splits and training (default: %(default)s)")
     p.add_argument("--clip", type=_number_clip, default=DEFAULT_CLIP, help="clip probabilities to [c, 1-c] for "
                    "log loss; 0 disables (default: %(default)s)")
