@@ -109,7 +109,7 @@ def build_compare_parser() -> argparse.ArgumentParser:
 
 
 def _compare_main(args: argparse.Namespace) -> int:
-    from .comparison import compare, format_table
+    from .comparison import check_out_dir, compare, format_table
     from .head import FusedHead
     from .report import class_names, describe_training, load_training
 
@@ -119,6 +119,8 @@ def _compare_main(args: argparse.Namespace) -> int:
     bad = sorted(set(strategies) - {"concat", "average"})
     if bad:
         raise ValueError(f"unknown strategy {bad[0]!r}; --strategies takes concat and/or average")
+    if args.out_dir is not None:
+        check_out_dir(args.out_dir)  # before loading anything
     X, y, _ = load_training(args.models, args.features, stream=args.stream, exclude=args.exclude, log=say)
     say(describe_training(X, y, class_names(list(X), args.features, y)))
     head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,

@@ -75,6 +75,15 @@ def plot_comparison(df, path: str | os.PathLike) -> Path | None:
     return Path(path)
 
 
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` as a Path; ``ValueError`` naming ``--out-dir`` when it is an existing non-folder."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out-dir (out_dir) {out} is a file, not a folder; name a folder for compare.csv, "
+                         "compare.md and compare.png")
+    return out
+
+
 def compare(models: str | Sequence[str] | None = None, features_dir: str | os.PathLike = "features", *,
             head=None, val_split: float = 0.2, cv: int | None = None, seed: int | None = DEFAULT_SEED,
             clip: float = DEFAULT_CLIP, strategies: Sequence[str] = ("concat", "average"),
@@ -100,10 +109,7 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
 
     from .head import FusedHead, stack_backbones
 
-    out = Path(features_dir if out_dir is None else out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out-dir (out_dir) {out} is a file, not a folder; name a folder for compare.csv, "
-                         "compare.md and compare.png")
+    out = check_out_dir(features_dir if out_dir is None else out_dir)
     if data is not None:
         X, y = data
     else:

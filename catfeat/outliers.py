@@ -200,7 +200,8 @@ def read_exclude(path: str | Path) -> set[str]:
     if lines and lines[0].split(",")[0].strip() == "file":
         try:
             # every column as text, no "NA"/"null" -> NaN: those are file names too
-            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+            df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, encoding="utf-8",
+                             encoding_errors="surrogateescape")
         except (ValueError, pd.errors.ParserError) as e:
             raise ValueError(f"--exclude {path} is not a readable CSV ({str(e).splitlines()[0]})") from None
         if "flagged" in df:
