@@ -174,11 +174,10 @@ def read_exclude(path: str | Path) -> set[str]:
     not valid UTF-8 matches its cached name. Anything but a regular file is refused (a FIFO would
     block forever).
     """
+    import csv
     import io
     import os
     import stat
-
-    import pandas as pd
 
     from .images import _file_kind
 
@@ -198,15 +197,13 @@ def read_exclude(path: str | Path) -> set[str]:
     text = raw.decode("utf-8", "surrogateescape")
     lines = text.splitlines()
     if lines and lines[0].split(",")[0].strip() == "file":
+        # the csv module, not pandas: names stay text ("NA", "007") and undecodable bytes stay escaped
         try:
-            # every column as text, no "NA"/"null" -> NaN: those are file names too
-            df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, encoding="utf-8",
-                             encoding_errors="surrogateescape")
-        except (ValueError, pd.errors.ParserError) as e:
-            raise ValueError(f"--exclude {path} is not a readable CSV ({str(e).splitlines()[0]})") from None
-        if "flagged" in df:
-            df = df[df["flagged"].str.strip().str.lower().isin(["true", "1"])]
-        return set(df["file"])
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as e:
+            raise ValueError(f"--exclude {path} is not a readable CSV ({e})") from None
+        return {r["file"] for r in rows if r.get("file") is not None
+                and ("flagged" not in r or str(r["flagged"]).strip().lower() in ("true", "1"))}
     return {line.strip() for line in lines if line.strip()}
 
 
