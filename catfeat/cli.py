@@ -73,3 +73,23 @@ def clip_value(value: str) -> float | str:
     if not math.isfinite(v) or not 0 <= v < 0.5:
         raise argparse.ArgumentTypeError(f"--clip must be in [0, 0.5), got {v}")
     return v
+
+
+def cv_folds(value: str) -> int:
+    """argparse type of ``--cv``: a whole number of folds, at least 2 (0 or 1 would silently mean a holdout)."""
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cv takes a whole number of folds (e.g. 5), got {value!r}") from None
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"--cv {v}: K-fold CV needs K >= 2 folds; leave --cv out to score on "
+                                         "a --val-split holdout")
+    return v
+
+
+def probability(value: str) -> float:
+    """argparse type: a probability, a finite number in [0, 1]."""
+    v = finite_float(value)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {value!r}")
+    return v

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from .cli import add_output_flags, clip_value, echo, finite_float, run_cli
+from .cli import add_output_flags, clip_value, cv_folds, echo, finite_float, run_cli
 
 # name -> (module with build_parser and _main, one-line help)
 COMMANDS = {
@@ -94,7 +94,8 @@ def build_compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=finite_float, default=None, help="L2 penalty (default: from the preset)")
     p.add_argument("--val-split", type=finite_float, default=0.2, help="held-out share of the training rows "
                    "(default: %(default)s)")
-    p.add_argument("--cv", type=int, default=None, metavar="K", help="score by stratified K-fold CV instead")
+    p.add_argument("--cv", type=cv_folds, default=None, metavar="K", help="score by stratified K-fold CV instead "
+                   "(K >= 2)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of splits and training (default: %(default)s)")
     p.add_argument("--clip", type=_number_clip, default=DEFAULT_CLIP, help="clip probabilities to [c, 1-c] for "
                    "log loss; 0 disables (default: %(default)s)")
@@ -108,7 +109,7 @@ def build_compare_parser() -> argparse.ArgumentParser:
 
 
 def _compare_main(args: argparse.Namespace) -> int:
-    from .comparison import compare, format_table
+    from .comparison import check_out_dir, compare, format_table
     from .head import FusedHead
     from .report import class_names, describe_training, load_training
 
@@ -118,6 +119,8 @@ def _compare_main(args: argparse.Namespace) -> int:
     bad = sorted(set(strategies) - {"concat", "average"})
     if bad:
         raise ValueError(f"unknown strategy {bad[0]!r}; --strategies takes concat and/or average")
+    if args.out_dir is not None:
+        check_out_dir(args.out_dir)  # before loading anything
     X, y, _ = load_training(args.models, args.features, stream=args.stream, exclude=args.exclude, log=say)
     say(describe_training(X, y, class_names(list(X), args.features, y)))
     head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,

@@ -15,8 +15,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .evaluation import (DEFAULT_CLIP, DEFAULT_SEED, PROBA_FLOOR, accuracy, concat_features, cross_validate,
-                         cv_splits, encode_labels, holdout_split, log_loss, progress_bar)
+from .evaluation import (DEFAULT_CLIP, DEFAULT_SEED, PROBA_FLOOR, accuracy, check_scoring, concat_features,
+                         cross_validate, cv_splits, encode_labels, holdout_split, log_loss, progress_bar)
 
 
 def fit_average_weights(y_idx: np.ndarray, probas: Sequence[np.ndarray]) -> np.ndarray:
@@ -75,6 +75,15 @@ def plot_comparison(df, path: str | os.PathLike) -> Path | None:
     return Path(path)
 
 
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` as a Path; ``ValueError`` naming ``--out-dir`` when it is an existing non-folder."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out-dir (out_dir) {out} is a file, not a folder; name a folder for compare.csv, "
+                         "compare.md and compare.png")
+    return out
+
+
 def compare(models: str | Sequence[str] | None = None, features_dir: str | os.PathLike = "features", *,
             head=None, val_split: float = 0.2, cv: int | None = None, seed: int | None = DEFAULT_SEED,
             clip: float = DEFAULT_CLIP, strategies: Sequence[str] = ("concat", "average"),
@@ -100,6 +109,7 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
 
     from .head import FusedHead, stack_backbones
 
+    out = check_out_dir(features_dir if out_dir is None else out_dir)
     if data is not None:
         X, y = data
     else:
@@ -123,7 +133,14 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     head = FusedHead(random_state=seed) if head is None else head
     classes, y_idx = encode_labels(y)
     y = np.asarray(y)
+    check_scoring(y_idx, val_split, cv, clip, classes=classes, seed=seed)
     folds = cv_splits(y_idx, cv, seed) if cv else [holdout_split(y_idx, val_split, seed)]
+    if "average" in strategies and len(X) > 1:
+        smallest = min(np.unique(y_idx[tr], return_counts=True)[1].min() for tr, _ in folds)
+        if smallest < inner_cv:
+            raise ValueError(f"the 'average' fusion fits its weights by {inner_cv}-fold CV of the training rows, "
+                             f"which needs at least {inner_cv} rows of each class (a class has {smallest}); "
+                             "pass --strategies concat, or more images")
     n, K = len(y_idx), len(classes)
     if linear:  # checked before any work: the concatenation is one more copy of every feature
         from .store import check_memory
@@ -238,7 +255,6 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     df.attrs["summary"] = f"{verdict}; {protocol}, seed {seed}, clip {clip:g}"
     df.attrs["protocol"] = protocol
 
-    out = Path(features_dir if out_dir is None else out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "compare.csv", index=False)
     (out / "compare.md").write_text(f"# catfeat fusion comparison\n\n{df.attrs['summary']}\n\n" + markdown_table(df))

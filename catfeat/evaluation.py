@@ -118,11 +118,22 @@ def encode_labels(y: Sequence) -> tuple[np.ndarray, np.ndarray]:
 def holdout_split(y: Sequence, val_split: float = 0.2, seed: int | None = DEFAULT_SEED
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Shuffled, stratified (train, validation) row indices, each sorted."""
+    import math
+
     from sklearn.model_selection import train_test_split
 
     if not 0 < val_split < 1:
-        raise ValueError(f"val_split must be in (0, 1), got {val_split}")
+        raise ValueError(f"--val-split (val_split) must be between 0 and 1, got {val_split}")
     y = np.asarray(y)
+    values, counts = np.unique(y, return_counts=True)
+    if len(counts) and counts.min() < 2:
+        raise ValueError(f"a stratified --val-split holdout needs at least 2 rows of each class; class "
+                         f"{values[counts.argmin()]} has {counts.min()}")
+    n_val = math.ceil(val_split * len(y))
+    if min(n_val, len(y) - n_val) < len(values):
+        raise ValueError(f"--val-split {val_split:g} leaves {len(y) - n_val} training and {n_val} validation rows of "
+                         f"{len(y)}; each part needs at least one row of each of the {len(values)} classes: pass "
+                         "a share such as 0.2")
     idx = np.arange(len(y))
     tr, va = train_test_split(idx, test_size=val_split, random_state=seed, shuffle=True, stratify=y)
     return np.sort(tr), np.sort(va)
@@ -135,10 +146,48 @@ def cv_splits(y: Sequence, cv: int = 5, seed: int | None = DEFAULT_SEED) -> list
     y = np.asarray(y)
     if cv < 2:
         raise ValueError(f"cv needs at least 2 folds, got {cv}")
-    smallest = np.bincount(encode_labels(y)[1]).min()
+    smallest = np.bincount(encode_labels(y)[1]).min() if len(y) else 0
     if smallest < cv:
         raise ValueError(f"cv={cv} folds need at least {cv} rows of each class; the smallest class has {smallest}")
     return list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+
+
+def check_scoring(y: Sequence, val_split: float = 0.2, cv: int | None = None, clip: float | str = DEFAULT_CLIP,
+                  tune_folds: int | None = None, classes: Sequence | None = None, seed: int | None = DEFAULT_SEED
+                  ) -> None:
+    """Refuse, before any training, a scoring the training rows ``y`` cannot support.
+
+    Checks ``cv`` (K >= 2 folds, each class at least K rows), else the ``val_split`` holdout, and
+    the inner CVs of ``clip="auto"`` (5 folds of the training part) and tuning (``tune_folds``).
+    Raises ``ValueError`` naming the CLI flag (``--cv``, ``--val-split``, ``--clip``, ``--tune``).
+    """
+    y = np.asarray(y)
+
+    def smallest(rows: np.ndarray) -> tuple[Any, int]:
+        values, counts = np.unique(rows, return_counts=True)
+        v = values[counts.argmin()]
+        return (classes[int(v)] if classes is not None else v), int(counts.min())
+
+    if cv is not None:
+        if isinstance(cv, bool) or not isinstance(cv, (int, np.integer)) or cv < 2:
+            raise ValueError(f"--cv {cv}: K-fold CV needs K >= 2 folds; leave --cv out to score on a "
+                             "--val-split holdout")
+        name, count = smallest(y)
+        if count < cv:
+            raise ValueError(f"--cv {cv} needs at least {cv} training rows of each class, and class {name} has "
+                             f"{count}; pass " + (f"--cv {count} or less" if count >= 2 else "more images of it"))
+        part = y
+    else:
+        part = y[holdout_split(y, val_split, seed)[0]]
+    for wanted, folds, flag, instead in ((clip == "auto" and cv is None, 5, "--clip auto", "pass a number such as "
+                                          f"--clip {DEFAULT_CLIP}"),
+                                         (bool(tune_folds), tune_folds, "--tune", "leave --tune out")):
+        if wanted:
+            name, count = smallest(part)
+            if count < folds:
+                where = "the training rows" if cv is not None else "the training part of the holdout"
+                raise ValueError(f"{flag} picks its value by {folds}-fold CV of {where}, which needs at least "
+                                 f"{folds} rows of each class, and class {name} has {count}; {instead}")
 
 
 # -- scoring ---------------------------------------------------------------------------------------
@@ -335,17 +384,25 @@ _ID = re.compile(r"(\d+)\.[A-Za-z0-9]+$")
 
 
 def submission_ids(names: Sequence[str]) -> np.ndarray:
-    """Integer ids of test images from their names (``test/123.jpg`` -> 123)."""
-    ids = []
+    """Integer ids of test images from their names (``test/123.jpg`` -> 123).
+
+    int64, or Python ints (dtype object) when an id does not fit int64 (``99999999999999999999.jpg``):
+    they still sort numerically and are written digit for digit.
+    """
+    ids, seen = [], {}
     for n in names:
         m = _ID.search(os.path.basename(str(n)))
         if not m:
             raise ValueError(f"cannot read an integer id from test image name {n!r} (expected e.g. test/123.jpg)")
-        ids.append(int(m.group(1)))
-    ids = np.asarray(ids, dtype=np.int64)
-    if len(np.unique(ids)) != len(ids):
-        raise ValueError("test image names give duplicate ids")
-    return ids
+        i = int(m.group(1))
+        if i in seen:
+            raise ValueError(f"test images {seen[i]!r} and {n!r} give the same id {i}; a submission needs one "
+                             "row per id: rename or remove one of them")
+        seen[i] = n
+        ids.append(i)
+    if ids and max(ids) > np.iinfo(np.int64).max:
+        return np.asarray(ids, dtype=object)
+    return np.asarray(ids, dtype=np.int64)
 
 
 def write_submission(path: str | os.PathLike, names: Sequence[str], proba_dog: np.ndarray,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import add_output_flags, clip_value, echo, finite_float, run_cli
+from .cli import add_output_flags, clip_value, cv_folds, echo, finite_float, probability, run_cli
 from .evaluation import DEFAULT_CLIP, DEFAULT_SEED
 from .report import fit_report
 
@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "cross-validated search first (see catfeat.head.TUNE_GRID)")
     p.add_argument("--val-split", type=finite_float, default=0.2, help="held-out share of the training rows for the "
                    "reported score (default: %(default)s)")
-    p.add_argument("--cv", type=int, default=None, metavar="K", help="score by stratified K-fold CV instead "
-                   "and save out-of-fold predictions")
+    p.add_argument("--cv", type=cv_folds, default=None, metavar="K", help="score by stratified K-fold CV instead "
+                   "and save out-of-fold predictions (K >= 2)")
     p.add_argument("--oof", default=None, help="where --cv writes out-of-fold predictions "
                    "(default: FEATURES/oof_<models>.csv)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of splits and training (default: %(default)s)")
@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "one per line (e.g. outliers)")
     p.add_argument("--submission", default=None, metavar="CSV", help="refit on all training rows and write a "
                    "Kaggle submission (id,label) for the caches' test rows")
+    p.add_argument("--positive-class", default=None, metavar="NAME", help="the class whose probability the "
+                   "submission's label column holds (default: the class named dog, in any case)")
+    p.add_argument("--fill-missing", type=probability, default=None, metavar="P", help="write probability P "
+                   "(e.g. 0.5) for test images skipped at extraction instead of refusing the submission")
     p.add_argument("--save", default=None, metavar="DIR", help="refit on all training rows and save the head")
     p.add_argument("--compare", action="store_true", help="also rank every subset of the backbones and fusion "
                    "strategies (writes compare.csv/.md/.png into --features)")
@@ -65,6 +69,7 @@ def _main(args: argparse.Namespace) -> int:
     report = fit_report(args.models, args.features, head=head, val_split=args.val_split, cv=args.cv, seed=args.seed,
                         clip=args.clip, tune=args.tune, exclude=args.exclude, stream=args.stream,
                         compare=args.compare, oof=args.oof, submission=args.submission, save=args.save,
+                        positive_class=args.positive_class, fill_missing=args.fill_missing,
                         refit=False, log=echo(args), progress=not args.quiet)
     print(f"catfeat.fit: {report.summary()}")
     return 0

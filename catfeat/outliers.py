@@ -55,7 +55,7 @@ def imagenet_probabilities(model: str, features_dir: str = "features", split: st
 
 def find_outliers(models: str | Sequence[str] | None = None, features_dir: str = "features", top: int = 30,
                   min_votes: int | None = None, split: str = "train", weights=None,
-                  show: int = 5) -> "pd.DataFrame":  # noqa: F821
+                  show: int = 5, allow_random: bool = False) -> "pd.DataFrame":  # noqa: F821
     """Vote across backbones for images whose top-``top`` ImageNet classes hold no cat or dog class.
 
     ``min_votes`` defaults to a majority of the backbones. Returns one row per image, flagged first
@@ -64,6 +64,8 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
     ``show`` best ImageNet classes by name with probabilities, "red fox:0.42, kit fox:0.11"),
     ``top_class_ids`` (their indices, "277 278") and per backbone the best rank of a cat
     or dog class (``animal_rank_<Model>``, 1 = top class). ``df.attrs`` holds models, top, min_votes.
+    Caches (or ``weights``) of random weights raise ``WeightsError`` unless ``allow_random``: their
+    ImageNet classes mean nothing.
     """
     import pandas as pd
 
@@ -90,6 +92,8 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
 
     caches = [find_cache(s.name, features_dir) for s in specs]
     check_same_source({s.name: c for s, c in zip(specs, caches)})
+    if not allow_random:
+        _refuse_random(caches, weights)
     n_first = caches[0].attrs.get(f"n_{split}", 0)
     rows = CacheRows.open([s.name for s in specs], features_dir, split, join="inner")
     if len(rows) < n_first:
@@ -143,18 +147,64 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
     return df
 
 
+def _refuse_random(caches, weights) -> None:
+    """``WeightsError`` when the features or the classifier come from random weights ('none(seed=N)')."""
+    from .backbones import Weights, WeightsError
+
+    def is_random(w) -> bool:
+        try:
+            return Weights.parse(w).kind == "none"
+        except (WeightsError, ValueError):
+            return False
+
+    random = [f"{c.name}: {c.attrs.get('weights')}" for c in caches if is_random(str(c.attrs.get("weights")))]
+    if weights is not None and is_random(weights):
+        random.append(f"--weights {weights}")
+    if random:
+        raise WeightsError(f"outliers needs ImageNet classifiers, and these are random weights ({', '.join(random)}): "
+                           "their classes carry no meaning, so which images are flagged would be chance; extract with "
+                           "--weights imagenet, or pass --allow-random-weights (allow_random=True) to run anyway")
+
+
 def read_exclude(path: str | Path) -> set[str]:
     """Image names to leave out: a CSV with a ``file`` column (and ``flagged``, if present, true) or
-    a plain list, one name per line."""
-    import pandas as pd
+    a plain list, one name per line.
 
-    text = Path(path).read_text().splitlines()
-    if text and text[0].split(",")[0].strip() == "file":
-        df = pd.read_csv(path)
-        if "flagged" in df:
-            df = df[df["flagged"].astype(str).str.lower().isin(["true", "1"])]
-        return set(df["file"].astype(str))
-    return {line.strip() for line in text if line.strip()}
+    Read as UTF-8 with surrogate escapes, as the outliers CSV is written, so a file name that is
+    not valid UTF-8 matches its cached name. Anything but a regular file is refused (a FIFO would
+    block forever).
+    """
+    import csv
+    import io
+    import os
+    import stat
+
+    from .images import _file_kind
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ValueError(f"--exclude {path}: cannot read it ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else f"not a regular file ({_file_kind(mode)})"
+        raise ValueError(f"--exclude {path} is {kind}; name a text file of image names, one per line, or an "
+                         "outliers CSV")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ValueError(f"--exclude {path}: cannot read it ({e.strerror or e})") from None
+    text = raw.decode("utf-8", "surrogateescape")
+    lines = text.splitlines()
+    if lines and lines[0].split(",")[0].strip() == "file":
+        # the csv module, not pandas: names stay text ("NA", "007") and undecodable bytes stay escaped
+        try:
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as e:
+            raise ValueError(f"--exclude {path} is not a readable CSV ({e})") from None
+        return {r["file"] for r in rows if r.get("file") is not None
+                and ("flagged" not in r or str(r["flagged"]).strip().lower() in ("true", "1"))}
+    return {line.strip() for line in lines if line.strip()}
 
 
 def save_contact_sheet(files: Sequence[str], data_root: str | Path, out_png: str | Path, cols: int = 6,
@@ -201,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outliers.csv", help="ranked CSV of every image (default: %(default)s)")
     p.add_argument("--sheet", default=None, metavar="PNG", help="contact sheet of the flagged images")
     p.add_argument("--show", type=int, default=20, help="flagged rows to print (default: %(default)s)")
+    p.add_argument("--allow-random-weights", action="store_true", help="run even when the caches (or --weights) "
+                   "are random weights (weights none): their ImageNet classes mean nothing")
     add_output_flags(p, "print every flagged row, not only --show of them")
     return p
 
@@ -208,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(args: argparse.Namespace) -> int:
     from .store import find_cache
 
-    df = find_outliers(args.models, args.features, args.top, args.min_votes, weights=args.weights)
+    df = find_outliers(args.models, args.features, args.top, args.min_votes, weights=args.weights,
+                       allow_random=args.allow_random_weights)
     flagged = df[df["flagged"]]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

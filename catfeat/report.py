@@ -19,8 +19,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .evaluation import (DEFAULT_CLIP, DEFAULT_SEED, Score, TuneResult, choose_clip, cross_validate, holdout_score,
-                         holdout_split, take_rows, tune as run_tune, write_submission)
+from .evaluation import (DEFAULT_CLIP, DEFAULT_SEED, Score, TuneResult, check_scoring, choose_clip, cross_validate,
+                         holdout_score, holdout_split, submission_ids, take_rows, tune as run_tune,
+                         write_submission)
 from .store import CacheError, cached_models, find_cache, load_features
 from .streaming import STREAM_FRACTION, CacheRows, estimate_bytes, is_stream, memory_bytes
 
@@ -34,7 +35,7 @@ class FitReport:
     ``head`` is fitted on every training row (its ``classes_`` are the class names when the caches
     have them), or None with ``refit=False`` and nothing to write. ``files`` maps ``"oof"``,
     ``"submission"`` and ``"head"`` to the paths written; ``comparison`` is :func:`catfeat.compare`'s
-    table with ``compare=True``.
+    table with ``compare=True``. ``filled`` lists the test images written with ``fill_missing``.
     """
 
     models: list[str]
@@ -48,6 +49,7 @@ class FitReport:
     files: dict[str, str] = field(default_factory=dict)
     submission_rows: int = 0
     seconds: float = 0.0
+    filled: list = field(default_factory=list)
 
     def summary(self) -> str:
         """One line: backbones, rows, the score, what was written, the time."""
@@ -67,6 +69,7 @@ def fit_report(models: str | Sequence[str] | None = None, features_dir: str | os
                clip: float | str = DEFAULT_CLIP, tune: bool = False, exclude: str | os.PathLike | None = None,
                stream: bool | None = None, compare: bool = False, oof: str | os.PathLike | bool | None = None,
                submission: str | os.PathLike | None = None, save: str | os.PathLike | None = None,
+               positive_class: str | None = None, fill_missing: float | None = None,
                refit: bool = True, log: Log | None = None, progress: bool = False) -> FitReport:
     """Score the fused head on the caches of ``models`` (default: every complete cache) and refit it.
 
@@ -81,7 +84,11 @@ def fit_report(models: str | Sequence[str] | None = None, features_dir: str | os
     more than 1/8 of the memory). ``compare``: also rank the backbone subsets and fusions.
     ``submission`` (a CSV) and ``save`` (a folder) are written by a head refitted on every training
     row, as is ``report.head`` unless ``refit=False``. Output paths are checked before any
-    training. ``log`` receives the progress lines (e.g. ``print``); ``progress`` shows bars on stderr.
+    training. The submission's label is the probability of ``positive_class`` (default: the class
+    named dog, in any case; other class names must name it). A submission covers every test image:
+    those skipped at extraction are refused before training, or written with probability
+    ``fill_missing`` (with a warning on stderr). ``log`` receives the progress lines (e.g.
+    ``print``); ``progress`` shows bars on stderr.
     """
     from .head import FusedHead
 
@@ -99,8 +106,23 @@ def fit_report(models: str | Sequence[str] | None = None, features_dir: str | os
                                (oof, "the out-of-fold predictions", False)):
         if path:
             _check_writable(path, what, folder)
-    test = _load_test(models, features_dir, streamed) if submission else None
     classes = class_names(models, features_dir, y)
+    check_scoring(y, val_split, cv, clip, 3 if tune else None, classes, seed)
+    positive = None
+    if submission or positive_class is not None:
+        positive = positive_index(classes, positive_class, needed=bool(submission))
+    test, missing = None, {}
+    if submission:
+        if len(classes) != 2:
+            raise ValueError(f"a Kaggle submission needs 2 classes, the caches have {len(classes)} "
+                             f"({', '.join(map(str, classes))})")
+        test = _load_test(models, features_dir, streamed)
+        missing = missing_test_images(models, features_dir, test[1])
+        if missing and fill_missing is None:
+            raise ValueError(_missing_message(missing, len(test[1]) + len(missing)))
+        if fill_missing is not None and not (np.isfinite(fill_missing) and 0 <= fill_missing <= 1):
+            raise ValueError(f"--fill-missing (fill_missing) must be a probability in [0, 1], got {fill_missing}")
+        submission_ids([*test[1], *missing])  # names without an id, or clashing ids, fail before training
     say(describe_training(X, y, classes))
     head = FusedHead(random_state=seed) if head is None else head
     head.resolved_params()  # reject bad values before any work
@@ -157,12 +179,16 @@ def fit_report(models: str | Sequence[str] | None = None, features_dir: str | os
         named = isinstance(classes[0], str)
         final = head.fit(X, np.asarray(classes)[y] if named else y)
         if test is not None:
-            if len(final.classes_) != 2:
-                raise ValueError(f"a Kaggle submission needs 2 classes, the caches have {len(final.classes_)}")
             proba = final.predict_proba(test[0], test[1])
-            # P(class 1 of the caches) = P(dog), whatever the order of the names
-            col = list(final.classes_).index(classes[1])
-            n_sub = len(write_submission(submission, test[1], proba[:, col], clip))
+            # the positive class found by name (dog), not by its place in the sorted class list
+            col = list(final.classes_).index(classes[positive])
+            names, p = list(test[1]), proba[:, col]
+            if missing:
+                names += list(missing)
+                p = np.concatenate([p, np.full(len(missing), float(fill_missing))])
+                _warn(f"{len(missing)} test image(s) skipped at extraction written with probability "
+                      f"{fill_missing:g} (--fill-missing): {_list_missing(missing)}")
+            n_sub = len(write_submission(submission, names, p, clip))
             files["submission"] = os.fspath(submission)
         if save:
             from .predict import record_weights
@@ -171,7 +197,7 @@ def fit_report(models: str | Sequence[str] | None = None, features_dir: str | os
             record_weights(save, features_dir)  # so `catfeat predict --head` finds the same backbones
             files["head"] = os.fspath(save)
     return FitReport(models, len(y), list(classes), score, float(clip), final, tuning, comparison, files, n_sub,
-                     time.perf_counter() - t0)
+                     time.perf_counter() - t0, list(missing))
 
 
 def load_training(models: str | Sequence[str] | None, features_dir: str | os.PathLike = "features", *,
@@ -212,6 +238,14 @@ def load_training(models: str | Sequence[str] | None, features_dir: str | os.Pat
         keep = np.array([n not in drop for n in names])
         if keep.all():
             _warn_exclude_nothing(exclude, drop, names)
+        if not keep.any():
+            raise CacheError(f"--exclude {exclude} lists all {len(names)} training images; nothing is left to "
+                             "train on: check that it is the intended file")
+        left = np.unique(y[keep])
+        if len(left) < 2:
+            only = class_names(list(X), features_dir, y)[int(left[0])]
+            raise CacheError(f"--exclude {exclude} leaves only rows of class {only} ({int(keep.sum())} of "
+                             f"{len(names)}); a classifier needs at least two classes")
         say(f"excluding {int((~keep).sum())} of {len(names)} training images listed in {exclude}")
         X, y, names = take_rows(X, keep), y[keep], names[keep]
     if not stream:  # streamed blocks are checked as they are read
@@ -258,6 +292,64 @@ def write_oof(path: str | os.PathLike, names: Sequence[str], y: np.ndarray, scor
     df.to_csv(path, index=False, errors="surrogateescape")  # undecodable file names keep their bytes
 
 
+def positive_index(classes: Sequence, positive_class: str | None = None, needed: bool = True) -> int | None:
+    """Index in ``classes`` of the class whose probability a Kaggle submission holds.
+
+    ``positive_class`` names it (exact, else case-insensitive); by default it is the class named
+    dog in any case. Raises ``ValueError`` naming the classes and ``--positive-class`` when there
+    is no such class (None when not ``needed``) or the name is ambiguous.
+    """
+    names = [str(c) for c in classes]
+    listed = ", ".join(repr(c) for c in names)
+    if positive_class is not None:
+        if str(positive_class) in names:
+            return names.index(str(positive_class))
+        hits = [i for i, c in enumerate(names) if c.lower() == str(positive_class).lower()]
+        if len(hits) == 1:
+            return hits[0]
+        raise ValueError(f"--positive-class {positive_class!r} is not one of the classes of the caches ({listed})"
+                         + ("; several match it in other case: give it exactly" if hits else ""))
+    hits = [i for i, c in enumerate(names) if c.lower() == "dog"]
+    if len(hits) == 1:
+        return hits[0]
+    if not needed:
+        return None
+    why = (f"{len(hits)} classes are called dog in different case" if hits
+           else "the submission's label is P(dog) and no class is called dog")
+    raise ValueError(f"the classes of the caches are {listed}: {why}; name the class whose probability to "
+                     "write with --positive-class NAME (positive_class=NAME)")
+
+
+def missing_test_images(models: Sequence[str], features_dir: str | os.PathLike, test_names) -> dict[str, str]:
+    """``{name: reason}`` of the test images (``test/...``) the caches skipped at extraction."""
+    have = set(map(str, test_names))
+    out: dict[str, str] = {}
+    for m in models:
+        for s in find_cache(m, features_dir).skipped():
+            name = str(s["path"])
+            if name.startswith("test/") and name not in have:
+                out.setdefault(name, str(s["reason"]))
+    return dict(sorted(out.items()))
+
+
+def _list_missing(missing: dict[str, str], show: int = 3) -> str:
+    from .images import shown
+
+    text = "; ".join(f"{shown(n)} ({r})" for n, r in list(missing.items())[:show])
+    return text + (f"; and {len(missing) - show} more" if len(missing) > show else "")
+
+
+def _missing_message(missing: dict[str, str], n_test: int) -> str:
+    return (f"{len(missing)} of {n_test} test images have no features (skipped at extraction), so the submission "
+            f"would lack their ids: {_list_missing(missing)}. Replace them and extract again (--force), or pass "
+            "--fill-missing P (fill_missing=P, e.g. 0.5) to write probability P for them")
+
+
+def _warn(msg: str) -> None:
+    """One warning line on stderr, as the CLI prints them."""
+    print(f"catfeat.fit: warning: {msg}", file=sys.stderr)
+
+
 def _warn_exclude_nothing(path, drop: set[str], names) -> None:
     """One line on stderr: the exclude file leaves every training row in."""
     if not drop:
@@ -269,7 +361,7 @@ def _warn_exclude_nothing(path, drop: set[str], names) -> None:
         base = {os.path.basename(str(name)) for name in names}
         if any(os.path.basename(d) in base for d in drop):
             msg += "; write the names with their folder, as the cache does"
-    print(f"catfeat.fit: warning: {msg}; nothing is excluded", file=sys.stderr)
+    _warn(f"{msg}; nothing is excluded")
 
 
 def _check_writable(path, what: str, folder: bool = False) -> None:

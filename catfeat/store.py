@@ -548,6 +548,14 @@ class FeatureCache:
     def classes(self) -> list[str]:
         return json.loads(self.attrs.get("classes", "[]"))
 
+    def known_classes(self) -> list[str] | None:
+        """The class names the cache records, or None when it records none (or not as a JSON list)."""
+        try:
+            names = json.loads(self.attrs.get("classes") or "[]")
+        except (TypeError, ValueError):
+            return None
+        return [str(c) for c in names] if isinstance(names, list) and names else None
+
     def features(self, split: str = "train") -> np.ndarray:
         return self._read(split)
 
@@ -555,7 +563,24 @@ class FeatureCache:
         return self._read(f"{split}_names")
 
     def labels(self) -> np.ndarray:
-        return self._read("label")
+        """The class index of each train row (int64; -1: unlabelled), checked against ``classes``.
+
+        A label outside ``0 .. len(classes) - 1`` (or, for a cache without class names, not below
+        its number of train rows) is refused before anything is sized by it.
+        """
+        y = self._read("label")
+        classes = self.known_classes()
+        limit = len(classes) if classes else len(y)
+        bad = y >= limit if y.dtype.kind == "u" else (y < -1) | (y >= limit)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            names = self._read("train_names")
+            what = (f"its classes are {classes} (labels 0..{limit - 1})" if classes else
+                    f"it records no class names, and a label must be below its {limit} train rows")
+            raise CacheError(f"{self.path}: label {y[i]} of {str(names[i])!r} ({int(bad.sum())} bad label(s) in all) "
+                             f"is not a class of this cache: {what}; the file is damaged or was edited, "
+                             "delete it and extract again")
+        return y.astype(np.int64)
 
     def skipped(self) -> list[dict]:
         return [{"path": p, "reason": r} for p, r in zip(self._read("skipped_names"), self._read("skipped_reasons"))]
