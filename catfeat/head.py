@@ -22,6 +22,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_array, check_is_fitted, column_or_1d, validate_data
 
+from .backbones import file_sha256
 from .head_model import (  # noqa: F401  (the Keras side, shared with streamed_head; old names kept here)
     MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, LogLossEarlyStopping, build_model, compiled_model, forward, record_fit, schedule,
     seeded, stratified_split, validation_target)
@@ -503,7 +504,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
                     "resolved_params": {k: _jsonable(v) for k, v in self.params_.items()},
                     "backbones": list(self.backbones_), "dims": list(self.dims_),
                     "classes": [_jsonable(c) for c in self.classes_.tolist()], "n_epochs": self.n_epochs_,
-                    "model_sha256": _sha256(tmp_model)}
+                    "model_sha256": file_sha256(tmp_model)}
             if recipes is not None:
                 meta["features"] = recipes
             if hasattr(self, "feature_names_in_"):  # fitted on a DataFrame
@@ -542,7 +543,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
                                 f"(saved by catfeat {meta.get('catfeat_version', '?')}); remove them, or re-save "
                                 "the head (catfeat fit --save DIR)")
         head = cls(**params)
-        if meta.get("model_sha256") is not None and _sha256(model_path) != meta["model_sha256"]:
+        if meta.get("model_sha256") is not None and file_sha256(model_path) != meta["model_sha256"]:
             raise HeadFileError(f"{model_path} is not the model saved with {meta_path} (its SHA-256 differs from "
                                 "the one recorded there: replaced, damaged, or a save was interrupted); "
                                 "re-save the head (catfeat fit --save DIR)")
@@ -570,16 +571,6 @@ class FusedHead(ClassifierMixin, BaseEstimator):
 
 class HeadFileError(ValueError):
     """A saved head (``head.json`` / ``head.keras``) is missing, damaged or edited; the message names the file."""
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_label(v) -> bool:

@@ -107,7 +107,7 @@ def resolve_weights(head_dir: str | os.PathLike, backbones: Sequence[str], weigh
     return out
 
 
-def feature_recipes(head, head_dir: str | os.PathLike = "head") -> dict[str, dict]:
+def feature_steps(head, head_dir: str | os.PathLike = "head") -> dict[str, dict]:
     """``{backbone: {"precision", "tta", "decoder", "dtype"}}``: how predict computes each backbone's
     features for ``head`` (a loaded ``FusedHead``): as recorded in its ``head.json``, checked against
     the backbone and this installation, or :data:`DEFAULT_RECIPE` for a head saved without a record.
@@ -164,7 +164,7 @@ def build_predictor(head_dir: str | os.PathLike, weights=None, features_dir: str
 
     Returns ``(model, head)``; the model's inputs follow ``head.backbones_``, its output is the
     head's (sigmoid P(class 1) for two classes, softmax otherwise). Each backbone's features are
-    computed as its caches' were (precision, TTA, float16 storage: see :func:`feature_recipes`;
+    computed as its caches' were (precision, TTA, float16 storage: see :func:`feature_steps`;
     :func:`predict_images` decodes with the recorded decoder). A head saved without that record
     warns (:class:`UnrecordedFeaturesWarning`) and uses :data:`DEFAULT_RECIPE`. ``allow_random``:
     see :func:`resolve_weights`.
@@ -178,7 +178,7 @@ def build_predictor(head_dir: str | os.PathLike, weights=None, features_dir: str
     head = FusedHead.load(head_dir)
     head.check_weights()  # a NaN head would answer NaN for every image
     chosen = resolve_weights(head_dir, head.backbones_, weights, features_dir, allow_random)
-    steps = feature_recipes(head, head_dir)
+    steps = feature_steps(head, head_dir)
     inputs, feats = [], []
     for name, dim in zip(head.backbones_, head.dims_):
         spec = get_backbone(name)
@@ -223,7 +223,7 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     from .images import DecodeError
 
     model, head = predictor or build_predictor(head_dir, weights, features_dir, allow_random)
-    steps = feature_recipes(head, head_dir)
+    steps = feature_steps(head, head_dir)
     # (decoder, size) of each backbone's input; each decoder decodes a file once for all its sizes,
     # as extraction does
     keys = [(steps[n]["decoder"], get_backbone(n).input_size) for n in head.backbones_]
