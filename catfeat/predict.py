@@ -107,7 +107,7 @@ def resolve_weights(head_dir: str | os.PathLike, backbones: Sequence[str], weigh
     return out
 
 
-def feature_steps(head, head_dir: str | os.PathLike = "head") -> dict[str, dict]:
+def feature_steps(head, head_dir: str | os.PathLike | None = None) -> dict[str, dict]:
     """``{backbone: {"precision", "tta", "decoder", "dtype"}}``: how predict computes each backbone's
     features for ``head`` (a loaded ``FusedHead``): as recorded in its ``head.json``, checked against
     the backbone and this installation, or :data:`DEFAULT_RECIPE` for a head saved without a record.
@@ -121,7 +121,7 @@ def feature_steps(head, head_dir: str | os.PathLike = "head") -> dict[str, dict]
     from .runtime import PRECISIONS, TTA_MODES
     from .store import DTYPES
 
-    where = Path(head_dir) / "head.json"
+    where = Path(head_dir) / "head.json" if head_dir is not None else "the head's record"
     recorded = getattr(head, "feature_recipes_", None)
     out = {}
     for name in head.backbones_:
