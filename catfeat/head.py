@@ -594,7 +594,7 @@ def read_head_meta(directory: str | os.PathLike) -> dict:
     try:
         meta = json.loads(meta_path.read_bytes())
     except json.JSONDecodeError as e:
-        raise HeadFileError(f"{meta_path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+        raise HeadFileError(f"{meta_path} is not valid JSON ({e.msg}: line {e.lineno}, column {e.colno}); "
                             "restore it or re-save the head (catfeat fit --save DIR)") from None
     except UnicodeDecodeError:
         raise HeadFileError(f"{meta_path} is not valid JSON (not UTF-8 text); restore it or re-save the head "
