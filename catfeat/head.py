@@ -22,6 +22,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_array, check_is_fitted, column_or_1d, validate_data
 
+from .backbones import file_sha256
 from .head_model import (  # noqa: F401  (the Keras side, shared with streamed_head; old names kept here)
     MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, LogLossEarlyStopping, build_model, compiled_model, forward, record_fit, schedule,
     seeded, stratified_split, validation_target)
@@ -389,7 +390,8 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         if is_stream(X):  # a catfeat.streaming.CacheRows: read from the caches in blocks
             return fit_stream(self, X, y, validation_data, sample_weight=sample_weight)
         p = self.resolved_params()
-        for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_"):
+        for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_",
+                     "feature_recipes_"):
             self.__dict__.pop(attr, None)
         seed = self._seed()
         arrays = self._inputs(X, fitting=True, what="training row")
@@ -464,37 +466,70 @@ class FusedHead(ClassifierMixin, BaseEstimator):
                                      + "; refit with a lower learning rate")
 
     # -- persistence ------------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``head.keras`` and ``head.json`` (params, backbones, dims, classes) into ``directory``."""
+    def save(self, directory: str | os.PathLike,
+             features: str | os.PathLike | Mapping[str, Mapping] | None = None) -> Path:
+        """Write ``head.keras`` and ``head.json`` (params, backbones, dims, classes) into ``directory``.
+
+        ``features``: the folder of the caches the head was fitted on, or ``{backbone: cache
+        attributes}``; ``head.json`` then records per backbone how its features were made (weights,
+        input size, preprocessing, precision, TTA, decoder, dtype: ``store.RECIPE_FIELDS``), which
+        ``catfeat predict`` repeats. Without it, a record read by :meth:`load` is kept. Each file is
+        written under a temporary name and renamed, and ``head.json`` holds the SHA-256 of
+        ``head.keras``, so a head interrupted mid-save is refused rather than mixed with an older one.
+        """
         check_is_fitted(self, "model_")
         self.check_weights()  # a NaN head saved would predict NaN for every image
+        recipes = getattr(self, "feature_recipes_", None)
+        if features is not None:
+            from .store import feature_recipe, feature_recipes
+
+            recipes = (feature_recipes(self.backbones_, features) if isinstance(features, (str, os.PathLike))
+                       else {k: feature_recipe(dict(v)) for k, v in features.items()})
+            missing = [b for b in self.backbones_ if b not in recipes]
+            if missing:
+                raise ValueError(f"features names no recipe for the head's backbones {missing}")
+            recipes = {b: recipes[b] for b in self.backbones_}
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.model_.save(d / "head.keras")
-        from . import __version__
+        tmp_model = d / f".head.{os.getpid()}.tmp.keras"  # Keras insists on the .keras suffix
+        tmp_meta = d / f".head.{os.getpid()}.tmp.json"
+        try:
+            self.model_.save(tmp_model)
+            from . import __version__
 
-        meta = {"format": FORMAT, "catfeat_version": __version__,
-                "params": {k: _class_weight_json(v) if k == "class_weight" else
-                           _widths_json(v) if k == "backbone_widths" else _jsonable(v)
-                           for k, v in self.get_params().items()},
-                "resolved_params": {k: _jsonable(v) for k, v in self.params_.items()},
-                "backbones": list(self.backbones_), "dims": list(self.dims_),
-                "classes": [_jsonable(c) for c in self.classes_.tolist()], "n_epochs": self.n_epochs_}
-        if hasattr(self, "feature_names_in_"):  # fitted on a DataFrame
-            meta["feature_names_in"] = [str(c) for c in self.feature_names_in_]
-        (d / "head.json").write_text(json.dumps(meta, indent=2))
+            meta = {"format": FORMAT, "catfeat_version": __version__,
+                    "params": {k: _class_weight_json(v) if k == "class_weight" else
+                               _widths_json(v) if k == "backbone_widths" else _jsonable(v)
+                               for k, v in self.get_params().items()},
+                    "resolved_params": {k: _jsonable(v) for k, v in self.params_.items()},
+                    "backbones": list(self.backbones_), "dims": list(self.dims_),
+                    "classes": [_jsonable(c) for c in self.classes_.tolist()], "n_epochs": self.n_epochs_,
+                    "model_sha256": file_sha256(tmp_model)}
+            if recipes is not None:
+                meta["features"] = recipes
+            if hasattr(self, "feature_names_in_"):  # fitted on a DataFrame
+                meta["feature_names_in"] = [str(c) for c in self.feature_names_in_]
+            tmp_meta.write_text(json.dumps(meta, indent=2))
+            os.replace(tmp_model, d / "head.keras")
+            os.replace(tmp_meta, d / "head.json")
+        finally:
+            tmp_model.unlink(missing_ok=True)
+            tmp_meta.unlink(missing_ok=True)
+        if recipes is not None:
+            self.feature_recipes_ = recipes
         return d
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "FusedHead":
-        """Read a head written by :meth:`save`."""
+        """Read a head written by :meth:`save`.
+
+        A damaged or edited head raises :class:`HeadFileError` (a ``ValueError``) naming the file
+        and what is wrong: invalid JSON, unknown parameters, a class list or widths that do not fit
+        the model, a ``head.keras`` that is not the one saved with this ``head.json``.
+        """
         d = Path(directory)
+        meta = read_head_meta(d)
         meta_path, model_path = d / "head.json", d / "head.keras"
-        if not meta_path.is_file() or not model_path.is_file():
-            raise FileNotFoundError(f"{d} holds no saved head (needs head.json and head.keras)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path} is not a catfeat head (format {meta.get('format')!r})")
         params = dict(meta["params"])
         if isinstance(params.get("class_weight"), list):  # a dict, saved as pairs to keep int labels
             params["class_weight"] = {k: v for k, v in params["class_weight"]}
@@ -502,18 +537,115 @@ class FusedHead(ClassifierMixin, BaseEstimator):
             params["backbone_widths"] = tuple(params["backbone_widths"])
         if "random_state" not in params and "seed" in params:  # saved before random_state
             params["random_state"] = params.pop("seed")
+        unknown = sorted(set(params) - set(cls._get_param_names()))
+        if unknown:
+            raise HeadFileError(f"{meta_path}: 'params' holds unknown key(s) {unknown}, not parameters of FusedHead "
+                                f"(saved by catfeat {meta.get('catfeat_version', '?')}); remove them, or re-save "
+                                "the head (catfeat fit --save DIR)")
         head = cls(**params)
-        head.model_ = keras.saving.load_model(model_path, compile=False)
+        if meta.get("model_sha256") is not None and file_sha256(model_path) != meta["model_sha256"]:
+            raise HeadFileError(f"{model_path} is not the model saved with {meta_path} (its SHA-256 differs from "
+                                "the one recorded there: replaced, damaged, or a save was interrupted); "
+                                "re-save the head (catfeat fit --save DIR)")
+        try:
+            head.model_ = keras.saving.load_model(model_path, compile=False)
+        except Exception as e:  # a damaged zip fails deep inside Keras, in many ways
+            why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise HeadFileError(f"{model_path} cannot be loaded as a Keras model ({type(e).__name__}"
+                                f"{': ' + why[:200] if why else ''}); re-save the head (catfeat fit --save DIR)"
+                                ) from None
         head.backbones_ = list(meta["backbones"])
         head.dims_ = [int(v) for v in meta["dims"]]
         head.classes_ = np.asarray(meta["classes"])
+        _check_model_fits(head.model_, meta, meta_path, model_path)
         head.n_features_in_ = int(sum(head.dims_))
         if meta.get("feature_names_in") is not None:
             head.feature_names_in_ = np.asarray(meta["feature_names_in"], dtype=object)
         head.params_ = meta.get("resolved_params", {})
         head.n_epochs_ = meta.get("n_epochs")
         head.history_ = {}
+        if meta.get("features") is not None:
+            head.feature_recipes_ = meta["features"]
         return head
+
+
+class HeadFileError(ValueError):
+    """A saved head (``head.json`` / ``head.keras``) is missing, damaged or edited; the message names the file."""
+
+
+def _is_label(v) -> bool:
+    return isinstance(v, (str, int, float))  # bool is an int: labels may be True/False
+
+
+def read_head_meta(directory: str | os.PathLike) -> dict:
+    """``head.json`` of a saved head, checked for its shape (not yet against ``head.keras``).
+
+    Raises :class:`HeadFileError` naming the file and what is wrong, ``FileNotFoundError`` when
+    a file is missing.
+    """
+    d = Path(directory)
+    meta_path, model_path = d / "head.json", d / "head.keras"
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d} holds no saved head: no such folder (save one with catfeat fit --save DIR)")
+    missing = [p.name for p in (meta_path, model_path) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{d} holds no saved head: {' and '.join(missing)} missing (a saved head is "
+                                "head.json + head.keras; save one with catfeat fit --save DIR)")
+    try:
+        meta = json.loads(meta_path.read_bytes())
+    except json.JSONDecodeError as e:
+        raise HeadFileError(f"{meta_path} is not valid JSON ({e.msg}: line {e.lineno}, column {e.colno}); "
+                            "restore it or re-save the head (catfeat fit --save DIR)") from None
+    except UnicodeDecodeError:
+        raise HeadFileError(f"{meta_path} is not valid JSON (not UTF-8 text); restore it or re-save the head "
+                            "(catfeat fit --save DIR)") from None
+
+    def bad(what: str) -> HeadFileError:
+        return HeadFileError(f"{meta_path}: {what}; restore it or re-save the head (catfeat fit --save DIR)")
+
+    if not isinstance(meta, dict):
+        raise bad(f"holds a JSON {type(meta).__name__}, not an object")
+    if meta.get("format") != FORMAT:
+        raise HeadFileError(f"{meta_path} is not a catfeat head (format {meta.get('format')!r}, expected {FORMAT!r})")
+    if not isinstance(meta.get("params"), dict):
+        raise bad("'params' is missing or not an object")
+    backbones, dims, classes = meta.get("backbones"), meta.get("dims"), meta.get("classes")
+    if not isinstance(backbones, list) or not backbones or not all(isinstance(b, str) for b in backbones):
+        raise bad(f"'backbones' must be a non-empty list of names, got {backbones!r}")
+    if len(set(backbones)) != len(backbones):
+        raise bad(f"'backbones' names a backbone twice: {backbones}")
+    if (not isinstance(dims, list) or len(dims) != len(backbones)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in dims)):
+        raise bad(f"'dims' must be one width >= 1 per backbone ({len(backbones)}), got {dims!r}")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(_is_label(c) for c in classes):
+        raise bad(f"'classes' must be a list of at least 2 class labels, got {classes!r}")
+    if len(set(map(str, classes))) != len(classes):
+        raise bad(f"'classes' names a class twice: {classes}")
+    feats = meta.get("features")
+    if feats is not None and (not isinstance(feats, dict) or set(feats) != set(backbones)
+                              or not all(isinstance(v, dict) for v in feats.values())):
+        raise bad(f"'features' must hold one record per backbone {backbones}, got {feats!r}"[:400])
+    return meta
+
+
+def _check_model_fits(model, meta: dict, meta_path: Path, model_path: Path) -> None:
+    """The model's inputs and outputs must be those ``head.json`` describes (an edited file would
+    otherwise mislabel columns or fail deep inside Keras)."""
+    classes, dims = meta["classes"], meta["dims"]
+    shapes = [tuple(t.shape) for t in model.inputs]
+    widths = [s[-1] for s in shapes]
+    if widths != dims:
+        raise HeadFileError(f"{meta_path} says the head reads {len(dims)} input(s) of widths {dims}, but {model_path} "
+                            f"reads {len(widths)} of widths {widths}: they do not belong together; restore the "
+                            "file or re-save the head (catfeat fit --save DIR)")
+    outputs = model.outputs[0].shape[-1] if len(model.outputs) == 1 else None
+    want = 1 if len(classes) == 2 else len(classes)
+    if outputs != want:
+        raise HeadFileError(f"{meta_path} lists {len(classes)} classes {classes}, but {model_path} has "
+                            f"{outputs if outputs is not None else len(model.outputs)} output(s), which is a head "
+                            f"of {2 if outputs == 1 else outputs} classes (2 classes: 1 sigmoid output, K > 2: K "
+                            "outputs); the class list does not belong to this model: restore it or re-save the head "
+                            "(catfeat fit --save DIR)")
 
 
 def check_finite(X: Mapping[str, np.ndarray], names: Sequence[str] | None = None, what: str = "row") -> None:

@@ -1,8 +1,11 @@
 """End to end: image files -> backbones -> saved fused head, as one Keras model.
 
-The head's ``head.json`` names its backbones; the weights they were extracted with are read from
+The head's ``head.json`` names its backbones and records how their features were made (weights,
+precision, TTA, decoder, storage dtype: ``FusedHead.save(dir, features=...)``, done by ``catfeat fit
+--save``); the predictor repeats it with the extraction's own functions (``runtime.feature_model``,
+the ``decoders`` table). The weights of a head saved without that record are read from
 ``weights.json`` in the head folder (written by :func:`record_weights`), else from the feature
-caches' ``weights`` attribute, or given explicitly.
+caches' ``weights`` attribute, or given explicitly; its features use today's defaults.
 
 ``catfeat predict --head head/ IMG... [--out out.csv] [--export model.keras]``
 """
@@ -12,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +25,13 @@ from .backbones import Weights, WeightsError, cache_weights
 from .cli import add_alias, add_output_flags, run_cli
 
 WEIGHTS_FILE = "weights.json"
+# How a head saved without a record of its features (before catfeat recorded it) is predicted: the
+# defaults of extraction then (auto decoder, no TTA, float32 model and storage).
+DEFAULT_RECIPE = {"precision": "float32", "tta": "none", "decoder": "auto", "dtype": "float32"}
+
+
+class UnrecordedFeaturesWarning(UserWarning):
+    """A saved head does not record how its features were made; predict assumes today's defaults."""
 
 
 def record_weights(head_dir: str | os.PathLike, features_dir: str | os.PathLike = "features") -> Path:
@@ -34,23 +45,43 @@ def record_weights(head_dir: str | os.PathLike, features_dir: str | os.PathLike 
     return path
 
 
+def record_features(head_dir: str | os.PathLike, features_dir: str | os.PathLike = "features") -> Path:
+    """Record in ``head_dir/head.json`` how the features of each backbone were made, read from the
+    caches in ``features_dir`` (for a head saved without it; ``catfeat fit --save`` records it)."""
+    from .head import FusedHead
+
+    head = FusedHead.load(head_dir)
+    return head.save(head_dir, features=features_dir)
+
+
+def _recorded_recipes(head_dir: str | os.PathLike) -> dict:
+    """The ``features`` record of ``head.json``; {} when absent or unreadable (``FusedHead.load`` names why)."""
+    from .head import read_head_meta
+
+    try:
+        return read_head_meta(head_dir).get("features") or {}
+    except (OSError, ValueError):
+        return {}
+
+
 def resolve_weights(head_dir: str | os.PathLike, backbones: Sequence[str], weights=None,
                     features_dir: str | os.PathLike | None = "features", allow_random: bool = False
                     ) -> dict[str, tuple]:
     """``{backbone: (weights argument, seed)}`` for building the head's backbones.
 
-    ``weights`` (one value for all, or a dict per backbone) wins; else ``weights.json`` in the head
-    folder; else the caches in ``features_dir``. A file identity ('sha256:...') needs the file.
+    ``weights`` (one value for all, or a dict per backbone) wins; else the record in ``head.json``;
+    else ``weights.json`` in the head folder; else the caches in ``features_dir``. A file identity ('sha256:...') needs the file.
     Random weights ('none(seed=N)', or ``weights`` none) raise ``WeightsError`` unless ``allow_random``.
     """
     from .store import CacheError, find_cache
 
     recorded_path = Path(head_dir) / WEIGHTS_FILE
     recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
+    recipes = _recorded_recipes(head_dir)
     out = {}
     for name in backbones:
         given = weights.get(name) if isinstance(weights, dict) else weights
-        ident = recorded.get(name)
+        ident = (recipes.get(name) or {}).get("weights") or recorded.get(name)
         if ident is None and features_dir is not None:
             try:
                 ident = str(find_cache(name, features_dir).attrs.get("weights"))
@@ -76,13 +107,67 @@ def resolve_weights(head_dir: str | os.PathLike, backbones: Sequence[str], weigh
     return out
 
 
+def feature_steps(head, head_dir: str | os.PathLike | None = None) -> dict[str, dict]:
+    """``{backbone: {"precision", "tta", "decoder", "dtype"}}``: how predict computes each backbone's
+    features for ``head`` (a loaded ``FusedHead``): as recorded in its ``head.json``, checked against
+    the backbone and this installation, or :data:`DEFAULT_RECIPE` for a head saved without a record.
+
+    Raises ``ValueError`` (one line, naming ``head_dir/head.json``) when a recorded step cannot be
+    repeated here: another input size or preprocessing, features made elsewhere, an unknown
+    TTA/precision/dtype, a decoder that is not installed.
+    """
+    from .backbones import get_backbone
+    from .decoders import DECODERS, available
+    from .runtime import PRECISIONS, TTA_MODES
+    from .store import DTYPES
+
+    where = Path(head_dir) / "head.json" if head_dir is not None else "the head's record"
+    recorded = getattr(head, "feature_recipes_", None)
+    out = {}
+    for name in head.backbones_:
+        if not recorded:
+            out[name] = dict(DEFAULT_RECIPE)
+            continue
+        r, spec = recorded[name], get_backbone(name)
+
+        def refuse(why: str) -> ValueError:
+            return ValueError(f"{where}: the features of {name} were {why}, so predict cannot compute the same "
+                              "features from images")
+        if r.get("preprocessing") == "unknown":
+            raise refuse("made outside catfeat (catfeat.write_cache: weights and preprocessing unknown)")
+        if r.get("input_size") is not None and int(r["input_size"]) != spec.input_size:
+            raise refuse(f"made at input size {r['input_size']} and {spec.name} takes {spec.input_size}")
+        if r.get("preprocessing") is not None and r["preprocessing"] != spec.preprocessing:
+            raise refuse(f"preprocessed as {r['preprocessing']!r} and {spec.name} uses {spec.preprocessing!r}")
+        step = {k: r.get(k) or v for k, v in DEFAULT_RECIPE.items()}
+        if step["precision"] not in PRECISIONS:
+            raise refuse(f"computed in precision {step['precision']!r}, which is not one of {', '.join(PRECISIONS)}")
+        if step["tta"] not in TTA_MODES:
+            raise refuse(f"made with TTA {step['tta']!r}, which is not one of {', '.join(TTA_MODES)}")
+        if step["dtype"] not in DTYPES:
+            raise refuse(f"stored as {step['dtype']!r}, which is not one of {', '.join(DTYPES)}")
+        dec = step["decoder"]
+        if dec not in DECODERS:
+            raise refuse(f"decoded by {dec!r}, which is not one of {', '.join(DECODERS)}")
+        if not available(dec):
+            raise ValueError(f"{where}: the features of {name} were decoded by {dec!r}, whose module "
+                             f"{DECODERS[dec].module!r} is not installed in {sys.executable}: "
+                             f"{DECODERS[dec].install.split(',')[0]}, so that predict decodes images as extraction "
+                             "did")
+        out[name] = step
+    return out
+
+
 def build_predictor(head_dir: str | os.PathLike, weights=None, features_dir: str | os.PathLike | None = "features",
                     allow_random: bool = False):
     """One Keras model: uint8 images (one input per backbone, at its size) -> class probabilities.
 
     Returns ``(model, head)``; the model's inputs follow ``head.backbones_``, its output is the
-    head's (sigmoid P(class 1) for two classes, softmax otherwise). ``allow_random``: see
-    :func:`resolve_weights`.
+    head's (sigmoid P(class 1) for two classes, softmax otherwise). Each backbone's features are
+    computed as its caches' were (precision, TTA, float16 storage: see :func:`feature_steps`;
+    :func:`predict_images` decodes with the recorded decoder). A head saved without that record
+    warns (:class:`UnrecordedFeaturesWarning`) and uses :data:`DEFAULT_RECIPE`. ``allow_random``:
+    see :func:`resolve_weights`.
     """
     import keras
 
@@ -93,17 +178,27 @@ def build_predictor(head_dir: str | os.PathLike, weights=None, features_dir: str
     head = FusedHead.load(head_dir)
     head.check_weights()  # a NaN head would answer NaN for every image
     chosen = resolve_weights(head_dir, head.backbones_, weights, features_dir, allow_random)
+    steps = feature_steps(head, head_dir)
     inputs, feats = [], []
     for name, dim in zip(head.backbones_, head.dims_):
         spec = get_backbone(name)
         if spec.feature_dim != dim:
             raise ValueError(f"head expects {dim} features from {name}, the backbone gives {spec.feature_dim}")
         w, seed = chosen[name]
-        fm = feature_model(spec, w, seed)
+        fm = feature_model(spec, w, seed, steps[name]["precision"], steps[name]["tta"])
         inp = keras.Input((spec.input_size, spec.input_size, 3), dtype="uint8", name=f"image_{spec.name}")
         inputs.append(inp)
-        feats.append(fm(inp))
+        f = fm(inp)
+        if steps[name]["dtype"] == "float16":  # the head was fitted on features rounded to float16
+            f = keras.ops.cast(keras.ops.cast(f, "float16"), "float32")
+        feats.append(f)
     out = head.model_(feats)
+    if not getattr(head, "feature_recipes_", None):
+        warnings.warn(f"{Path(head_dir) / 'head.json'} does not record how its features were made (saved without "
+                      "it): predicting with the defaults (decoder auto, no TTA, float32); if its caches used another "
+                      "--decoder, --tta, --precision or --dtype, the predictions will differ: re-save it with catfeat "
+                      "fit --save, or catfeat.predict.record_features(head_dir, features_dir)",
+                      UnrecordedFeaturesWarning, stacklevel=2)
     return keras.Model(inputs, out, name="catfeat_predictor"), head
 
 
@@ -128,15 +223,26 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     from .images import DecodeError
 
     model, head = predictor or build_predictor(head_dir, weights, features_dir, allow_random)
-    sizes = [get_backbone(n).input_size for n in head.backbones_]
+    steps = feature_steps(head, head_dir)
+    # (decoder, size) of each backbone's input; each decoder decodes a file once for all its sizes,
+    # as extraction does
+    keys = [(steps[n]["decoder"], get_backbone(n).input_size) for n in head.backbones_]
+    plan: dict[str, list[int]] = {}
+    for dec, size in keys:
+        plan.setdefault(dec, [])
+        if size not in plan[dec]:
+            plan[dec].append(size)
     errors, probs = {}, []
     batch: list[dict] = []
     ok_files: list[str] = []
 
+    def decode(path: str) -> dict:
+        return {(dec, s): a for dec, sizes in plan.items() for s, a in decode_image(path, sorted(sizes), dec).items()}
+
     def flush():
         if not batch:
             return
-        arrays = [np.stack([d[s] for d in batch]) for s in sizes]
+        arrays = [np.stack([d[k] for d in batch]) for k in keys]
         out = keras.ops.convert_to_numpy(model(arrays, training=False))
         bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
         if len(bad):
@@ -150,7 +256,7 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
 
     for p in map(str, paths):
         try:
-            batch.append(decode_image(p, sorted(set(sizes))))
+            batch.append(decode(p))
             ok_files.append(p)
         except DecodeError as e:
             errors[p] = str(e)
@@ -216,15 +322,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _expand(items: Sequence[str]) -> list[str]:
-    from .images import IMAGE_SUFFIXES, natural_key
+    """The image files named by ``items``: files as given (an undecodable one becomes a row with its
+    error), every image under a folder, the matches of a quoted glob pattern. An item that names
+    nothing (no such path, a pattern matching no file, a folder without images) raises ``ValueError``
+    listing every such item: a typo must not look like a prediction."""
+    import glob
 
-    out = []
+    from .images import IMAGE_SUFFIXES, natural_key, shown
+
+    out, empty = [], []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            out += sorted((str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
-        else:
+            found = sorted((str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
+            if not found:
+                empty.append(f"folder {shown(item)!r} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
+            out += found
+        elif os.path.lexists(item):  # a file, or a link / special file that becomes a row with its error
             out.append(str(p))
+        elif any(c in item for c in "*?["):  # a pattern the shell left alone (quoted, or it matched nothing)
+            found = sorted(glob.glob(item), key=natural_key)
+            if not found:
+                empty.append(f"{shown(item)!r} matches no file")
+            out += _expand(found) if found else []
+        else:
+            empty.append(f"{shown(item)!r} does not exist")
+    if empty:
+        raise ValueError("; ".join(empty[:3]) + (f" (and {len(empty) - 3} more)" if len(empty) > 3 else "")
+                         + ": nothing predicted; check the names")
     return out
 
 
@@ -235,10 +360,18 @@ def _main(args: argparse.Namespace) -> int:
 
     if args.export:
         _check_new(Path(args.export), args.force)  # before building the model
-    predictor = build_predictor(args.head, args.weights, args.features, args.allow_random_weights)
+    files = _expand(args.images)  # before building the model too
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnrecordedFeaturesWarning)
+        predictor = build_predictor(args.head, args.weights, args.features, args.allow_random_weights)
+    for w in caught:
+        if issubclass(w.category, UnrecordedFeaturesWarning):
+            print(f"catfeat.predict: warning: {w.message}", file=sys.stderr)
+        else:  # not ours: as Python would show it
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     done = []
     if args.images:
-        df = predict_images(args.head, _expand(args.images), batch_size=args.batch_size, predictor=predictor)
+        df = predict_images(args.head, files, batch_size=args.batch_size, predictor=predictor)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             df.to_csv(args.out, index=False, errors="surrogateescape")  # undecodable names keep their bytes

@@ -193,8 +193,8 @@ def fit_report(models: str | Sequence[str] | None = None, features_dir: str | os
         if save:
             from .predict import record_weights
 
-            final.save(save)
-            record_weights(save, features_dir)  # so `catfeat predict --head` finds the same backbones
+            final.save(save, features=features_dir)  # records how the features were made, for predict
+            record_weights(save, features_dir)  # weights.json, as read by heads saved before that record
             files["head"] = os.fspath(save)
     return FitReport(models, len(y), list(classes), score, float(clip), final, tuning, comparison, files, n_sub,
                      time.perf_counter() - t0, list(missing))

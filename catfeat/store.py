@@ -35,6 +35,9 @@ KEY_FIELDS = ("backbone", "weights", "input_size", "preprocessing", "precision",
 DTYPES = ("float32", "float16")
 # Key fields that caches of earlier versions lack, and the value those caches were built with.
 LEGACY_DEFAULTS = {"decoder": "pillow", "dtype": "float32"}
+# The key fields that decide an image's feature values (the identity less the image list): a saved
+# head records them per backbone, so that `catfeat predict` computes the features the same way.
+RECIPE_FIELDS = ("weights", "input_size", "preprocessing", "precision", "tta", "decoder", "dtype")
 # What must agree for caches to be fused row by row (empty or missing: unknown, not compared).
 SOURCE_FIELDS = ("images_fingerprint", "data_root", "classes", "layout")
 # Free space kept in hand beyond a write's own rows, for HDF5 metadata (see FeatureWriter._check_space).
@@ -776,6 +779,19 @@ def check_same_source(caches: dict[str, FeatureCache], join: str = "exact") -> N
                 f"{c.path.name} has {vb!r}); fusing them would pair unrelated rows. Extract both backbones "
                 f"from the same folder in one command: python -m catfeat.extract DATA_DIR --models {first},{name} "
                 "--force")
+
+
+def feature_recipe(attrs: dict) -> dict:
+    """How a cache's features were made: its :data:`RECIPE_FIELDS` (legacy defaults filled in)."""
+    out = {k: attrs.get(k, LEGACY_DEFAULTS.get(k)) for k in RECIPE_FIELDS}
+    if out["input_size"] is not None:
+        out["input_size"] = int(out["input_size"])
+    return {k: v if k == "input_size" or v is None else str(v) for k, v in out.items()}
+
+
+def feature_recipes(models: Iterable[str], features_dir: str | os.PathLike = "features") -> dict[str, dict]:
+    """``{backbone: feature_recipe}`` of the caches of ``models`` in ``features_dir``."""
+    return {m: feature_recipe(find_cache(m, features_dir).attrs) for m in models}
 
 
 def load_features(models: str | Iterable[str], features_dir: str | os.PathLike = "features",

@@ -83,7 +83,7 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
     from .head_model import compiled_model, record_fit, schedule, seeded, stratified_split, validation_target
 
     p = head.resolved_params()
-    for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_"):
+    for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_", "feature_recipes_"):
         head.__dict__.pop(attr, None)
     seed = head._seed()
     classes, y_idx = head._labels(y, len(rows))
