@@ -8,7 +8,7 @@ from .backbones import REGISTRY
 from .cli import add_alias, add_output_flags, echo, run_cli
 from .extraction import DEFAULT_MODELS, run_extraction
 from .reader import READERS
-from .pipeline import skip_line
+from .pipeline import damaged_line, skip_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "GPU hosts); auto: processes from 8 cores and 2,048 images on (default: %(default)s)")
     p.add_argument("--decoder", default="auto", choices=["auto", "opencv", "pillow"],
                    help="auto: OpenCV (fast) where installed, else Pillow; recorded in the cache (default: %(default)s)")
+    p.add_argument("--skip-damaged", action="store_true",
+                   help="skip JPEGs that decode with corrupt data (truncated, the rest gray) instead of keeping "
+                   "them and listing them as damaged; recorded in the cache")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype of the "
                    "cached features; float16 halves disk and memory, loads as float32 (default: %(default)s)")
     p.add_argument("--tta", default="none", choices=["none", "flip"], help="flip: store the mean of the "
@@ -64,12 +67,16 @@ def _main(args: argparse.Namespace) -> int:
                             args.force, args.precision, args.workers, args.weights_seed,
                             progress=not (args.no_progress or args.quiet),
                             engine=args.engine, engine_options=_engine_options(args), tta=args.tta,
-                            decoder=args.decoder, dtype=args.dtype, reader=args.reader)
+                            decoder=args.decoder, dtype=args.dtype, reader=args.reader,
+                            skip_damaged=args.skip_damaged)
     for name, path in report.paths.items():
         say(f"{name}: {path}")
     for s in report.skipped:  # those printed during the run are not repeated
         if s["path"] not in report.shown:
             say(skip_line(s["path"], s["reason"]))
+    for d in report.damaged:
+        if d["path"] not in report.shown:
+            say(damaged_line(d["path"], d["reason"]))
     if args.verbose:
         from .info import describe_caches, format_caches
 

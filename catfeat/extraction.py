@@ -37,7 +37,8 @@ class ExtractionReport:
     reused: list[str] = field(default_factory=list)
     resumed: dict[str, int] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
-    shown: set = field(default_factory=set)  # skipped images already printed as they happened
+    damaged: list[dict] = field(default_factory=list)  # decoded with corrupt data, kept: [{path, reason}]
+    shown: set = field(default_factory=set)  # skipped or damaged images already printed as they happened
     seconds: dict[str, float] = field(default_factory=dict)
     backend: str = ""
     device: str = ""
@@ -53,6 +54,7 @@ class ExtractionReport:
     def summary(self) -> str:
         total = self.seconds.get("total", 0.0)
         parts = [f"{self.processed} images processed", f"{len(self.skipped)} skipped",
+                 f"{len(self.damaged)} decoded with corrupt data" if self.damaged else "",
                  f"{total:.1f} s", f"{self.processed / total:.1f} img/s" if total and self.processed else ""]
         if self.reused:
             parts.append("reused: " + ",".join(self.reused))
@@ -135,14 +137,17 @@ def _lock(stack: ExitStack, path: Path) -> None:
 
 
 def cache_attrs(spec: BackboneSpec, weights, seed: int, precision: str, images: ImageSet,
-                fingerprint: str, tta: str = "none", decoder=None, dtype: str = "float32") -> dict:
-    """The attributes that identify a cache (see store.KEY_FIELDS) plus provenance."""
+                fingerprint: str, tta: str = "none", decoder=None, dtype: str = "float32",
+                skip_damaged: bool = False) -> dict:
+    """The attributes that identify a cache (see store.KEY_FIELDS) plus provenance. ``on_damaged``
+    ("keep" or "skip": what happened to images decoded with corrupt data) decides which rows exist,
+    so it is part of the identity."""
     from .runtime import backend_name, resolve_precision
 
     return {
         "backbone": spec.name, "weights": weights_identity(weights, seed), "input_size": spec.input_size,
         "preprocessing": spec.preprocessing, "precision": resolve_precision(precision), "tta": tta,
-        "images_fingerprint": fingerprint, "dtype": dtype, "feature_dim": spec.feature_dim, "backend": backend_name(),
+        "images_fingerprint": fingerprint, "dtype": dtype, "on_damaged": "skip" if skip_damaged else "keep", "feature_dim": spec.feature_dim, "backend": backend_name(),
         "catfeat_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "classes": json.dumps(images.classes), "layout": images.layout, "data_root": str(images.root.resolve()),
         **({"decoder": decoder.name, "decoder_version": decoder.version()} if decoder is not None else {}),
@@ -169,6 +174,16 @@ class ExtractionPlan:
     log: Callable[[str], None]
     reader: str = "auto"
     force: bool = False  # discard unfinished work of a different request (the Ray engine's parts)
+    skip_damaged: bool = False
+
+    def decode_fn(self) -> Callable:
+        """The decoder's function with this plan's damaged-image policy (picklable, for worker processes)."""
+        from functools import partial
+
+        from .decoders import get_decoder
+
+        decode = get_decoder(self.decoder).decode
+        return partial(decode, skip_damaged=True) if self.skip_damaged else decode
 
 
 def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_MODELS,
@@ -177,7 +192,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
                    workers: int | None = None, seed: int = 0, progress: bool = True,
                    log=None, engine: str = "local", engine_options: dict | None = None,
                    tta: str = "none", decoder: str = "auto", dtype: str = "float32",
-                   reader: str = "auto") -> ExtractionReport:
+                   reader: str = "auto", skip_damaged: bool = False) -> ExtractionReport:
     """Like :func:`extract`, returning an :class:`ExtractionReport`.
 
     Plans (which caches to reuse, resume or build), locks, and hands the plan to an engine from
@@ -229,7 +244,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
         for spec in specs:
             path = cache_path(out, spec.name)
             _lock(stack, path)
-            attrs = cache_attrs(spec, w, seed, precision, images, fingerprint, tta, dec, dtype)
+            attrs = cache_attrs(spec, w, seed, precision, images, fingerprint, tta, dec, dtype, skip_damaged)
             report.paths[spec.name] = path
             if path.is_symlink():
                 if not force:
@@ -257,9 +272,10 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
         if pending:
             plan = ExtractionPlan(images, [s for s in specs if s.name in pending], pending,
                                   {k: report.paths[k] for k in pending}, w, seed, precision, tta, dec.name,
-                                  batch_size, workers, progress, log, reader, force)
+                                  batch_size, workers, progress, log, reader, force, skip_damaged)
             ENGINES[engine](plan, report, stack, **(engine_options or {}))
-            report.skipped = open_cache(report.paths[next(iter(pending))]).skipped()
+            done = open_cache(report.paths[next(iter(pending))])
+            report.skipped, report.damaged = done.skipped(), done.damaged()
     report.seconds["total"] = time.perf_counter() - t0
     return report
 
@@ -287,8 +303,7 @@ def _check_partial(partial: Path, attrs: dict, n_images: int, force: bool, log: 
 
 def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack) -> None:
     """This process: decode threads -> every backbone on this device -> a writer thread."""
-    from .decoders import get_decoder
-    from .pipeline import InBackground, ModelRunner, progress_bar, report_skip, run_stages
+    from .pipeline import InBackground, ModelRunner, progress_bar, report_damaged, report_skip, run_stages
     from .runtime import Forward
 
     images, secs = plan.images, report.seconds
@@ -308,7 +323,7 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
         # on a thread of its own, started before the build: worker start-up and the first decodes
         # overlap the compilation, and the reader's per-batch work stays off the dispatching thread
         batches = InBackground(iter_batches(images.paths(), sizes, plan.batch_size, start=start, workers=plan.workers,
-                                            decode=get_decoder(plan.decoder).decode, reader=report.reader))
+                                            decode=plan.decode_fn(), reader=report.reader))
     t = time.perf_counter()
     try:
         runner = ModelRunner({s.name: (s.input_size, Forward(s, plan.weights, plan.seed, plan.precision,
@@ -326,11 +341,14 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
 
         def write(batch, feats: dict) -> None:
             for name, f in feats.items():
-                _guard_write(writers[name].partial, writers[name].write, batch.start, batch.ok, f, batch.errors)
+                _guard_write(writers[name].partial, writers[name].write, batch.start, batch.ok, f, batch.errors,
+                             batch.damaged)
             secs["decode"] += batch.decode_seconds
             secs["resize"] += batch.resize_seconds
             for pos, reason in batch.errors.items():
                 report_skip(bar, report, images.names[pos], reason)
+            for pos, reason in batch.damaged.items():
+                report_damaged(bar, report, images.names[pos], reason)
             report.processed += len(batch)
             bar.update(len(batch))
 
@@ -367,7 +385,8 @@ def extract(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_M
             out: str | os.PathLike = "features", weights="imagenet", batch_size: int | None = None,
             limit: int | None = None, force: bool = False, precision: str = "float32",
             workers: int | None = None, seed: int = 0, progress: bool = True, tta: str = "none",
-            decoder: str = "auto", dtype: str = "float32", reader: str = "auto") -> dict[str, Path]:
+            decoder: str = "auto", dtype: str = "float32", reader: str = "auto",
+            skip_damaged: bool = False) -> dict[str, Path]:
     """Extract GAP features of ``models`` for the images under ``data_dir`` into ``out``.
 
     Returns {backbone full name: cache path}. A matching cache is reused, an unfinished one is
@@ -379,6 +398,9 @@ def extract(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_M
     stores the features at half the size (recorded in the cache; they load as float32).
     ``reader``: "threads", "processes" (decoding free of the interpreter lock, for many-core GPU
     hosts) or "auto" (processes from 8 cores and 2,048 images on); features are identical.
+    A JPEG decoded with corrupt data (truncated, the rest gray) is kept and listed in the cache's
+    damaged list; ``skip_damaged=True`` skips it instead (part of the cache's identity).
     """
     return run_extraction(data_dir, models, out, weights, batch_size, limit, force, precision, workers,
-                          seed, progress, tta=tta, decoder=decoder, dtype=dtype, reader=reader).paths
+                          seed, progress, tta=tta, decoder=decoder, dtype=dtype, reader=reader,
+                          skip_damaged=skip_damaged).paths

@@ -19,7 +19,7 @@ import re
 import stat
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -270,8 +270,117 @@ def _to_8bit(arr: np.ndarray, is_float: bool) -> np.ndarray:
     return np.clip(np.rint(arr) if is_float else arr, 0, 255).astype(np.uint8)
 
 
+# A file holds its pixels plus metadata (EXIF, ICC, XMP, a phone's video trailer), never more than
+# this: 16 bytes a pixel covers uncompressed 16-bit RGBA and float RGB; anything larger is not read.
+FILE_BYTES_PER_PIXEL = 16
+FILE_SLACK_BYTES = 64 << 20
+# Progressive JPEGs of real cameras and encoders have about 10 scans; each scan is a full pass
+# over the image, so thousands of them make one small file cost seconds or minutes to decode.
+MAX_JPEG_SCANS = 1000
+DAMAGED_JPEG = ("corrupt JPEG data: the image data ends before the image does (a truncated file?) and the "
+                "rest decodes as gray")
+
+
+def file_size_limit(width: int, height: int) -> int:
+    """The most bytes an image file of ``width`` x ``height`` pixels may take (pixels + metadata)."""
+    return FILE_BYTES_PER_PIXEL * min(width * height, MAX_PIXELS) + FILE_SLACK_BYTES
+
+
+def check_file_size(size: int, width: int, height: int) -> None:
+    """:class:`DecodeError` when a file of ``size`` bytes is larger than its declared pixels can need."""
+    limit = file_size_limit(width, height)
+    if size > limit:
+        raise DecodeError(f"file is {size:,} bytes, more than a {width}x{height} image can need "
+                          f"({limit:,}); not read: re-save the image")
+
+
+# A marker inside entropy-coded data: 0xFF not followed by a stuffed 0x00, a restart marker or fill.
+_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def jpeg_scans(data: bytes, stop: int = MAX_JPEG_SCANS) -> int:
+    """Start-of-scan segments of a JPEG (walking the marker segments, not searching the bytes), up to
+    ``stop + 1``; a malformed layout just ends the count (the decoder gives its own verdict)."""
+    pos, n, end = 2, 0, len(data)
+    while pos + 4 <= end and n <= stop:
+        if data[pos] != 0xFF:
+            return n
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # end of image
+            return n
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xDA:
+            n += 1
+            found = _MARKER.search(data, pos)  # skip the entropy-coded data
+            pos = found.start() if found else end
+    return n
+
+
+def check_jpeg_scans(data: bytes) -> None:
+    """:class:`DecodeError` for a JPEG with more than ``MAX_JPEG_SCANS`` scans (each costs a full pass)."""
+    if jpeg_scans(data) > MAX_JPEG_SCANS:
+        raise DecodeError(f"JPEG with more than {MAX_JPEG_SCANS:,} scans (a real photo has about 10; decoding "
+                          "it would take minutes); not decoded: re-save the image")
+
+
+# Bytes appended to the scan data by the probe: no 0xFF, so no marker; deterministic.
+_PROBE = bytes((i * 97 + 13) % 255 for i in range(4096))
+
+
+def jpeg_ends_early(data: bytes) -> bool:
+    """True when a JPEG's scan data ends before its last block (libjpeg then fills the rest with gray and
+    only prints a warning). Decoded twice at 1/8 scale: as is, and with bytes inserted before the end
+    marker; a complete image ignores them, an incomplete one decodes them as its missing blocks."""
+    import io
+
+    from PIL import Image
+
+    body = data.rstrip(b"\x00\r\n ")
+    if not body.endswith(b"\xff\xd9"):
+        return False
+
+    def small(d: bytes) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(d)) as im:
+                im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+                return np.asarray(im)
+
+    try:
+        return not np.array_equal(small(body), small(body[:-2] + _PROBE + b"\xff\xd9"))
+    except Exception:  # the probe cannot decode it: no verdict beyond the decoder's own
+        return False
+
+
+def looks_gray_filled(corner) -> bool:
+    """Whether the last pixel (in stored orientation) is libjpeg's gray fill: the cheap test run on every
+    JPEG before :func:`jpeg_ends_early` confirms."""
+    return np.all(np.asarray(corner) == 128)
+
+
+def jpeg_damage(data: bytes | None, corner) -> str | None:
+    """The reason a decoded JPEG holds corrupt data (see :data:`DAMAGED_JPEG`), or None."""
+    if data is None or not looks_gray_filled(corner):
+        return None
+    return DAMAGED_JPEG if jpeg_ends_early(data) else None
+
+
 def read_rgb(path: str | os.PathLike):
-    """Decode one image file into an RGB ``PIL.Image`` (EXIF-rotated); :class:`DecodeError` says why not."""
+    """Decode one image file into an RGB ``PIL.Image`` (EXIF-rotated); :class:`DecodeError` says why not.
+
+    A JPEG decoded with corrupt data is returned as decoded; :func:`read_rgb_checked` says so."""
+    return read_rgb_checked(path)[0]
+
+
+def read_rgb_checked(path: str | os.PathLike) -> tuple:
+    """(RGB ``PIL.Image``, reason the JPEG holds corrupt data or None); :class:`DecodeError` says why not."""
     from PIL import Image, ImageOps
 
     path = Path(path)
@@ -283,7 +392,16 @@ def read_rgb(path: str | os.PathLike):
                 if im.width * im.height > MAX_PIXELS:
                     raise DecodeError(f"declared size {im.width}x{im.height} exceeds {MAX_PIXELS:,} pixels "
                                       "(decompression bomb?)")
+                check_file_size(st.st_size, im.width, im.height)
+                data = None
+                if im.format == "JPEG":
+                    im.fp.seek(0)  # load() seeks to its own offsets
+                    data = im.fp.read(file_size_limit(im.width, im.height) + 1)
+                    check_jpeg_scans(data)
                 im.load()
+                damaged = None
+                if data is not None and im.mode in ("L", "RGB"):
+                    damaged = jpeg_damage(data, im.getpixel((im.width - 1, im.height - 1)))
                 im = ImageOps.exif_transpose(im)
                 if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                     im = Image.fromarray(_to_8bit(np.asarray(im), im.mode == "F"))
@@ -291,7 +409,7 @@ def read_rgb(path: str | os.PathLike):
                     im = im.convert("RGBA")
                     bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
                     im = Image.alpha_composite(bg, im)
-                return im.convert("RGB")
+                return im.convert("RGB"), damaged
     except DecodeError:
         raise
     except FileNotFoundError:
@@ -325,6 +443,7 @@ class Batch:
     errors: dict[int, str]  # position -> reason
     decode_seconds: float  # summed over reader threads
     resize_seconds: float  # summed over reader threads
+    damaged: dict[int, str] = field(default_factory=dict)  # position -> corrupt data it was decoded with
 
     def __len__(self) -> int:
         return len(self.ok)

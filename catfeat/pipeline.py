@@ -34,14 +34,16 @@ class Decoded(Protocol):
 
 
 def decode_rows(paths: Sequence, sizes: Sequence[int], decode: Callable) -> list[tuple]:
-    """``[(arrays or None, reason or None, seconds)]`` for each path: the reader's unit of work."""
+    """``[(arrays or None, reason or None, seconds)]`` for each path: the reader's unit of work. With
+    arrays, the reason (if any) is the corrupt data the image was decoded with (``Decoded.damaged``)."""
     from .images import DecodeError
 
     out = []
     for path in paths:
         t = time.perf_counter()
         try:
-            out.append((decode(path, sizes), None, time.perf_counter() - t))
+            arrays = decode(path, sizes)
+            out.append((arrays, getattr(arrays, "damaged", None), time.perf_counter() - t))
         except DecodeError as e:
             out.append((None, str(e), time.perf_counter() - t))
         except Exception as e:  # anything else a decoder throws is still this one file's problem
@@ -51,9 +53,10 @@ def decode_rows(paths: Sequence, sizes: Sequence[int], decode: Callable) -> list
 
 def decode_timed(path, sizes: Sequence[int], budget=None, decode=None) -> tuple:
     """One image under the byte ``budget``: (arrays or None, reason or None, decode seconds, resize
-    seconds). ``decode``: a decoder's function (decode and resize then count as decode), default
-    Pillow's two steps timed apart. The unit of work of both readers (threads and processes)."""
-    from .images import DecodeError, declared_bytes, read_rgb, resize_all
+    seconds); a reason beside arrays is the corrupt data the image was decoded with. ``decode``: a
+    decoder's function (decode and resize then count as decode), default Pillow's two steps timed
+    apart. The unit of work of both readers (threads and processes)."""
+    from .images import DecodeError, declared_bytes, read_rgb_checked, resize_all
 
     cost = declared_bytes(path) if budget is not None else 0
     if cost:
@@ -64,13 +67,13 @@ def decode_timed(path, sizes: Sequence[int], budget=None, decode=None) -> tuple:
             return arrays, reason, seconds, 0.0
         t = time.perf_counter()
         try:
-            im = read_rgb(path)
+            im, damaged = read_rgb_checked(path)
         except DecodeError as e:
             return None, str(e), time.perf_counter() - t, 0.0
         t1 = time.perf_counter()
         out = resize_all(im, sizes)
         del im
-        return out, None, t1 - t, time.perf_counter() - t1
+        return out, damaged, t1 - t, time.perf_counter() - t1
     finally:
         if cost:
             budget.release(cost)
@@ -346,6 +349,19 @@ def skip_line(name: str, reason: str) -> str:
     from .images import shown
 
     return f"skipped {shown(name)}: {reason}"
+
+
+def damaged_line(name: str, reason: str) -> str:
+    """How an image decoded with corrupt data (and kept) is printed."""
+    from .images import shown
+
+    return f"damaged {shown(name)}: {reason}"
+
+
+def report_damaged(bar, report, name: str, reason: str) -> None:
+    """Print one image decoded with corrupt data as it happens, once (see :func:`report_skip`)."""
+    bar.write(damaged_line(name, reason))
+    report.shown.add(name)
 
 
 def report_skip(bar, report, name: str, reason: str) -> None:

@@ -162,7 +162,8 @@ def _main_hidden():
 
 
 def _decode_into(slot: int, row: int, paths: Sequence) -> list[tuple[bool, str | None, float]]:
-    """Worker task: decode ``paths`` into rows ``row..`` of ``slot``; ``[(ok, reason, seconds)]``."""
+    """Worker task: decode ``paths`` into rows ``row..`` of ``slot``; ``[(ok, reason, seconds)]`` (a reason
+    beside ``ok``: the corrupt data the image was decoded with)."""
     sizes, decode, budget = _SETUP["sizes"], _SETUP["decode"], _SETUP["budget"]
     out = []
     for i, path in enumerate(paths):
@@ -317,6 +318,7 @@ def iter_batches_processes(paths: Sequence, sizes: Sequence[int], batch_size: in
                 raise RuntimeError(f"reader returned {len(results)} rows for {len(batch_paths)} images")
             ok = np.array([r[0] for r in results], dtype=bool)
             errors = {b0 + i: r[1] for i, r in enumerate(results) if not r[0]}
+            damaged = {b0 + i: r[1] for i, r in enumerate(results) if r[0] and r[1]}
             n = len(batch_paths)
             # copied out, so the slot is free for the next batch while this one is on the device
             images = {s: (reader.slots[slot][s][:n].copy() if ok.all() else reader.slots[slot][s][:n][ok])
@@ -324,4 +326,4 @@ def iter_batches_processes(paths: Sequence, sizes: Sequence[int], batch_size: in
             free.append(slot)
             if queue:
                 submit_next()
-            yield Batch(b0, images, ok, errors, sum(r[2] for r in results), 0.0)
+            yield Batch(b0, images, ok, errors, sum(r[2] for r in results), 0.0, damaged)

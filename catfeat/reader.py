@@ -82,6 +82,7 @@ def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, s
             results = [f.result() for f in futures]
             ok = np.array([r[0] is not None for r in results], dtype=bool)
             errors = {b0 + i: r[1] for i, r in enumerate(results) if r[0] is None}
+            damaged = {b0 + i: r[1] for i, r in enumerate(results) if r[0] is not None and r[1]}
             images = {s: (np.stack([r[0][s] for r in results if r[0] is not None])
                           if ok.any() else np.zeros((0, s, s, 3), np.uint8)) for s in sizes}
-            yield Batch(b0, images, ok, errors, sum(r[2] for r in results), sum(r[3] for r in results))
+            yield Batch(b0, images, ok, errors, sum(r[2] for r in results), sum(r[3] for r in results), damaged)

@@ -5,6 +5,8 @@ Layout of ``gap_<ModelName>.h5`` (the cache contract):
     train (N, D) float32   label (N,) int64   train_names (N,) utf-8
     test  (M, D) float32   test_names (M,) utf-8
     skipped_names, skipped_reasons (utf-8), skipped_index (int64): images that could not be decoded
+    damaged_names, damaged_reasons (utf-8), damaged_index (int64): images decoded with corrupt data
+        (a truncated JPEG, the rest gray) and kept; absent in caches of earlier versions
 
 Attributes: see ``KEY_FIELDS`` (what must match for a cache to be reused) and ``FeatureWriter``.
 The skipped list lives in datasets rather than an attribute because HDF5 attributes are capped at
@@ -29,15 +31,18 @@ import numpy as np
 FORMAT = "catfeat-gap/1"
 # What must be identical for a cache to stand for a request; anything else is informational.
 KEY_FIELDS = ("backbone", "weights", "input_size", "preprocessing", "precision", "tta", "decoder",
-              "images_fingerprint", "dtype")
+              "images_fingerprint", "dtype", "on_damaged")
 # Storage dtypes of the train/test features (attribute "dtype"; absent in older caches = float32).
 # float16 halves disk and memory; features are always returned as float32.
 DTYPES = ("float32", "float16")
 # Key fields that caches of earlier versions lack, and the value those caches were built with.
-LEGACY_DEFAULTS = {"decoder": "pillow", "dtype": "float32"}
+LEGACY_DEFAULTS = {"decoder": "pillow", "dtype": "float32", "on_damaged": "keep"}
 # The key fields that decide an image's feature values (the identity less the image list): a saved
 # head records them per backbone, so that `catfeat predict` computes the features the same way.
 RECIPE_FIELDS = ("weights", "input_size", "preprocessing", "precision", "tta", "decoder", "dtype")
+# Row lists kept beside the features: (names, reasons, positions) datasets per kind.
+_LISTS = {"skipped": ("skipped_names", "skipped_reasons", "skipped_index"),
+          "damaged": ("damaged_names", "damaged_reasons", "damaged_index")}
 # What must agree for caches to be fused row by row (empty or missing: unknown, not compared).
 SOURCE_FIELDS = ("images_fingerprint", "data_root", "classes", "layout")
 # Free space kept in hand beyond a write's own rows, for HDF5 metadata (see FeatureWriter._check_space).
@@ -249,7 +254,7 @@ class FeatureWriter:
             f.create_dataset(ds, shape=(0, self.dim), maxshape=(None, self.dim), dtype=dtype,
                              chunks=(max(1, min(self.chunk_rows, n or 1)), self.dim))
         for ds, dt in (("label", "int64"), ("train_names", _STR), ("test_names", _STR),
-                       ("skipped_names", _STR), ("skipped_reasons", _STR), ("skipped_index", "int64")):
+                       *((d, "int64" if d.endswith("index") else _STR) for kind in _LISTS.values() for d in kind)):
             f.create_dataset(ds, shape=(0,), maxshape=(None,), dtype=dt, chunks=(1024,))
         for k, v in self.attrs.items():
             f.attrs[k] = _attr_value(v)
@@ -288,8 +293,10 @@ class FeatureWriter:
             want_train = [self.names[i] for i in range(n) if self.split[i] == "train" and i not in done]
             want_test = [self.names[i] for i in range(n) if self.split[i] == "test" and i not in done]
             sizes = {"train": len(want_train), "label": len(want_train), "train_names": len(want_train),
-                     "test": len(want_test), "test_names": len(want_test), "skipped_names": int(keep.sum()),
-                     "skipped_reasons": int(keep.sum()), "skipped_index": int(keep.sum())}
+                     "test": len(want_test), "test_names": len(want_test)}
+            for kind in _LISTS.values():
+                kept = int((f[kind[2]][:] < n).sum())  # rows are appended in position order
+                sizes.update({d: kept for d in kind})
             for ds, size in sizes.items():
                 if f[ds].shape[0] < size:
                     f.close()
@@ -307,8 +314,11 @@ class FeatureWriter:
         return None
 
     # -- writing ------------------------------------------------------------------------------
-    def write(self, start: int, ok: np.ndarray, features: np.ndarray | None, errors: dict[int, str]) -> None:
-        """Record positions ``start .. start+len(ok)``: ``features`` holds one row per ``ok`` position."""
+    def write(self, start: int, ok: np.ndarray, features: np.ndarray | None, errors: dict[int, str],
+              damaged: dict[int, str] | None = None) -> None:
+        """Record positions ``start .. start+len(ok)``: ``features`` holds one row per ``ok`` position;
+        ``errors``: why each other position was skipped; ``damaged``: the ``ok`` positions decoded
+        with corrupt data, and what it was."""
         if self.broken:
             raise RuntimeError(f"{self.partial}: an earlier write failed; rerun the command to resume")
         end = start + len(ok)
@@ -329,7 +339,7 @@ class FeatureWriter:
             raise FloatingPointError(f"{self.attrs.get('backbone')} features overflow float16 (|value| > 65504); "
                                      "nothing was written for this batch; extract with --dtype float32")
         rows = {"train": ([], [], []), "test": ([], [], [])}  # features, names, labels
-        skipped = ([], [], [])
+        skipped, bad = ([], [], []), ([], [], [])
         j = 0
         for i in range(len(ok)):
             pos = start + i
@@ -339,29 +349,35 @@ class FeatureWriter:
                     r[0].append(feats[j])
                     r[1].append(self.names[pos])
                     r[2].append(self.labels[pos])
+                    if damaged and pos in damaged:
+                        bad[0].append(self.names[pos])
+                        bad[1].append(damaged[pos])
+                        bad[2].append(pos)
                 j += 1
             elif pos >= self.next_index:
                 skipped[0].append(self.names[pos])
                 skipped[1].append(errors.get(pos, "unknown error"))
                 skipped[2].append(pos)
         n_new = {split: len(r[0]) for split, r in rows.items()}
-        text = sum(len(n.encode("utf-8", "surrogateescape")) for r in (rows["train"][1], rows["test"][1], *skipped[:2])
-                   for n in r)
+        text = sum(len(n.encode("utf-8", "surrogateescape"))
+                   for r in (rows["train"][1], rows["test"][1], *skipped[:2], *bad[:2]) for n in r)
         self._check_space(self._chunk_bytes(n_new) + 2 * text + SPACE_MARGIN)
-        self._guarded(self._write_rows, rows, skipped, end)
+        self._guarded(self._write_rows, rows, {"skipped": skipped, "damaged": bad}, end)
         self.next_index = end
 
-    def _write_rows(self, rows: dict, skipped: tuple, end: int) -> None:
+    def _write_rows(self, rows: dict, lists: dict[str, tuple], end: int) -> None:
         for split, (fr, nm, lb) in rows.items():
             if fr:
                 self._append(split, np.stack(fr))
                 self._append(f"{split}_names", _encode(nm))
                 if split == "train":
                     self._append("label", np.array(lb, dtype=np.int64))
-        if skipped[0]:
-            self._append("skipped_names", _encode(skipped[0]))
-            self._append("skipped_reasons", _encode(skipped[1]))
-            self._append("skipped_index", np.array(skipped[2], dtype=np.int64))
+        for kind, (names, reasons, index) in lists.items():
+            if names:
+                ds_names, ds_reasons, ds_index = _LISTS[kind]
+                self._append(ds_names, _encode(names))
+                self._append(ds_reasons, _encode(reasons))
+                self._append(ds_index, np.array(index, dtype=np.int64))
         self._f.attrs["rows_written"] = end
         self._f.flush()
 
@@ -452,6 +468,7 @@ class FeatureWriter:
         for k, v in extra_attrs.items():
             f.attrs[k] = v
         f.attrs["skipped_count"] = int(f["skipped_names"].shape[0])
+        f.attrs["damaged_count"] = int(f["damaged_names"].shape[0])
         f.attrs["complete"] = True
         f.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         f.close()
@@ -587,6 +604,12 @@ class FeatureCache:
 
     def skipped(self) -> list[dict]:
         return [{"path": p, "reason": r} for p, r in zip(self._read("skipped_names"), self._read("skipped_reasons"))]
+
+    def damaged(self) -> list[dict]:
+        """Images decoded with corrupt data and kept (a row each): [{path, reason}]; [] in older caches."""
+        if not int(self.attrs.get("damaged_count", 0)):
+            return []
+        return [{"path": p, "reason": r} for p, r in zip(self._read("damaged_names"), self._read("damaged_reasons"))]
 
     def __len__(self) -> int:
         return int(self.attrs.get("n_train", 0)) + int(self.attrs.get("n_test", 0))

@@ -40,7 +40,7 @@ import numpy as np
 from . import EngineUnavailableError
 from ..backbones import BackboneSpec, Weights
 from ..images import ImageSet
-from ..pipeline import ModelRunner, decode_rows, progress_bar, report_skip
+from ..pipeline import ModelRunner, decode_rows, progress_bar, report_damaged, report_skip
 from ..store import (KEY_FIELDS, CacheError, FeatureWriter, decode_strings, differences, open_cache,
                      partial_attrs, remove_planted_link)
 
@@ -270,6 +270,8 @@ def _copy_part(writer: FeatureWriter, shard: Shard, part: Path, split: Sequence[
         ok_all = np.ones(len(shard), bool)
         ok_all[skipped] = False
         why = dict(zip(skipped.tolist(), reasons))
+        bad = (dict(zip(f["damaged_index"][()].tolist(), decode_strings(f["damaged_reasons"][()])))
+               if "damaged_index" in f else {})
         is_train = np.array([split[p] == "train" for p in range(shard.start, shard.end)], bool)
         tr = te = 0
         for a in range(0, len(shard), MERGE_ROWS):
@@ -281,11 +283,13 @@ def _copy_part(writer: FeatureWriter, shard: Shard, part: Path, split: Sequence[
             feats = np.concatenate([f["train"][tr:tr + k_tr], f["test"][te:te + k_te]])
             tr, te = tr + k_tr, te + k_te
             errors = {shard.start + i: why[i] for i in range(a, b) if not ok_all[i]}
-            writer.write(shard.start + a, ok, feats, errors)
+            writer.write(shard.start + a, ok, feats, errors,
+                         {shard.start + i: bad[i] for i in range(a, b) if i in bad})
 
 
 # -- the Ray Data stages (run on workers) --------------------------------------------------------
-def decode_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], decoder: str = "auto") -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], decoder: str = "auto",
+                 skip_damaged: bool = False) -> dict[str, np.ndarray]:
     """Stage 1, the reader (:func:`catfeat.pipeline.decode_rows`): decode each row's file once into every
     input size. Never raises for a bad file: its row gets ``ok=False``, the reason, and zero images."""
     from ..decoders import get_decoder
@@ -293,7 +297,8 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], decoder: st
     paths = [os.fsdecode(bytes(raw)) for raw in batch["path"]]
     n = len(paths)
     imgs = {s: np.zeros((n, s, s, 3), np.uint8) for s in sizes}
-    rows = decode_rows(paths, sizes, get_decoder(decoder).decode)
+    decode = get_decoder(decoder).decode
+    rows = decode_rows(paths, sizes, (lambda p, s: decode(p, s, skip_damaged=True)) if skip_damaged else decode)
     for i, (arrays, _, _) in enumerate(rows):
         if arrays is not None:
             for s in sizes:
@@ -393,11 +398,14 @@ class _PartSink:
             return
         ok = np.array([r[0] for r in run], bool)
         local_errors = {start - shard.start + j: r[1] for j, r in enumerate(run) if not r[0]}
+        local_damaged = {start - shard.start + j: r[1] for j, r in enumerate(run) if r[0] and r[1]}
         for sp in self.need[shard.index]:
             feats = np.stack([r[2][sp.name] for r in run if r[0]]) if ok.any() else None
-            self._writer(sp, shard).write(start - shard.start, ok, feats, local_errors)
+            self._writer(sp, shard).write(start - shard.start, ok, feats, local_errors, local_damaged)
         for j, why in local_errors.items():
             report_skip(self.bar, self.report, self.images.names[shard.start + j], why)
+        for j, why in local_damaged.items():
+            report_damaged(self.bar, self.report, self.images.names[shard.start + j], why)
         self.next[shard.index] = start + len(run)
         self.report.processed += len(run)
         self.bar.update(len(run))
@@ -509,6 +517,7 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
     ``precision`` is taken from the attrs, already resolved, so "mixed" means the same on every worker.
     """
     images, specs, attrs_by_name, paths_by_name = plan.images, plan.specs, plan.attrs, plan.paths
+    plan_in = plan  # ``plan`` names the shards below
     weights, seed, batch_size, progress, decoder = plan.weights, plan.seed, plan.batch_size, plan.progress, plan.decoder
     force, log = plan.force, plan.log
     ray = _import_ray()
@@ -550,7 +559,7 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
         busy = [sp for sp in specs if any(sp in v for v in need.values())]
         _run(ray, images, busy, todo, need, part_attrs, folders, weights=weights, seed=seed,
              batch_size=batch_size, report=report, progress=progress, address=address,
-             num_gpus_per_worker=num_gpus_per_worker, decoder=decoder)
+             num_gpus_per_worker=num_gpus_per_worker, decoder=decoder, skip_damaged=plan_in.skip_damaged)
 
     t = time.perf_counter()
     for sp in specs:
@@ -564,7 +573,8 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
 
 def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], need: dict[int, list],
          part_attrs: dict, folders: dict[str, Path], *, weights, seed: int, batch_size: int, report,
-         progress: bool, address: str | None, num_gpus_per_worker: float, decoder: str) -> None:
+         progress: bool, address: str | None, num_gpus_per_worker: float, decoder: str,
+         skip_damaged: bool = False) -> None:
     secs = report.seconds
     backend = str(part_attrs[(specs[0].name, todo[0].index)]["backend"])
     env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
@@ -587,7 +597,8 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
         decode_memory = (64 << 20) + 2 * batch_size * sum(3 * s * s for s in sizes)
         with _data_context(ray):
             ds = ray.data.from_arrow(blocks)
-            ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes, "decoder": decoder}, batch_size=batch_size,
+            ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes, "decoder": decoder,
+                                                                "skip_damaged": skip_damaged}, batch_size=batch_size,
                                 batch_format="numpy", num_cpus=1, memory=decode_memory,
                                 runtime_env={"env_vars": env})
             ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={
