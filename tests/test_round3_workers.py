@@ -187,3 +187,65 @@ def test_a_worker_killed_holding_the_whole_budget_does_not_stall_the_read(tmp_pa
     assert proc.returncode == 0, stderr[-3000:]
     assert "read 6" in stdout.splitlines()
     assert "killed by signal 9" in stdout
+
+
+def test_batch_size_and_workers_are_clamped_to_the_work(tmp_path):
+    data = make_kaggle(tmp_path / "data")  # 11 images
+    n, cores = 11, os.cpu_count() or 1
+    out, log = tmp_path / "f", tmp_path / "stderr"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(extract_args(data, out, "--batch-size", "256", "--workers", "16",
+                                             "--reader", "processes"),
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+    seen: set[int] = set()
+    pid, deadline = 0, time.time() + 240
+    try:
+        while time.time() < deadline:
+            seen.update(w.pid for w in workers_of(proc.pid))
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the extraction did not finish in 240 s")
+    finally:
+        if not pid:
+            proc.kill()
+    stderr = log.read_text()
+    assert os.waitstatus_to_exitcode(status) == 0, stderr[-3000:]
+    fit = min(n, cores)
+    assert 1 <= len(seen) <= fit  # never 16 interpreters
+    assert stderr.count(f"catfeat: --batch-size 256 > {n} images: using {n}\n") == 1, stderr
+    bound = f"{n} images" if n < cores else f"{cores} cores"
+    assert stderr.count(f"catfeat: --workers 16 > {bound}: using {fit}\n") == 1, stderr
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--workers", "-3", "argument --workers: must be at least 1, got -3"),
+    ("--workers", "0", "argument --workers: must be at least 1, got 0"),
+    ("--weights-seed", "-1", "argument --weights-seed: must be between 0 and 4,294,967,295, got -1"),
+    ("--seed", "4294967296", "argument --seed: must be between 0 and 4,294,967,295, got 4,294,967,296"),
+    ("--batch-size", "0", "argument --batch-size: must be between 1 and 4,096, got 0"),
+    ("--batch-size", "-32", "argument --batch-size: must be between 1 and 4,096, got -32"),
+    ("--batch-size", "10000000000", "argument --batch-size: must be between 1 and 4,096, got 10,000,000,000"),
+    ("--batch-size", "8.5", "argument --batch-size: expected a whole number, got '8.5'"),
+])
+def test_bad_numbers_are_refused_naming_the_flag(tmp_path, flag, value, message):
+    data = make_kaggle(tmp_path / "data", 1, 1)
+    r = run(extract_args(data, tmp_path / "f", flag, value), timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == f"python -m catfeat.extract: error: {message}", r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "f").exists()  # refused before anything was written
+
+
+def test_library_refuses_bad_numbers(tmp_path):
+    from catfeat.extraction import run_extraction
+
+    data = make_kaggle(tmp_path / "data", 1, 1)
+    for kwargs, match in [(dict(workers=-3), "workers must be at least 1, got -3"),
+                          (dict(batch_size=0), "batch size must be between 1 and 4,096, got 0"),
+                          (dict(seed=-1), "seed of random weights must be between 0 and"),
+                          (dict(weights="none(seed=-1)"), "seed of random weights must be between 0 and")]:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            run_extraction(data, MODEL, tmp_path / "f", **{"weights": None, **kwargs})
