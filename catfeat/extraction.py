@@ -217,7 +217,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
     if w.kind == "file" and len(specs) > 1:
         raise ValueError(f"a weights file ({w}) fits one backbone; extract one model at a time with it")
     images = list_images(data_dir, limit)
-    batch_size, workers = _fit_to_work(len(images), batch_size, workers, log if asked_batch else None, log)
+    batch_size, workers = _fit_to_work(len(images), batch_size, workers, log, asked_batch)
     fingerprint = images.fingerprint()
     out = Path(out)
     try:
@@ -271,20 +271,20 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
     return report
 
 
-def _fit_to_work(n_images: int, batch_size: int, workers: int | None, say_batch, say_workers) -> tuple:
+def _fit_to_work(n_images: int, batch_size: int, workers: int | None, say: Callable[[str], None],
+                 asked_batch: bool = True) -> tuple:
     """``(batch_size, workers)`` no larger than the work: a batch of more rows than there are images
     pads (and compiles, and warms up) rows of zeros, and a decoder per core is the most that run at
-    once. ``say_*(line)`` is told of a value given that was lowered (None: lowered silently)."""
+    once. ``say(line)`` is told of each value that was lowered. A default batch size (not
+    ``asked_batch``) is the device's own and is kept; default workers (None) are the reader's."""
     cores = os.cpu_count() or 1
-    if 0 < n_images < batch_size:
-        if say_batch:
-            say_batch(f"catfeat: --batch-size {batch_size} > {n_images} images: using {n_images}")
+    if asked_batch and 0 < n_images < batch_size:
+        say(f"catfeat: --batch-size {batch_size} > {n_images} images: using {n_images}")
         batch_size = n_images
     if workers is not None and n_images and workers > min(n_images, cores):
         fit = min(n_images, cores)
-        if say_workers:
-            bound = f"{n_images} images" if n_images < cores else f"{cores} cores"
-            say_workers(f"catfeat: --workers {workers} > {bound}: using {fit}")
+        bound = f"{n_images} images" if n_images < cores else f"{cores} cores"
+        say(f"catfeat: --workers {workers} > {bound}: using {fit}")
         workers = fit
     return batch_size, workers
 

@@ -82,7 +82,7 @@ def shm_files(pid: int) -> set[str]:
                 for line in f if len(line.split(None, 5)) == 6 and "/dev/shm/" in line}
 
 
-def hung_worker(folder: Path, timeout: float = 120) -> int:
+def hung_worker(folder: Path, timeout: float = 300) -> int:
     """The pid of a worker the test hook holds mid-decode."""
     note = wait_until(lambda: next((p for p in folder.iterdir() if p.name.isdigit()), None), timeout,
                       "a worker to reach the hang* file")
@@ -106,13 +106,14 @@ def test_workers_and_shared_memory_die_with_the_driver(tmp_path, sig):
     try:
         hung_worker(hang)  # the run is mid-decode: its workers and slots exist
         workers = workers_of(proc.pid)
+        everyone = psutil.Process(proc.pid).children(recursive=True)  # the workers and the resource tracker
         segments = shm_files(proc.pid)
         assert len(workers) == 2
         assert any(Path(s).name.startswith("pym-") for s in segments), segments  # the slots are shared memory
         os.kill(proc.pid, sig)
         proc.wait(timeout=60)
         assert proc.returncode == -sig
-        wait_until(lambda: not any(alive(w) for w in workers), 30, "the workers to die with the driver")
+        wait_until(lambda: not any(alive(w) for w in everyone), 30, "the workers to die with the driver")
         wait_until(lambda: not [s for s in segments if os.path.exists(s)], 30,
                    f"{sorted(s for s in segments if os.path.exists(s))} to be removed")
     finally:
@@ -167,10 +168,10 @@ def test_a_worker_killed_holding_the_whole_budget_does_not_stall_the_read(tmp_pa
         save_image(data / f"cat.{k}.jpg", k)
     script = tmp_path / "read.py"
     script.write_text(textwrap.dedent(f"""
-        import sys
-        from catfeat.images import ByteBudget, list_images
+        from pathlib import Path
+        from catfeat.images import ByteBudget
         from catfeat.reader import iter_batches
-        paths = list_images({str(data)!r}).paths()
+        paths = sorted(Path({str(data)!r}).iterdir())
         budget = ByteBudget({side * side * 4})
         batches = list(iter_batches(paths, (32,), 4, workers=2, reader="processes", budget=budget))
         print("read", sum(int(b.ok.sum()) for b in batches))
