@@ -62,6 +62,23 @@ def finite_float(value: str) -> float:
     return v
 
 
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """argparse type: a whole number in ``[low, high]`` (argparse's error then names the flag)."""
+
+    def parse(value: str) -> int:
+        try:
+            v = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+        if v < low or (high is not None and v > high):
+            bounds = f"between {low:,} and {high:,}" if high is not None else f"at least {low:,}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {v:,}")
+        return v
+
+    parse.__name__ = "int"  # argparse shows it in "invalid int value" messages
+    return parse
+
+
 def clip_value(value: str) -> float | str:
     """argparse type of ``--clip``: a number in [0, 0.5), or ``"auto"``."""
     if value == "auto":

@@ -5,8 +5,8 @@ import argparse
 import sys
 
 from .backbones import REGISTRY
-from .cli import add_alias, add_output_flags, echo, run_cli
-from .extraction import DEFAULT_MODELS, run_extraction
+from .cli import add_alias, add_output_flags, echo, int_in, run_cli
+from .extraction import DEFAULT_MODELS, MAX_BATCH, SEED_RANGE, run_extraction
 from .reader import READERS
 from .pipeline import damaged_line, skip_line
 
@@ -26,13 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_alias(p, "--out", "features")
     p.add_argument("--weights", default="imagenet", help="imagenet | none (random, for tests) | PATH to a "
                    "weights file for one backbone (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="images per model call (default: 32 on a CPU, 128 on a GPU)")
+    p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=None,
+                   help=f"images per model call, 1 to {MAX_BATCH:,}; never more than the images (default: 32 on a "
+                   "CPU, 128 on a GPU)")
     p.add_argument("--limit", type=int, default=None, help="use at most N images per split (class-balanced)")
     p.add_argument("--force", action="store_true", help="rebuild caches that were built differently")
     p.add_argument("--precision", default="float32", choices=["float32", "mixed", "mixed_float16",
                    "mixed_bfloat16"], help="mixed: float16 on GPU, bfloat16 elsewhere (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=None, help="image decoders running at once (default: every core)")
+    p.add_argument("--workers", type=int_in(1), default=None, help="image decoders running at once; never more "
+                   "than the cores or the images (default: every core)")
     p.add_argument("--reader", default="auto", choices=READERS,
                    help="decode on threads or on worker processes (free of Python's interpreter lock: many-core "
                    "GPU hosts); auto: processes from 8 cores and 2,048 images on (default: %(default)s)")
@@ -45,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "cached features; float16 halves disk and memory, loads as float32 (default: %(default)s)")
     p.add_argument("--tta", default="none", choices=["none", "flip"], help="flip: store the mean of the "
                    "features of each image and its mirror (default: %(default)s)")
-    p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights (--weights none); "
-                   "not a split or training seed (default: %(default)s)")
-    add_alias(p, "--seed", "weights_seed", type=int)
+    p.add_argument("--weights-seed", type=int_in(*SEED_RANGE), default=0, help="seed of random weights "
+                   "(--weights none), 0 to 2**32-1; not a split or training seed (default: %(default)s)")
+    add_alias(p, "--seed", "weights_seed", type=int_in(*SEED_RANGE))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_output_flags(p, "also list every cache in --features (as `catfeat info`)")
     ray = p.add_argument_group("Ray engine (pip install \"catfeat[ray]\")")

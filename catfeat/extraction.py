@@ -25,6 +25,10 @@ from .store import (CacheError, FeatureWriter, StaleCacheError, StalePartialErro
                     differences, open_cache, partial_attrs, partial_path, removed_during_run)
 
 DEFAULT_MODELS = ("r50", "incv3", "xcep", "irv2")
+# The largest --batch-size: 4,096 images of 299 x 299 pixels are 4.4 GB as float32 before the model's
+# activations, several times more than the largest accelerator batch catfeat has been measured at.
+MAX_BATCH = 4096
+SEED_RANGE = (0, 2**32 - 1)  # numpy's, and so Keras' set_random_seed
 
 
 @dataclass
@@ -212,19 +216,26 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
     log = log or (lambda msg: print(msg, file=sys.stderr))
     specs = parse_models(models)
     dec = get_decoder(decoder)
+    asked_batch = batch_size is not None
     if batch_size is None:
         from .runtime import default_batch_size
 
         # Ray workers given GPUs run the model there, whatever this driver has.
         gpu_workers = bool((engine_options or {}).get("num_gpus_per_worker"))
         batch_size = default_batch_size(True if gpu_workers else None)
-    if batch_size < 1:
-        raise ValueError(f"batch size must be positive, got {batch_size}")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise ValueError(f"batch size must be between 1 and {MAX_BATCH:,}, got {batch_size:,}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     w = Weights.parse(weights)
     seed = w.seed_or(seed)  # 'none(seed=N)' names its own seed
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f"the seed of random weights must be between {SEED_RANGE[0]} and {SEED_RANGE[1]:,}, "
+                         f"got {seed}")
     if w.kind == "file" and len(specs) > 1:
         raise ValueError(f"a weights file ({w}) fits one backbone; extract one model at a time with it")
     images = list_images(data_dir, limit)
+    batch_size, workers = _fit_to_work(len(images), batch_size, workers, log, asked_batch)
     fingerprint = images.fingerprint()
     out = Path(out)
     try:
@@ -299,6 +310,24 @@ def _check_partial(partial: Path, attrs: dict, n_images: int, force: bool, log: 
     log(f"catfeat: starting {partial} over (--force): {', '.join(diff)} changed; its "
         f"{held.get('rows_written')} images done are discarded")
     partial.unlink()
+
+
+def _fit_to_work(n_images: int, batch_size: int, workers: int | None, say: Callable[[str], None],
+                 asked_batch: bool = True) -> tuple:
+    """``(batch_size, workers)`` no larger than the work: a batch of more rows than there are images
+    pads (and compiles, and warms up) rows of zeros, and a decoder per core is the most that run at
+    once. ``say(line)`` is told of each value that was lowered. A default batch size (not
+    ``asked_batch``) is the device's own and is kept; default workers (None) are the reader's."""
+    cores = os.cpu_count() or 1
+    if asked_batch and 0 < n_images < batch_size:
+        say(f"catfeat: --batch-size {batch_size} > {n_images} images: using {n_images}")
+        batch_size = n_images
+    if workers is not None and n_images and workers > min(n_images, cores):
+        fit = min(n_images, cores)
+        bound = f"{n_images} images" if n_images < cores else f"{cores} cores"
+        say(f"catfeat: --workers {workers} > {bound}: using {fit}")
+        workers = fit
+    return batch_size, workers
 
 
 def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack) -> None:

@@ -8,21 +8,30 @@ shared memory, and the driver only copies finished rows out. Same decoders, same
 the thread reader (both call :func:`catfeat.pipeline.decode_timed`), same byte budget, shared
 between the processes.
 
-A worker that dies (a decoder crashing on a hostile file) costs nothing but that file: the
-batch is decoded again one file per task, the file that kills its worker is skipped with a
-reason, and reading goes on.
+A worker that dies (a decoder crashing on a hostile file, the OOM killer, ``kill -9``) costs at
+most the file it was decoding: the pool is started again, that file is skipped with the reason
+(:func:`crash_reason`), the other files in flight are decoded again, and reading goes on. Each
+pool has its own byte budget, so what a dead worker held is never lost.
+
+Nothing outlives the driver: the slots are ``multiprocessing`` heap memory, whose file is unlinked
+as soon as it is created and handed to the workers as a file descriptor (no name in /dev/shm to
+leak, the memory is freed when the last process mapping it exits), and the workers die with the
+driver (Linux ``PR_SET_PDEATHSIG``, plus a thread watching the parent pid everywhere).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import ctypes
 import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
+import time
 from collections import deque
-from concurrent.futures import CancelledError, ProcessPoolExecutor
+from concurrent.futures import CancelledError, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import shared_memory
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -30,12 +39,33 @@ import numpy as np
 from .images import DECODE_BYTES, Batch, ByteBudget
 from .pipeline import decode_timed
 
-CRASH_REASON = "the decoder crashed on this file (its worker process died); the file was skipped"
+CRASH_REASON = "the decoder process died"  # every reason of :func:`crash_reason` starts so
+# Test hook: a worker about to decode a file named hang* writes its pid to $CATFEAT_TEST_HANG_DIR/<pid>
+# and sleeps until it is killed (tests kill it there, mid-decode, holding its share of the budget).
+HANG_ENV = "CATFEAT_TEST_HANG_DIR"
+# A file in flight on a worker that was not the one that died is decoded again; after this many
+# deaths of its worker with no other culprit it is skipped all the same.
+SUSPECT_DEATHS = 3
+# Pool deaths with no file to blame (every worker was killed from outside) before reading gives up.
+BLIND_DEATHS = 5
 
 # worker side: set by _init in each process
 _SLOTS: list[dict[int, np.ndarray]] = []
-_SHM: list[shared_memory.SharedMemory] = []
 _SETUP: dict = {}
+
+
+def crash_reason(exitcode: int | None) -> str:
+    """The skip reason of a file whose decoder process died: ``exitcode`` as ``Process.exitcode``."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = f"killed by signal {-exitcode}, {signal.Signals(-exitcode).name}"
+        except ValueError:
+            how = f"killed by signal {-exitcode}"
+    elif exitcode:
+        how = f"exit code {exitcode}"
+    else:
+        how = "cause unknown"
+    return f"{CRASH_REASON} ({how}) while reading this file"
 
 
 class SharedByteBudget(ByteBudget):
@@ -97,41 +127,59 @@ def _slot_shapes(sizes: Sequence[int], batch_size: int) -> dict[int, tuple]:
     return {s: (batch_size, s, s, 3) for s in sizes}
 
 
-def _open_shared(name: str) -> shared_memory.SharedMemory:
-    """Attach to the driver's segment without registering it for clean-up: the driver owns it
-    (Python < 3.13 has no ``track=False``)."""
-    try:
-        return shared_memory.SharedMemory(name=name, track=False)
-    except TypeError:  # workers share the driver's tracker: not registering is the only clean way
-        from multiprocessing import resource_tracker
-
-        register = resource_tracker.register
-        resource_tracker.register = lambda *args, **kwargs: None
+def _die_with(parent: int) -> None:
+    """End this worker when the driver ``parent`` ends, however it ends (kill -9, OOM killer): a
+    worker left behind would keep its share of the shared memory mapped, and decode for nobody."""
+    if sys.platform.startswith("linux"):
         try:
-            return shared_memory.SharedMemory(name=name)
-        finally:
-            resource_tracker.register = register
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # the watcher below still ends it
+    if os.getppid() != parent:  # the driver died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:  # the portable way; also covers a decoder that ignores the signal's thread
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="catfeat-parent-watch", daemon=True).start()
 
 
-def _attach(names: list[dict[int, str]], sizes, batch_size) -> tuple[list, list]:
-    shms, slots = [], []
-    for slot in names:
-        arrays = {}
-        for s, shape in _slot_shapes(sizes, batch_size).items():
-            shm = _open_shared(slot[s])
-            shms.append(shm)
-            arrays[s] = np.ndarray(shape, np.uint8, buffer=shm.buf)
-        slots.append(arrays)
-    return shms, slots
+class _HangHook:
+    """``decode`` that hangs on files named ``hang*`` (see ``HANG_ENV``); test use only."""
+
+    def __init__(self, decode: Callable, folder: str):
+        self.decode, self.folder = decode, folder
+
+    def __call__(self, path, sizes):
+        if os.path.basename(os.fsdecode(path)).startswith("hang"):
+            note = os.path.join(self.folder, str(os.getpid()))
+            with open(note + ".tmp", "w") as f:
+                f.write(os.fsdecode(path))
+            os.replace(note + ".tmp", note)
+            while True:
+                time.sleep(1)
+        return self.decode(path, sizes)
 
 
-def _init(names, sizes, batch_size, decode, budget, barrier) -> None:
-    global _SLOTS, _SHM
+def _init(buffers, sizes, batch_size, decode, budget, barrier, owner, parent) -> None:
+    global _SLOTS
+    _die_with(parent)
     # Ctrl-C reaches the whole process group: the driver stops the workers, each would otherwise
     # print its own KeyboardInterrupt traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _SHM, _SLOTS = _attach(names, sizes, batch_size)
-    _SETUP.update(sizes=list(sizes), decode=decode, budget=budget, barrier=barrier)
+    _SLOTS = _views(buffers, sizes, batch_size)
+    if os.environ.get(HANG_ENV):
+        decode = _HangHook(decode, os.environ[HANG_ENV])
+    _SETUP.update(sizes=list(sizes), decode=decode, budget=budget, barrier=barrier, owner=owner,
+                  batch_size=batch_size)
+
+
+def _views(buffers, sizes, batch_size) -> list[dict[int, np.ndarray]]:
+    shapes = _slot_shapes(sizes, batch_size)
+    return [{s: np.frombuffer(slot[s], np.uint8).reshape(shapes[s]) for s in shapes} for slot in buffers]
 
 
 def _ready() -> int:
@@ -161,63 +209,97 @@ def _main_hidden():
         main.__file__ = path
 
 
+_SPAWNER: list[ThreadPoolExecutor] = []
+
+
+def _spawner() -> ThreadPoolExecutor:
+    """The one long-lived thread that starts every worker. Linux sends the parent-death signal
+    when the *thread* that started a process ends, so workers started by a reader thread that ends
+    before the pool does would be killed in use."""
+    if not _SPAWNER:
+        _SPAWNER.append(ThreadPoolExecutor(1, thread_name_prefix="catfeat-spawner"))
+    return _SPAWNER[0]
+
+
+def _start(pool: ProcessPoolExecutor, workers: int) -> set[int]:
+    with _main_hidden():
+        return {f.result() for f in [pool.submit(_ready) for _ in range(workers)]}
+
+
 def _decode_into(slot: int, row: int, paths: Sequence) -> list[tuple[bool, str | None, float]]:
     """Worker task: decode ``paths`` into rows ``row..`` of ``slot``; ``[(ok, reason, seconds)]`` (a reason
-    beside ``ok``: the corrupt data the image was decoded with)."""
-    sizes, decode, budget = _SETUP["sizes"], _SETUP["decode"], _SETUP["budget"]
+    beside ``ok``: the corrupt data the image was decoded with).
+    The row being decoded is marked with this worker's pid, so that the driver knows whose file it
+    was if this process dies."""
+    sizes, decode, budget, owner = _SETUP["sizes"], _SETUP["decode"], _SETUP["budget"], _SETUP["owner"]
+    mark, pid = slot * _SETUP["batch_size"] + row, os.getpid()
     out = []
     for i, path in enumerate(paths):
+        owner[mark + i] = pid
         arrays, reason, seconds, _ = decode_timed(path, sizes, budget, decode)
         if arrays is not None:
             for s in sizes:
                 _SLOTS[slot][s][row + i] = arrays[s]
+        owner[mark + i] = 0
         out.append((arrays is not None, reason, seconds))
     return out
 
 
 class ProcessReader:
-    """Worker processes and the shared-memory slots they decode into; a context manager."""
+    """Worker processes and the shared-memory slots they decode into; a context manager.
+
+    :meth:`submit` hands a batch to the workers, :meth:`collect` returns its rows; a pool that
+    broke (a worker died) is replaced there, see the module's docstring.
+    """
 
     def __init__(self, sizes: Sequence[int], batch_size: int, workers: int, slots: int, decode: Callable,
                  budget: int = DECODE_BYTES):
         self.sizes, self.batch_size, self.workers = list(sizes), int(batch_size), int(workers)
         # spawn, not fork: the driver may hold JAX/TF threads and a GPU context a fork would copy.
         self._ctx = mp.get_context("spawn")
-        self._decode = decode
-        self.budget = SharedByteBudget(budget, self._ctx)
-        self._shm: list[shared_memory.SharedMemory] = []
-        self.slots: list[dict[int, np.ndarray]] = []
+        self._decode, self._limit = decode, int(budget)
+        self.budget = SharedByteBudget(self._limit, self._ctx)  # replaced with each pool
+        self.pool: ProcessPoolExecutor | None = None
+        self.generation = 0  # of the pool; futures remember theirs
+        self._procs: dict = {}  # pid -> Process of the current pool
+        self._in_slot: dict[int, list] = {}  # slot -> the paths last submitted into it
+        self._dead: dict = {}  # path -> reason: files whose worker died decoding them
+        self._suspect: collections.Counter = collections.Counter()
+        self._blind = 0
         need, free = slots * slot_bytes(sizes, batch_size), shared_memory_free()
         if free is not None and need > free:
             raise ReaderStartError(f"the reader processes need {need / 2**20:,.0f} MiB of shared memory, "
                                    f"{free / 2**20:,.0f} MiB free in /dev/shm; read with threads "
                                    "(reader='threads', --reader threads) or a smaller --batch-size")
-        names = []
+        shapes = _slot_shapes(self.sizes, self.batch_size)
         try:
-            for _ in range(slots):
-                arrays, slot_names = {}, {}
-                for s, shape in _slot_shapes(self.sizes, self.batch_size).items():
-                    shm = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)))
-                    self._shm.append(shm)
-                    slot_names[s] = shm.name
-                    arrays[s] = np.ndarray(shape, np.uint8, buffer=shm.buf)
-                self.slots.append(arrays)
-                names.append(slot_names)
-            self._names = names
+            self._buffers = [{s: self._ctx.RawArray(ctypes.c_uint8, int(np.prod(shape))) for s, shape in shapes.items()}
+                             for _ in range(slots)]
+            self._owner = self._ctx.RawArray(ctypes.c_int64, slots * self.batch_size)
+        except (OSError, MemoryError) as e:
+            raise ReaderStartError(f"the reader processes could not get {need / 2**20:,.0f} MiB of shared memory "
+                                   f"({e}); read with threads (reader='threads', --reader threads) or a smaller "
+                                   "--batch-size") from None
+        self.slots = _views(self._buffers, self.sizes, self.batch_size)
+        try:
             self.pool = self._new_pool(self.workers)
         except BaseException:
-            self.close()  # the segments are unlinked whatever failed
+            self.close()
             raise
 
     def _new_pool(self, workers: int) -> ProcessPoolExecutor:
-        """A pool with all ``workers`` processes started and ready (or :class:`ReaderStartError`)."""
+        """A pool with all ``workers`` processes started and ready (or :class:`ReaderStartError`),
+        with a byte budget of its own: the workers of a broken pool are all dead, and so is
+        whatever they held."""
+        peak = self.budget.peak
+        self.budget = SharedByteBudget(self._limit, self._ctx)
+        self.budget.peak = peak
         barrier = self._ctx.Barrier(workers)
         pool = ProcessPoolExecutor(workers, mp_context=self._ctx, initializer=_init,
-                                   initargs=(self._names, self.sizes, self.batch_size, self._decode, self.budget,
-                                             barrier))
+                                   initargs=(self._buffers, self.sizes, self.batch_size, self._decode, self.budget,
+                                             barrier, self._owner, os.getpid()))
         try:
-            with _main_hidden():
-                pids = {f.result() for f in [pool.submit(_ready) for _ in range(workers)]}
+            pids = _spawner().submit(_start, pool, workers).result()
         except Exception as e:
             pool.shutdown(wait=True, cancel_futures=True)
             raise ReaderStartError(f"the image reader's worker processes could not start ({e.__class__.__name__}: "
@@ -225,62 +307,95 @@ class ProcessReader:
         if len(pids) != workers:  # cannot happen with the barrier; a pool spawning later would re-run __main__
             pool.shutdown(wait=True, cancel_futures=True)
             raise ReaderStartError(f"started {len(pids)} of {workers} reader processes")
+        self._procs = dict(getattr(pool, "_processes", None) or {})
         return pool
 
     def submit(self, slot: int, paths: Sequence) -> tuple:
-        """Futures decoding ``paths`` into ``slot``, in runs spread over the workers."""
+        """Tasks decoding ``paths`` into ``slot``, in runs spread over the workers."""
+        self._in_slot[slot] = list(paths)
         step = max(1, min(16, -(-len(paths) // self.workers)))
-        return self.pool, [self.pool.submit(_decode_into, slot, row, paths[row:row + step])
-                           for row in range(0, len(paths), step)]
+        return self._submit(slot, [(row, min(step, len(paths) - row)) for row in range(0, len(paths), step)])
+
+    def _submit(self, slot: int, runs: list[tuple[int, int]]) -> tuple:
+        paths = self._in_slot[slot]
+        while True:
+            generation = self.generation
+            try:
+                return generation, [(self.pool.submit(_decode_into, slot, row, paths[row:row + n]), row, n)
+                                    for row, n in runs]
+            except BrokenProcessPool:  # a worker died since the last batch
+                self._replace_pool(generation)
 
     def collect(self, slot: int, paths: Sequence, submitted: tuple) -> list[tuple[bool, str | None, float]]:
-        """The rows of a :meth:`submit`; where a worker died, see the module's docstring."""
-        pool, futures = submitted
-        try:
-            return [r for f in futures for r in f.result()]
-        except (BrokenProcessPool, CancelledError):
-            pass
-        if pool is self.pool:  # this batch broke the pool: find the file, keep the others
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = self._new_pool(self.workers)
-            return self._isolate(slot, paths)
-        return self.collect(slot, paths, self.submit(slot, paths))  # an earlier batch broke it
-
-    def _isolate(self, slot: int, paths: Sequence) -> list[tuple[bool, str | None, float]]:
+        """The rows of a :meth:`submit`: ``[(ok, reason, seconds)]``. Rows lost with a dead worker
+        are decoded again one file per task, except the file it died on (see the module's docstring)."""
+        generation, tasks = submitted
         out: list = [None] * len(paths)
-        with self._new_pool(self.workers) as pool:
-            futures = [pool.submit(_decode_into, slot, i, [p]) for i, p in enumerate(paths)]
-            for i, f in enumerate(futures):
+        while tasks:
+            lost = []
+            for future, row, n in tasks:
                 try:
-                    out[i] = f.result()[0]
+                    out[row:row + n] = future.result()
                 except (BrokenProcessPool, CancelledError):
-                    pass
-        for i, row in enumerate(out):
-            if row is None:  # in flight when a worker died: alone in a process of its own
-                with self._new_pool(1) as pool:
-                    try:
-                        out[i] = pool.submit(_decode_into, slot, i, [paths[i]]).result()[0]
-                    except BrokenProcessPool:
-                        out[i] = (False, CRASH_REASON, 0.0)
-        crashed = [paths[i] for i, r in enumerate(out) if r[1] == CRASH_REASON]
-        if len(crashed) > 1 and len(crashed) * 2 > len(paths):
-            # not one hostile file: the workers themselves cannot run (e.g. shared memory ran out)
-            raise ReaderStartError(f"reader processes died on {len(crashed)} of {len(paths)} files "
-                                   f"(e.g. {os.fsdecode(crashed[0])}); read with threads instead "
-                                   "(reader='threads', --reader threads)")
+                    lost.extend(range(row, row + n))
+            if not lost:
+                break
+            self._replace_pool(generation)
+            again = []
+            for i in lost:
+                reason = self._dead.get(paths[i])
+                if reason is None:
+                    again.append((i, 1))
+                else:
+                    out[i] = (False, reason, 0.0)
+            crashed = [p for p, r in zip(paths, out) if r is not None and r[1] and self._dead.get(p) == r[1]]
+            if len(crashed) > 1 and len(crashed) * 2 > len(paths):
+                # not one hostile file: the workers themselves cannot run (e.g. shared memory ran out)
+                raise ReaderStartError(f"reader processes died on {len(crashed)} of {len(paths)} files "
+                                       f"(e.g. {os.fsdecode(crashed[0])}); read with threads instead "
+                                       "(reader='threads', --reader threads)")
+            generation, tasks = self._submit(slot, again)
         return out
 
+    def _replace_pool(self, generation: int) -> None:
+        """Start a new pool in place of the broken pool ``generation`` (once: later callers holding
+        futures of that pool find it replaced), and blame the files its dead workers were decoding."""
+        if generation != self.generation:
+            return
+        procs = self._procs
+        self.pool.shutdown(wait=True, cancel_futures=True)  # the broken pool has stopped every worker
+        culprits, bystanders = [], []
+        for i, pid in enumerate(self._owner):
+            if not pid:
+                continue
+            self._owner[i] = 0
+            slot, row = divmod(i, self.batch_size)
+            paths = self._in_slot.get(slot, [])
+            if row >= len(paths):
+                continue
+            code = procs[pid].exitcode if pid in procs else None
+            # the pool ends its other workers with SIGTERM when one dies: those were bystanders
+            (bystanders if code in (None, -signal.SIGTERM) else culprits).append((paths[row], code))
+        for path, code in culprits:
+            self._dead[path] = crash_reason(code)
+        if not culprits:
+            self._blind += not bystanders
+            for path, code in bystanders:
+                self._suspect[path] += 1
+                if self._suspect[path] >= SUSPECT_DEATHS:
+                    self._dead[path] = crash_reason(code)
+        if self._blind > BLIND_DEATHS:
+            raise ReaderStartError(f"the reader processes were killed {self._blind} times while decoding nothing; "
+                                   "read with threads instead (reader='threads', --reader threads)")
+        self.generation += 1
+        self.pool = self._new_pool(self.workers)
+
     def close(self) -> None:
-        pool = getattr(self, "pool", None)
+        pool, self.pool = self.pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        for shm in self._shm:
-            shm.close()
-            try:
-                shm.unlink()
-            except FileNotFoundError:
-                pass
-        self._shm = []
+        # the heap memory goes back when the last view of it goes
+        self.slots, self._buffers = [], []
 
     def __enter__(self) -> "ProcessReader":
         return self
@@ -292,11 +407,14 @@ class ProcessReader:
 def iter_batches_processes(paths: Sequence, sizes: Sequence[int], batch_size: int, start: int = 0,
                            workers: int | None = None, prefetch: int = 2, decode: Callable | None = None,
                            budget: int = DECODE_BYTES) -> Iterator[Batch]:
-    """Like :func:`catfeat.reader.iter_batches`, on ``workers`` processes (default: every core)."""
+    """Like :func:`catfeat.reader.iter_batches`, on ``workers`` processes (default: every core; never
+    more than there are images to read)."""
     from .decoders import get_decoder
 
     sizes = sorted(set(int(s) for s in sizes))
-    workers = workers or os.cpu_count() or 1
+    if start >= len(paths):
+        return
+    workers = max(1, min(workers or os.cpu_count() or 1, len(paths) - start))
     decode = decode or get_decoder("auto").decode
     queue = deque((b, min(b + batch_size, len(paths))) for b in range(start, len(paths), batch_size))
     depth = _depth(prefetch)

@@ -45,8 +45,8 @@ def choose_reader(reader: str, workers: int | None, n_images: int, sizes: Sequen
 def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, start: int = 0,
                  workers: int | None = None, prefetch: int = 2, decode=None,
                  budget: ByteBudget | None = None, reader: str = "threads") -> Iterator[Batch]:
-    """Decode ``paths[start:]`` on a thread pool of ``workers`` threads (default: every core; the
-    decoders release the GIL) in order, ``prefetch`` batches ahead of the consumer, so that decoding
+    """Decode ``paths[start:]`` on a thread pool of ``workers`` threads (default: every core; never
+    more than the images; the decoders release the GIL) in order, ``prefetch`` batches ahead of the consumer, so that decoding
     overlaps the model. ``decode(path, sizes)``: a decoder's function from :mod:`catfeat.decoders`
     (default: the "auto" decoder; Pillow's has decode and resize timed apart). ``budget`` bounds the
     full-size pixels decoding at once (default: a new :class:`ByteBudget` of ``DECODE_BYTES``).
@@ -61,7 +61,7 @@ def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, s
         limit = budget.limit if budget is not None else DECODE_BYTES
         yield from iter_batches_processes(paths, sizes, batch_size, start, workers, prefetch, decode, limit)
         return
-    workers = workers or os.cpu_count() or 1
+    workers = max(1, min(workers or os.cpu_count() or 1, len(paths) - start))
     decode = decode or get_decoder("auto").decode
     one = None if decode is DECODERS["pillow"].decode else decode
     budget = ByteBudget() if budget is None else budget
