@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from .cli import add_output_flags, run_cli
 
 # What is printed of one value (a cell, an attribute); a hostile cache can hold a 10 MB attribute.
@@ -35,7 +37,13 @@ def describe_caches(features_dir: str | os.PathLike = "features") -> "pd.DataFra
         raise FileNotFoundError(f"no folder {folder}; extract with `catfeat extract DATA_DIR --features {folder}`")
     files = sorted(folder.glob("gap_*.h5")) + sorted(folder.glob("gap_*.h5.partial"))
     rows = [_describe(p) for p in sorted(files, key=lambda p: (p.name.removesuffix(".partial"), p.suffix))]
-    return pd.DataFrame(rows, columns=COLUMNS)
+    columns = {}
+    for c in COLUMNS:
+        values = [r.get(c) for r in rows]
+        numbers = all(v is None or isinstance(v, (int, float, np.integer, np.floating)) for v in values)
+        # Text stays object: names that are not valid UTF-8 (surrogates) cannot be pandas strings.
+        columns[c] = pd.Series(values, dtype=None if numbers else object)
+    return pd.DataFrame(columns, columns=COLUMNS)
 
 
 def _describe(path: Path) -> dict:
@@ -123,7 +131,7 @@ def format_caches(df) -> str:
     shown = df.copy()
     shown["size"] = shown["size_bytes"].map(lambda n: "" if n is None or n != n else _size(n))  # n != n: NaN
     unfinished = shown["status"] == "unfinished"
-    shown.loc[unfinished, "status"] = [f"unfinished {r}/{n} images" for r, n in
+    shown.loc[unfinished, "status"] = [f"unfinished {_cell(r)}/{_cell(n)} images" for r, n in
                                        zip(shown.loc[unfinished, "rows_written"], shown.loc[unfinished, "n_images"])]
     cols = [c for c in ["file", "status", "backbone", "train", "test", "classes", "skipped", "weights", "backend",
                         "precision", "decoder", "created", "size"] if c in shown]

@@ -117,7 +117,8 @@ def test_dangling_link_is_listed_beside_the_caches(tmp_path):
 def test_control_characters_are_escaped(tmp_path):
     small_cache(tmp_path, classes=("cat", "do\ng"))
     small_cache(tmp_path, "EfficientNetLite1", classes=("c\tat", "dog"), weights="\x1b[31mred\x1b[0m")
-    as_partial(small_cache(tmp_path, "EfficientNetLite2", classes=("cat", "dog\r")))
+    partial = as_partial(small_cache(tmp_path, "EfficientNetLite2", classes=("cat", "dog\r")))
+    tamper(partial, lambda f: f.attrs.__setitem__("backend", np.bytes_(b"jax\xff")))  # not valid UTF-8
     (tmp_path / "gap_b\nad.h5").write_bytes(b"not hdf5\n")
     tamper(tmp_path / "gap_EfficientNetLite0.h5", lambda f: f.attrs.create("no\nte", "x\ny"))
     for args in ((), ("-v",)):
@@ -132,7 +133,7 @@ def test_control_characters_are_escaped(tmp_path):
         assert "'cat,do\\ng'" in by_file["gap_EfficientNetLite0.h5"].split()
         assert "'c\\tat,dog'" in by_file["gap_EfficientNetLite1.h5"].split()
         assert "'\\x1b[31mred\\x1b[0m'" in by_file["gap_EfficientNetLite1.h5"].split()
-        assert "'cat,dog\\r'" in by_file["gap_EfficientNetLite2.h5.partial"]
+        assert {"'cat,dog\\r'", "'jax\\udcff'"} <= set(by_file["gap_EfficientNetLite2.h5.partial"].split())
         assert any(line.startswith("'gap_b\\nad.h5': ") and "is not an HDF5 file" in line for line in rows[5:])
     assert "  'no\\nte': 'x\\ny'" in lines  # -v: attribute names and values escaped too
     # the DataFrame keeps the real values
@@ -197,6 +198,7 @@ def test_caches_linking_to_a_fifo_or_forging_sizes_are_listed(tmp_path):
         assert "gap_EfficientNetLite0.h5: " in out and "'train' is an external link to " in out
         assert "gap_EfficientNetLite1.h5.partial: " in out
         assert "'test' is stored in other files" in out
+        assert "unfinished 2/4 images" in out  # the forged one: its shapes are listed, nothing is read
         assert out.splitlines()[-1].startswith(f"catfeat.info: {feats}: 5 cache files (1 complete, 1 unfinished, "
                                                "3 unreadable)")
     df = describe_caches(feats).set_index("file")
@@ -204,3 +206,23 @@ def test_caches_linking_to_a_fifo_or_forging_sizes_are_listed(tmp_path):
     assert df.loc["gap_EfficientNetLite4.h5", "classes"].startswith("[[[")
     for name in ("gap_EfficientNetLite0.h5", "gap_EfficientNetLite1.h5.partial", "gap_EfficientNetLite2.h5.partial"):
         assert df.loc[name, "status"] == "unreadable" and "a cache must hold its own data" in df.loc[name, "error"]
+
+
+def test_link_loops_devices_and_undecodable_names_are_listed(tmp_path):
+    small_cache(tmp_path)
+    os.symlink("gap_EfficientNetLite1.h5", tmp_path / "gap_EfficientNetLite1.h5")  # a link to itself
+    os.symlink("/dev/zero", tmp_path / "gap_EfficientNetLite2.h5")  # would never end if read
+    with open(os.path.join(os.fsencode(tmp_path), b"gap_\xff.h5"), "wb") as f:  # not valid UTF-8
+        f.write(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    for args in ((), ("-v",)):
+        proc = info(tmp_path, *args)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[-1].startswith(f"catfeat.info: {tmp_path}: 4 cache files (1 complete, "
+                                                       "3 unreadable)")
+        assert (f"gap_EfficientNetLite1.h5: {tmp_path}/gap_EfficientNetLite1.h5 cannot be read (Too many levels "
+                "of symbolic links); delete it") in proc.stdout
+        assert (f"gap_EfficientNetLite2.h5: {tmp_path}/gap_EfficientNetLite2.h5 is not a regular file (character "
+                "device); delete it") in proc.stdout
+        assert "\n'gap_\\udcff.h5'" in proc.stdout  # shown as its repr
+    rows = describe_caches(tmp_path).set_index("file")
+    assert rows.loc["gap_\udcff.h5", "status"] == "unreadable"
