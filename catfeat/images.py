@@ -114,6 +114,23 @@ def shown(name: str) -> str:
     return name
 
 
+def printable(value: object, limit: int | None = None, quote: bool = False) -> str:
+    """``value`` as text that prints on one line: as is, or its repr when it holds control characters
+    (a newline breaks a table, an escape sequence drives the terminal) or bytes that are not valid UTF-8.
+
+    ``quote``: always the repr. Text longer than ``limit`` characters is cut there and followed by
+    ``... (N bytes)``, the value's whole size in UTF-8.
+    """
+    raw = value if isinstance(value, str) else str(value)
+    text = repr(value) if quote else raw
+    cut = limit is not None and len(text) > limit
+    if cut:
+        text = text[:limit]
+    if not quote and not text.isprintable():
+        text = repr(text)
+    return f"{text}... ({len(raw.encode('utf-8', 'surrogatepass')):,} bytes)" if cut else text
+
+
 def _label_from_name(name: str) -> str | None:
     m = re.match(r"^([A-Za-z][A-Za-z_-]*)[._-]\d", name)
     return m.group(1).lower() if m else None
@@ -222,9 +239,10 @@ class DecodeError(Exception):
     """One image could not be used; the reason is the message."""
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, from its ``st_mode``: ``"FIFO"``, ``"socket"``, ``"folder"``, ..."""
     for test, kind in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device")):
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder")):
         if test(mode):
             return kind
     return "special file"
@@ -247,7 +265,7 @@ def check_regular(path: str | os.PathLike) -> os.stat_result:
     if stat.S_ISDIR(st.st_mode):
         raise DecodeError("is a folder, not an image file")
     if not stat.S_ISREG(st.st_mode):
-        raise DecodeError(f"not a regular file ({_file_kind(st.st_mode)}); only image files are read, "
+        raise DecodeError(f"not a regular file ({file_kind(st.st_mode)}); only image files are read, "
                           "remove it or rename it")
     return st
 

@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from .cli import add_output_flags, run_cli
 
+# What is printed of one value (a cell, an attribute); a hostile cache can hold a 10 MB attribute.
+SHOWN_CHARS = 200
+# What is printed of one error (it names the file and says what to do, so it may be longer).
+ERROR_CHARS = 2000
 COLUMNS = ["file", "status", "backbone", "train", "test", "classes", "skipped", "weights", "backend", "precision",
            "decoder", "created", "size_bytes", "rows_written", "n_images", "error"]
 
@@ -19,7 +26,9 @@ def describe_caches(features_dir: str | os.PathLike = "features") -> "pd.DataFra
     Columns: ``file, status`` (complete | unfinished | unreadable), ``backbone, train, test`` (rows
     per split; for an unfinished file, the rows so far), ``classes, skipped, weights, backend,
     precision, decoder`` ('pillow' for caches older than the attribute), ``created, size_bytes,
-    rows_written, n_images`` and ``error`` (why an unreadable file cannot be used).
+    rows_written, n_images`` and ``error`` (why an unreadable file cannot be used). Only regular
+    files are opened: a FIFO, a folder or a broken link is a row with status 'unreadable' and why.
+    Values are as stored; ``format_caches`` escapes and cuts them for printing.
     """
     import pandas as pd
 
@@ -28,14 +37,23 @@ def describe_caches(features_dir: str | os.PathLike = "features") -> "pd.DataFra
         raise FileNotFoundError(f"no folder {folder}; extract with `catfeat extract DATA_DIR --features {folder}`")
     files = sorted(folder.glob("gap_*.h5")) + sorted(folder.glob("gap_*.h5.partial"))
     rows = [_describe(p) for p in sorted(files, key=lambda p: (p.name.removesuffix(".partial"), p.suffix))]
-    return pd.DataFrame(rows, columns=COLUMNS)
+    columns = {}
+    for c in COLUMNS:
+        values = [r.get(c) for r in rows]
+        numbers = all(v is None or isinstance(v, (int, float, np.integer, np.floating)) for v in values)
+        # Text stays object: names that are not valid UTF-8 (surrogates) cannot be pandas strings.
+        columns[c] = pd.Series(values, dtype=None if numbers else object)
+    return pd.DataFrame(columns, columns=COLUMNS)
 
 
 def _describe(path: Path) -> dict:
-    from .store import CacheError, open_cache
+    from .store import CacheError, _regular, open_cache
 
-    row = {"file": path.name, "size_bytes": path.stat().st_size,
-           "backbone": path.name.removeprefix("gap_").split(".h5")[0]}
+    row = {"file": path.name, "backbone": path.name.removeprefix("gap_").split(".h5")[0]}
+    try:
+        row["size_bytes"] = _regular(path).st_size  # before any open: a FIFO would block it
+    except CacheError as e:
+        return {**row, "status": "unreadable", "error": str(e)}
     if path.suffix == ".partial":
         return {**row, **_partial(path)}
     try:
@@ -53,7 +71,7 @@ def _common(a: dict) -> dict:
 
     try:
         classes = ",".join(map(str, json.loads(a.get("classes", "[]"))))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # not JSON, not a list, or nested too deep
         classes = str(a.get("classes"))
     return {"backbone": a.get("backbone"), "classes": classes, "weights": a.get("weights"),
             "backend": a.get("backend", ""), "precision": a.get("precision"),
@@ -63,14 +81,17 @@ def _common(a: dict) -> dict:
 
 def _partial(path: Path) -> dict:
     """Attributes and rows so far of an unfinished cache; read without a lock, as a writer may hold it."""
-    from .store import import_h5py, read_attrs
+    from .store import CacheError, _check_inside, import_h5py, read_attrs
 
     h5py = import_h5py()
     try:
         with h5py.File(path, "r", locking=False) as f:
+            _check_inside(f, path)  # even `"train" in f` would open the file an external link names
             a = read_attrs(f)
             train, test = (f[s].shape[0] if s in f else 0 for s in ("train", "test"))
             skipped = f["skipped_names"].shape[0] if "skipped_names" in f else 0
+    except CacheError as e:
+        return {"status": "unreadable", "error": str(e)}
     except Exception as e:  # mid-write or damaged: still worth listing
         return {"status": "unreadable", "error": f"{e.__class__.__name__}: {e}"}
     return {**_common(a), "status": "unfinished", "train": train, "test": test, "skipped": skipped,
@@ -85,22 +106,41 @@ def _size(n: float) -> str:
     return str(n)
 
 
+def _cell(value) -> str:
+    """One value as printed: blank when missing, whole floats without '.0', control characters
+    escaped (``images.printable``), cut after ``SHOWN_CHARS``."""
+    from .images import printable
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a column with blanks holds floats
+    return printable(value, SHOWN_CHARS)
+
+
 def format_caches(df) -> str:
-    """``describe_caches``' table as text: sizes in KB/MB, unfinished files as 'unfinished R/N images'."""
+    """``describe_caches``' table as text: sizes in KB/MB, unfinished files as 'unfinished R/N images'.
+
+    Names and values print on one line each, control characters escaped (a class named "do\\ng"
+    shows as 'do\\ng'), and at most ``SHOWN_CHARS`` characters of each value.
+    """
+    from .images import printable
+
     if not len(df):
         return "(no caches)"
     shown = df.copy()
-    shown["size"] = shown["size_bytes"].map(_size)
+    shown["size"] = shown["size_bytes"].map(lambda n: "" if n is None or n != n else _size(n))  # n != n: NaN
     unfinished = shown["status"] == "unfinished"
-    shown.loc[unfinished, "status"] = [f"unfinished {r}/{n} images" for r, n in
+    shown.loc[unfinished, "status"] = [f"unfinished {_cell(r)}/{_cell(n)} images" for r, n in
                                        zip(shown.loc[unfinished, "rows_written"], shown.loc[unfinished, "n_images"])]
     cols = [c for c in ["file", "status", "backbone", "train", "test", "classes", "skipped", "weights", "backend",
                         "precision", "decoder", "created", "size"] if c in shown]
-    cells = shown[cols].astype(object).where(shown[cols].notna(), "").astype(str)
+    cells = shown[cols].astype(object).map(_cell)
     widths = [max(len(c), *cells[c].str.len()) for c in cols]
     lines = [cols, *cells.itertuples(index=False)]
     text = "\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
-    errors = [f"{f}: {e}" for f, e in zip(shown["file"], shown["error"]) if isinstance(e, str) and e]
+    errors = [f"{_cell(f)}: {printable(e, ERROR_CHARS)}" for f, e in zip(shown["file"], shown["error"])
+              if isinstance(e, str) and e]
     return "\n".join([text, *errors])
 
 
@@ -117,29 +157,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from .images import printable
+    from .store import CacheError
+
     folder = args.dir or args.features or "features"
     df = describe_caches(folder)
     if not args.quiet:
         print(format_caches(df) if len(df) else f"no gap_*.h5 caches in {folder}")
     if args.verbose:
         for name in df["file"]:
-            print(f"\n{name}:")
+            print(f"\n{_cell(name)}:")
             for k, v in sorted(_raw_attrs(Path(folder) / name).items()):
-                print(f"  {k}: {v}")
+                print(f"  {_cell(k)}: {printable(v, ERROR_CHARS if k == 'error' else SHOWN_CHARS)}")
     counts = df["status"].value_counts()
     parts = [f"{counts.get(s, 0)} {s}" for s in ("complete", "unfinished", "unreadable") if counts.get(s, 0)]
     print(f"catfeat.info: {folder}: {len(df)} cache file{'s' if len(df) != 1 else ''}"
           + (f" ({', '.join(parts)})" if parts else "")
           + (f", {_size(float(df['size_bytes'].sum()))}" if len(df) else ""))
+    if len(df) and not counts.get("complete", 0) and not counts.get("unfinished", 0):
+        # The listing above says why each file is unusable; a script must not take this for success.
+        raise CacheError(f"none of the {len(df)} cache files in {folder} can be read (reasons above); extract "
+                         f"again with `catfeat extract DATA_DIR --features {folder}`")
     return 0
 
 
 def _raw_attrs(path: Path) -> dict:
-    from .store import import_h5py, read_attrs
+    """Every attribute of a cache file, or ``{"error": why}``; only a regular file is opened."""
+    from .store import CacheError, _regular, import_h5py, read_attrs
 
     try:
+        _regular(path)
         with import_h5py().File(path, "r", locking=False) as f:
             return read_attrs(f)
+    except CacheError as e:
+        return {"error": str(e)}
     except Exception as e:
         return {"error": f"{e.__class__.__name__}: {e}"}
 

@@ -48,6 +48,8 @@ SOURCE_FIELDS = ("images_fingerprint", "data_root", "classes", "layout")
 # Free space kept in hand beyond a write's own rows, for HDF5 metadata (see FeatureWriter._check_space).
 SPACE_MARGIN = 256 << 10
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# What an error message shows of a value read from a cache (a hostile file can hold a 10 MB attribute).
+SHOWN_CHARS = 200
 _STR = None  # set lazily: h5py.string_dtype()
 def memory_bytes() -> int:
     """Physical memory of this machine (64 GiB when the system does not say)."""
@@ -617,6 +619,8 @@ class FeatureCache:
 
 def open_cache(path: str | os.PathLike, require_complete: bool = True) -> FeatureCache:
     """Open and validate a cache file (format, datasets, dtypes, shapes) without loading the arrays."""
+    from .images import printable
+
     h5py = import_h5py()
     path = Path(path)
     if not path.exists():
@@ -630,16 +634,19 @@ def open_cache(path: str | os.PathLike, require_complete: bool = True) -> Featur
         with h5py.File(path, "r") as f:
             a = read_attrs(f)
             if a.get("format") != FORMAT:
-                raise CacheError(f"{path} is not a catfeat feature cache (format {a.get('format')!r}); "
+                raise CacheError(f"{path} is not a catfeat feature cache (format "
+                                 f"{printable(a.get('format'), SHOWN_CHARS, quote=True)}); "
                                  "delete it or point --features elsewhere")
             named = re.fullmatch(r"gap_(.+)\.h5", path.name)
             if named and a.get("backbone") != named.group(1):
-                raise CacheError(f"{path} holds features of {a.get('backbone')!r}, not {named.group(1)} as its "
-                                 f"name says; rename it back to gap_{a.get('backbone')}.h5, or extract "
+                raise CacheError(f"{path} holds features of {printable(a.get('backbone'), SHOWN_CHARS, quote=True)}, "
+                                 f"not {named.group(1)} as its name says; rename it back to "
+                                 f"gap_{printable(a.get('backbone'), SHOWN_CHARS)}.h5, or extract "
                                  f"{named.group(1)} again (--force)")
             _check_inside(f, path)
             if require_complete and a.get("complete") is not True:
-                raise CacheError(f"{path} is incomplete ({a.get('rows_written')} of {a.get('n_images')} images); "
+                raise CacheError(f"{path} is incomplete ({printable(a.get('rows_written'), SHOWN_CHARS)} of "
+                                 f"{printable(a.get('n_images'), SHOWN_CHARS)} images); "
                                  "rerun the extraction to finish it")
             shapes = {}
             for name, ndim in _REQUIRED.items():
@@ -687,14 +694,24 @@ def open_cache(path: str | os.PathLike, require_complete: bool = True) -> Featur
     return FeatureCache(path, a)
 
 
-def _regular(path: Path) -> None:
-    """Refuse anything but a regular file (a FIFO or device would block or never end)."""
+def _regular(path: Path) -> os.stat_result:
+    """``os.stat`` of ``path``, or :class:`CacheError` unless it is a regular file (a FIFO or device
+    would block or never end)."""
+    from .images import file_kind, printable
+
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except OSError as e:
+        if isinstance(e, FileNotFoundError) and os.path.islink(path):
+            try:
+                target = printable(os.readlink(path), SHOWN_CHARS)
+            except OSError:  # removed meanwhile
+                target = "?"
+            raise CacheError(f"{path} is a broken symbolic link (to {target}); remove it and extract again") from None
         raise CacheError(f"{path} cannot be read ({e.strerror}); delete it and extract again") from None
-    if not stat.S_ISREG(mode):
-        raise CacheError(f"{path} is not a regular file; delete it and extract again")
+    if not stat.S_ISREG(st.st_mode):
+        raise CacheError(f"{path} is not a regular file ({file_kind(st.st_mode)}); delete it and extract again")
+    return st
 
 
 def _check_inside(f, path: Path) -> None:
@@ -703,13 +720,15 @@ def _check_inside(f, path: Path) -> None:
     External storage, virtual datasets and external or soft links would make a reader open other
     files (``/etc/passwd``, a FIFO that never ends) and take them for features.
     """
+    from .images import printable
+
     h5py = import_h5py()
     for name in f:
         link = f.get(name, getlink=True)
         if isinstance(link, h5py.ExternalLink):
-            why = f"is an external link to {link.filename}:{link.path}"
+            why = f"is an external link to {printable(f'{link.filename}:{link.path}', SHOWN_CHARS)}"
         elif isinstance(link, h5py.SoftLink):
-            why = f"is a soft link to {link.path}"
+            why = f"is a soft link to {printable(link.path, SHOWN_CHARS)}"
         elif not isinstance(link, h5py.HardLink):
             why = "is a link of an unknown kind"
         else:
@@ -717,13 +736,14 @@ def _check_inside(f, path: Path) -> None:
             if not isinstance(ds, h5py.Dataset):
                 continue
             if ds.external:
-                why = f"is stored in other files ({', '.join(str(e[0]) for e in ds.external)})"
+                files = ", ".join(str(e[0]) for e in ds.external)
+                why = f"is stored in other files ({printable(files, SHOWN_CHARS)})"
             elif ds.is_virtual:
                 why = "is a virtual dataset (its data live in other files)"
             else:
                 continue
-        raise CacheError(f"{path}: {name!r} {why}; a cache must hold its own data, refusing to read it. "
-                         "Delete the file and extract again")
+        raise CacheError(f"{path}: {printable(name, SHOWN_CHARS, quote=True)} {why}; a cache must hold its own "
+                         "data, refusing to read it. Delete the file and extract again")
 
 
 def cached_models(features_dir: str | os.PathLike = "features") -> list[str]:
