@@ -115,10 +115,10 @@ class FusedHead(ClassifierMixin, BaseEstimator):
     0.5, Adam, 8 epochs, batch 128). ``epochs="auto"`` means ``ceil(max_steps / steps per epoch)``,
     within [8, 200], where on few rows an epoch is several passes over them, enough for
     ``MIN_EPOCH_STEPS`` (10) steps (``params_["passes_per_epoch"]``), so that the step budget and
-    the early-stopping patience do not shrink with the data. ``tune=True`` first picks the values of ``tune_grid`` (default ``TUNE_GRID``) with
-    the lowest ``tune_cv``-fold out-of-fold log loss, on at most ``tune_max_rows`` rows, keeping
-    the preset's values unless a candidate is better by more than one standard error; the choice
-    is in ``best_params_`` and the table in ``tuning_``. ``random_state`` makes fitting reproducible
+    the early-stopping patience do not shrink with the data. ``tune=True`` first picks the values
+    of ``tune_grid`` (default ``TUNE_GRID``) with the lowest ``tune_cv``-fold out-of-fold log loss,
+    on at most ``tune_max_rows`` rows, keeping the preset's values unless a candidate is better by
+    more than one standard error; the choice is in ``best_params_`` and the table in ``tuning_``. ``random_state`` makes fitting reproducible
     on CPU (``seed`` is its deprecated alias) without touching Python's or NumPy's global generators.
     ``class_weight`` (``"balanced"`` or a dict label -> weight) and ``fit(..., sample_weight=...)``
     weight the loss, for in-memory and streamed (``CacheRows``) input alike. A 2-D array, DataFrame
