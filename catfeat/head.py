@@ -24,8 +24,8 @@ from sklearn.utils.validation import _check_sample_weight, check_array, check_is
 
 from .backbones import file_sha256
 from .head_model import (  # noqa: F401  (the Keras side, shared with streamed_head; old names kept here)
-    MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, LogLossEarlyStopping, build_model, compiled_model, forward, record_fit, schedule,
-    seeded, stratified_split, validation_target)
+    MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, LogLossEarlyStopping, build_model, compiled_model, forward, passes_per_epoch,
+    record_fit, repeated_rows, schedule, seeded, stratified_split, validation_target)
 
 # What each preset fills in for the hyper-parameters left at None.
 # "reference" is the classic bottleneck-features recipe, kept exactly: Dropout 0.5, Dense sigmoid,
@@ -114,10 +114,12 @@ class FusedHead(ClassifierMixin, BaseEstimator):
     stopping on a shuffled, stratified internal split with the best weights restored, an epoch
     budget of about ``max_steps`` optimizer steps) or ``"reference"`` (the classic recipe: Dropout
     0.5, Adam, 8 epochs, batch 128). ``epochs="auto"`` means ``ceil(max_steps / steps per epoch)``,
-    within [8, 200]. ``tune=True`` first picks the values of ``tune_grid`` (default ``TUNE_GRID``) with
-    the lowest ``tune_cv``-fold out-of-fold log loss, on at most ``tune_max_rows`` rows, keeping
-    the preset's values unless a candidate is better by more than one standard error; the choice
-    is in ``best_params_`` and the table in ``tuning_``. ``random_state`` makes fitting reproducible
+    within [8, 200], where on few rows an epoch is several passes over them, enough for
+    ``MIN_EPOCH_STEPS`` (10) steps (``params_["passes_per_epoch"]``), so that the step budget and
+    the early-stopping patience do not shrink with the data. ``tune=True`` first picks the values
+    of ``tune_grid`` (default ``TUNE_GRID``) with the lowest ``tune_cv``-fold out-of-fold log loss,
+    on at most ``tune_max_rows`` rows, keeping the preset's values unless a candidate is better by
+    more than one standard error; the choice is in ``best_params_`` and the table in ``tuning_``. ``random_state`` makes fitting reproducible
     on CPU (``seed`` is its deprecated alias) without touching Python's or NumPy's global generators.
     ``class_weight`` (``"balanced"`` or a dict label -> weight) and ``fit(..., sample_weight=...)``
     weight the loss, for in-memory and streamed (``CacheRows``) input alike. A 2-D array, DataFrame
@@ -418,13 +420,19 @@ class FusedHead(ClassifierMixin, BaseEstimator):
                 train_w = None if weights is None else weights[tr]
                 val = ([a[va] for a in arrays], target[va], None if weights is None else weights[va])
 
-        batch, epochs = schedule(p, train_arrays[0].shape[0])
+        n_train = train_arrays[0].shape[0]
+        batch, epochs = schedule(p, n_train)
+        passes = passes_per_epoch(p, n_train)
+        rep = repeated_rows(n_train, passes)
+        if rep is not None:
+            train_arrays, train_target = [a[rep] for a in train_arrays], train_target[rep]
+            train_w = None if train_w is None else train_w[rep]
         with seeded(seed):
             model = compiled_model(self.dims_, self.backbones_, k, p)
             stopper = LogLossEarlyStopping(val, int(p["patience"]), k) if val is not None else None
             hist = model.fit(train_arrays, train_target, sample_weight=train_w, batch_size=batch, epochs=epochs,
                              shuffle=True, callbacks=[stopper] if stopper else [], verbose=self.verbose)
-        return record_fit(self, model, hist, p, batch, epochs, stopper)
+        return record_fit(self, model, hist, p, batch, epochs, stopper, passes)
 
     # -- predicting -------------------------------------------------------------------------------
     def predict_proba(self, X, names: Sequence[str] | None = None) -> np.ndarray:

@@ -17,6 +17,11 @@ import numpy as np
 
 # epochs="auto": about max_steps optimizer steps, within these bounds (tiny sets have ~2 steps an epoch).
 MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS = 8, 200
+# epochs="auto" on few rows: an epoch makes enough passes over them for at least this many optimizer
+# steps. The default preset was measured on ~1,800 training rows (15 steps an epoch): counted in epochs,
+# its step budget and its patience would shrink with the data, and 45 rows (one step a pass) stopped
+# after 200 steps of Adam, far from trained (scikit-learn's check_class_weight_classifiers failed).
+MIN_EPOCH_STEPS = 10
 
 
 def _layer_name(name: str, taken: set[str]) -> str:
@@ -126,15 +131,30 @@ def stratified_split(y_idx: np.ndarray, fraction: float, seed: int | None) -> tu
     return np.sort(tr), np.sort(va)
 
 
+def passes_per_epoch(p: dict, n: int) -> int:
+    """Passes over ``n`` training rows that make one epoch under resolved params ``p``: 1, except with
+    ``epochs="auto"`` on rows too few for ``MIN_EPOCH_STEPS`` optimizer steps a pass."""
+    if p["epochs"] != "auto" or n < 1:
+        return 1
+    return math.ceil(MIN_EPOCH_STEPS / math.ceil(n / int(min(p["batch_size"], n))))
+
+
 def schedule(p: dict, n: int) -> tuple[int, int]:
     """(batch size, epochs) for ``n`` training rows under resolved params ``p`` (epochs="auto":
-    about ``max_steps`` optimizer steps, within ``MIN_AUTO_EPOCHS .. MAX_AUTO_EPOCHS``)."""
+    about ``max_steps`` optimizer steps, within ``MIN_AUTO_EPOCHS .. MAX_AUTO_EPOCHS`` epochs of
+    :func:`passes_per_epoch` passes each)."""
     batch = int(min(p["batch_size"], n))
     epochs = p["epochs"]
     if epochs == "auto":
-        steps = math.ceil(n / batch)
+        steps = math.ceil(n * passes_per_epoch(p, n) / batch)
         epochs = min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, math.ceil(int(p["max_steps"]) / steps)))
     return batch, int(epochs)
+
+
+def repeated_rows(n: int, passes: int) -> np.ndarray | None:
+    """Row indices that repeat ``n`` rows ``passes`` times (one epoch of several passes; the fit
+    shuffles them), or None for a single pass."""
+    return None if passes <= 1 else np.tile(np.arange(n), passes)
 
 
 def compiled_model(dims: Sequence[int], names: Sequence[str], n_classes: int, p: dict):
@@ -160,11 +180,12 @@ def validation_target(classes: np.ndarray, y, sample_weight, dtype) -> tuple[np.
     return pos.astype(dtype), w
 
 
-def record_fit(head, model, history, p: dict, batch: int, epochs: int, stopper=None):
-    """Set a fitted head's ``model_``, ``history_``, ``params_`` and ``n_epochs_``; returns ``head``."""
+def record_fit(head, model, history, p: dict, batch: int, epochs: int, stopper=None, passes: int = 1):
+    """Set a fitted head's ``model_``, ``history_``, ``params_`` (with ``passes_per_epoch``) and
+    ``n_epochs_``; returns ``head``."""
     head.model_ = model
     head.history_ = {k: [float(v) for v in vs] for k, vs in history.history.items()}
-    head.params_ = {**p, "epochs": epochs, "batch_size": batch}
+    head.params_ = {**p, "epochs": epochs, "batch_size": batch, "passes_per_epoch": passes}
     if stopper is not None:
         head.history_["val_log_loss"] = stopper.losses
         head.n_epochs_ = stopper.best_epoch + 1

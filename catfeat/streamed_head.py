@@ -80,7 +80,8 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
     """
     from sklearn.utils.validation import column_or_1d
 
-    from .head_model import compiled_model, record_fit, schedule, seeded, stratified_split, validation_target
+    from .head_model import (compiled_model, passes_per_epoch, record_fit, repeated_rows, schedule, seeded,
+                             stratified_split, validation_target)
 
     p = head.resolved_params()
     for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_", "feature_recipes_"):
@@ -116,6 +117,11 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
             val = (val[0].read(), *val[1:])  # small enough: read once, score like the in-memory path
 
     batch, epochs = schedule(p, len(train_rows))
+    passes = passes_per_epoch(p, len(train_rows))
+    rep = repeated_rows(len(train_rows), passes)
+    if rep is not None:  # few rows: one epoch is several passes, as in memory
+        train_rows, train_target = train_rows.subset(rep), train_target[rep]
+        train_w = None if train_w is None else train_w[rep]
     with seeded(seed):
         model = compiled_model(head.dims_, head.backbones_, k, p)
         stopper = None
@@ -132,4 +138,4 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
                              callbacks=[stopper] if stopper else [], verbose=head.verbose)
         finally:
             batches.close()
-    return record_fit(head, model, hist, p, batch, epochs, stopper)
+    return record_fit(head, model, hist, p, batch, epochs, stopper, passes)
