@@ -249,7 +249,7 @@ def check_rows(X, names: Sequence[str] | None = None) -> None:
     """Refuse NaN/Inf rows of ``X`` (a dict of arrays) before it is split, naming them by ``names``
     (one per row) or by their row in ``X``: a fold's fit would number them within the fold."""
     if isinstance(X, Mapping):
-        from .head import check_finite
+        from .store import check_finite
 
         check_finite(X, names, what="training row")
 

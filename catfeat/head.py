@@ -23,6 +23,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_array, check_is_fitted, column_or_1d, validate_data
 
 from .backbones import file_sha256
+from .store import check_finite
 from .head_model import (  # noqa: F401  (the Keras side, shared with streamed_head; old names kept here)
     MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, LogLossEarlyStopping, build_model, compiled_model, forward, passes_per_epoch,
     record_fit, repeated_rows, schedule, seeded, stratified_split, validation_target)
@@ -654,28 +655,3 @@ def _check_model_fits(model, meta: dict, meta_path: Path, model_path: Path) -> N
                             f"of {2 if outputs == 1 else outputs} classes (2 classes: 1 sigmoid output, K > 2: K "
                             "outputs); the class list does not belong to this model: restore it or re-save the head "
                             "(catfeat fit --save DIR)")
-
-
-def check_finite(X: Mapping[str, np.ndarray], names: Sequence[str] | None = None, what: str = "row") -> None:
-    """Raise ``ValueError`` naming the rows of ``X`` (backbone -> (n, D) features) that hold NaN/Inf.
-
-    ``names`` (one per row) names them in the message; else their row indices.
-    """
-    bad, where = None, []
-    for k, a in X.items():
-        rows = ~np.isfinite(np.asarray(a)).all(axis=1)
-        if rows.any():
-            where.append(k)
-            bad = rows if bad is None else bad | rows
-    if bad is None:
-        return
-    idx = np.flatnonzero(bad)
-    label = (lambda i: str(names[i])) if names is not None else (lambda i: f"#{i}")
-    example = ", ".join(label(i) for i in idx[:3]) + (", ..." if len(idx) > 3 else "")
-    nan = any(np.isnan(np.asarray(X[k])[idx]).any() for k in where)
-    inf = any(np.isinf(np.asarray(X[k])[idx]).any() for k in where)
-    kinds = "NaN and Inf" if nan and inf else "NaN" if nan else "Inf"
-    head = f"1 {what} (e.g. {example}) of {len(bad)} holds" if len(idx) == 1 else \
-        f"{len(idx)} {what}s (e.g. {example}) of {len(bad)} hold"
-    raise ValueError(f"{head} {kinds} in the features of {', '.join(where)}: re-extract those images "
-                     "(python -m catfeat.extract) or leave them out; a head gives no probability for them")

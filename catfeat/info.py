@@ -47,11 +47,11 @@ def describe_caches(features_dir: str | os.PathLike = "features") -> "pd.DataFra
 
 
 def _describe(path: Path) -> dict:
-    from .store import CacheError, _regular, open_cache
+    from .store import CacheError, regular_stat, open_cache
 
     row = {"file": path.name, "backbone": path.name.removeprefix("gap_").split(".h5")[0]}
     try:
-        row["size_bytes"] = _regular(path).st_size  # before any open: a FIFO would block it
+        row["size_bytes"] = regular_stat(path).st_size  # before any open: a FIFO would block it
     except CacheError as e:
         return {**row, "status": "unreadable", "error": str(e)}
     if path.suffix == ".partial":
@@ -81,12 +81,12 @@ def _common(a: dict) -> dict:
 
 def _partial(path: Path) -> dict:
     """Attributes and rows so far of an unfinished cache; read without a lock, as a writer may hold it."""
-    from .store import CacheError, _check_inside, import_h5py, read_attrs
+    from .store import CacheError, check_inside, import_h5py, read_attrs
 
     h5py = import_h5py()
     try:
         with h5py.File(path, "r", locking=False) as f:
-            _check_inside(f, path)  # even `"train" in f` would open the file an external link names
+            check_inside(f, path)  # even `"train" in f` would open the file an external link names
             a = read_attrs(f)
             train, test = (f[s].shape[0] if s in f else 0 for s in ("train", "test"))
             skipped = f["skipped_names"].shape[0] if "skipped_names" in f else 0
@@ -183,10 +183,10 @@ def _main(args: argparse.Namespace) -> int:
 
 def _raw_attrs(path: Path) -> dict:
     """Every attribute of a cache file, or ``{"error": why}``; only a regular file is opened."""
-    from .store import CacheError, _regular, import_h5py, read_attrs
+    from .store import CacheError, regular_stat, import_h5py, read_attrs
 
     try:
-        _regular(path)
+        regular_stat(path)
         with import_h5py().File(path, "r", locking=False) as f:
             return read_attrs(f)
     except CacheError as e:

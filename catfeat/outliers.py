@@ -179,14 +179,14 @@ def read_exclude(path: str | Path) -> set[str]:
     import os
     import stat
 
-    from .images import _file_kind
+    from .images import file_kind
 
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
         raise ValueError(f"--exclude {path}: cannot read it ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else f"not a regular file ({_file_kind(mode)})"
+        kind = "a folder" if stat.S_ISDIR(mode) else f"not a regular file ({file_kind(mode)})"
         raise ValueError(f"--exclude {path} is {kind}; name a text file of image names, one per line, or an "
                          "outliers CSV")
     try:

@@ -249,7 +249,7 @@ def load_training(models: str | Sequence[str] | None, features_dir: str | os.Pat
         say(f"excluding {int((~keep).sum())} of {len(names)} training images listed in {exclude}")
         X, y, names = take_rows(X, keep), y[keep], names[keep]
     if not stream:  # streamed blocks are checked as they are read
-        from .head import check_finite
+        from .store import check_finite
 
         check_finite(X, names, what="training row")  # named here: the folds only know row numbers
     return X, y, names
@@ -391,7 +391,7 @@ def _load_test(models: Sequence[str], features_dir, streamed: bool):
     """(test X, test names) for the submission; refuses caches without test rows, and NaN rows."""
     import warnings
 
-    from .head import check_finite
+    from .store import check_finite
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an empty test split is reported below as an error

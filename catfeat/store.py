@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -278,7 +278,7 @@ class FeatureWriter:
         except Exception as e:  # a kill can leave a partial file HDF5 cannot open
             return f"unreadable: {e.__class__.__name__}"
         try:
-            _check_inside(f, self.partial)
+            check_inside(f, self.partial)
         except CacheError as e:
             f.close()
             return str(e).split(": ", 1)[-1]
@@ -549,9 +549,9 @@ class FeatureCache:
 
     def _read(self, name: str) -> np.ndarray:
         h5py = import_h5py()
-        _regular(self.path)
+        regular_stat(self.path)
         with h5py.File(self.path, "r") as f:
-            _check_inside(f, self.path)
+            check_inside(f, self.path)
             ds = f[name]
             if ds.size * ds.dtype.itemsize > MAX_READ_BYTES:
                 raise CacheError(f"{self.path}: dataset {name} declares {ds.shape} ({ds.dtype}), "
@@ -627,7 +627,7 @@ def open_cache(path: str | os.PathLike, require_complete: bool = True) -> Featur
         hint = f" (an unfinished {partial_path(path).name} exists: rerun the extraction to resume it)" \
             if partial_path(path).exists() else ""
         raise CacheError(f"no feature cache at {path}{hint}; run `python -m catfeat.extract DATA_DIR` first")
-    _regular(path)
+    regular_stat(path)
     if not h5py.is_hdf5(path):
         raise CacheError(f"{path} is not an HDF5 file (truncated or foreign); delete it and extract again")
     try:
@@ -643,7 +643,7 @@ def open_cache(path: str | os.PathLike, require_complete: bool = True) -> Featur
                                  f"not {named.group(1)} as its name says; rename it back to "
                                  f"gap_{printable(a.get('backbone'), SHOWN_CHARS)}.h5, or extract "
                                  f"{named.group(1)} again (--force)")
-            _check_inside(f, path)
+            check_inside(f, path)
             if require_complete and a.get("complete") is not True:
                 raise CacheError(f"{path} is incomplete ({printable(a.get('rows_written'), SHOWN_CHARS)} of "
                                  f"{printable(a.get('n_images'), SHOWN_CHARS)} images); "
@@ -694,7 +694,7 @@ def open_cache(path: str | os.PathLike, require_complete: bool = True) -> Featur
     return FeatureCache(path, a)
 
 
-def _regular(path: Path) -> os.stat_result:
+def regular_stat(path: Path) -> os.stat_result:
     """``os.stat`` of ``path``, or :class:`CacheError` unless it is a regular file (a FIFO or device
     would block or never end)."""
     from .images import file_kind, printable
@@ -714,7 +714,7 @@ def _regular(path: Path) -> os.stat_result:
     return st
 
 
-def _check_inside(f, path: Path) -> None:
+def check_inside(f, path: Path) -> None:
     """Refuse links and datasets whose data live outside the file, before anything is read.
 
     External storage, virtual datasets and external or soft links would make a reader open other
@@ -887,3 +887,28 @@ def write_cache(path: str | os.PathLike, backbone: str, train: np.ndarray, label
     feats = np.concatenate([train, test])
     writer.write(0, np.ones(len(names), bool), feats, {})
     return writer.finish()
+
+
+def check_finite(X: Mapping[str, np.ndarray], names: Sequence[str] | None = None, what: str = "row") -> None:
+    """Raise ``ValueError`` naming the rows of ``X`` (backbone -> (n, D) features) that hold NaN/Inf.
+
+    ``names`` (one per row) names them in the message; else their row indices.
+    """
+    bad, where = None, []
+    for k, a in X.items():
+        rows = ~np.isfinite(np.asarray(a)).all(axis=1)
+        if rows.any():
+            where.append(k)
+            bad = rows if bad is None else bad | rows
+    if bad is None:
+        return
+    idx = np.flatnonzero(bad)
+    label = (lambda i: str(names[i])) if names is not None else (lambda i: f"#{i}")
+    example = ", ".join(label(i) for i in idx[:3]) + (", ..." if len(idx) > 3 else "")
+    nan = any(np.isnan(np.asarray(X[k])[idx]).any() for k in where)
+    inf = any(np.isinf(np.asarray(X[k])[idx]).any() for k in where)
+    kinds = "NaN and Inf" if nan and inf else "NaN" if nan else "Inf"
+    head = f"1 {what} (e.g. {example}) of {len(bad)} holds" if len(idx) == 1 else \
+        f"{len(idx)} {what}s (e.g. {example}) of {len(bad)} hold"
+    raise ValueError(f"{head} {kinds} in the features of {', '.join(where)}: re-extract those images "
+                     "(python -m catfeat.extract) or leave them out; a head gives no probability for them")

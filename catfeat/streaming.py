@@ -193,7 +193,7 @@ class CacheRows:
                     _read_rows(ds, r[order], tmp, step)
                     a[order] = tmp
                 if not np.isfinite(a.sum()) and not np.isfinite(a).all():
-                    from .head import check_finite
+                    from .store import check_finite
 
                     try:
                         check_finite({k: a}, self.names[pos], "training row" if self.split == "train" else "test row")
