@@ -17,15 +17,15 @@ from typing import Sequence
 
 import numpy as np
 
-from .backbones import Weights, WeightsError, cache_weights
-from .cli import add_alias, add_output_flags, run_cli
+from catfeat.models.registry import Weights, WeightsError, cache_weights
+from catfeat.cli.common import add_alias, add_output_flags, run_cli
 
 WEIGHTS_FILE = "weights.json"
 
 
 def record_weights(head_dir: str | os.PathLike, features_dir: str | os.PathLike = "features") -> Path:
     """Write ``head_dir/weights.json``: each backbone of the head -> the ``weights`` attribute of its cache."""
-    from .store import find_cache
+    from catfeat.cache.store import find_cache
 
     meta = json.loads((Path(head_dir) / "head.json").read_text())
     ids = {name: str(find_cache(name, features_dir).attrs.get("weights")) for name in meta["backbones"]}
@@ -43,7 +43,7 @@ def resolve_weights(head_dir: str | os.PathLike, backbones: Sequence[str], weigh
     folder; else the caches in ``features_dir``. A file identity ('sha256:...') needs the file.
     Random weights ('none(seed=N)', or ``weights`` none) raise ``WeightsError`` unless ``allow_random``.
     """
-    from .store import CacheError, find_cache
+    from catfeat.cache.store import CacheError, find_cache
 
     recorded_path = Path(head_dir) / WEIGHTS_FILE
     recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
@@ -86,9 +86,9 @@ def build_predictor(head_dir: str | os.PathLike, weights=None, features_dir: str
     """
     import keras
 
-    from .backbones import get_backbone
-    from .head import FusedHead
-    from .runtime import feature_model
+    from catfeat.models.registry import get_backbone
+    from catfeat.head.estimator import FusedHead
+    from catfeat.models.forward import feature_model
 
     head = FusedHead.load(head_dir)
     head.check_weights()  # a NaN head would answer NaN for every image
@@ -123,9 +123,9 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     import keras
     import pandas as pd
 
-    from .backbones import get_backbone
-    from .decoders import decode_image
-    from .images import DecodeError
+    from catfeat.models.registry import get_backbone
+    from catfeat.images.decoders import decode_image
+    from catfeat.images.listing import DecodeError
 
     model, head = predictor or build_predictor(head_dir, weights, features_dir, allow_random)
     sizes = [get_backbone(n).input_size for n in head.backbones_]
@@ -195,7 +195,7 @@ def _check_new(path: Path, overwrite: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m catfeat.predict",
+    p = argparse.ArgumentParser(prog="python -m catfeat predict",
                                 description="Predict image files with a saved fused head and its backbones.")
     p.add_argument("images", nargs="*", help="image files (or folders: every image in them)")
     p.add_argument("--head", required=True, help="folder of a saved head (head.json + head.keras)")
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _expand(items: Sequence[str]) -> list[str]:
-    from .images import IMAGE_SUFFIXES, natural_key
+    from catfeat.images.listing import IMAGE_SUFFIXES, natural_key
 
     out = []
     for item in items:
@@ -231,7 +231,7 @@ def _expand(items: Sequence[str]) -> list[str]:
 def _main(args: argparse.Namespace) -> int:
     if not args.images and not args.export:
         raise ValueError("name image files to predict and/or --export PATH")
-    from .images import shown
+    from catfeat.images.listing import shown
 
     if args.export:
         _check_new(Path(args.export), args.force)  # before building the model

@@ -5,7 +5,7 @@ batch) and the HDF5 writer share one interpreter lock; on a GPU host with many c
 not the decoder, caps the feed (measured on an H100 host: see ``benchmarks/gpu_check.py``).
 Here each worker process decodes a run of a batch's images straight into that batch's slot of
 shared memory, and the driver only copies finished rows out. Same decoders, same skip reasons as
-the thread reader (both call :func:`catfeat.pipeline.decode_timed`), same byte budget, shared
+the thread reader (both call :func:`catfeat.extraction.stages.decode_timed`), same byte budget, shared
 between the processes.
 
 A worker that dies (a decoder crashing on a hostile file) costs nothing but that file: the
@@ -27,8 +27,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .images import DECODE_BYTES, Batch, ByteBudget
-from .pipeline import decode_timed
+from catfeat.images.listing import DECODE_BYTES, Batch, ByteBudget
+from catfeat.extraction.stages import decode_timed
 
 CRASH_REASON = "the decoder crashed on this file (its worker process died); the file was skipped"
 
@@ -291,8 +291,8 @@ class ProcessReader:
 def iter_batches_processes(paths: Sequence, sizes: Sequence[int], batch_size: int, start: int = 0,
                            workers: int | None = None, prefetch: int = 2, decode: Callable | None = None,
                            budget: int = DECODE_BYTES) -> Iterator[Batch]:
-    """Like :func:`catfeat.reader.iter_batches`, on ``workers`` processes (default: every core)."""
-    from .decoders import get_decoder
+    """Like :func:`catfeat.images.reader.iter_batches`, on ``workers`` processes (default: every core)."""
+    from catfeat.images.decoders import get_decoder
 
     sizes = sorted(set(int(s) for s in sizes))
     workers = workers or os.cpu_count() or 1

@@ -2,7 +2,7 @@
 
 ``FusedHead`` trains in seconds on cached GAP features and behaves like a scikit-learn classifier
 (``fit``/``predict_proba``/``score``, ``clone``, ``get_params``), so the CV, search and comparison
-helpers in :mod:`catfeat.evaluation` work on it as on ``LogisticRegression``.
+helpers in :mod:`catfeat.head.scoring` work on it as on ``LogisticRegression``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_array, check_is_fitted, column_or_1d, validate_data
 
-from .head_model import (  # noqa: F401  (the Keras side, shared with streamed_head; old names kept here)
+from catfeat.head.network import (
     MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, LogLossEarlyStopping, build_model, compiled_model, forward, record_fit, schedule,
     seeded, stratified_split, validation_target)
 
@@ -358,7 +358,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
     # -- fitting ----------------------------------------------------------------------------------
     def _tune_first(self, X, y_idx: np.ndarray, seed, p: dict) -> None:
         """Search ``tune_grid`` by CV on ``X`` (arrays or streamed rows) and put the winner into ``p``."""
-        from .evaluation import tune
+        from catfeat.head.scoring import tune
 
         grid = dict(TUNE_GRID if self.tune_grid is None else self.tune_grid)
         unknown = set(grid) - set(_TUNABLE)
@@ -383,8 +383,8 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         ``class_weight`` weight the training loss and the validation log loss of the internal split. Seeds the backend with ``random_state`` and leaves Python's and
         NumPy's global random generators as they were.
         """
-        from .streamed_head import fit_stream
-        from .streaming import is_stream
+        from catfeat.head.streamed import fit_stream
+        from catfeat.cache.rows import is_stream
 
         if is_stream(X):  # a catfeat.streaming.CacheRows: read from the caches in blocks
             return fit_stream(self, X, y, validation_data, sample_weight=sample_weight)
@@ -432,8 +432,8 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         and a head whose weights are not finite, rather than return NaN probabilities.
         """
         check_is_fitted(self)
-        from .streamed_head import predict_stream
-        from .streaming import is_stream
+        from catfeat.head.streamed import predict_stream
+        from catfeat.cache.rows import is_stream
 
         self.check_weights()
         if is_stream(X):
@@ -471,7 +471,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.model_.save(d / "head.keras")
-        from . import __version__
+        from catfeat import __version__
 
         meta = {"format": FORMAT, "catfeat_version": __version__,
                 "params": {k: _class_weight_json(v) if k == "class_weight" else

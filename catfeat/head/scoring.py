@@ -1,8 +1,8 @@
 """Scoring heads on cached features: metrics, holdout and K-fold CV, tuning, submissions.
 
-The ranking of backbone subsets and fusion strategies is :mod:`catfeat.comparison`.
+The ranking of backbone subsets and fusion strategies is :mod:`catfeat.head.comparison`.
 
-Every helper takes the same ``X`` forms as :class:`catfeat.head.FusedHead` (dict backbone ->
+Every helper takes the same ``X`` forms as :class:`catfeat.head.estimator.FusedHead` (dict backbone ->
 array, list of arrays, one array) and any scikit-learn classifier with ``predict_proba``.
 Splits are shuffled and stratified with a fixed seed, so two estimators scored with the same
 seed see the same rows.
@@ -30,7 +30,7 @@ PROBA_FLOOR = 1e-7
 # -- X helpers -------------------------------------------------------------------------------------
 def n_rows(X) -> int:
     """Number of rows of ``X`` (dict, list or array of features, or a streaming CacheRows)."""
-    from .streaming import is_stream
+    from catfeat.cache.rows import is_stream
 
     if is_stream(X):
         return len(X)
@@ -43,7 +43,7 @@ def n_rows(X) -> int:
 
 def take_rows(X, idx: np.ndarray):
     """Rows ``idx`` of ``X``, keeping its form (a CacheRows gives a row subset, nothing is read)."""
-    from .streaming import is_stream
+    from catfeat.cache.rows import is_stream
 
     if is_stream(X):
         return X.subset(idx)
@@ -276,7 +276,7 @@ def tune(estimator, X, y: Sequence, grid: Mapping[str, Sequence], cv: int = 3, s
         rows, _ = train_test_split(rows, train_size=max_rows, random_state=seed, stratify=y)
         rows = np.sort(rows)
         X, y = take_rows(X, rows), y[rows]
-    from .streaming import is_stream
+    from catfeat.cache.rows import is_stream
 
     if is_stream(X):
         X = X.to_arrays(f"tuning on {len(y):,} rows")  # many small fits: in memory
@@ -364,10 +364,10 @@ def write_submission(path: str | os.PathLike, names: Sequence[str], proba_dog: n
 
 
 # -- old import paths ------------------------------------------------------------------------------
-from .store import cached_models  # noqa: E402,F401  (it lived here; it lists caches, so it is store's)
+from catfeat.cache.store import cached_models  # noqa: E402,F401  (it lived here; it lists caches, so it is store's)
 
-# The comparison moved to catfeat.comparison, which imports this module: its names are resolved on
-# first use so that ``from catfeat.evaluation import compare`` keeps working without an import cycle.
+# The comparison moved to catfeat.head.comparison, which imports this module: its names are resolved on
+# first use so that ``from catfeat.head.scoring import compare`` keeps working without an import cycle.
 _MOVED = {"compare", "fit_average_weights"}
 
 
@@ -375,5 +375,5 @@ def __getattr__(name: str):
     if name in _MOVED:
         import importlib
 
-        return getattr(importlib.import_module("catfeat.comparison"), name)
-    raise AttributeError(f"module 'catfeat.evaluation' has no attribute {name!r}")
+        return getattr(importlib.import_module("catfeat.head.comparison"), name)
+    raise AttributeError(f"module 'catfeat.head.scoring' has no attribute {name!r}")

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .cli import add_output_flags, run_cli
+from catfeat.cli.common import add_output_flags, run_cli
 
 COLUMNS = ["file", "status", "backbone", "train", "test", "classes", "skipped", "weights", "backend", "precision",
            "decoder", "created", "size_bytes", "rows_written", "n_images", "error"]
@@ -32,7 +32,7 @@ def describe_caches(features_dir: str | os.PathLike = "features") -> "pd.DataFra
 
 
 def _describe(path: Path) -> dict:
-    from .store import CacheError, open_cache
+    from catfeat.cache.store import CacheError, open_cache
 
     row = {"file": path.name, "size_bytes": path.stat().st_size,
            "backbone": path.name.removeprefix("gap_").split(".h5")[0]}
@@ -49,7 +49,7 @@ def _describe(path: Path) -> dict:
 
 
 def _common(a: dict) -> dict:
-    from .store import LEGACY_DEFAULTS
+    from catfeat.cache.store import LEGACY_DEFAULTS
 
     try:
         classes = ",".join(map(str, json.loads(a.get("classes", "[]"))))
@@ -63,7 +63,7 @@ def _common(a: dict) -> dict:
 
 def _partial(path: Path) -> dict:
     """Attributes and rows so far of an unfinished cache; read without a lock, as a writer may hold it."""
-    from .store import import_h5py, read_attrs
+    from catfeat.cache.store import import_h5py, read_attrs
 
     h5py = import_h5py()
     try:
@@ -105,7 +105,7 @@ def format_caches(df) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m catfeat.info",
+    p = argparse.ArgumentParser(prog="python -m catfeat info",
                                 description="List the feature caches in a folder: backbone, rows per split, "
                                             "classes, skipped images, weights, backend, precision, decoder, "
                                             "creation time and size; unfinished .partial files with their progress.")
@@ -135,7 +135,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _raw_attrs(path: Path) -> dict:
-    from .store import import_h5py, read_attrs
+    from catfeat.cache.store import import_h5py, read_attrs
 
     try:
         with import_h5py().File(path, "r", locking=False) as f:

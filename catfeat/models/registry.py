@@ -67,14 +67,14 @@ _SPECS = (
                  "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
                  _KERAS_WEIGHTS + "inception_resnet_v2/inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
     BackboneSpec("EfficientNetLite0", ("lite0", "efficientnet-lite0", "efficientnet_lite0"),
-                 "catfeat.lite:EfficientNetLite0", 224, 32, 1280, "lite", None, None, None,
-                 extra={"variant": "lite0"}, classifier_fn="catfeat.lite:lite_classifier"),
+                 "catfeat.models.lite:EfficientNetLite0", 224, 32, 1280, "lite", None, None, None,
+                 extra={"variant": "lite0"}, classifier_fn="catfeat.models.lite:lite_classifier"),
     BackboneSpec("EfficientNetLite1", ("lite1", "efficientnet-lite1", "efficientnet_lite1"),
-                 "catfeat.lite:EfficientNetLite1", 240, 32, 1280, "lite", None, None, None,
-                 extra={"variant": "lite1"}, classifier_fn="catfeat.lite:lite_classifier"),
+                 "catfeat.models.lite:EfficientNetLite1", 240, 32, 1280, "lite", None, None, None,
+                 extra={"variant": "lite1"}, classifier_fn="catfeat.models.lite:lite_classifier"),
     BackboneSpec("EfficientNetLite2", ("lite2", "efficientnet-lite2", "efficientnet_lite2"),
-                 "catfeat.lite:EfficientNetLite2", 260, 32, 1280, "lite", None, None, None,
-                 extra={"variant": "lite2"}, classifier_fn="catfeat.lite:lite_classifier"),
+                 "catfeat.models.lite:EfficientNetLite2", 260, 32, 1280, "lite", None, None, None,
+                 extra={"variant": "lite2"}, classifier_fn="catfeat.models.lite:lite_classifier"),
 )
 
 REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in _SPECS}

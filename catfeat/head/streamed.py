@@ -1,16 +1,16 @@
-"""``FusedHead.fit`` and ``predict_proba`` on a :class:`catfeat.streaming.CacheRows`: the head's recipe,
+"""``FusedHead.fit`` and ``predict_proba`` on a :class:`catfeat.cache.rows.CacheRows`: the head's recipe,
 reading the rows from the caches in blocks (through a Keras ``PyDataset``, every backend).
 
-Kept apart from :mod:`catfeat.streaming`, which reads and orders rows and knows nothing of the head,
-so that the scoring helpers of :mod:`catfeat.evaluation` can take streamed rows without importing it.
+Kept apart from :mod:`catfeat.cache.rows`, which reads and orders rows and knows nothing of the head,
+so that the scoring helpers of :mod:`catfeat.head.scoring` can take streamed rows without importing it.
 """
 from __future__ import annotations
 
 
 import numpy as np
 
-from . import streaming
-from .streaming import CacheRows, EpochBatches, is_stream
+from catfeat.cache import rows as streaming
+from catfeat.cache.rows import CacheRows, EpochBatches, is_stream
 
 
 def _py_dataset_base():
@@ -40,7 +40,7 @@ def _keras_batches(batches: EpochBatches):
 
 
 def _early_stopping_class():
-    from .head_model import LogLossEarlyStopping
+    from catfeat.head.network import LogLossEarlyStopping
 
     class _StreamEarlyStopping(LogLossEarlyStopping):
         """Early stopping scored on validation rows streamed from the caches each epoch."""
@@ -53,7 +53,7 @@ def _early_stopping_class():
 
 def forward_rows(model, rows: CacheRows, block_rows: int | None = None) -> np.ndarray:
     """Model outputs (float64) for every row, reading ``block_rows`` rows at a time."""
-    from .head_model import forward
+    from catfeat.head.network import forward
 
     outs = [forward(model, arrays) for _, arrays in rows.blocks(block_rows)]
     return np.concatenate(outs) if outs else np.zeros((0, model.output_shape[-1]))
@@ -80,7 +80,7 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
     """
     from sklearn.utils.validation import column_or_1d
 
-    from .head_model import compiled_model, record_fit, schedule, seeded, stratified_split, validation_target
+    from catfeat.head.network import compiled_model, record_fit, schedule, seeded, stratified_split, validation_target
 
     p = head.resolved_params()
     for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_"):
@@ -120,7 +120,7 @@ def fit_stream(head, rows: CacheRows, y, validation_data=None, block_rows: int |
         model = compiled_model(head.dims_, head.backbones_, k, p)
         stopper = None
         if val is not None:
-            from .head_model import LogLossEarlyStopping
+            from catfeat.head.network import LogLossEarlyStopping
 
             cls = _early_stopping_class() if is_stream(val[0]) else LogLossEarlyStopping
             stopper = cls(val, int(p["patience"]), k)

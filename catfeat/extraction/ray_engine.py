@@ -2,10 +2,10 @@
 
 One Ray Data job serves every requested backbone::
 
-    (position, path) rows --map_batches(decode_batch)--> CPU tasks: catfeat.pipeline.decode_rows, once
+    (position, path) rows --map_batches(decode_batch)--> CPU tasks: catfeat.extraction.stages.decode_rows, once
         per image for every input size; a file that fails becomes a row with its reason
     --map_batches(FeatureActor)--> actor pool (GPU or CPU): each backbone built once per actor
-        in a catfeat.pipeline.ModelRunner
+        in a catfeat.extraction.stages.ModelRunner
     --> driver: one HDF5 part per (backbone, shard), written in position order with FeatureWriter
     parts --merge_parts, in order--> gap_<Model>.h5 (via <path>.partial and os.replace)
 
@@ -36,11 +36,15 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import EngineUnavailableError
-from ..backbones import BackboneSpec, Weights
-from ..images import ImageSet
-from ..pipeline import ModelRunner, decode_rows, progress_bar, report_skip
-from ..store import KEY_FIELDS, CacheError, FeatureWriter, decode_strings, differences, open_cache
+from catfeat.models.registry import BackboneSpec, Weights
+from catfeat.images.listing import ImageSet
+from catfeat.extraction.stages import ModelRunner, decode_rows, progress_bar, report_skip
+from catfeat.cache.store import KEY_FIELDS, CacheError, FeatureWriter, decode_strings, differences, open_cache
+
+
+class EngineUnavailableError(RuntimeError):
+    """An engine's optional dependency is missing; the message says what to install."""
+
 
 INSTALL_HINT = 'pip install "catfeat[ray]"'
 SHARD_IMAGES = 1000  # default shard: seconds of one GPU, small enough to redo, few enough files
@@ -165,9 +169,9 @@ def _copy_part(writer: FeatureWriter, shard: Shard, part: Path, split: Sequence[
 
 # -- the Ray Data stages (run on workers) --------------------------------------------------------
 def decode_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], decoder: str = "auto") -> dict[str, np.ndarray]:
-    """Stage 1, the reader (:func:`catfeat.pipeline.decode_rows`): decode each row's file once into every
+    """Stage 1, the reader (:func:`catfeat.extraction.stages.decode_rows`): decode each row's file once into every
     input size. Never raises for a bad file: its row gets ``ok=False``, the reason, and zero images."""
-    from ..decoders import get_decoder
+    from catfeat.images.decoders import get_decoder
 
     paths = [os.fsdecode(bytes(raw)) for raw in batch["path"]]
     n = len(paths)
@@ -183,13 +187,13 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], decoder: st
 
 
 class FeatureActor:
-    """Stage 2, one instance per Ray actor: the model runner (:class:`catfeat.pipeline.ModelRunner`) over
+    """Stage 2, one instance per Ray actor: the model runner (:class:`catfeat.extraction.stages.ModelRunner`) over
     every backbone, built once per actor; zeros on rows that failed to decode."""
 
     def __init__(self, jobs: Sequence[tuple[BackboneSpec, str, str]], weights, seed: int, batch_size: int,
                  backend: str):
         t = time.perf_counter()
-        from ..runtime import Forward, backend_name
+        from catfeat.models.forward import Forward, backend_name
 
         if backend_name() != backend:
             raise RuntimeError(f"this Ray worker runs Keras on {backend_name()!r} but the caches are for "
@@ -375,11 +379,11 @@ def _input_blocks(images: ImageSet, shards: list[Shard], batch_size: int, n_cpus
 
 def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_worker: float = 0,
                      shards: int | None = None) -> dict[str, Path]:
-    """Compute the caches of ``plan.specs`` (a :class:`catfeat.extraction.ExtractionPlan`) on Ray Data;
+    """Compute the caches of ``plan.specs`` (a :class:`catfeat.extraction.run.ExtractionPlan`) on Ray Data;
     each ends complete at ``plan.paths[name]`` with exactly ``plan.attrs[name]`` (plus the writer's
     bookkeeping: format, complete, counts).
 
-    Called by :func:`catfeat.extraction.run_extraction` (engine "ray") after its reuse checks and locks.
+    Called by :func:`catfeat.extraction.run.run_extraction` (engine "ray") after its reuse checks and locks.
     ``address``: None starts a local Ray (unless this process already joined one), "auto" or
     "ray://host:10001" joins a cluster. ``num_gpus_per_worker``: GPUs per model actor (0: CPU actors,
     one per node). ``shards``: number of contiguous shards (default about 1,000 images each).

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backbones import BackboneSpec, build_backbone, preprocess
+from catfeat.models.registry import BackboneSpec, build_backbone, preprocess
 
 PRECISIONS = {"float32": "float32", "mixed": None, "mixed_float16": "mixed_float16",
               "mixed_bfloat16": "mixed_bfloat16"}

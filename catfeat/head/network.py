@@ -1,5 +1,5 @@
-"""The Keras side of the fused head, shared by :mod:`catfeat.head` (in-memory rows) and
-:mod:`catfeat.streamed_head` (rows read from the caches in blocks): the model, seeding, the chunked
+"""The Keras side of the fused head, shared by :mod:`catfeat.head.estimator` (in-memory rows) and
+:mod:`catfeat.head.streamed` (rows read from the caches in blocks): the model, seeding, the chunked
 forward pass, the log-loss early stopping and the stratified validation split.
 
 Neither of those modules is imported here, so both can import it without a cycle.

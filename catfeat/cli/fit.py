@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import add_output_flags, clip_value, echo, finite_float, run_cli
-from .evaluation import DEFAULT_CLIP, DEFAULT_SEED
-from .report import fit_report
+from catfeat.cli.common import add_output_flags, clip_value, echo, finite_float, run_cli
+from catfeat.head.scoring import DEFAULT_CLIP, DEFAULT_SEED
+from catfeat.head.report import fit_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=finite_float, default=None, help="dropout rate (default: from the preset)")
     p.add_argument("--weight-decay", type=finite_float, default=None, help="L2 penalty (default: from the preset)")
     p.add_argument("--tune", action="store_true", help="pick dropout, weight decay and learning rate by a small "
-                   "cross-validated search first (see catfeat.head.TUNE_GRID)")
+                   "cross-validated search first (see catfeat.head.estimator.TUNE_GRID)")
     p.add_argument("--val-split", type=finite_float, default=0.2, help="held-out share of the training rows for the "
                    "reported score (default: %(default)s)")
     p.add_argument("--cv", type=int, default=None, metavar="K", help="score by stratified K-fold CV instead "
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .head import FusedHead
+    from catfeat.head.estimator import FusedHead
 
     head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
                      learning_rate=args.learning_rate, dropout=args.dropout, weight_decay=args.weight_decay,

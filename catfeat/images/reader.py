@@ -1,9 +1,9 @@
 """Reading an image list in batches: each image decoded once, on threads or on worker processes.
 
-:func:`iter_batches` is the reader stage of extraction (:mod:`catfeat.pipeline`): ``Batch``es of
+:func:`iter_batches` is the reader stage of extraction (:mod:`catfeat.extraction.stages`): ``Batch``es of
 consecutive images, uint8 arrays at every input size, with the reason for each file that could not
-be used. The single-image primitives live in :mod:`catfeat.images` and :mod:`catfeat.decoders`; the
-process reader in :mod:`catfeat.process_reader`.
+be used. The single-image primitives live in :mod:`catfeat.images.listing` and :mod:`catfeat.images.decoders`; the
+process reader in :mod:`catfeat.images.process_reader`.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .images import DECODE_BYTES, Batch, ByteBudget
-from .pipeline import decode_timed
+from catfeat.images.listing import DECODE_BYTES, Batch, ByteBudget
+from catfeat.extraction.stages import decode_timed
 
 
 READERS = ("auto", "threads", "processes")
@@ -33,7 +33,7 @@ def choose_reader(reader: str, workers: int | None, n_images: int, sizes: Sequen
         raise ValueError(f"unknown reader {reader!r}; choose one of {', '.join(READERS)}")
     if reader != "auto":
         return reader
-    from .process_reader import shared_memory_free, shared_memory_needed
+    from catfeat.images.process_reader import shared_memory_free, shared_memory_needed
 
     cores = workers or os.cpu_count() or 1
     big = cores >= PROCESS_READER_MIN["cores"] and n_images >= PROCESS_READER_MIN["images"]
@@ -47,16 +47,16 @@ def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, s
                  budget: ByteBudget | None = None, reader: str = "threads") -> Iterator[Batch]:
     """Decode ``paths[start:]`` on a thread pool of ``workers`` threads (default: every core; the
     decoders release the GIL) in order, ``prefetch`` batches ahead of the consumer, so that decoding
-    overlaps the model. ``decode(path, sizes)``: a decoder's function from :mod:`catfeat.decoders`
+    overlaps the model. ``decode(path, sizes)``: a decoder's function from :mod:`catfeat.images.decoders`
     (default: the "auto" decoder; Pillow's has decode and resize timed apart). ``budget`` bounds the
     full-size pixels decoding at once (default: a new :class:`ByteBudget` of ``DECODE_BYTES``).
-    ``reader``: "threads", "processes" (:mod:`catfeat.process_reader`: many cores, no shared
+    ``reader``: "threads", "processes" (:mod:`catfeat.images.process_reader`: many cores, no shared
     interpreter lock) or "auto"."""
-    from .decoders import DECODERS, get_decoder
+    from catfeat.images.decoders import DECODERS, get_decoder
 
     sizes = sorted(set(int(s) for s in sizes))
     if choose_reader(reader, workers, len(paths) - start, sizes, batch_size, prefetch) == "processes":
-        from .process_reader import iter_batches_processes
+        from catfeat.images.process_reader import iter_batches_processes
 
         limit = budget.limit if budget is not None else DECODE_BYTES
         yield from iter_batches_processes(paths, sizes, batch_size, start, workers, prefetch, decode, limit)

@@ -10,22 +10,22 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from .cli import add_output_flags, clip_value, echo, finite_float, run_cli
+from catfeat.cli.common import add_output_flags, clip_value, echo, finite_float, run_cli
 
 # name -> (module with build_parser and _main, one-line help)
 COMMANDS = {
-    "extract": ("catfeat.extract", "cache GAP features of pretrained backbones for a folder of images"),
-    "fit": ("catfeat.fit", "train the fused head on cached features, score it, write a submission / the head"),
-    "compare": ("catfeat.commands", "rank every subset of the backbones and every fusion strategy"),
+    "extract": ("catfeat.cli.extract", "cache GAP features of pretrained backbones for a folder of images"),
+    "fit": ("catfeat.cli.fit", "train the fused head on cached features, score it, write a submission / the head"),
+    "compare": ("catfeat.cli.main", "rank every subset of the backbones and every fusion strategy"),
     "outliers": ("catfeat.outliers", "flag training images that look like neither class to ImageNet classifiers"),
     "predict": ("catfeat.predict", "predict image files with a saved head and its backbones"),
-    "info": ("catfeat.info", "list the feature caches in a folder, finished or not"),
+    "info": ("catfeat.cache.describe", "list the feature caches in a folder, finished or not"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: ``--help``, ``--version`` and the list of commands."""
-    from . import __version__
+    from catfeat import __version__
 
     width = max(map(len, COMMANDS))
     p = argparse.ArgumentParser(
@@ -69,7 +69,7 @@ def _number_clip(value: str) -> float:
 
 
 def build_compare_parser() -> argparse.ArgumentParser:
-    from .evaluation import DEFAULT_CLIP, DEFAULT_SEED
+    from catfeat.head.scoring import DEFAULT_CLIP, DEFAULT_SEED
 
     p = argparse.ArgumentParser(
         prog="catfeat compare",
@@ -108,9 +108,9 @@ def build_compare_parser() -> argparse.ArgumentParser:
 
 
 def _compare_main(args: argparse.Namespace) -> int:
-    from .comparison import compare, format_table
-    from .head import FusedHead
-    from .report import class_names, describe_training, load_training
+    from catfeat.head.comparison import compare, format_table
+    from catfeat.head.estimator import FusedHead
+    from catfeat.head.report import class_names, describe_training, load_training
 
     t0 = time.perf_counter()
     say = echo(args)

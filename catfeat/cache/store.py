@@ -107,7 +107,7 @@ def check_load_memory(caches: dict, split: str) -> None:
     n = max(int(c.attrs.get(f"n_{split}", 0)) for c in caches.values())
     check_memory(need, f"loading the {split} features of {', '.join(caches)} ({n:,} rows)",
                  "stream them from the caches instead: python -m catfeat.fit --stream, or "
-                 "catfeat.streaming.CacheRows.open(models, features_dir) in Python")
+                 "catfeat.cache.rows.CacheRows.open(models, features_dir) in Python")
 
 
 def import_h5py():
@@ -640,7 +640,7 @@ def _check_inside(f, path: Path) -> None:
 
 def cached_models(features_dir: str | os.PathLike = "features") -> list[str]:
     """Registry names of the backbones with a complete cache in ``features_dir``."""
-    from .backbones import REGISTRY
+    from catfeat.models.registry import REGISTRY
 
     out = []
     for name in REGISTRY:
@@ -656,7 +656,7 @@ def cached_models(features_dir: str | os.PathLike = "features") -> list[str]:
 
 def find_cache(model: str, features_dir: str | os.PathLike = "features") -> FeatureCache:
     """The cache of one backbone (alias or full name) in ``features_dir``."""
-    from .backbones import get_backbone
+    from catfeat.models.registry import get_backbone
 
     spec = get_backbone(model)
     return open_cache(cache_path(features_dir, spec.name))
@@ -724,7 +724,7 @@ def load_features(models: str | Iterable[str], features_dir: str | os.PathLike =
     Returns ``(X, y, names)``: ``X`` maps each backbone's full name to its (n, D) array, all in the
     order of ``names``; ``y`` are the labels (None for ``split="test"``).
     """
-    from .backbones import parse_models
+    from catfeat.models.registry import parse_models
 
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")

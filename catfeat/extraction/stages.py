@@ -2,7 +2,7 @@
 
 * reader: :func:`decode_rows` turns files into uint8 arrays at every input size (one decode per
   file; a bad file becomes a reason, never an exception). The local engine runs it on a thread
-  pool (:func:`catfeat.reader.iter_batches`), the Ray engine in Ray Data tasks.
+  pool (:func:`catfeat.images.reader.iter_batches`), the Ray engine in Ray Data tasks.
 * runner: :class:`ModelRunner` moves each batch to the device once per input size and dispatches
   every backbone on it without waiting for results.
 * writer: :class:`WriterThread` reads each batch's features back and appends them to the HDF5
@@ -35,7 +35,7 @@ class Decoded(Protocol):
 
 def decode_rows(paths: Sequence, sizes: Sequence[int], decode: Callable) -> list[tuple]:
     """``[(arrays or None, reason or None, seconds)]`` for each path: the reader's unit of work."""
-    from .images import DecodeError
+    from catfeat.images.listing import DecodeError
 
     out = []
     for path in paths:
@@ -53,7 +53,7 @@ def decode_timed(path, sizes: Sequence[int], budget=None, decode=None) -> tuple:
     """One image under the byte ``budget``: (arrays or None, reason or None, decode seconds, resize
     seconds). ``decode``: a decoder's function (decode and resize then count as decode), default
     Pillow's two steps timed apart. The unit of work of both readers (threads and processes)."""
-    from .images import DecodeError, declared_bytes, read_rgb, resize_all
+    from catfeat.images.listing import DecodeError, declared_bytes, read_rgb, resize_all
 
     cost = declared_bytes(path) if budget is not None else 0
     if cost:
@@ -77,7 +77,7 @@ def decode_timed(path, sizes: Sequence[int], budget=None, decode=None) -> tuple:
 
 
 class Runner(Protocol):
-    """What :class:`ModelRunner` needs of one backbone (``catfeat.runtime.Forward`` is one)."""
+    """What :class:`ModelRunner` needs of one backbone (``catfeat.models.forward.Forward`` is one)."""
 
     batch_size: int
 
@@ -109,7 +109,7 @@ class ModelRunner:
 
     def __post_init__(self):
         if self.to_device is None:
-            from .runtime import to_device
+            from catfeat.models.forward import to_device
 
             self.to_device = to_device
         self._lock = threading.Lock()  # dispatch and fetch may run on different threads
@@ -121,7 +121,7 @@ class ModelRunner:
     def dispatch(self, images: Mapping[int, np.ndarray], only: Iterable[str] | None = None) -> Pending:
         """Queue every wanted backbone on ``images``; ``seconds``: ``to_device`` (padding and copy) and
         ``model:<name>`` (the call: all of the work on a synchronous backend, the launch on a GPU)."""
-        from .runtime import pad_batch
+        from catfeat.models.forward import pad_batch
 
         names = [n for n in self.runners if only is None or n in set(only)]
         n = len(next(iter(images.values()))) if images else 0
@@ -343,7 +343,7 @@ def progress_bar(total: int, enabled: bool):
 
 def skip_line(name: str, reason: str) -> str:
     """How a skipped image is printed (undecodable names shown as their repr)."""
-    from .images import shown
+    from catfeat.images.listing import shown
 
     return f"skipped {shown(name)}: {reason}"
 

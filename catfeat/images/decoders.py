@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .images import DecodeError, MAX_PIXELS, check_regular, read_rgb, resize_all
+from catfeat.images.listing import DecodeError, MAX_PIXELS, check_regular, read_rgb, resize_all
 
 DecodeFn = Callable[[str | os.PathLike, Sequence[int]], dict[int, np.ndarray]]
 
@@ -153,6 +153,6 @@ def decode_image(path: str | os.PathLike, sizes: Sequence[int], decoder: str = "
 
     EXIF orientation is applied, any mode (grayscale, CMYK, palette, RGBA, 16-bit) becomes RGB,
     and the whole image is resized bilinearly (no crop), as the reference recipe did. ``decoder``:
-    see :mod:`catfeat.decoders` ("auto", the extraction default, is OpenCV where installed).
+    see :mod:`catfeat.images.decoders` ("auto", the extraction default, is OpenCV where installed).
     """
     return get_decoder(decoder).decode(path, sizes)

@@ -2,7 +2,7 @@
 
 :func:`compare` scores single backbones, one head on the concatenated features (``concat``), a
 weighted average of single heads (``average``) and a LogisticRegression reference on the same rows
-with the scoring of :mod:`catfeat.evaluation`, and writes ``compare.csv``, ``compare.md`` and
+with the scoring of :mod:`catfeat.head.scoring`, and writes ``compare.csv``, ``compare.md`` and
 ``compare.png``.
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .evaluation import (DEFAULT_CLIP, DEFAULT_SEED, PROBA_FLOOR, accuracy, concat_features, cross_validate,
-                         cv_splits, encode_labels, holdout_split, log_loss, progress_bar)
+from catfeat.head.scoring import (
+    DEFAULT_CLIP, DEFAULT_SEED, PROBA_FLOOR, accuracy, concat_features, cross_validate, cv_splits, encode_labels,
+    holdout_split, log_loss, progress_bar)
 
 
 def fit_average_weights(y_idx: np.ndarray, probas: Sequence[np.ndarray]) -> np.ndarray:
@@ -88,7 +89,7 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     all backbones is added as a reference row when ``linear``. Rows are scored on a shuffled
     stratified ``val_split`` holdout, or by ``cv``-fold CV when given, with the same rows and seed
     for every row of the table. Every head is built and scored as with scikit-learn: on the
-    backbones' stacked matrix with ``backbone_widths`` (:func:`catfeat.head.stack_backbones`), by
+    backbones' stacked matrix with ``backbone_widths`` (:func:`catfeat.head.estimator.stack_backbones`), by
     ``sklearn.model_selection.cross_validate`` on those rows. Writes ``compare.csv``,
     ``compare.md`` and ``compare.png`` (when matplotlib is installed) to ``out_dir`` (default: ``features_dir``). The returned
     DataFrame is sorted by log loss; ``df.attrs["summary"]`` says which fusion wins and by how much.
@@ -98,19 +99,19 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     from sklearn.base import clone
     from sklearn.model_selection import cross_validate as sk_cross_validate
 
-    from .head import FusedHead, stack_backbones
+    from catfeat.head.estimator import FusedHead, stack_backbones
 
     if data is not None:
         X, y = data
     else:
-        from .store import cached_models, load_features
+        from catfeat.cache.store import cached_models, load_features
 
         if models is None:
             models = cached_models(features_dir)
             if not models:
                 raise ValueError(f"no complete feature caches in {features_dir}")
         X, y, _ = load_features(models, features_dir, "train")
-    from .streaming import is_stream, sample_for_compare
+    from catfeat.cache.rows import is_stream, sample_for_compare
 
     sampled = ""
     if is_stream(X):  # from the caches: the many candidate heads run on a sample held in memory
@@ -126,7 +127,7 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     folds = cv_splits(y_idx, cv, seed) if cv else [holdout_split(y_idx, val_split, seed)]
     n, K = len(y_idx), len(classes)
     if linear:  # checked before any work: the concatenation is one more copy of every feature
-        from .store import check_memory
+        from catfeat.cache.store import check_memory
 
         d = sum(np.shape(a)[1] for a in X.values())
         check_memory(3 * n * d * 4, f"compare's LogisticRegression on the concatenated {n:,} x {d} features",

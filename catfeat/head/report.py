@@ -19,10 +19,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .evaluation import (DEFAULT_CLIP, DEFAULT_SEED, Score, TuneResult, choose_clip, cross_validate, holdout_score,
-                         holdout_split, take_rows, tune as run_tune, write_submission)
-from .store import CacheError, cached_models, find_cache, load_features
-from .streaming import STREAM_FRACTION, CacheRows, estimate_bytes, is_stream, memory_bytes
+from catfeat.head.scoring import (
+    DEFAULT_CLIP, DEFAULT_SEED, Score, TuneResult, choose_clip, cross_validate, holdout_score, holdout_split,
+    take_rows, tune as run_tune, write_submission)
+from catfeat.cache.store import CacheError, cached_models, find_cache, load_features
+from catfeat.cache.rows import STREAM_FRACTION, CacheRows, estimate_bytes, is_stream
+from catfeat.cache.store import memory_bytes
 
 Log = Callable[[str], None]
 
@@ -75,7 +77,7 @@ def fit_report(models: str | Sequence[str] | None = None, features_dir: str | os
     or by ``cv``-fold CV, whose out-of-fold predictions go to ``oof`` (default
     ``features_dir/oof_<models>.csv``; False: not written) with one ``p_<class name>`` column per
     class. ``clip="auto"`` picks the clip by CV: of the training part with a holdout (so the
-    holdout stays unseen), of every row with ``cv``. ``tune`` searches ``catfeat.head.TUNE_GRID``
+    holdout stays unseen), of every row with ``cv``. ``tune`` searches ``catfeat.head.estimator.TUNE_GRID``
     first, on the training part only with a holdout. ``exclude``: a file of training image names
     to leave out. ``stream``: read the caches in blocks (default: when the features would take
     more than 1/8 of the memory). ``compare``: also rank the backbone subsets and fusions.
@@ -83,7 +85,7 @@ def fit_report(models: str | Sequence[str] | None = None, features_dir: str | os
     row, as is ``report.head`` unless ``refit=False``. Output paths are checked before any
     training. ``log`` receives the progress lines (e.g. ``print``); ``progress`` shows bars on stderr.
     """
-    from .head import FusedHead
+    from catfeat.head.estimator import FusedHead
 
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
@@ -108,7 +110,7 @@ def fit_report(models: str | Sequence[str] | None = None, features_dir: str | os
     if tune:
         # Tuned once, then fixed. With a holdout the search sees only the training part, so the
         # validation score stays honest; with cv it sees every row and the CV score is optimistic.
-        from .head import TUNE_GRID, TUNE_MAX_ROWS
+        from catfeat.head.estimator import TUNE_GRID, TUNE_MAX_ROWS
 
         rows = np.arange(len(y)) if cv else holdout_split(y, val_split, seed)[0]
         now = head.resolved_params()
@@ -141,7 +143,7 @@ def fit_report(models: str | Sequence[str] | None = None, features_dir: str | os
 
     comparison = None
     if compare:
-        from .comparison import compare as run_compare, format_table
+        from catfeat.head.comparison import compare as run_compare, format_table
 
         comparison = run_compare(models, features_dir, head=head, val_split=val_split, cv=cv, seed=seed, clip=clip,
                                  data=(X, y), verbose=bool(head.verbose), progress=progress)
@@ -165,7 +167,7 @@ def fit_report(models: str | Sequence[str] | None = None, features_dir: str | os
             n_sub = len(write_submission(submission, test[1], proba[:, col], clip))
             files["submission"] = os.fspath(submission)
         if save:
-            from .predict import record_weights
+            from catfeat.predict import record_weights
 
             final.save(save)
             record_weights(save, features_dir)  # so `catfeat predict --head` finds the same backbones
@@ -179,11 +181,11 @@ def load_training(models: str | Sequence[str] | None, features_dir: str | os.Pat
     """``(X, y, names)`` of the labeled training rows, checked: labels present, 2+ classes.
 
     ``models=None`` takes every complete cache in ``features_dir``. ``X`` is a dict of arrays, or a
-    :class:`~catfeat.streaming.CacheRows` with ``stream`` (default: when the features would take
+    :class:`~catfeat.cache.rows.CacheRows` with ``stream`` (default: when the features would take
     more than ``STREAM_FRACTION`` of this machine's memory). ``exclude``: a file of image names to
     leave out (one per line, or an outliers CSV). Raises :class:`~catfeat.CacheError`.
     """
-    from .outliers import read_exclude
+    from catfeat.outliers import read_exclude
 
     say = log or (lambda _msg: None)
     if models is None:
@@ -295,7 +297,7 @@ def _load_test(models: Sequence[str], features_dir, streamed: bool):
     """(test X, test names) for the submission; refuses caches without test rows, and NaN rows."""
     import warnings
 
-    from .head import check_finite
+    from catfeat.head.estimator import check_finite
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an empty test split is reported below as an error

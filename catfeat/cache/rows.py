@@ -6,12 +6,12 @@ in that backbone's file (8 bytes a row). Features are read when needed, in block
 by file position (HDF5 reads contiguous ranges fast and scattered rows slowly), and returned as
 float32 whatever the cache stores (float32 or float16).
 
-``FusedHead.fit``/``predict_proba`` and the helpers of :mod:`catfeat.evaluation` take a
+``FusedHead.fit``/``predict_proba`` and the helpers of :mod:`catfeat.head.scoring` take a
 ``CacheRows`` wherever they take a dict of arrays; splits are row subsets (``rows.subset(idx)``).
-Training (:mod:`catfeat.streamed_head`) reads each epoch as shuffled blocks of ``block_rows``
+Training (:mod:`catfeat.head.streamed`) reads each epoch as shuffled blocks of ``block_rows``
 gathered into buffers of ``buffer_rows`` that are shuffled row by row (:class:`EpochBatches`), so
 the memory used depends on the buffer size, not on the number of rows. This module knows nothing
-of the head: the memory checks live in :mod:`catfeat.store`, the training in ``streamed_head``.
+of the head: the memory checks live in :mod:`catfeat.cache.store`, the training in ``streamed_head``.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .store import CacheError, check_memory, format_gib
-# The memory checks moved to catfeat.store (load_features uses them); still importable from here.
-from .store import MemoryShortError, available_memory, check_load_memory, memory_bytes  # noqa: F401
+from catfeat.cache.store import CacheError, check_memory, format_gib
+# The memory checks moved to catfeat.cache.store (load_features uses them); still importable from here.
+from catfeat.cache.store import MemoryShortError, available_memory, check_load_memory, memory_bytes  # noqa: F401
 
 # python -m catfeat.fit streams (by default) when the features of the training rows, as float32,
 # take more than this share of the machine's memory; the in-memory path needs about 3 copies.
@@ -37,8 +37,8 @@ COMPARE_MAX_ROWS = 20000  # compare's many candidate heads run on a stratified s
 
 def estimate_bytes(models, features_dir, split: str = "train") -> int:
     """Bytes of the features of ``split`` as float32 arrays, from the caches' attributes only."""
-    from .backbones import parse_models
-    from .store import find_cache
+    from catfeat.models.registry import parse_models
+    from catfeat.cache.store import find_cache
 
     total = 0
     for s in parse_models(models):
@@ -112,8 +112,8 @@ class CacheRows:
     @classmethod
     def open(cls, models, features_dir="features", split: str = "train", join: str = "exact") -> "CacheRows":
         """Align the caches of ``models`` by file name, reading names and labels only."""
-        from .backbones import parse_models
-        from .store import align, find_cache
+        from catfeat.models.registry import parse_models
+        from catfeat.cache.store import align, find_cache
 
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -324,7 +324,7 @@ def sample_for_compare(rows: CacheRows, y, seed, max_rows: int | None = None):
     return rows.to_arrays(f"compare on {len(rows):,} rows"), y, note
 
 
-# Names that moved to catfeat.streamed_head, still importable from here. Resolved on first use:
+# Names that moved to catfeat.head.streamed, still importable from here. Resolved on first use:
 # importing streamed_head here would import the head, which imports this module.
 _MOVED = {"fit_stream", "predict_stream", "forward_rows"}
 
@@ -333,5 +333,5 @@ def __getattr__(name: str):
     if name in _MOVED:
         import importlib
 
-        return getattr(importlib.import_module("catfeat.streamed_head"), name)
-    raise AttributeError(f"module 'catfeat.streaming' has no attribute {name!r}")
+        return getattr(importlib.import_module("catfeat.head.streamed"), name)
+    raise AttributeError(f"module 'catfeat.cache.rows' has no attribute {name!r}")

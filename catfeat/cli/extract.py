@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .backbones import REGISTRY
-from .cli import add_alias, add_output_flags, echo, run_cli
-from .extraction import DEFAULT_MODELS, run_extraction
-from .reader import READERS
-from .pipeline import skip_line
+from catfeat.models.registry import REGISTRY
+from catfeat.cli.common import add_alias, add_output_flags, echo, run_cli
+from catfeat.extraction.run import DEFAULT_MODELS, run_extraction
+from catfeat.images.reader import READERS
+from catfeat.extraction.stages import skip_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +71,7 @@ def _main(args: argparse.Namespace) -> int:
         if s["path"] not in report.shown:
             say(skip_line(s["path"], s["reason"]))
     if args.verbose:
-        from .info import describe_caches, format_caches
+        from catfeat.cache.describe import describe_caches, format_caches
 
         print(format_caches(describe_caches(args.features)))
     print("catfeat.extract: " + report.summary())

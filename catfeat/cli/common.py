@@ -11,9 +11,9 @@ from typing import Callable, Sequence
 def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
             argv: Sequence[str] | None = None) -> int:
     """Parse, run, and turn expected failures into one clear line and a non-zero exit code."""
-    from .backbones import WeightsError
-    from .images import ImageSetError
-    from .store import CacheError
+    from catfeat.models.registry import WeightsError
+    from catfeat.images.listing import ImageSetError
+    from catfeat.cache.store import CacheError
 
     args = parser.parse_args(argv)
     expected = (CacheError, ImageSetError, WeightsError, ValueError, OSError, RuntimeError, FloatingPointError)

@@ -2,7 +2,7 @@
 
 :func:`run_extraction` plans (a cache that already matches the request is reused, a partial one is
 resumed, a different one refused), locks, and hands the plan to an engine from :data:`ENGINES`.
-Both engines run the same stages (:mod:`catfeat.pipeline`): reader, model runner, writer.
+Both engines run the same stages (:mod:`catfeat.extraction.stages`): reader, model runner, writer.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 
-from . import __version__
-from .backbones import BackboneSpec, Weights, parse_models, weights_identity
-from .images import ImageSet, list_images, shown
-from .reader import READERS, choose_reader, iter_batches
-from .store import (CacheError, FeatureWriter, StaleCacheError, remove_planted_link, cache_path, differences,
-                    open_cache)
+from catfeat import __version__
+from catfeat.models.registry import BackboneSpec, Weights, parse_models, weights_identity
+from catfeat.images.listing import ImageSet, list_images, shown
+from catfeat.images.reader import READERS, choose_reader, iter_batches
+from catfeat.cache.store import (
+    CacheError, FeatureWriter, StaleCacheError, remove_planted_link, cache_path, differences, open_cache)
 
 DEFAULT_MODELS = ("r50", "incv3", "xcep", "irv2")
 
@@ -135,7 +135,7 @@ def _lock(stack: ExitStack, path: Path) -> None:
 def cache_attrs(spec: BackboneSpec, weights, seed: int, precision: str, images: ImageSet,
                 fingerprint: str, tta: str = "none", decoder=None, dtype: str = "float32") -> dict:
     """The attributes that identify a cache (see store.KEY_FIELDS) plus provenance."""
-    from .runtime import backend_name, resolve_precision
+    from catfeat.models.forward import backend_name, resolve_precision
 
     return {
         "backbone": spec.name, "weights": weights_identity(weights, seed), "input_size": spec.input_size,
@@ -181,8 +181,8 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
     :data:`ENGINES`: ``"local"`` (this process) or ``"ray"`` (``engine_options``: ``address``,
     ``num_gpus_per_worker``, ``shards``); the caches are the same files either way.
     """
-    from .decoders import get_decoder
-    from .runtime import backend_name, device_description, resolve_precision, unused_gpu_hint
+    from catfeat.images.decoders import get_decoder
+    from catfeat.models.forward import backend_name, device_description, resolve_precision, unused_gpu_hint
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -195,7 +195,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
     specs = parse_models(models)
     dec = get_decoder(decoder)
     if batch_size is None:
-        from .runtime import default_batch_size
+        from catfeat.models.forward import default_batch_size
 
         # Ray workers given GPUs run the model there, whatever this driver has.
         gpu_workers = bool((engine_options or {}).get("num_gpus_per_worker"))
@@ -262,9 +262,9 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
 
 def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack) -> None:
     """This process: decode threads -> every backbone on this device -> a writer thread."""
-    from .decoders import get_decoder
-    from .pipeline import InBackground, ModelRunner, progress_bar, report_skip, run_stages
-    from .runtime import Forward
+    from catfeat.images.decoders import get_decoder
+    from catfeat.extraction.stages import InBackground, ModelRunner, progress_bar, report_skip, run_stages
+    from catfeat.models.forward import Forward
 
     images, secs = plan.images, report.seconds
     writers: dict[str, FeatureWriter] = {}
@@ -328,8 +328,8 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
 
 
 def _ray_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack, **options) -> None:
-    """A Ray Data job over a cluster (``pip install "catfeat[ray]"``); see :mod:`catfeat.engines.ray_engine`."""
-    from .engines.ray_engine import extract_with_ray
+    """A Ray Data job over a cluster (``pip install "catfeat[ray]"``); see :mod:`catfeat.extraction.ray_engine`."""
+    from catfeat.extraction.ray_engine import extract_with_ray
 
     extract_with_ray(plan, report, **options)
 
@@ -350,7 +350,7 @@ def extract(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_M
     fixed by ``seed``) or a weights file path (one backbone). ``precision``: "float32" or "mixed".
     ``tta="flip"`` stores the mean of the features of each image and its mirror image.
     ``batch_size=None``: 32 on a CPU, 128 on a GPU. ``decoder``: "auto" (OpenCV where installed),
-    "opencv" or "pillow" (see :mod:`catfeat.decoders`); recorded in the cache. ``dtype="float16"``
+    "opencv" or "pillow" (see :mod:`catfeat.images.decoders`); recorded in the cache. ``dtype="float16"``
     stores the features at half the size (recorded in the cache; they load as float32).
     ``reader``: "threads", "processes" (decoding free of the interpreter lock, for many-core GPU
     hosts) or "auto" (processes from 8 cores and 2,048 images on); features are identical.
