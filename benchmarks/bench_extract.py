@@ -10,7 +10,7 @@ Three methods, each in its own subprocess (so its peak resident memory is its ow
              model.predict on a float-input Keras model, features saved with h5py;
   catfeat    catfeat.run_extraction with all backbones in one pass (decode thread pool, compiled
              uint8 -> GAP call per backbone, HDF5 caches), into a fresh temporary folder;
-  ceiling    the same compiled models (catfeat.runtime.Forward) over uint8 tensors decoded and resized
+  ceiling    the same compiled models (catfeat.models.forward.Forward) over uint8 tensors decoded and resized
              beforehand and already in memory: no file I/O, no decode, no write.
 
 Timing: model build and the first compiled call (tracing/compilation, on one batch of zeros) are
@@ -115,7 +115,7 @@ def _setup_tf(args) -> None:
 def _host_preprocess(spec, x):
     """The recipe's host-side preprocess_input (keras.applications) on a float32 array."""
     if spec.keras_preprocess:
-        from catfeat.backbones import _import
+        from catfeat.models.registry import _import
 
         return _import(spec.keras_preprocess)(x)
     if spec.preprocessing == "lite":
@@ -128,8 +128,8 @@ def run_reference(args, images, specs) -> dict:
     import numpy as np
     from PIL import Image
 
-    from catfeat.backbones import build_backbone, normalize_weights
-    from catfeat.runtime import dtype_policy, resolve_precision
+    from catfeat.models.registry import build_backbone, normalize_weights
+    from catfeat.models.forward import dtype_policy, resolve_precision
 
     w = normalize_weights(args.weights)
     t = time.perf_counter()
@@ -172,9 +172,9 @@ def run_reference(args, images, specs) -> dict:
 def run_catfeat(args, images, specs) -> dict:
     import numpy as np
 
-    import catfeat.runtime as rt
-    from catfeat.extraction import run_extraction
-    from catfeat.store import open_cache
+    import catfeat.models.forward as rt
+    from catfeat.extraction.run import run_extraction
+    from catfeat.cache.store import open_cache
 
     warm: dict[str, float] = {}
     rss: dict[str, float] = {}
@@ -219,7 +219,7 @@ def run_catfeat(args, images, specs) -> dict:
 def _decode_all(images, sizes):
     import numpy as np
 
-    from catfeat.reader import iter_batches
+    from catfeat.images.reader import iter_batches
 
     arrays = {s: [] for s in sizes}
     for b in iter_batches(images.paths(), sizes, 64):
@@ -231,8 +231,8 @@ def _decode_all(images, sizes):
 def run_ceiling(args, images, specs) -> dict:
     import numpy as np
 
-    from catfeat.backbones import normalize_weights
-    from catfeat.runtime import Forward
+    from catfeat.models.registry import normalize_weights
+    from catfeat.models.forward import Forward
 
     x = _decode_all(images, sorted({s.input_size for s in specs}))  # not timed: the ceiling has no decode
     w = normalize_weights(args.weights)
@@ -259,9 +259,9 @@ def run_ceiling(args, images, specs) -> dict:
 def run_precision(args, images, specs) -> dict:
     import numpy as np
 
-    from catfeat.backbones import normalize_weights
-    from catfeat.images import list_images
-    from catfeat.runtime import Forward
+    from catfeat.models.registry import normalize_weights
+    from catfeat.images.listing import list_images
+    from catfeat.models.forward import Forward
 
     n = min(len(images), 2 * args.batch_size)
     sub = list_images(args.data, n)
@@ -287,8 +287,8 @@ def child(args) -> int:
     import keras  # imported before any timer in every method, so "build+warm-up" compares alike
 
     keras.backend.backend()
-    from catfeat.backbones import parse_models
-    from catfeat.images import list_images
+    from catfeat.models.registry import parse_models
+    from catfeat.images.listing import list_images
 
     specs = parse_models(args.models)
     images = list_images(args.data, args.limit)
@@ -353,8 +353,8 @@ def main(argv=None) -> int:
         return child(args)
     import numpy as np
 
-    from catfeat.backbones import parse_models
-    from catfeat.images import list_images
+    from catfeat.models.registry import parse_models
+    from catfeat.images.listing import list_images
 
     specs = parse_models(args.models)
     n = len(list_images(args.data, args.limit))

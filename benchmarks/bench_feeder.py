@@ -3,7 +3,7 @@
     python benchmarks/bench_feeder.py                        # 400 photos of original/, 224 and 299
     python benchmarks/bench_feeder.py --features 1600        # also: lite0 features and 5-fold CV per decoder
 
-Speed: each decoder (``catfeat.decoders``; ``pillow`` is the path catfeat used before, unchanged)
+Speed: each decoder (``catfeat.images.decoders``; ``pillow`` is the path catfeat used before, unchanged)
 decodes every photo once and resizes it to every size, on one thread (img/s per core) and on a
 thread pool of every core, ``--repeat`` times interleaved; the best run of each is reported and
 the ratio to Pillow is computed within the same run. Pixels: mean and max absolute difference
@@ -56,8 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--features", type=int, default=0, metavar="N", help="also compare lite0 features of N photos")
     args = p.parse_args(argv)
-    from catfeat.decoders import DECODERS
-    from catfeat.images import list_images
+    from catfeat.images.decoders import DECODERS
+    from catfeat.images.listing import list_images
 
     images = list_images(args.data, args.limit)
     paths = images.paths()[:args.limit]
@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     if args.features:
         import tempfile
 
-        from catfeat.evaluation import cross_validate
-        from catfeat.head import FusedHead
+        from catfeat.head.scoring import cross_validate
+        from catfeat.head.estimator import FusedHead
 
         feats = {}
         with tempfile.TemporaryDirectory() as tmp:

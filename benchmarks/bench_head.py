@@ -49,12 +49,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="bench_head.json", help="output file (default: %(default)s)")
     args = p.parse_args(argv)
 
-    from catfeat.evaluation import accuracy, concat_features, encode_labels, holdout_split, log_loss, take_rows
-    from catfeat.head import FusedHead
+    from catfeat.head.scoring import accuracy, concat_features, encode_labels, holdout_split, log_loss, take_rows
+    from catfeat.head.estimator import FusedHead
 
     if args.features:
-        from catfeat.evaluation import cached_models
-        from catfeat.store import load_features
+        from catfeat.cache.store import cached_models
+        from catfeat.cache.store import load_features
 
         X, y, _ = load_features(args.models or cached_models(args.features), args.features)
         source = f"{args.features} ({', '.join(X)})"

@@ -5,7 +5,7 @@
 
 Each stage sleeps for its cost per batch (sleeping releases the GIL, as decode, device work and
 HDF5 writes do), so the ideal wall time is the slowest stage's total and the no-overlap wall time
-is the sum of the stages. The stubs run through the real :func:`catfeat.pipeline.run_stages`
+is the sum of the stages. The stubs run through the real :func:`catfeat.extraction.stages.run_stages`
 (``ModelRunner`` dispatching to a stub device whose queued work runs back to back in its own
 time, like a GPU stream; the writer thread reading results back and writing) and, side by side in the same run, through two older shapes of the engine:
 
@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from catfeat.pipeline import ModelRunner, run_stages  # noqa: E402
+from catfeat.extraction.stages import ModelRunner, run_stages  # noqa: E402
 
 
 class StubBatch:
@@ -114,7 +114,7 @@ class StubDevice:
 
 def one_ahead(batches, runner: ModelRunner, write) -> None:
     """The previous run_stages: dispatch batch k, then read back batch k-1 on the same thread."""
-    from catfeat.pipeline import WriterThread
+    from catfeat.extraction.stages import WriterThread
 
     writer = WriterThread(write, 2)
     previous = None

@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     from sklearn.preprocessing import StandardScaler
 
     import catfeat
-    from catfeat.backbones import parse_models
+    from catfeat.models.registry import parse_models
 
     specs = parse_models(args.models)
     rows = []

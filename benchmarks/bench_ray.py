@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dogs-vs-cats" / "original"
-DEFAULT_MODEL = "lite0" if importlib.util.find_spec("catfeat.lite") else "r50"
+DEFAULT_MODEL = "lite0" if importlib.util.find_spec("catfeat.models.lite") else "r50"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     import numpy as np
     import ray
 
-    from catfeat.extraction import run_extraction
-    from catfeat.store import open_cache
+    from catfeat.extraction.run import run_extraction
+    from catfeat.cache.store import open_cache
 
     work = Path(tempfile.mkdtemp(prefix="bench_ray_"))
     common = dict(models=args.models, weights=args.weights, batch_size=args.batch_size, limit=args.limit,

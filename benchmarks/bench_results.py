@@ -3,7 +3,7 @@
     python -m catfeat.extract ../shared/data/dogs-vs-cats/small200 --models lite0,lite1,lite2 --limit 3000 --out /tmp/litefeat
     python benchmarks/bench_results.py --features /tmp/litefeat
 
-Every head is scored on the same shuffled stratified holdout (catfeat.evaluation.holdout_score) and,
+Every head is scored on the same shuffled stratified holdout (catfeat.head.scoring.holdout_score) and,
 with --cv K, by the same stratified K folds (cross_validate). Log loss clipped to [clip, 1-clip] and
 unclipped, and accuracy. Prints Markdown tables and writes them as CSV.
 """
@@ -30,9 +30,9 @@ def main(argv=None) -> None:
     from sklearn.linear_model import LogisticRegression
 
     from catfeat import FusedHead, load_features
-    from catfeat.backbones import parse_models
-    from catfeat.comparison import markdown_table
-    from catfeat.evaluation import concat_features, cross_validate, holdout_score
+    from catfeat.models.registry import parse_models
+    from catfeat.head.comparison import markdown_table
+    from catfeat.head.scoring import concat_features, cross_validate, holdout_score
 
     names = [s.name for s in parse_models(args.models)]
     X, y, _ = load_features(names, args.features)

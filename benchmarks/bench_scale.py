@@ -41,7 +41,7 @@ def _features(rng, y: np.ndarray, centers: np.ndarray, mix: np.ndarray) -> np.nd
 def build(folder: Path, rows: int, dim: int = 1280, n_test: int = 1000, dtype: str = "float32",
           block: int = 20000, seed: int = 0, compression: str | None = None) -> float:
     """Three caches of ``rows`` labelled + ``n_test`` test rows; returns seconds."""
-    from catfeat.store import FeatureWriter, cache_path
+    from catfeat.cache.store import FeatureWriter, cache_path
 
     t = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)

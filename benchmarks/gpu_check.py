@@ -16,7 +16,7 @@ Prints one JSON object: for each model set (the four Keras backbones; lite0+lite
   no copy, no write), timed after a warm-up call;
 * ``feeder_img_s``: the host reader alone (decode + resize to the set's input sizes, every core),
   on threads and on processes (``reader``: the one the whole run used, "auto" by default);
-* ``driver_img_s``: the model stage alone, as the whole run drives it: ``catfeat.pipeline.run_stages``
+* ``driver_img_s``: the model stage alone, as the whole run drives it: ``catfeat.extraction.stages.run_stages``
   over uint8 batches already in host memory (no decode), copied to the device and dispatched by
   ``ModelRunner``, features read back by the writer thread and dropped (no HDF5). Whole ~ driver <
   ceiling puts the gap in the driver's per-batch path; driver ~ ceiling puts it in the reader or
@@ -73,8 +73,8 @@ class GpuSampler:
 
 def build_forwards(models: str, precision: str, batch_size: int) -> dict:
     """{name: (spec, compiled Forward)}, built once per set for the ceiling and the driver runs."""
-    from catfeat.backbones import parse_models
-    from catfeat.runtime import Forward
+    from catfeat.models.registry import parse_models
+    from catfeat.models.forward import Forward
 
     return {s.name: (s, Forward(s, None, 0, precision, batch_size)) for s in parse_models(models)}
 
@@ -83,7 +83,7 @@ def ceiling(forwards: dict, batch_size: int, n_batches: int) -> float:
     """img/s of every backbone on device-resident uint8 batches, each image through every backbone."""
     import numpy as np
 
-    from catfeat.runtime import to_device, to_host
+    from catfeat.models.forward import to_device, to_host
 
     specs = [spec for spec, _ in forwards.values()]
     fw = {name: f for name, (_, f) in forwards.items()}
@@ -122,8 +122,8 @@ def driver(forwards: dict, batch_size: int, n_batches: int) -> dict:
     """img/s of run_stages over host-memory uint8 batches (no decode, no HDF5): the driver's own ceiling."""
     import numpy as np
 
-    from catfeat.images import Batch
-    from catfeat.pipeline import ModelRunner, run_stages
+    from catfeat.images.listing import Batch
+    from catfeat.extraction.stages import ModelRunner, run_stages
 
     specs = [spec for spec, _ in forwards.values()]
     runner = ModelRunner({name: (spec.input_size, f) for name, (spec, f) in forwards.items()})
@@ -144,10 +144,10 @@ def feeder(data: Path, models: str, batch_size: int, limit: int | None, workers:
            reader: str = "threads") -> float:
     """img/s of the host reader alone (decode + resize to every input size of ``models``, batches
     stacked), the same reader ``run_extraction`` uses: the feeder's own ceiling on this host."""
-    from catfeat.backbones import parse_models
-    from catfeat.decoders import get_decoder
-    from catfeat.images import list_images
-    from catfeat.reader import iter_batches
+    from catfeat.models.registry import parse_models
+    from catfeat.images.decoders import get_decoder
+    from catfeat.images.listing import list_images
+    from catfeat.images.reader import iter_batches
 
     sizes = sorted({s.input_size for s in parse_models(models)})
     paths = list_images(data, limit).paths()
@@ -174,7 +174,7 @@ def replicate(data: Path, times: int) -> Path:
 
 def whole(data: Path, models: str, precision: str, batch_size: int | None, limit: int | None,
           workers: int | None, decoder: str, reader: str = "auto") -> dict:
-    import catfeat.pipeline as pipeline
+    import catfeat.extraction.stages as pipeline
     from catfeat import run_extraction
 
     out = Path(tempfile.mkdtemp(prefix="catfeat-gpu-check-"))
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     p.add_argument("--replicate", type=int, default=1, help="link every photo N times (distinct names)")
     args = p.parse_args(argv)
     args.data = replicate(args.data, args.replicate)
-    from catfeat.runtime import backend_name, default_batch_size, device_description
+    from catfeat.models.forward import backend_name, default_batch_size, device_description
 
     bs = args.batch_size or default_batch_size()
     result = {"backend": backend_name(), "device": device_description(), "precision": args.precision,

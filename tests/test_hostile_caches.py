@@ -11,10 +11,10 @@ import h5py
 import numpy as np
 import pytest
 
-from catfeat import fit as fit_cli
-from catfeat.extraction import run_extraction
+from catfeat.cli import fit as fit_cli
+from catfeat.extraction.run import run_extraction
 from catfeat.outliers import find_outliers
-from catfeat.store import CacheError, FeatureWriter, load_features, open_cache, write_cache
+from catfeat.cache.store import CacheError, FeatureWriter, load_features, open_cache, write_cache
 
 from conftest import REPO, make_kaggle
 
@@ -189,7 +189,7 @@ def test_external_fifo_does_not_hang_fit_or_resume(tmp_path):
     # a planted .partial with the same trick is started over, not resumed (nor read)
     partial = feats / "gap_EfficientNetLite1.h5.partial"
     shutil.copy(feats / "gap_EfficientNetLite0.h5", partial)
-    script = ("import numpy as np; from catfeat.store import FeatureWriter; "
+    script = ("import numpy as np; from catfeat.cache.store import FeatureWriter; "
               f"w = FeatureWriter({str(feats / 'gap_EfficientNetLite1.h5')!r}, {{}}, {NAMES!r}, np.zeros(4, int), "
               "['train'] * 4, 3); print('resumed_from', w.resumed_from); w.close(discard_empty=False)")
     try:
@@ -308,7 +308,7 @@ def test_hdf5_failing_mid_write_exits_cleanly(tmp_path, small_disk):
     """The free-space check is the first defense; if HDF5 still meets a full disk (another program
     filled it meanwhile) the CLI exits with the same line instead of crashing in HDF5's exit handlers."""
     disk = small_disk("300k")
-    no_check = ("import sys; from catfeat.store import FeatureWriter; "
+    no_check = ("import sys; from catfeat.cache.store import FeatureWriter; "
                 "FeatureWriter._check_space = lambda self, need: None; "
                 "from catfeat.extract import main; sys.exit(main(sys.argv[1:]))")
     args = [*disk_data(tmp_path), "--out", disk]

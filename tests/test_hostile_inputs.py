@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catfeat.images import ByteBudget, DecodeError, ImageSetError, list_images, read_rgb
-from catfeat.reader import iter_batches
-from catfeat.store import load_features, open_cache
+from catfeat.images.listing import ByteBudget, DecodeError, ImageSetError, list_images, read_rgb
+from catfeat.images.reader import iter_batches
+from catfeat.cache.store import load_features, open_cache
 
 from conftest import REPO, make_kaggle, save_image
 
-MODEL = "lite0" if importlib.util.find_spec("catfeat.lite") else "r50"
+MODEL = "lite0" if importlib.util.find_spec("catfeat.models.lite") else "r50"
 CACHE = "gap_EfficientNetLite0.h5" if MODEL == "lite0" else "gap_ResNet50.h5"
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 BAD = os.fsdecode(b"cat.13.\xff.jpg")  # not valid UTF-8: Python reads it with a surrogate escape
@@ -63,7 +63,7 @@ def test_undecodable_name_is_one_row_that_round_trips(bad_names, tmp_path):
     again = extract(bad_names, out)
     assert again.returncode == 0 and "reused: " in again.stdout, again.stderr
     # fit reads the names, trains, and writes them back out byte for byte
-    from catfeat import fit
+    from catfeat.cli import fit
 
     oof = tmp_path / "oof.csv"
     assert fit.main(["--models", MODEL, "--features", str(out), "--cv", "2", "--epochs", "2",

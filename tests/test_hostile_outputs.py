@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from catfeat import fit as fit_cli
+from catfeat.cli import fit as fit_cli
 from catfeat import predict as predict_cli
-from catfeat.evaluation import write_submission
-from catfeat.head import FusedHead
-from catfeat.store import write_cache
+from catfeat.head.scoring import write_submission
+from catfeat.head.estimator import FusedHead
+from catfeat.cache.store import write_cache
 
 FAST = ["--preset", "reference", "--epochs", "1", "--batch-size", "32"]
 MODEL = "EfficientNetLite0"
@@ -177,7 +177,7 @@ def test_export_refuses_to_overwrite(small_head, tmp_path, capsys):
     target.write_text("keep me")
     rc = predict_cli.main(["--head", str(tmp_path / "head"), "--export", str(target)])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err == f"python -m catfeat.predict: error: {target} exists; pass --force (overwrite=True) " \
+    assert rc == 2 and err == f"python -m catfeat predict: error: {target} exists; pass --force (overwrite=True) " \
                               "to replace it"
     assert target.read_text() == "keep me"
     with pytest.raises(FileExistsError):
@@ -188,7 +188,7 @@ def test_export_refuses_to_overwrite(small_head, tmp_path, capsys):
 
 # -- 9d. random backbone weights are refused unless asked ---------------------------------------------------
 def test_random_weights_are_refused_unless_asked(small_head, tmp_path, capsys):
-    from catfeat.backbones import WeightsError
+    from catfeat.models.registry import WeightsError
     from catfeat.predict import build_predictor, resolve_weights
 
     head, _ = small_head

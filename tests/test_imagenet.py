@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from catfeat.imagenet import imagenet_classes, top_classes
+from catfeat.models.imagenet import imagenet_classes, top_classes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catfeat.decoders import decode_image
-from catfeat.images import DecodeError, ImageSetError, list_images
-from catfeat.reader import iter_batches
+from catfeat.images.decoders import decode_image
+from catfeat.images.listing import DecodeError, ImageSetError, list_images
+from catfeat.images.reader import iter_batches
 
 from conftest import make_kaggle, real_data, save_image
 

@@ -70,21 +70,21 @@ def test_no_module_imports_a_private_name_of_another():
 
 def test_the_import_scan_sees_function_level_and_relative_imports():
     graph = _graph()
-    assert "catfeat.evaluation" in graph["catfeat.head"]  # `from .evaluation import tune` inside a method
-    assert "catfeat.streaming" in graph["catfeat.streamed_head"]  # `from . import streaming`
-    assert "catfeat.store" in graph["catfeat.engines.ray_engine"]  # `from ..store import ...`
+    assert "catfeat.head.scoring" in graph["catfeat.head.estimator"]  # `from .evaluation import tune` inside a method
+    assert "catfeat.cache.rows" in graph["catfeat.head.streamed"]  # `from . import streaming`
+    assert "catfeat.cache.store" in graph["catfeat.extraction.ray_engine"]  # `from ..store import ...`
 
 
 def test_head_evaluation_and_comparison_have_no_import_cycle():
     graph = _graph()
-    layers = ["catfeat.store", "catfeat.streaming", "catfeat.evaluation", "catfeat.head", "catfeat.comparison",
-              "catfeat.report"]
+    layers = ["catfeat.cache.store", "catfeat.cache.rows", "catfeat.head.scoring", "catfeat.head.estimator", "catfeat.head.comparison",
+              "catfeat.head.report"]
     # each reaches none of the layers after it: comparison uses head and evaluation, head uses
     # evaluation (tuning), evaluation and the data layer use neither
     for i, module in enumerate(layers):
         above = set(layers[i + 1:]) & _reachable(graph, module)
         assert not above, f"{module} imports (directly or not) {sorted(above)}"
-    for module in ("catfeat.evaluation", "catfeat.comparison"):
+    for module in ("catfeat.head.scoring", "catfeat.head.comparison"):
         assert module not in _reachable(graph, module)
 
 
@@ -92,9 +92,9 @@ def test_streamed_head_reaches_the_model_helpers_not_the_head():
     # FusedHead.fit/predict_proba hand streamed rows to streamed_head; both build the Keras model
     # with head_model's helpers, so streamed_head never imports head back
     graph = _graph()
-    assert "catfeat.head_model" in graph["catfeat.streamed_head"]
-    assert "catfeat.head" not in _reachable(graph, "catfeat.streamed_head")
-    assert not {"catfeat.head", "catfeat.streamed_head"} & _reachable(graph, "catfeat.head_model")
+    assert "catfeat.head.network" in graph["catfeat.head.streamed"]
+    assert "catfeat.head.estimator" not in _reachable(graph, "catfeat.head.streamed")
+    assert not {"catfeat.head.estimator", "catfeat.head.streamed"} & _reachable(graph, "catfeat.head.network")
 
 
 def test_no_other_import_cycles():

@@ -15,18 +15,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from catfeat.lite import (  # noqa: E402
-    LITE_VARIANTS,
-    EfficientNetLite,
-    EfficientNetLite0,
-    EfficientNetLite1,
-    EfficientNetLite2,
-    UnsafeWeightsError,
-    lite_classifier,
-    lite_preprocess,
-    packaged_weights_path,
-    read_pth,
-)
+from catfeat.models.lite import (
+    LITE_VARIANTS, EfficientNetLite, EfficientNetLite0, EfficientNetLite1, EfficientNetLite2, UnsafeWeightsError,
+    lite_classifier, lite_preprocess, packaged_weights_path, read_pth)
 
 HERE = Path(__file__).resolve().parent
 FIXTURE = HERE / "fixtures" / "lite_reference.npz"
@@ -338,7 +329,7 @@ BUILDERS = {"lite0": EfficientNetLite0, "lite1": EfficientNetLite1, "lite2": Eff
 def test_random_init_matches_the_previous_builder(variant):
     import hashlib
 
-    from catfeat.backbones import build_backbone
+    from catfeat.models.registry import build_backbone
 
     expected = RANDOM_INIT_SHA.get(keras.backend.backend(), {}).get(variant)
     if expected is None:
@@ -354,7 +345,7 @@ def test_random_init_matches_the_previous_builder(variant):
 
 
 def test_keras_style_builder_gives_the_same_features_and_probabilities(lite):
-    from catfeat.backbones import build_backbone
+    from catfeat.models.registry import build_backbone
 
     images = _centre_crop(np.load(FIXTURE)["images"], 224)[:4]
     feats, logits = _run(_features_and_logits(lite("lite0")), images)

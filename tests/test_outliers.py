@@ -34,7 +34,7 @@ def _plant(folder):
 
 @pytest.fixture(scope="module")
 def lite_features(tmp_path_factory):
-    import catfeat.extraction
+    import catfeat.extraction.run
 
     src = real_data("original")
     root = tmp_path_factory.mktemp("outl")
@@ -44,15 +44,15 @@ def lite_features(tmp_path_factory):
         shutil.copy(src / f"cat.{k}.jpg", data / f"cat.{k}.jpg")
         shutil.copy(src / f"dog.{1000 + k}.jpg", data / f"dog.{1000 + k}.jpg")
     _plant(data)
-    catfeat.extraction.extract(data, models="lite0,lite1", out=root / "features", weights="imagenet", batch_size=8)
+    catfeat.extraction.run.extract(data, models="lite0,lite1", out=root / "features", weights="imagenet", batch_size=8)
     return root
 
 
 def test_classifier_matches_the_full_model():
     import keras
 
-    from catfeat.backbones import build_backbone, classifier
-    from catfeat.lite import EfficientNetLite
+    from catfeat.models.registry import build_backbone, classifier
+    from catfeat.models.lite import EfficientNetLite
 
     W, b = classifier("lite0", "imagenet")
     assert W.shape == (1280, 1000) and b.shape == (1000,)
@@ -63,15 +63,16 @@ def test_classifier_matches_the_full_model():
 
 
 def test_keras_classifier_needs_imagenet_weights():
-    from catfeat.backbones import WeightsError, classifier
+    from catfeat.models.registry import WeightsError, classifier
 
     with pytest.raises(WeightsError, match="only with weights='imagenet'"):
         classifier("r50", None)
 
 
 def test_planted_images_are_flagged_real_pets_are_not(lite_features, tmp_path, capsys):
-    from catfeat.imagenet import imagenet_classes
-    from catfeat.outliers import CAT_CLASSES, DOG_CLASSES, find_outliers, main
+    from catfeat.models.imagenet import imagenet_classes
+    from catfeat.outliers import CAT_CLASSES, DOG_CLASSES, find_outliers
+    from catfeat.cli.outliers import main
 
     df = find_outliers("lite0,lite1", lite_features / "features", top=30)
     assert df.attrs["min_votes"] == 2 and len(df) == 2 * N_REAL + len(PLANTED)

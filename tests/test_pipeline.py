@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from catfeat.pipeline import InBackground, ModelRunner, WriterThread, decode_rows, run_stages
+from catfeat.extraction.stages import InBackground, ModelRunner, WriterThread, decode_rows, run_stages
 
 
 class Batch:
@@ -176,7 +176,7 @@ def test_in_background_close_stops_the_generator_and_runs_its_cleanup():
 
 
 def test_decode_rows_turns_every_failure_into_a_reason(tmp_path):
-    from catfeat.images import DecodeError
+    from catfeat.images.listing import DecodeError
 
     def decode(path, sizes):
         if path == "bad":
@@ -191,8 +191,8 @@ def test_decode_rows_turns_every_failure_into_a_reason(tmp_path):
 
 
 def test_forward_dispatch_fetch_equals_a_plain_call():
-    from catfeat.backbones import get_backbone
-    from catfeat.runtime import Forward, pad_batch, to_device
+    from catfeat.models.registry import get_backbone
+    from catfeat.models.forward import Forward, pad_batch, to_device
 
     f = Forward(get_backbone("lite0"), None, 0, "float32", batch_size=4)
     x = np.random.RandomState(0).randint(0, 256, (3, 224, 224, 3)).astype(np.uint8)

@@ -64,7 +64,7 @@ def test_wrong_seed_gives_other_predictions_and_missing_identity_fails(trained, 
 def test_cli_csv_export_and_bad_file(trained, tmp_path, capsys):
     import keras
 
-    from catfeat.predict import main
+    from catfeat.cli.predict import main
 
     root, data, head = trained
     bad = tmp_path / "broken.jpg"

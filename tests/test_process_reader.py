@@ -1,4 +1,4 @@
-"""The reader on worker processes (catfeat.process_reader): same batches as the thread reader,
+"""The reader on worker processes (catfeat.images.process_reader): same batches as the thread reader,
 hostile files included; a crashing decoder costs one file; clear errors where workers cannot run."""
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, real_data, save_image
-from catfeat import process_reader
-from catfeat.decoders import get_decoder
-from catfeat.images import list_images
-from catfeat.reader import choose_reader, iter_batches
-from catfeat.process_reader import ReaderStartError, crash_reason
+from catfeat.images import process_reader
+from catfeat.images.decoders import get_decoder
+from catfeat.images.listing import list_images
+from catfeat.images.reader import choose_reader, iter_batches
+from catfeat.images.process_reader import ReaderStartError, crash_reason
 
 
 def crashing_decode(path, sizes):
@@ -101,8 +101,8 @@ def test_a_script_without_a_main_guard_reads_on_processes_once(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
-        from catfeat.images import list_images
-        from catfeat.reader import iter_batches
+        from catfeat.images.listing import list_images
+        from catfeat.images.reader import iter_batches
         paths = list_images({str(data)!r}).paths()
         batches = list(iter_batches(paths, (32,), 4, workers=2, reader="processes"))
         print("read", sum(int(b.ok.sum()) for b in batches))
@@ -139,7 +139,7 @@ def test_auto_reads_on_processes_only_with_many_cores_and_images(monkeypatch):
 def test_extraction_on_processes_writes_the_same_cache_and_says_so(kaggle_dir, tmp_path):
     import h5py
 
-    from catfeat.extraction import run_extraction
+    from catfeat.extraction.run import run_extraction
 
     fast = dict(weights=None, batch_size=4, progress=False, workers=2)
     a = run_extraction(kaggle_dir, "r50", tmp_path / "threads", reader="threads", **fast)

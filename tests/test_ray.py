@@ -13,16 +13,16 @@ import h5py
 import numpy as np
 import pytest
 
-from catfeat.engines import EngineUnavailableError
-from catfeat.engines import ray_engine
-from catfeat.engines.ray_engine import plan_shards
-from catfeat.extraction import run_extraction
-from catfeat.store import KEY_FIELDS, open_cache
+from catfeat.extraction.ray_engine import EngineUnavailableError
+from catfeat.extraction.run import ray_engine
+from catfeat.extraction.ray_engine import plan_shards
+from catfeat.extraction.run import run_extraction
+from catfeat.cache.store import KEY_FIELDS, open_cache
 
 from conftest import REPO, make_kaggle
 
-# lite0 is the cheapest backbone to build; ResNet50 when catfeat.lite is not there
-MODEL = "lite0" if importlib.util.find_spec("catfeat.lite") else "r50"
+# lite0 is the cheapest backbone to build; ResNet50 when catfeat.models.lite is not there
+MODEL = "lite0" if importlib.util.find_spec("catfeat.models.lite") else "r50"
 FAST = dict(weights=None, batch_size=4, progress=False)
 SHARDS = 3
 
@@ -72,7 +72,7 @@ def test_clear_error_without_ray(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail as if not installed
     with pytest.raises(EngineUnavailableError, match=r'pip install "catfeat\[ray\]"'):
         run_extraction(data, MODEL, tmp_path / "a", engine="ray", **FAST)
-    from catfeat.extract import main
+    from catfeat.cli.extract import main
 
     code = main([str(data), "--models", MODEL, "--weights", "none", "--out", str(tmp_path / "b"),
                  "--engine", "ray", "--no-progress"])
@@ -82,8 +82,8 @@ def test_clear_error_without_ray(data, tmp_path, monkeypatch, capsys):
 
 def test_catfeat_imports_without_ray():
     code = ("import sys; sys.modules['ray'] = None\n"
-            "import catfeat, catfeat.extract, catfeat.engines.ray_engine\n"
-            "print(catfeat.extract.build_parser().parse_args(['d', '--engine', 'ray']).engine)")
+            "import catfeat, catfeat.cli.extract, catfeat.extraction.ray_engine\n"
+            "print(catfeat.cli.extract.build_parser().parse_args(['d', '--engine', 'ray']).engine)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr

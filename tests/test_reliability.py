@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catfeat.extraction import run_extraction
-from catfeat.store import CacheError, FeatureWriter, load_features, open_cache, write_cache
+from catfeat.extraction.run import run_extraction
+from catfeat.cache.store import CacheError, FeatureWriter, load_features, open_cache, write_cache
 
 from conftest import REPO, make_kaggle, save_image, wait_for_rows
 
@@ -181,7 +181,7 @@ def test_disk_full_is_a_clear_error(kaggle_dir, tmp_path, monkeypatch):
 
 
 def test_nan_features_are_refused_at_write_time(kaggle_dir, tmp_path, monkeypatch):
-    from catfeat import runtime
+    from catfeat.models import forward as runtime
 
     real_fetch = runtime.Forward.fetch
 

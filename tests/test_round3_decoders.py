@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catfeat.decoders import DECODERS
-from catfeat.images import DAMAGED_JPEG, MAX_JPEG_SCANS, DecodeError, jpeg_scans
-from catfeat.reader import iter_batches
-from catfeat.store import FeatureWriter, open_cache
+from catfeat.images.decoders import DECODERS
+from catfeat.images.listing import DAMAGED_JPEG, MAX_JPEG_SCANS, DecodeError, jpeg_scans
+from catfeat.images.reader import iter_batches
+from catfeat.cache.store import FeatureWriter, open_cache
 
 from conftest import REPO, make_kaggle, real_data
 
-MODEL = "lite0" if importlib.util.find_spec("catfeat.lite") else "r50"
+MODEL = "lite0" if importlib.util.find_spec("catfeat.models.lite") else "r50"
 CACHE = "gap_EfficientNetLite0.h5" if MODEL == "lite0" else "gap_ResNet50.h5"
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 SIZES = (64,)
@@ -202,8 +202,8 @@ def test_extract_keeps_and_lists_damaged_files_or_skips_them(tmp_path):
 # -- 3. bounded reads ----------------------------------------------------------------------------
 CHILD = """
 import resource, sys
-from catfeat.decoders import DECODERS
-from catfeat.images import DecodeError
+from catfeat.images.decoders import DECODERS
+from catfeat.images.listing import DecodeError
 for name in ("opencv", "pillow"):
     try:
         DECODERS[name].decode(sys.argv[1], (64,))

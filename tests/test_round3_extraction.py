@@ -13,19 +13,19 @@ import h5py
 import numpy as np
 import pytest
 
-from catfeat import fit as fit_cli
-from catfeat.engines import ray_engine
-from catfeat.evaluation import cross_validate
-from catfeat.extraction import run_extraction
-from catfeat.head import FusedHead
-from catfeat.store import CacheError, FeatureWriter, StalePartialError, open_cache, write_cache
+from catfeat.cli import fit as fit_cli
+from catfeat.extraction import ray_engine
+from catfeat.head.scoring import cross_validate
+from catfeat.extraction.run import run_extraction
+from catfeat.head.estimator import FusedHead
+from catfeat.cache.store import CacheError, FeatureWriter, StalePartialError, open_cache, write_cache
 
 from conftest import REPO, make_kaggle, wait_for_rows
 
 FAST = dict(weights=None, batch_size=4, progress=False)
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3", "HDF5_USE_FILE_LOCKING": "FALSE"}
-# lite0 is the cheapest backbone to build; ResNet50 when catfeat.lite is not there
-MODEL, NAME = ("lite0", "EfficientNetLite0") if importlib.util.find_spec("catfeat.lite") else ("r50", "ResNet50")
+# lite0 is the cheapest backbone to build; ResNet50 when catfeat.models.lite is not there
+MODEL, NAME = ("lite0", "EfficientNetLite0") if importlib.util.find_spec("catfeat.models.lite") else ("r50", "ResNet50")
 
 
 def extract_proc(*args) -> subprocess.Popen:

@@ -17,14 +17,14 @@ import h5py
 import numpy as np
 import pytest
 
-from catfeat.evaluation import submission_ids, write_submission
-from catfeat.head import FusedHead
-from catfeat.store import CacheError, load_features, open_cache, write_cache
-from catfeat.streaming import CacheRows
+from catfeat.head.scoring import submission_ids, write_submission
+from catfeat.head.estimator import FusedHead
+from catfeat.cache.store import CacheError, load_features, open_cache, write_cache
+from catfeat.cache.rows import CacheRows
 
 from conftest import REPO, make_kaggle, real_data, save_image
 
-MODEL = "lite0" if importlib.util.find_spec("catfeat.lite") else "r50"
+MODEL = "lite0" if importlib.util.find_spec("catfeat.models.lite") else "r50"
 FULL = "EfficientNetLite0" if MODEL == "lite0" else "ResNet50"
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 FAST = ["--preset", "reference", "--epochs", "1", "--batch-size", "32"]
@@ -171,7 +171,7 @@ def test_skipped_test_image_stops_the_submission_unless_filled(kaggle_feats, tmp
 
 @pytest.mark.parametrize("value", ["-0.1", "1.5", "nan"])
 def test_fill_missing_must_be_a_probability(value, tmp_path, capsys):
-    from catfeat.commands import main
+    from catfeat.cli.main import main
 
     with pytest.raises(SystemExit) as e:  # argument parsing: nothing is loaded
         main(["fit", "--features", str(tmp_path), "--submission", str(tmp_path / "s.csv"), f"--fill-missing={value}"])

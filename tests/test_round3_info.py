@@ -11,8 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from catfeat.info import describe_caches
-from catfeat.store import write_cache
+from catfeat.cache.describe import describe_caches
+from catfeat.cache.store import write_cache
 
 from conftest import REPO
 
@@ -44,9 +44,9 @@ def as_partial(cache):
 
 
 def info(folder, *args):
-    """``python -m catfeat.info FOLDER ARGS``; a hang fails the test instead of blocking it."""
+    """``python -m catfeat info FOLDER ARGS``; a hang fails the test instead of blocking it."""
     try:
-        proc = subprocess.run([sys.executable, "-m", "catfeat.info", str(folder), *args], env=ENV,
+        proc = subprocess.run([sys.executable, "-m", "catfeat", "info", str(folder), *args], env=ENV,
                               capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail(f"catfeat info {' '.join(args)} blocked (it opened something that never ends)")
@@ -103,7 +103,7 @@ def test_dangling_link_is_listed_beside_the_caches(tmp_path):
     proc = info(tmp_path)
     assert proc.returncode == 2
     assert "is a broken symbolic link" in proc.stdout and "not a regular file (FIFO)" in proc.stdout
-    assert proc.stderr.splitlines() == [f"python -m catfeat.info: error: none of the 2 cache files in {tmp_path} can be read "
+    assert proc.stderr.splitlines() == [f"python -m catfeat info: error: none of the 2 cache files in {tmp_path} can be read "
                                         "(reasons above); extract again with `catfeat extract DATA_DIR "
                                         f"--features {tmp_path}`"]
     # an empty folder is not an error: nothing to list

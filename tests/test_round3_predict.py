@@ -45,8 +45,8 @@ def cli(main, *args, timeout: float = 600) -> int:
 
 
 def run_predict(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m catfeat.predict`` in a real process, with a timeout."""
-    return subprocess.run([sys.executable, "-m", "catfeat.predict", *map(str, args)], capture_output=True,
+    """``python -m catfeat predict`` in a real process, with a timeout."""
+    return subprocess.run([sys.executable, "-m", "catfeat", "predict", *map(str, args)], capture_output=True,
                           text=True, env=ENV, timeout=timeout)
 
 
@@ -64,8 +64,8 @@ def made(tmp_path_factory):
     ImageNet weights (lite0's ship with the package, offline): with random weights (``--weights
     none``) lite0's GAP features are ~1e-12, so every head answers the same for every image and a
     1e-5 comparison of predictions could not fail."""
-    from catfeat.extract import main as extract_main
-    from catfeat.fit import main as fit_main
+    from catfeat.cli.extract import main as extract_main
+    from catfeat.cli.fit import main as fit_main
 
     root = tmp_path_factory.mktemp("round3")
     data = make_kaggle(root / "data", n_per_class=5, n_test=2, size=(320, 280))
@@ -93,7 +93,8 @@ def cached_predictions(head_dir, feats) -> dict[str, np.ndarray]:
 # -- 1. predict repeats the caches' decoder and TTA ------------------------------------------------------------
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_predict_repeats_how_the_features_were_made(made, variant, tmp_path, capsys):
-    from catfeat.predict import UnrecordedFeaturesWarning, main, predict_images
+    from catfeat.predict import UnrecordedFeaturesWarning, predict_images
+    from catfeat.cli.predict import main
 
     data, (feats, head_dir) = made["data"], made[variant]
     recorded = json.loads((head_dir / "head.json").read_text())["features"]
@@ -133,7 +134,7 @@ def test_predict_repeats_how_the_features_were_made(made, variant, tmp_path, cap
 
 
 def test_legacy_head_warns_in_one_line(made, tmp_path, capsys):
-    from catfeat.predict import main
+    from catfeat.cli.predict import main
 
     data, (feats, head_dir) = made["data"], made["flip"]
     legacy = tmp_path / "legacy"
@@ -162,7 +163,7 @@ def test_legacy_head_warns_in_one_line(made, tmp_path, capsys):
 
 
 def test_a_decoder_that_is_not_installed_is_refused(made, monkeypatch, capsys):
-    from catfeat.predict import main
+    from catfeat.cli.predict import main
 
     data, (_, head_dir) = made["data"], made["flip"]  # extracted with the default decoder, OpenCV
     monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now fails, as where it is not installed
@@ -227,7 +228,7 @@ def _write_meta(d, change) -> None:
 
 @pytest.mark.parametrize("case", list(TAMPER))
 def test_tampered_head_is_one_line_naming_the_file(made, case, tmp_path, capsys):
-    from catfeat.predict import main
+    from catfeat.cli.predict import main
 
     tamper, file, what = TAMPER[case]
     head = tmp_path / "head"
@@ -236,7 +237,7 @@ def test_tampered_head_is_one_line_naming_the_file(made, case, tmp_path, capsys)
     tamper(head)
     rc = cli(main, "--head", head, made["data"] / "test", timeout=300)
     err = one_error_line(capsys)
-    assert rc == 2 and err.startswith("python -m catfeat.predict: error: "), err
+    assert rc == 2 and err.startswith("python -m catfeat predict: error: "), err
     assert str(head / file) in err and what in err, err
 
 
@@ -258,7 +259,7 @@ def test_pattern_matching_nothing_exits_2(made, tmp_path):
     pattern = str(tmp_path / "*.jpg")
     r = run_predict("--head", head, pattern, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == (f"python -m catfeat.predict: error: {pattern!r} matches no file: "
+    assert r.stderr.strip().splitlines()[-1] == (f"python -m catfeat predict: error: {pattern!r} matches no file: "
                                                  "nothing predicted; check the names")
     assert r.stdout == ""
     # a glob that matches, beside a literal path that does not exist and a folder without images
@@ -267,5 +268,5 @@ def test_pattern_matching_nothing_exits_2(made, tmp_path):
     r = run_predict("--head", head, some, missing, empty, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
-        f"python -m catfeat.predict: error: {str(missing)!r} does not exist; folder {str(empty)!r} holds no image "
+        f"python -m catfeat predict: error: {str(missing)!r} does not exist; folder {str(empty)!r} holds no image "
         "file (.jpg, .jpeg, .png, .bmp, .gif, .webp, .tif, .tiff): nothing predicted; check the names")

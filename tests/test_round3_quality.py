@@ -27,8 +27,8 @@ def blobs(n=60, d=6, seed=0):
 
 
 def test_few_rows_get_the_step_budget_not_200_steps():
-    from catfeat.head import FusedHead
-    from catfeat.head_model import MIN_EPOCH_STEPS
+    from catfeat.head.estimator import FusedHead
+    from catfeat.head.network import MIN_EPOCH_STEPS
 
     X, y = blobs(50)
     head = FusedHead(random_state=0, early_stopping=False).fit(X, y)  # 45 rows would be one step an epoch
@@ -43,9 +43,9 @@ def test_few_rows_get_the_step_budget_not_200_steps():
 
 
 def test_few_rows_streamed_train_like_in_memory(tmp_path):
-    from catfeat.head import FusedHead
-    from catfeat.store import load_features, write_cache
-    from catfeat.streaming import CacheRows
+    from catfeat.head.estimator import FusedHead
+    from catfeat.cache.store import load_features, write_cache
+    from catfeat.cache.rows import CacheRows
 
     X, y = blobs(80, d=7)
     names = [f"train/{'dog' if v else 'cat'}.{i}.jpg" for i, v in enumerate(y)]
@@ -97,7 +97,7 @@ def test_import_filter_drops_only_the_chatter_and_keeps_real_errors(tmp_path):
         """))
     script = textwrap.dedent("""\
         import sys
-        from catfeat.cli import quiet_backend_startup
+        from catfeat.cli.common import quiet_backend_startup
         with quiet_backend_startup():
             try:
                 import tensorflow

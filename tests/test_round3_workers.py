@@ -23,10 +23,10 @@ import psutil
 import pytest
 
 from conftest import REPO, make_kaggle, save_image
-from catfeat.process_reader import HANG_ENV
-from catfeat.store import open_cache
+from catfeat.images.process_reader import HANG_ENV
+from catfeat.cache.store import open_cache
 
-MODEL = "lite0" if importlib.util.find_spec("catfeat.lite") else "r50"
+MODEL = "lite0" if importlib.util.find_spec("catfeat.models.lite") else "r50"
 CACHE = "gap_EfficientNetLite0.h5" if MODEL == "lite0" else "gap_ResNet50.h5"
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -169,8 +169,8 @@ def test_a_worker_killed_holding_the_whole_budget_does_not_stall_the_read(tmp_pa
     script = tmp_path / "read.py"
     script.write_text(textwrap.dedent(f"""
         from pathlib import Path
-        from catfeat.images import ByteBudget
-        from catfeat.reader import iter_batches
+        from catfeat.images.listing import ByteBudget
+        from catfeat.images.reader import iter_batches
         paths = sorted(Path({str(data)!r}).iterdir())
         budget = ByteBudget({side * side * 4})
         batches = list(iter_batches(paths, (32,), 4, workers=2, reader="processes", budget=budget))
@@ -241,7 +241,7 @@ def test_bad_numbers_are_refused_naming_the_flag(tmp_path, flag, value, message)
 
 
 def test_library_refuses_bad_numbers(tmp_path):
-    from catfeat.extraction import run_extraction
+    from catfeat.extraction.run import run_extraction
 
     data = make_kaggle(tmp_path / "data", 1, 1)
     for kwargs, match in [(dict(workers=-3), "workers must be at least 1, got -3"),

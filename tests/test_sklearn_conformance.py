@@ -10,7 +10,7 @@ import pytest
 from sklearn.exceptions import DataConversionWarning, NotFittedError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from catfeat.head import EXPECTED_FAILED_CHECKS, FusedHead
+from catfeat.head.estimator import EXPECTED_FAILED_CHECKS, FusedHead
 
 # The default head, as users get it: on the checks' few rows (20-150) it must train enough for the
 # accuracy they ask (check_classifiers_train, check_class_weight_classifiers).
@@ -140,7 +140,7 @@ def blocks(n=120, seed=0):
 
 
 def test_backbone_widths_give_the_model_of_the_blocks():
-    from catfeat.head import stack_backbones
+    from catfeat.head.estimator import stack_backbones
 
     B, y = blocks()
     X, widths = stack_backbones(B)
@@ -180,8 +180,8 @@ def test_backbone_widths_through_scikit_learn_tools(tmp_path):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from catfeat.evaluation import cross_validate
-    from catfeat.head import stack_backbones
+    from catfeat.head.scoring import cross_validate
+    from catfeat.head.estimator import stack_backbones
 
     B, y = blocks(150)
     X, widths = stack_backbones(B)

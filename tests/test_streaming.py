@@ -1,18 +1,18 @@
-"""Streaming from the caches (catfeat.streaming), float16 caches, and the out-of-memory refusal."""
+"""Streaming from the caches (catfeat.cache.rows), float16 caches, and the out-of-memory refusal."""
 from __future__ import annotations
 
 import h5py
 import numpy as np
 import pytest
 
-from catfeat import fit as fit_cli
-from catfeat import store, streaming
-from catfeat.comparison import compare
-from catfeat.evaluation import holdout_score
-from catfeat.head import FusedHead
-from catfeat.store import MemoryShortError, cache_path, differences, load_features, open_cache, write_cache
-from catfeat.streamed_head import fit_stream, forward_rows
-from catfeat.streaming import CacheRows, EpochBatches
+from catfeat.cli import fit as fit_cli
+from catfeat.cache import store, rows as streaming
+from catfeat.head.comparison import compare
+from catfeat.head.scoring import holdout_score
+from catfeat.head.estimator import FusedHead
+from catfeat.cache.store import MemoryShortError, cache_path, differences, load_features, open_cache, write_cache
+from catfeat.head.streamed import fit_stream, forward_rows
+from catfeat.cache.rows import CacheRows, EpochBatches
 
 from test_fit import make_caches
 

@@ -1,0 +1,203 @@
+"""`catfeat info [FEATURES]`: what the feature caches in a folder hold, finished or not."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from catfeat.cli.common import add_output_flags, run_cli
+
+# What is printed of one value (a cell, an attribute); a hostile cache can hold a 10 MB attribute.
+SHOWN_CHARS = 200
+# What is printed of one error (it names the file and says what to do, so it may be longer).
+ERROR_CHARS = 2000
+COLUMNS = ["file", "status", "backbone", "train", "test", "classes", "skipped", "weights", "backend", "precision",
+           "decoder", "created", "size_bytes", "rows_written", "n_images", "error"]
+
+
+def describe_caches(features_dir: str | os.PathLike = "features") -> "pd.DataFrame":  # noqa: F821
+    """One row per ``gap_*.h5`` cache and per unfinished ``gap_*.h5.partial`` in ``features_dir``.
+
+    Columns: ``file, status`` (complete | unfinished | unreadable), ``backbone, train, test`` (rows
+    per split; for an unfinished file, the rows so far), ``classes, skipped, weights, backend,
+    precision, decoder`` ('pillow' for caches older than the attribute), ``created, size_bytes,
+    rows_written, n_images`` and ``error`` (why an unreadable file cannot be used). Only regular
+    files are opened: a FIFO, a folder or a broken link is a row with status 'unreadable' and why.
+    Values are as stored; ``format_caches`` escapes and cuts them for printing.
+    """
+    import pandas as pd
+
+    folder = Path(features_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no folder {folder}; extract with `catfeat extract DATA_DIR --features {folder}`")
+    files = sorted(folder.glob("gap_*.h5")) + sorted(folder.glob("gap_*.h5.partial"))
+    rows = [_describe(p) for p in sorted(files, key=lambda p: (p.name.removesuffix(".partial"), p.suffix))]
+    columns = {}
+    for c in COLUMNS:
+        values = [r.get(c) for r in rows]
+        numbers = all(v is None or isinstance(v, (int, float, np.integer, np.floating)) for v in values)
+        # Text stays object: names that are not valid UTF-8 (surrogates) cannot be pandas strings.
+        columns[c] = pd.Series(values, dtype=None if numbers else object)
+    return pd.DataFrame(columns, columns=COLUMNS)
+
+
+def _describe(path: Path) -> dict:
+    from catfeat.cache.store import CacheError, regular_stat, open_cache
+
+    row = {"file": path.name, "backbone": path.name.removeprefix("gap_").split(".h5")[0]}
+    try:
+        row["size_bytes"] = regular_stat(path).st_size  # before any open: a FIFO would block it
+    except CacheError as e:
+        return {**row, "status": "unreadable", "error": str(e)}
+    if path.suffix == ".partial":
+        return {**row, **_partial(path)}
+    try:
+        cache = open_cache(path)
+    except CacheError as e:
+        return {**row, "status": "unreadable", "error": str(e)}
+    a = cache.attrs
+    return {**row, **_common(a), "status": "complete", "train": a["n_train"], "test": a["n_test"],
+            "skipped": int(a.get("skipped_count", 0)), "rows_written": a.get("rows_written"),
+            "n_images": a.get("n_images")}
+
+
+def _common(a: dict) -> dict:
+    from catfeat.cache.store import LEGACY_DEFAULTS
+
+    try:
+        classes = ",".join(map(str, json.loads(a.get("classes", "[]"))))
+    except (TypeError, ValueError, RecursionError):  # not JSON, not a list, or nested too deep
+        classes = str(a.get("classes"))
+    return {"backbone": a.get("backbone"), "classes": classes, "weights": a.get("weights"),
+            "backend": a.get("backend", ""), "precision": a.get("precision"),
+            "decoder": a.get("decoder", LEGACY_DEFAULTS["decoder"]),
+            "created": a.get("created") or a.get("completed") or ""}
+
+
+def _partial(path: Path) -> dict:
+    """Attributes and rows so far of an unfinished cache; read without a lock, as a writer may hold it."""
+    from catfeat.cache.store import CacheError, check_inside, import_h5py, read_attrs
+
+    h5py = import_h5py()
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            check_inside(f, path)  # even `"train" in f` would open the file an external link names
+            a = read_attrs(f)
+            train, test = (f[s].shape[0] if s in f else 0 for s in ("train", "test"))
+            skipped = f["skipped_names"].shape[0] if "skipped_names" in f else 0
+    except CacheError as e:
+        return {"status": "unreadable", "error": str(e)}
+    except Exception as e:  # mid-write or damaged: still worth listing
+        return {"status": "unreadable", "error": f"{e.__class__.__name__}: {e}"}
+    return {**_common(a), "status": "unfinished", "train": train, "test": test, "skipped": skipped,
+            "rows_written": a.get("rows_written"), "n_images": a.get("n_images")}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _cell(value) -> str:
+    """One value as printed: blank when missing, whole floats without '.0', control characters
+    escaped (``images.printable``), cut after ``SHOWN_CHARS``."""
+    from catfeat.images.listing import printable
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a column with blanks holds floats
+    return printable(value, SHOWN_CHARS)
+
+
+def format_caches(df) -> str:
+    """``describe_caches``' table as text: sizes in KB/MB, unfinished files as 'unfinished R/N images'.
+
+    Names and values print on one line each, control characters escaped (a class named "do\\ng"
+    shows as 'do\\ng'), and at most ``SHOWN_CHARS`` characters of each value.
+    """
+    from catfeat.images.listing import printable
+
+    if not len(df):
+        return "(no caches)"
+    shown = df.copy()
+    shown["size"] = shown["size_bytes"].map(lambda n: "" if n is None or n != n else _size(n))  # n != n: NaN
+    unfinished = shown["status"] == "unfinished"
+    shown.loc[unfinished, "status"] = [f"unfinished {_cell(r)}/{_cell(n)} images" for r, n in
+                                       zip(shown.loc[unfinished, "rows_written"], shown.loc[unfinished, "n_images"])]
+    cols = [c for c in ["file", "status", "backbone", "train", "test", "classes", "skipped", "weights", "backend",
+                        "precision", "decoder", "created", "size"] if c in shown]
+    cells = shown[cols].astype(object).map(_cell)
+    widths = [max(len(c), *cells[c].str.len()) for c in cols]
+    lines = [cols, *cells.itertuples(index=False)]
+    text = "\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
+    errors = [f"{_cell(f)}: {printable(e, ERROR_CHARS)}" for f, e in zip(shown["file"], shown["error"])
+              if isinstance(e, str) and e]
+    return "\n".join([text, *errors])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m catfeat info",
+                                description="List the feature caches in a folder: backbone, rows per split, "
+                                            "classes, skipped images, weights, backend, precision, decoder, "
+                                            "creation time and size; unfinished .partial files with their progress.")
+    p.add_argument("dir", nargs="?", default=None, metavar="FEATURES", help="folder of gap_<Model>.h5 caches "
+                   "(default: features)")
+    p.add_argument("--features", default=None, help="the same folder, as the other commands name it")
+    add_output_flags(p, "also print every attribute of each cache")
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
+    from catfeat.images.listing import printable
+    from catfeat.cache.store import CacheError
+
+    folder = args.dir or args.features or "features"
+    df = describe_caches(folder)
+    if not args.quiet:
+        print(format_caches(df) if len(df) else f"no gap_*.h5 caches in {folder}")
+    if args.verbose:
+        for name in df["file"]:
+            print(f"\n{_cell(name)}:")
+            for k, v in sorted(_raw_attrs(Path(folder) / name).items()):
+                print(f"  {_cell(k)}: {printable(v, ERROR_CHARS if k == 'error' else SHOWN_CHARS)}")
+    counts = df["status"].value_counts()
+    parts = [f"{counts.get(s, 0)} {s}" for s in ("complete", "unfinished", "unreadable") if counts.get(s, 0)]
+    print(f"catfeat.info: {folder}: {len(df)} cache file{'s' if len(df) != 1 else ''}"
+          + (f" ({', '.join(parts)})" if parts else "")
+          + (f", {_size(float(df['size_bytes'].sum()))}" if len(df) else ""))
+    if len(df) and not counts.get("complete", 0) and not counts.get("unfinished", 0):
+        # The listing above says why each file is unusable; a script must not take this for success.
+        raise CacheError(f"none of the {len(df)} cache files in {folder} can be read (reasons above); extract "
+                         f"again with `catfeat extract DATA_DIR --features {folder}`")
+    return 0
+
+
+def _raw_attrs(path: Path) -> dict:
+    """Every attribute of a cache file, or ``{"error": why}``; only a regular file is opened."""
+    from catfeat.cache.store import CacheError, regular_stat, import_h5py, read_attrs
+
+    try:
+        regular_stat(path)
+        with import_h5py().File(path, "r", locking=False) as f:
+            return read_attrs(f)
+    except CacheError as e:
+        return {"error": str(e)}
+    except Exception as e:
+        return {"error": f"{e.__class__.__name__}: {e}"}
+
+
+def main(argv=None) -> int:
+    return run_cli(_main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Extraction: one run over an image set (local engine), its reader / model / writer stages, and the Ray engine."""

@@ -1,0 +1,630 @@
+"""Extraction on Ray Data: the same ``gap_<Model>.h5`` caches as the local engine, computed on a cluster.
+
+One Ray Data job serves every requested backbone::
+
+    (position, path) rows --map_batches(decode_batch)--> CPU tasks: catfeat.extraction.stages.decode_rows, once
+        per image for every input size; a file that fails becomes a row with its reason
+    --map_batches(FeatureActor)--> actor pool (GPU or CPU): each backbone built once per actor
+        in a catfeat.extraction.stages.ModelRunner
+    --> driver: one HDF5 part per (backbone, shard), written in position order with FeatureWriter
+    parts --merge_parts, in order--> gap_<Model>.h5 (via <path>.partial and os.replace)
+
+Shards are contiguous position ranges and the unit of work kept across runs: a part that is complete and
+matches the request is never recomputed, so a rerun after a crash redoes only the unfinished shards.
+Within a run Ray retries a failed decode task and restarts a killed model actor, redoing only the
+batches it held. Parts live in ``OUT/.parts/<backbone>/<request key>/shard-00003.h5`` and are deleted
+once the final cache is in place.
+
+Workers read the images by absolute path: on a multi-node cluster the data folder must be mounted at
+the same path on every node, and catfeat installed there. Features stream back to the driver, which
+alone writes files, so OUT only needs to exist where the command runs.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import os
+import re
+import stat
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from catfeat.models.registry import BackboneSpec, Weights
+from catfeat.images.listing import ImageSet
+from catfeat.extraction.stages import ModelRunner, decode_rows, progress_bar, report_damaged, report_skip
+from catfeat.cache.store import (
+    KEY_FIELDS, CacheError, FeatureWriter, decode_strings, differences, open_cache, partial_attrs, remove_planted_link)
+
+
+class EngineUnavailableError(RuntimeError):
+    """An engine's optional dependency is missing; the message says what to install."""
+
+
+INSTALL_HINT = 'pip install "catfeat[ray]"'
+SHARD_IMAGES = 1000  # default shard: seconds of one GPU, small enough to redo, few enough files
+PARTS_DIR = ".parts"
+MERGE_ROWS = 4096  # rows copied per step when merging, so memory stays flat for any shard size
+PART_NAME = re.compile(r"shard-\d{5}\.h5(\.partial)?")  # the only files catfeat writes under .parts
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the [data] extra: pyarrow and friends)
+    except ImportError as e:
+        raise EngineUnavailableError(f"--engine ray needs Ray Data, which is not installed ({e}); "
+                                     f"install it with: {INSTALL_HINT}") from None
+    return ray
+
+
+# -- shards and parts ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shard:
+    """Positions ``start .. end`` of the image set; ``index`` names its part file."""
+
+    index: int
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+def plan_shards(n_images: int, shards: int | None = None) -> list[Shard]:
+    """Split positions ``0 .. n_images`` into ``shards`` contiguous ranges of near-equal size
+    (default: about ``SHARD_IMAGES`` each). Never returns an empty shard."""
+    if n_images < 1:
+        raise ValueError("no images to shard")
+    if shards is None:
+        shards = -(-n_images // SHARD_IMAGES)
+    if shards < 1:
+        raise ValueError(f"--shards must be positive, got {shards}")
+    k = min(int(shards), n_images)
+    bounds = [i * n_images // k for i in range(k + 1)]
+    return [Shard(i, bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+def request_key(attrs: dict, n_images: int, n_shards: int) -> str:
+    """Short hash of what parts must share to be merged: the cache's key fields and the shard layout."""
+    ident = {k: str(attrs.get(k)) for k in KEY_FIELDS}
+    ident.update(n_images=int(n_images), n_shards=int(n_shards))
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parts_dir(cache: str | os.PathLike, attrs: dict, n_images: int, n_shards: int) -> Path:
+    """``OUT/.parts/<backbone>/<request key>``: where the parts of the cache at ``cache`` go."""
+    return Path(cache).parent / PARTS_DIR / str(attrs["backbone"]) / request_key(attrs, n_images, n_shards)
+
+
+def part_file(folder: Path, shard: Shard) -> Path:
+    return folder / f"shard-{shard.index:05d}.h5"
+
+
+def make_parts_dir(folder: Path, out: Path) -> Path:
+    """Create ``folder`` (``OUT/.parts/<backbone>/<key>``) one level below ``out`` at a time.
+
+    A symbolic link on the way (``.parts``, ``.parts/<backbone>``, ``<key>``) is removed, never
+    followed, so parts are never written into (nor later deleted from) the folder it points to.
+    Raises :class:`CacheError` when one of them is something other than a folder.
+    """
+    cur = Path(out)
+    for name in Path(folder).relative_to(out).parts:
+        cur = cur / name
+        remove_planted_link(cur)
+        try:
+            os.mkdir(cur)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(cur).st_mode):
+                raise CacheError(f"{cur} is not a folder; the Ray engine keeps its parts there: remove it "
+                                 "and rerun") from None
+    return folder
+
+
+def remove_parts(backbone_dir: Path) -> None:
+    """Delete the parts catfeat wrote under ``OUT/.parts/<backbone>/`` (of every request), then the
+    folders left empty, ``OUT/.parts`` included.
+
+    Only regular files named like parts are deleted; links are removed, never followed (every folder
+    is opened with ``O_NOFOLLOW``); anything else is left where it is, with its folders.
+    """
+    parts_root = backbone_dir.parent
+    root_fd = _open_dir(parts_root)
+    if root_fd is None:
+        remove_planted_link(parts_root)
+        return
+    try:
+        bb_fd = _open_dir(backbone_dir.name, root_fd)
+        if bb_fd is None:
+            remove_planted_link(backbone_dir)
+        else:
+            try:
+                for entry in os.scandir(bb_fd):
+                    if entry.is_symlink():
+                        remove_planted_link(backbone_dir / entry.name)
+                        continue
+                    key_fd = _open_dir(entry.name, bb_fd)
+                    if key_fd is None:
+                        continue  # not a folder: not ours
+                    try:
+                        for part in os.scandir(key_fd):
+                            if not PART_NAME.fullmatch(part.name):
+                                continue
+                            if part.is_symlink():
+                                remove_planted_link(backbone_dir / entry.name / part.name)
+                            elif part.is_file(follow_symlinks=False):
+                                os.unlink(part.name, dir_fd=key_fd)
+                    finally:
+                        os.close(key_fd)
+                    _rmdir(entry.name, bb_fd)
+            finally:
+                os.close(bb_fd)
+            _rmdir(backbone_dir.name, root_fd)
+    finally:
+        os.close(root_fd)
+    try:
+        os.rmdir(parts_root)  # when nothing else is in it; rmdir never follows a link
+    except OSError:
+        pass
+
+
+def _open_dir(path, dir_fd: int | None = None) -> int | None:
+    """A descriptor of the folder ``path``; None when it is a link, not a folder, or gone."""
+    try:
+        return os.open(path, os.O_RDONLY | _DIRECTORY | _NOFOLLOW, dir_fd=dir_fd)
+    except OSError:
+        return None
+
+
+def _rmdir(name: str, dir_fd: int) -> None:
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except OSError:  # not empty: something catfeat did not write is in it
+        pass
+
+
+def check_other_requests(folder: Path, attrs: dict, n_shards: int, force: bool, log) -> None:
+    """Refuse, unless ``force``, when ``OUT/.parts/<backbone>/`` holds parts of an unfinished run
+    built for another request than the one whose parts go to ``folder``: a successful run deletes
+    them, and they may be hours of work (as an unfinished ``.partial`` of the local engine)."""
+    others = []
+    for d in sorted(folder.parent.iterdir()):
+        if d.name == folder.name or d.is_symlink() or not d.is_dir():
+            continue
+        others += [p for p in sorted(d.iterdir()) if PART_NAME.fullmatch(p.name) and p.is_file()
+                   and not p.is_symlink()]
+    held = [a for a in map(partial_attrs, others) if a is not None]
+    if not held:
+        return
+    diff = differences(held[0], attrs)
+    if held[0].get("n_shards") != n_shards:
+        diff["n_shards"] = (held[0].get("n_shards"), n_shards)
+    done = sum(int(a.get("rows_written", 0)) for a in held)
+    what = ", ".join(diff) or "the request"
+    if not force:
+        detail = "; ".join(f"{k}: parts have {v[0]!r}, asked {v[1]!r}" for k, v in diff.items())
+        raise CacheError(f"{folder.parent} holds {len(held)} parts ({done} images done) of an unfinished Ray "
+                         f"extraction built differently ({detail or 'another request'}). Rerun with the options it "
+                         "was started with to resume it, or use --force (force=True) to start over with these "
+                         "(those parts are deleted when this run completes)")
+    log(f"catfeat: {folder.parent} holds {len(held)} parts ({done} images done) built differently ({what} "
+        "changed); --force: they are deleted when this run completes")
+
+
+def part_is_done(path: Path, attrs: dict, shard: Shard) -> bool:
+    """Whether ``path`` is a complete part of ``shard`` built for the request described by ``attrs``
+    (a regular file: a link is never read)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    try:
+        a = open_cache(path).attrs
+    except CacheError:
+        return False
+    return (not differences(a, attrs) and a.get("shard_start") == shard.start
+            and a.get("shard_end") == shard.end and a.get("n_images") == len(shard))
+
+
+def merge_parts(path: str | os.PathLike, attrs: dict, images: ImageSet, dim: int,
+                parts: Sequence[tuple[Shard, Path]]) -> Path:
+    """Stream ``parts`` (in position order, covering every image) into the cache at ``path``.
+
+    Written to ``<path>.partial`` and renamed into place when complete, like the local engine; the
+    skipped images keep their positions and reasons.
+    """
+    writer = FeatureWriter(path, attrs, images.names, images.labels, images.split, dim)
+    try:
+        covered = 0
+        for shard, part in parts:
+            if shard.start != covered:
+                raise ValueError(f"parts are not contiguous: shard {shard.index} starts at {shard.start}, "
+                                 f"expected {covered}")
+            covered = shard.end
+            if shard.end > writer.next_index:  # a resumed .partial may already hold it
+                _copy_part(writer, shard, part, images.split)
+        return writer.finish()
+    finally:
+        writer.close()
+
+
+def _copy_part(writer: FeatureWriter, shard: Shard, part: Path, split: Sequence[str]) -> None:
+    import h5py
+
+    if not part.is_file() or part.is_symlink():
+        raise CacheError(f"{part} is not a regular file catfeat wrote; remove it and rerun")
+    open_cache(part)  # complete and well-formed, or a CacheError naming the file
+    with h5py.File(part, "r") as f:
+        skipped = f["skipped_index"][()].astype(np.int64)
+        reasons = decode_strings(f["skipped_reasons"][()])
+        n_train, n_test = f["train"].shape[0], f["test"].shape[0]
+        if n_train + n_test + len(skipped) != len(shard):
+            raise CacheError(f"{part}: {n_train} + {n_test} rows and {len(skipped)} skipped do not make "
+                             f"the {len(shard)} images of its shard; delete it and rerun")
+        ok_all = np.ones(len(shard), bool)
+        ok_all[skipped] = False
+        why = dict(zip(skipped.tolist(), reasons))
+        bad = (dict(zip(f["damaged_index"][()].tolist(), decode_strings(f["damaged_reasons"][()])))
+               if "damaged_index" in f else {})
+        is_train = np.array([split[p] == "train" for p in range(shard.start, shard.end)], bool)
+        tr = te = 0
+        for a in range(0, len(shard), MERGE_ROWS):
+            b = min(a + MERGE_ROWS, len(shard))
+            ok = ok_all[a:b]
+            # positions run train-then-test, so a chunk's kept rows are its train rows, then its test rows
+            k_tr = int((ok & is_train[a:b]).sum())
+            k_te = int(ok.sum()) - k_tr
+            feats = np.concatenate([f["train"][tr:tr + k_tr], f["test"][te:te + k_te]])
+            tr, te = tr + k_tr, te + k_te
+            errors = {shard.start + i: why[i] for i in range(a, b) if not ok_all[i]}
+            writer.write(shard.start + a, ok, feats, errors,
+                         {shard.start + i: bad[i] for i in range(a, b) if i in bad})
+
+
+# -- the Ray Data stages (run on workers) --------------------------------------------------------
+def decode_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], decoder: str = "auto",
+                 skip_damaged: bool = False) -> dict[str, np.ndarray]:
+    """Stage 1, the reader (:func:`catfeat.extraction.stages.decode_rows`): decode each row's file once into every
+    input size. Never raises for a bad file: its row gets ``ok=False``, the reason, and zero images."""
+    from catfeat.images.decoders import get_decoder
+
+    paths = [os.fsdecode(bytes(raw)) for raw in batch["path"]]
+    n = len(paths)
+    imgs = {s: np.zeros((n, s, s, 3), np.uint8) for s in sizes}
+    decode = get_decoder(decoder).decode
+    rows = decode_rows(paths, sizes, (lambda p, s: decode(p, s, skip_damaged=True)) if skip_damaged else decode)
+    for i, (arrays, _, _) in enumerate(rows):
+        if arrays is not None:
+            for s in sizes:
+                imgs[s][i] = arrays[s]
+    return {"pos": np.asarray(batch["pos"], np.int64), "ok": np.array([r[0] is not None for r in rows], bool),
+            "reason": np.array([r[1] or "" for r in rows], dtype=object),
+            "decode_s": np.array([r[2] for r in rows], np.float64), **{f"img{s}": a for s, a in imgs.items()}}
+
+
+class FeatureActor:
+    """Stage 2, one instance per Ray actor: the model runner (:class:`catfeat.extraction.stages.ModelRunner`) over
+    every backbone, built once per actor; zeros on rows that failed to decode."""
+
+    def __init__(self, jobs: Sequence[tuple[BackboneSpec, str, str]], weights, seed: int, batch_size: int,
+                 backend: str):
+        t = time.perf_counter()
+        from catfeat.models.forward import Forward, backend_name
+
+        if backend_name() != backend:
+            raise RuntimeError(f"this Ray worker runs Keras on {backend_name()!r} but the caches are for "
+                               f"{backend!r}; install that backend on every node")
+        self.specs = [spec for spec, _, _ in jobs]
+        self.runner = ModelRunner({spec.name: (spec.input_size, Forward(spec, weights, seed, precision, batch_size, tta))
+                                   for spec, precision, tta in jobs})
+        self.runner.warmup()  # compiled here, as in the local engine, so no batch pays for tracing
+        # reported once, with this actor's first batch: how long it built, and when it was ready
+        self.build_seconds, self.ready_at = time.perf_counter() - t, time.time()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.asarray(batch["ok"], bool)
+        n = len(ok)
+        out = {k: batch[k] for k in ("pos", "ok", "reason", "decode_s")}
+        out["build_s"], out["ready_at"] = np.zeros(n), np.zeros(n)
+        if n:
+            out["build_s"][0], out["ready_at"][0] = self.build_seconds, self.ready_at
+            self.build_seconds = self.ready_at = 0.0
+        self.runner.seconds = {}
+        feats = self.runner({s: np.ascontiguousarray(batch[f"img{s}"][ok]) for s in {sp.input_size for sp in self.specs}})
+        for spec in self.specs:
+            full = np.zeros((n, spec.feature_dim), np.float32)
+            full[ok] = feats[spec.name]
+            out[f"feat_{spec.name}"] = full
+            out[f"model_s_{spec.name}"] = np.full(n, self.runner.seconds.get(f"model:{spec.name}", 0.0) / max(n, 1))
+        return out
+
+
+# -- the driver ----------------------------------------------------------------------------------
+class _PartSink:
+    """Takes feature rows in any order and writes each (backbone, shard) part in position order,
+    finishing (atomically renaming) a part as soon as its shard is whole."""
+
+    def __init__(self, images: ImageSet, specs: list[BackboneSpec], shards: list[Shard],
+                 need: dict[int, list[BackboneSpec]], part_attrs: dict[tuple[str, int], dict],
+                 folders: dict[str, Path], report, bar, started_at: float):
+        self.images, self.shards, self.need, self.part_attrs = images, shards, need, part_attrs
+        self.folders, self.report, self.bar = folders, report, bar
+        self.starts = [s.start for s in shards]
+        self.next = {s.index: s.start for s in shards}
+        self.rows: dict[int, dict[int, tuple]] = {s.index: {} for s in shards}
+        self.writers: dict[tuple[str, int], FeatureWriter] = {}
+        self.specs = specs
+        self.started_at = started_at  # time.time() when the run began: actors report readiness in it
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        secs = self.report.seconds
+        secs["decode"] = secs.get("decode", 0.0) + float(np.sum(batch["decode_s"]))
+        # actors build side by side: the slowest build is the run's build stage, as in the local engine
+        secs["build"] = max(secs.get("build", 0.0), float(np.max(batch["build_s"], initial=0.0)))
+        ready = batch["ready_at"][batch["ready_at"] > 0]
+        if len(ready) and "startup" not in secs:  # Ray up, first actor built: the run's fixed cost
+            secs["startup"] = min(max(0.0, float(ready.min()) - self.started_at), time.time() - self.started_at)
+        for sp in self.specs:
+            key = f"model:{sp.name}"
+            secs[key] = secs.get(key, 0.0) + float(np.sum(batch[f"model_s_{sp.name}"]))
+        t = time.perf_counter()
+        pos, ok, reason = batch["pos"], batch["ok"], batch["reason"]
+        feats = {sp.name: batch[f"feat_{sp.name}"] for sp in self.specs}
+        touched = set()
+        for i in np.argsort(pos, kind="stable"):
+            p = int(pos[i])
+            k = bisect.bisect_right(self.starts, p) - 1
+            if k < 0 or p >= self.shards[k].end or p < self.next[self.shards[k].index]:
+                continue  # not asked for, or already written (a retried block delivered twice)
+            shard = self.shards[k]
+            self.rows[shard.index][p] = (bool(ok[i]), str(reason[i]), {n: f[i] for n, f in feats.items()})
+            touched.add(k)
+        for k in sorted(touched):
+            self._flush(self.shards[k])
+        secs["write"] = secs.get("write", 0.0) + time.perf_counter() - t
+
+    def _flush(self, shard: Shard) -> None:
+        rows, start = self.rows[shard.index], self.next[shard.index]
+        run = []
+        while start + len(run) in rows:
+            run.append(rows.pop(start + len(run)))
+        if not run:
+            return
+        ok = np.array([r[0] for r in run], bool)
+        local_errors = {start - shard.start + j: r[1] for j, r in enumerate(run) if not r[0]}
+        local_damaged = {start - shard.start + j: r[1] for j, r in enumerate(run) if r[0] and r[1]}
+        for sp in self.need[shard.index]:
+            feats = np.stack([r[2][sp.name] for r in run if r[0]]) if ok.any() else None
+            self._writer(sp, shard).write(start - shard.start, ok, feats, local_errors, local_damaged)
+        for j, why in local_errors.items():
+            report_skip(self.bar, self.report, self.images.names[shard.start + j], why)
+        for j, why in local_damaged.items():
+            report_damaged(self.bar, self.report, self.images.names[shard.start + j], why)
+        self.next[shard.index] = start + len(run)
+        self.report.processed += len(run)
+        self.bar.update(len(run))
+        if self.next[shard.index] == shard.end:
+            for sp in self.need[shard.index]:
+                self._writer(sp, shard).finish()
+                del self.writers[(sp.name, shard.index)]
+
+    def _writer(self, spec: BackboneSpec, shard: Shard) -> FeatureWriter:
+        key = (spec.name, shard.index)
+        if key not in self.writers:
+            s, e, im = shard.start, shard.end, self.images
+            # a .partial left by a crash is resumed by FeatureWriter; rows it holds are skipped on write
+            self.writers[key] = FeatureWriter(part_file(self.folders[spec.name], shard), self.part_attrs[key],
+                                              im.names[s:e], im.labels[s:e], im.split[s:e], spec.feature_dim)
+        return self.writers[key]
+
+    def missing(self) -> int:
+        return sum(s.end - self.next[s.index] for s in self.shards)
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+        self.writers.clear()
+
+
+def _connect(ray, address: str | None, env: dict[str, str]) -> bool:
+    """Start or join Ray unless this process already did; True when this call did it."""
+    if ray.is_initialized():
+        return False
+    kwargs = {"runtime_env": {"env_vars": env}, "logging_level": logging.WARNING}
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        kwargs["include_dashboard"] = False
+    try:
+        ray.init(address=address, **kwargs)
+    except Exception as e:
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise RuntimeError(f"cannot start or reach {where}: {e.__class__.__name__}: {e}") from e
+    return True
+
+
+def _model_actors(ray, num_gpus_per_worker: float) -> tuple[int, float]:
+    """(number of model actors, CPUs each): one per GPU group on GPU clusters, one per node on CPU."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if num_gpus_per_worker > 0:
+        gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
+        count = int(gpus // num_gpus_per_worker)
+        if count < 1:
+            raise ValueError(f"--num-gpus-per-worker {num_gpus_per_worker:g} but the Ray cluster has {gpus:g} "
+                             "GPUs; start GPU nodes first, or pass 0 to run the models on CPUs")
+        return count, 1.0
+    cpu_nodes = [n for n in nodes if n["Resources"].get("CPU", 0) >= 1]
+    cpus = sum(n["Resources"].get("CPU", 0) for n in cpu_nodes)
+    # The backend already uses every core of its node; the CPU it reserves keeps decode off one core.
+    # With a single CPU in all, reserving it would starve the decode tasks.
+    return max(1, len(cpu_nodes)), 1.0 if cpus >= 2 else 0.0
+
+
+@contextmanager
+def _data_context(ray) -> Iterator[None]:
+    """catfeat draws its own progress bar; silence Ray Data's, for this run only."""
+    with warnings.catch_warnings():  # Ray's first DataContext() warns about its own default fields
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx = ray.data.DataContext.get_current()
+    wanted = {"enable_progress_bars": False, "print_on_execution_start": False, "enable_auto_log_stats": False}
+    saved = {k: getattr(ctx, k) for k in wanted if hasattr(ctx, k)}
+    for k in saved:
+        setattr(ctx, k, wanted[k])
+    quiet = logging.getLogger("ray.data")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(ctx, k, v)
+        quiet.setLevel(level)
+
+
+def _input_blocks(images: ImageSet, shards: list[Shard], batch_size: int, n_cpus: float) -> list:
+    """(position, absolute path) rows as Arrow tables, one Ray block each: a whole number of model
+    batches per block (few short batches), at least two blocks per CPU when there are enough rows."""
+    import pyarrow as pa
+
+    root = images.root.resolve()
+    positions = np.concatenate([np.arange(s.start, s.end, dtype=np.int64) for s in shards])
+    per_block = batch_size * int(np.clip(-(-len(positions) // (2 * max(n_cpus, 1) * batch_size)), 1, 4))
+    blocks = []
+    for a in range(0, len(positions), per_block):
+        pos = positions[a:a + per_block]
+        # bytes, not str: file names that are not valid UTF-8 survive the trip through Arrow
+        paths = [os.fsencode(root / images.names[p]) for p in pos]
+        blocks.append(pa.table({"pos": pa.array(pos, pa.int64()), "path": pa.array(paths, pa.binary())}))
+    return blocks
+
+
+def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_worker: float = 0,
+                     shards: int | None = None) -> dict[str, Path]:
+    """Compute the caches of ``plan.specs`` (a :class:`catfeat.extraction.run.ExtractionPlan`) on Ray Data;
+    each ends complete at ``plan.paths[name]`` with exactly ``plan.attrs[name]`` (plus the writer's
+    bookkeeping: format, complete, counts).
+
+    Called by :func:`catfeat.extraction.run.run_extraction` (engine "ray") after its reuse checks and locks.
+    ``address``: None starts a local Ray (unless this process already joined one), "auto" or
+    "ray://host:10001" joins a cluster. ``num_gpus_per_worker``: GPUs per model actor (0: CPU actors,
+    one per node). ``shards``: number of contiguous shards (default about 1,000 images each).
+    ``report``: the ExtractionReport that receives the images processed and the seconds per stage;
+    its ``resumed`` maps a backbone to the images taken from parts finished by an earlier run.
+    ``precision`` is taken from the attrs, already resolved, so "mixed" means the same on every worker.
+    """
+    images, specs, attrs_by_name, paths_by_name = plan.images, plan.specs, plan.attrs, plan.paths
+    plan_in = plan  # ``plan`` names the shards below
+    weights, seed, batch_size, progress, decoder = plan.weights, plan.seed, plan.batch_size, plan.progress, plan.decoder
+    force, log = plan.force, plan.log
+    ray = _import_ray()
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    if num_gpus_per_worker < 0:
+        raise ValueError(f"--num-gpus-per-worker must be 0 or more, got {num_gpus_per_worker}")
+    weights = Weights.parse(weights)
+    if weights.kind == "file":
+        weights = Weights("file", path=weights.path.resolve())  # workers do not share the driver's folder
+    secs = report.seconds
+    t = time.perf_counter()
+    plan = plan_shards(len(images), shards)
+    specs = list(specs)
+    folders = {sp.name: parts_dir(paths_by_name[sp.name], attrs_by_name[sp.name], len(images), len(plan))
+               for sp in specs}
+    part_attrs = {(sp.name, sh.index): {**attrs_by_name[sp.name], "shard_index": sh.index,
+                                        "shard_start": sh.start, "shard_end": sh.end, "n_shards": len(plan)}
+                  for sp in specs for sh in plan}
+    need: dict[int, list[BackboneSpec]] = {}
+    out = Path(paths_by_name[specs[0].name]).parent
+    for sp in specs:
+        make_parts_dir(folders[sp.name].parent, out)  # OUT/.parts/<backbone>: planted links removed
+        check_other_requests(folders[sp.name], attrs_by_name[sp.name], len(plan), force, log)
+        make_parts_dir(folders[sp.name], out)
+        done = 0
+        for sh in plan:
+            remove_planted_link(part_file(folders[sp.name], sh))
+            if part_is_done(part_file(folders[sp.name], sh), part_attrs[(sp.name, sh.index)], sh):
+                done += len(sh)
+            else:
+                need.setdefault(sh.index, []).append(sp)
+        if done:
+            report.resumed[sp.name] = done
+    secs["plan"] = time.perf_counter() - t
+
+    if need:
+        todo = [sh for sh in plan if sh.index in need]
+        busy = [sp for sp in specs if any(sp in v for v in need.values())]
+        _run(ray, images, busy, todo, need, part_attrs, folders, weights=weights, seed=seed,
+             batch_size=batch_size, report=report, progress=progress, address=address,
+             num_gpus_per_worker=num_gpus_per_worker, decoder=decoder, skip_damaged=plan_in.skip_damaged)
+
+    t = time.perf_counter()
+    for sp in specs:
+        merge_parts(paths_by_name[sp.name], attrs_by_name[sp.name], images, sp.feature_dim,
+                    [(sh, part_file(folders[sp.name], sh)) for sh in plan])
+        # the cache now holds everything; parts of this and of any abandoned request are obsolete
+        remove_parts(folders[sp.name].parent)
+    secs["merge"] = time.perf_counter() - t
+    return {sp.name: Path(paths_by_name[sp.name]) for sp in specs}
+
+
+def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], need: dict[int, list],
+         part_attrs: dict, folders: dict[str, Path], *, weights, seed: int, batch_size: int, report,
+         progress: bool, address: str | None, num_gpus_per_worker: float, decoder: str,
+         skip_damaged: bool = False) -> None:
+    secs = report.seconds
+    backend = str(part_attrs[(specs[0].name, todo[0].index)]["backend"])
+    env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    t, started_at = time.perf_counter(), time.time()
+    started = _connect(ray, address, env)
+    sink = bar = None
+    try:
+        n_actors, actor_cpus = _model_actors(ray, num_gpus_per_worker)
+        blocks = _input_blocks(images, todo, batch_size, ray.cluster_resources().get("CPU", 1))
+        jobs = [(sp, str(part_attrs[(sp.name, todo[0].index)]["precision"]),
+                 str(part_attrs[(sp.name, todo[0].index)]["tta"])) for sp in specs]
+        secs["connect"] = time.perf_counter() - t
+        t = time.perf_counter()
+        bar = progress_bar(sum(len(s) for s in todo), progress)
+        sink = _PartSink(images, specs, todo, need, part_attrs, folders, report, bar, started_at)
+        sizes = sorted({sp.input_size for sp in specs})
+        # A decode task holds one full-size photo and its batch in and out. Declaring that memory also
+        # keeps Ray Data from fusing decode into the CPU model actor (it fuses stages whose requests
+        # are equal), so decoding runs in parallel tasks instead of between the actor's model calls.
+        decode_memory = (64 << 20) + 2 * batch_size * sum(3 * s * s for s in sizes)
+        with _data_context(ray):
+            ds = ray.data.from_arrow(blocks)
+            ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes, "decoder": decoder,
+                                                                "skip_damaged": skip_damaged}, batch_size=batch_size,
+                                batch_format="numpy", num_cpus=1, memory=decode_memory,
+                                runtime_env={"env_vars": env})
+            ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={
+                                    "jobs": jobs, "weights": weights, "seed": seed, "batch_size": batch_size,
+                                    "backend": backend},
+                                batch_size=batch_size, batch_format="numpy", concurrency=n_actors,
+                                num_cpus=actor_cpus, num_gpus=num_gpus_per_worker or None,
+                                runtime_env={"env_vars": env})
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                sink.add(batch)
+        if sink.missing():
+            raise RuntimeError(f"Ray returned no features for {sink.missing()} images; finished shards are "
+                               "kept, rerun the same command to compute the rest")
+    except ray.exceptions.RayError as e:
+        last = (str(e).strip().splitlines() or [""])[-1]
+        raise RuntimeError(f"the Ray extraction failed ({e.__class__.__name__}: {last}); finished shards are "
+                           "kept, rerun the same command to resume") from e
+    finally:
+        if sink is not None:
+            sink.close()
+        if bar is not None:
+            bar.close()
+        if started:
+            ray.shutdown()
+        secs["run"] = time.perf_counter() - t

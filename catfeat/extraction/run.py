@@ -1,0 +1,437 @@
+"""Extraction: images -> decode once -> every requested backbone -> one cache file per backbone.
+
+:func:`run_extraction` plans (a cache that already matches the request is reused, a partial one is
+resumed, a different one refused), locks, and hands the plan to an engine from :data:`ENGINES`.
+Both engines run the same stages (:mod:`catfeat.extraction.stages`): reader, model runner, writer.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+
+from catfeat import __version__
+from catfeat.models.registry import BackboneSpec, Weights, parse_models, weights_identity
+from catfeat.images.listing import ImageSet, list_images, shown
+from catfeat.images.reader import READERS, choose_reader, iter_batches
+from catfeat.cache.store import (
+    CacheError, FeatureWriter, StaleCacheError, StalePartialError, remove_planted_link, cache_path, differences,
+    open_cache, partial_attrs, partial_path, removed_during_run)
+
+DEFAULT_MODELS = ("r50", "incv3", "xcep", "irv2")
+# The largest --batch-size: 4,096 images of 299 x 299 pixels are 4.4 GB as float32 before the model's
+# activations, several times more than the largest accelerator batch catfeat has been measured at.
+MAX_BATCH = 4096
+SEED_RANGE = (0, 2**32 - 1)  # numpy's, and so Keras' set_random_seed
+
+
+@dataclass
+class ExtractionReport:
+    """What a run did: files, counts, skipped images and seconds per stage."""
+
+    paths: dict[str, Path]
+    n_images: int = 0
+    processed: int = 0
+    reused: list[str] = field(default_factory=list)
+    resumed: dict[str, int] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+    damaged: list[dict] = field(default_factory=list)  # decoded with corrupt data, kept: [{path, reason}]
+    shown: set = field(default_factory=set)  # skipped or damaged images already printed as they happened
+    seconds: dict[str, float] = field(default_factory=dict)
+    backend: str = ""
+    device: str = ""
+    precision: str = ""
+    decoder: str = ""
+    reader: str = ""  # "threads" or "processes" (local engine)
+
+    def where(self) -> str:
+        """e.g. ``jax on cuda:0 (NVIDIA H100 80GB HBM3), mixed_bfloat16, opencv decoder on processes``."""
+        on = f" on {self.reader}" if self.reader else ""
+        return f"{self.backend} on {self.device}, {self.precision}, {self.decoder} decoder{on}"
+
+    def summary(self) -> str:
+        total = self.seconds.get("total", 0.0)
+        parts = [f"{self.processed} images processed", f"{len(self.skipped)} skipped",
+                 f"{len(self.damaged)} decoded with corrupt data" if self.damaged else "",
+                 f"{total:.1f} s", f"{self.processed / total:.1f} img/s" if total and self.processed else ""]
+        if self.reused:
+            parts.append("reused: " + ",".join(self.reused))
+        if self.resumed:
+            parts.append("resumed: " + ",".join(f"{k}@{v}" for k, v in self.resumed.items()))
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items() if k != "total")
+        if self.backend:
+            parts.append(self.where())
+        return "; ".join(p for p in parts if p) + (f" [{stages}]" if stages else "")
+
+
+class NoUsableImagesError(RuntimeError):
+    """Every image failed to decode: nothing to cache."""
+
+
+def _guard_write(partial: Path, fn, *args):
+    """Turn a failed write (disk full, read-only disk, quota) into one line that says what to do."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        if not os.path.lexists(partial):  # deleted under the running writer: its rows went with it
+            raise CacheError(removed_during_run(partial)) from None
+        err = OSError(f"writing {partial} failed ({e}); the rows already written are kept: free disk "
+                      "space or fix the folder's permissions, then rerun the same command to resume")
+        err.hdf5_unusable = getattr(e, "hdf5_unusable", False)  # see cli.run_cli
+        raise err from None
+
+
+class LockedError(RuntimeError):
+    """Another extraction is writing the same cache."""
+
+
+def _lock(stack: ExitStack, path: Path) -> None:
+    """Hold ``<path>.lock`` (flock) until ``stack`` closes, then remove it.
+
+    The lock file is opened without following links (a planted link is removed, not its target).
+    A holder unlinks it before releasing, so a lock is only ours if the path still names the file
+    we locked; otherwise we lost a race with that unlink and try again.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, the atomic rename still protects complete files
+        return
+    lock_file = path.with_name(path.name + ".lock")
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(5):
+        try:
+            fd = os.open(lock_file, flags, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP and remove_planted_link(lock_file):
+                continue
+            raise OSError(f"cannot open the lock file {lock_file}: {e.strerror}; remove it and rerun") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise LockedError(f"another catfeat extraction is writing {path} (lock {lock_file}); "
+                              "wait for it to finish or use another --out folder") from None
+        st = os.fstat(fd)
+        try:
+            cur = os.lstat(lock_file)
+            same = (cur.st_dev, cur.st_ino) == (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:
+        raise LockedError(f"could not lock {lock_file}: it keeps being replaced; is another program writing "
+                          "into this folder? Use another --out folder")
+
+    def release():
+        try:
+            os.unlink(lock_file)  # while still holding it: see above
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    stack.callback(release)
+
+
+def cache_attrs(spec: BackboneSpec, weights, seed: int, precision: str, images: ImageSet,
+                fingerprint: str, tta: str = "none", decoder=None, dtype: str = "float32",
+                skip_damaged: bool = False) -> dict:
+    """The attributes that identify a cache (see store.KEY_FIELDS) plus provenance. ``on_damaged``
+    ("keep" or "skip": what happened to images decoded with corrupt data) decides which rows exist,
+    so it is part of the identity."""
+    from catfeat.models.forward import backend_name, resolve_precision
+
+    return {
+        "backbone": spec.name, "weights": weights_identity(weights, seed), "input_size": spec.input_size,
+        "preprocessing": spec.preprocessing, "precision": resolve_precision(precision), "tta": tta,
+        "images_fingerprint": fingerprint, "dtype": dtype, "on_damaged": "skip" if skip_damaged else "keep", "feature_dim": spec.feature_dim, "backend": backend_name(),
+        "catfeat_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "classes": json.dumps(images.classes), "layout": images.layout, "data_root": str(images.root.resolve()),
+        **({"decoder": decoder.name, "decoder_version": decoder.version()} if decoder is not None else {}),
+    }
+
+
+@dataclass
+class ExtractionPlan:
+    """What an engine is handed: the images, the backbones whose caches must be built (with their
+    attributes and paths), and how to run them. Reused caches are already left out."""
+
+    images: ImageSet
+    specs: list[BackboneSpec]
+    attrs: dict[str, dict]
+    paths: dict[str, Path]
+    weights: Weights
+    seed: int
+    precision: str
+    tta: str
+    decoder: str
+    batch_size: int
+    workers: int | None
+    progress: bool
+    log: Callable[[str], None]
+    reader: str = "auto"
+    force: bool = False  # discard unfinished work of a different request (the Ray engine's parts)
+    skip_damaged: bool = False
+
+    def decode_fn(self) -> Callable:
+        """The decoder's function with this plan's damaged-image policy (picklable, for worker processes)."""
+        from functools import partial
+
+        from catfeat.images.decoders import get_decoder
+
+        decode = get_decoder(self.decoder).decode
+        return partial(decode, skip_damaged=True) if self.skip_damaged else decode
+
+
+def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_MODELS,
+                   out: str | os.PathLike = "features", weights="imagenet", batch_size: int | None = None,
+                   limit: int | None = None, force: bool = False, precision: str = "float32",
+                   workers: int | None = None, seed: int = 0, progress: bool = True,
+                   log=None, engine: str = "local", engine_options: dict | None = None,
+                   tta: str = "none", decoder: str = "auto", dtype: str = "float32",
+                   reader: str = "auto", skip_damaged: bool = False) -> ExtractionReport:
+    """Like :func:`extract`, returning an :class:`ExtractionReport`.
+
+    Plans (which caches to reuse, resume or build), locks, and hands the plan to an engine from
+    :data:`ENGINES`: ``"local"`` (this process) or ``"ray"`` (``engine_options``: ``address``,
+    ``num_gpus_per_worker``, ``shards``); the caches are the same files either way.
+    """
+    from catfeat.images.decoders import get_decoder
+    from catfeat.models.forward import backend_name, device_description, resolve_precision, unused_gpu_hint
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    if reader not in READERS:
+        raise ValueError(f"reader must be one of {', '.join(READERS)}, got {reader!r}")
+    t0 = time.perf_counter()
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    specs = parse_models(models)
+    dec = get_decoder(decoder)
+    asked_batch = batch_size is not None
+    if batch_size is None:
+        from catfeat.models.forward import default_batch_size
+
+        # Ray workers given GPUs run the model there, whatever this driver has.
+        gpu_workers = bool((engine_options or {}).get("num_gpus_per_worker"))
+        batch_size = default_batch_size(True if gpu_workers else None)
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise ValueError(f"batch size must be between 1 and {MAX_BATCH:,}, got {batch_size:,}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    w = Weights.parse(weights)
+    seed = w.seed_or(seed)  # 'none(seed=N)' names its own seed
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f"the seed of random weights must be between {SEED_RANGE[0]} and {SEED_RANGE[1]:,}, "
+                         f"got {seed}")
+    if w.kind == "file" and len(specs) > 1:
+        raise ValueError(f"a weights file ({w}) fits one backbone; extract one model at a time with it")
+    images = list_images(data_dir, limit)
+    batch_size, workers = _fit_to_work(len(images), batch_size, workers, log, asked_batch)
+    fingerprint = images.fingerprint()
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create the output folder {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"output folder {out} is not writable; pass --out to a writable folder")
+
+    report = ExtractionReport(paths={}, n_images=len(images), backend=backend_name(), device=device_description(),
+                              precision=resolve_precision(precision), decoder=dec.name)
+    hint = unused_gpu_hint()
+    if hint:
+        log(f"catfeat: {hint}")
+    with ExitStack() as stack:
+        pending: dict[str, dict] = {}  # backbone -> attrs of the cache to build
+        for spec in specs:
+            path = cache_path(out, spec.name)
+            _lock(stack, path)
+            attrs = cache_attrs(spec, w, seed, precision, images, fingerprint, tta, dec, dtype, skip_damaged)
+            report.paths[spec.name] = path
+            if path.is_symlink():
+                if not force:
+                    raise CacheError(f"{path} is a symbolic link (to {os.readlink(path)}), not a cache catfeat "
+                                     "wrote; remove the link, or rerun with --force to replace the link by a new "
+                                     "cache (its target is left alone)")
+                log(f"catfeat: rebuilding {path} (--force): it is a symbolic link; the new cache replaces the "
+                    "link, its target is left alone")
+            elif path.exists():
+                try:
+                    cached = open_cache(path)
+                    diff = differences(cached.attrs, attrs)
+                except CacheError:
+                    if not force:
+                        raise
+                    diff = {"file": ("unreadable", "rebuild")}
+                if not diff:
+                    report.reused.append(spec.name)
+                    continue
+                if not force:
+                    raise StaleCacheError(path, diff)
+                log(f"catfeat: rebuilding {path} (--force): {', '.join(diff)} changed")
+            _check_partial(partial_path(path), attrs, len(images), force, log)
+            pending[spec.name] = attrs
+        if pending:
+            plan = ExtractionPlan(images, [s for s in specs if s.name in pending], pending,
+                                  {k: report.paths[k] for k in pending}, w, seed, precision, tta, dec.name,
+                                  batch_size, workers, progress, log, reader, force, skip_damaged)
+            ENGINES[engine](plan, report, stack, **(engine_options or {}))
+            done = open_cache(report.paths[next(iter(pending))])
+            report.skipped, report.damaged = done.skipped(), done.damaged()
+    report.seconds["total"] = time.perf_counter() - t0
+    return report
+
+
+def _check_partial(partial: Path, attrs: dict, n_images: int, force: bool, log: Callable[[str], None]) -> None:
+    """Refuse to discard an unfinished cache built for another request unless ``force``.
+
+    Its rows may be hours of work, worth as much as a complete cache, which is refused the same way.
+    Only a partial that cannot be read at all is started over without ``force`` (by FeatureWriter).
+    """
+    held = partial_attrs(partial)
+    if held is None:
+        return
+    diff = differences(held, attrs)
+    if held.get("n_images") != n_images:
+        diff["n_images"] = (held.get("n_images"), n_images)
+    if not diff:
+        return
+    if not force:
+        raise StalePartialError(partial, diff, held.get("rows_written"), held.get("n_images"))
+    log(f"catfeat: starting {partial} over (--force): {', '.join(diff)} changed; its "
+        f"{held.get('rows_written')} images done are discarded")
+    partial.unlink()
+
+
+def _fit_to_work(n_images: int, batch_size: int, workers: int | None, say: Callable[[str], None],
+                 asked_batch: bool = True) -> tuple:
+    """``(batch_size, workers)`` no larger than the work: a batch of more rows than there are images
+    pads (and compiles, and warms up) rows of zeros, and a decoder per core is the most that run at
+    once. ``say(line)`` is told of each value that was lowered. A default batch size (not
+    ``asked_batch``) is the device's own and is kept; default workers (None) are the reader's."""
+    cores = os.cpu_count() or 1
+    if asked_batch and 0 < n_images < batch_size:
+        say(f"catfeat: --batch-size {batch_size} > {n_images} images: using {n_images}")
+        batch_size = n_images
+    if workers is not None and n_images and workers > min(n_images, cores):
+        fit = min(n_images, cores)
+        bound = f"{n_images} images" if n_images < cores else f"{cores} cores"
+        say(f"catfeat: --workers {workers} > {bound}: using {fit}")
+        workers = fit
+    return batch_size, workers
+
+
+def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack) -> None:
+    """This process: decode threads -> every backbone on this device -> a writer thread."""
+    from catfeat.extraction.stages import (
+        InBackground, ModelRunner, progress_bar, report_damaged, report_skip, run_stages)
+    from catfeat.models.forward import Forward
+
+    images, secs = plan.images, report.seconds
+    writers: dict[str, FeatureWriter] = {}
+    for spec in plan.specs:
+        writer = FeatureWriter(plan.paths[spec.name], plan.attrs[spec.name], images.names, images.labels,
+                               images.split, spec.feature_dim)
+        stack.callback(writer.close)
+        if writer.resumed_from:
+            report.resumed[spec.name] = writer.resumed_from
+            plan.log(f"catfeat: resuming {writer.path.name} at image {writer.resumed_from} of {len(images)}")
+        writers[spec.name] = writer
+    start = min(w.next_index for w in writers.values())
+    if start < len(images):
+        sizes = sorted({s.input_size for s in plan.specs})
+        report.reader = choose_reader(plan.reader, plan.workers, len(images) - start, sizes, plan.batch_size)
+        # on a thread of its own, started before the build: worker start-up and the first decodes
+        # overlap the compilation, and the reader's per-batch work stays off the dispatching thread
+        batches = InBackground(iter_batches(images.paths(), sizes, plan.batch_size, start=start, workers=plan.workers,
+                                            decode=plan.decode_fn(), reader=report.reader))
+    t = time.perf_counter()
+    try:
+        runner = ModelRunner({s.name: (s.input_size, Forward(s, plan.weights, plan.seed, plan.precision,
+                                                             plan.batch_size, plan.tta)) for s in plan.specs})
+        if start < len(images):
+            runner.warmup()
+    except BaseException:
+        if start < len(images):
+            batches.close()
+        raise
+    secs["build"] = time.perf_counter() - t
+    if start < len(images):
+        bar = progress_bar(len(images) - start, plan.progress)
+        secs.update(decode=0.0, resize=0.0)
+
+        def write(batch, feats: dict) -> None:
+            for name, f in feats.items():
+                _guard_write(writers[name].partial, writers[name].write, batch.start, batch.ok, f, batch.errors,
+                             batch.damaged)
+            secs["decode"] += batch.decode_seconds
+            secs["resize"] += batch.resize_seconds
+            for pos, reason in batch.errors.items():
+                report_skip(bar, report, images.names[pos], reason)
+            for pos, reason in batch.damaged.items():
+                report_damaged(bar, report, images.names[pos], reason)
+            report.processed += len(batch)
+            bar.update(len(batch))
+
+        def wanted(batch) -> list[str]:
+            return [n for n, w in writers.items() if batch.start + len(batch) > w.next_index]
+
+        try:
+            run_stages(batches, runner, write, wanted, secs)
+        finally:
+            batches.close()
+            bar.close()
+            if not secs["resize"]:  # decoders other than Pillow time decode and resize as one
+                del secs["resize"]
+    if not any(w.rows for w in writers.values()):
+        raise NoUsableImagesError(
+            f"none of the {len(images)} images under {images.root} could be decoded "
+            f"(e.g. {shown(images.names[0])}); see the skipped list above")
+    for writer in writers.values():
+        _guard_write(writer.partial, writer.finish)
+
+
+def _ray_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack, **options) -> None:
+    """A Ray Data job over a cluster (``pip install "catfeat[ray]"``); see :mod:`catfeat.extraction.ray_engine`."""
+    from catfeat.extraction.ray_engine import extract_with_ray
+
+    extract_with_ray(plan, report, **options)
+
+
+# Engines: name -> function(plan, report, exit stack, **engine options). Nothing else branches on the name.
+ENGINES: dict[str, Callable] = {"local": _local_engine, "ray": _ray_engine}
+
+
+def extract(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_MODELS,
+            out: str | os.PathLike = "features", weights="imagenet", batch_size: int | None = None,
+            limit: int | None = None, force: bool = False, precision: str = "float32",
+            workers: int | None = None, seed: int = 0, progress: bool = True, tta: str = "none",
+            decoder: str = "auto", dtype: str = "float32", reader: str = "auto",
+            skip_damaged: bool = False) -> dict[str, Path]:
+    """Extract GAP features of ``models`` for the images under ``data_dir`` into ``out``.
+
+    Returns {backbone full name: cache path}. A matching cache is reused, an unfinished one is
+    resumed, a different one is refused unless ``force``. ``weights``: "imagenet", None (random,
+    fixed by ``seed``) or a weights file path (one backbone). ``precision``: "float32" or "mixed".
+    ``tta="flip"`` stores the mean of the features of each image and its mirror image.
+    ``batch_size=None``: 32 on a CPU, 128 on a GPU. ``decoder``: "auto" (OpenCV where installed),
+    "opencv" or "pillow" (see :mod:`catfeat.images.decoders`); recorded in the cache. ``dtype="float16"``
+    stores the features at half the size (recorded in the cache; they load as float32).
+    ``reader``: "threads", "processes" (decoding free of the interpreter lock, for many-core GPU
+    hosts) or "auto" (processes from 8 cores and 2,048 images on); features are identical.
+    A JPEG decoded with corrupt data (truncated, the rest gray) is kept and listed in the cache's
+    damaged list; ``skip_damaged=True`` skips it instead (part of the cache's identity).
+    """
+    return run_extraction(data_dir, models, out, weights, batch_size, limit, force, precision, workers,
+                          seed, progress, tta=tta, decoder=decoder, dtype=dtype, reader=reader,
+                          skip_damaged=skip_damaged).paths

@@ -1,0 +1,371 @@
+"""Extraction as three stages shared by every engine: reader -> model runner -> writer.
+
+* reader: :func:`decode_rows` turns files into uint8 arrays at every input size (one decode per
+  file; a bad file becomes a reason, never an exception). The local engine runs it on a thread
+  pool (:func:`catfeat.images.reader.iter_batches`), the Ray engine in Ray Data tasks.
+* runner: :class:`ModelRunner` moves each batch to the device once per input size and dispatches
+  every backbone on it without waiting for results.
+* writer: :class:`WriterThread` reads each batch's features back and appends them to the HDF5
+  caches, in batch order, on its own thread (the resume marker and the atomic rename work exactly
+  as with inline writes). The thread that dispatches therefore never waits for the device: on an
+  accelerator, while one batch is read back, ``depth`` more wait queued and one more is dispatched.
+
+:func:`run_stages` wires them for one process; ``benchmarks/bench_pipeline.py`` checks, with stub
+stages of known cost, that the wall time stays close to the slowest stage rather than their sum.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+
+import numpy as np
+
+
+class Decoded(Protocol):
+    start: int
+    images: dict[int, np.ndarray]
+    ok: np.ndarray
+    errors: dict[int, str]
+
+    def __len__(self) -> int: ...
+
+
+def decode_rows(paths: Sequence, sizes: Sequence[int], decode: Callable) -> list[tuple]:
+    """``[(arrays or None, reason or None, seconds)]`` for each path: the reader's unit of work. With
+    arrays, the reason (if any) is the corrupt data the image was decoded with (``Decoded.damaged``)."""
+    from catfeat.images.listing import DecodeError
+
+    out = []
+    for path in paths:
+        t = time.perf_counter()
+        try:
+            arrays = decode(path, sizes)
+            out.append((arrays, getattr(arrays, "damaged", None), time.perf_counter() - t))
+        except DecodeError as e:
+            out.append((None, str(e), time.perf_counter() - t))
+        except Exception as e:  # anything else a decoder throws is still this one file's problem
+            out.append((None, f"cannot decode ({e.__class__.__name__}: {e})", time.perf_counter() - t))
+    return out
+
+
+def decode_timed(path, sizes: Sequence[int], budget=None, decode=None) -> tuple:
+    """One image under the byte ``budget``: (arrays or None, reason or None, decode seconds, resize
+    seconds); a reason beside arrays is the corrupt data the image was decoded with. ``decode``: a
+    decoder's function (decode and resize then count as decode), default Pillow's two steps timed
+    apart. The unit of work of both readers (threads and processes)."""
+    from catfeat.images.listing import DecodeError, declared_bytes, read_rgb_checked, resize_all
+
+    cost = declared_bytes(path) if budget is not None else 0
+    if cost:
+        budget.acquire(cost)
+    try:
+        if decode is not None:
+            arrays, reason, seconds = decode_rows([path], sizes, decode)[0]
+            return arrays, reason, seconds, 0.0
+        t = time.perf_counter()
+        try:
+            im, damaged = read_rgb_checked(path)
+        except DecodeError as e:
+            return None, str(e), time.perf_counter() - t, 0.0
+        t1 = time.perf_counter()
+        out = resize_all(im, sizes)
+        del im
+        return out, damaged, t1 - t, time.perf_counter() - t1
+    finally:
+        if cost:
+            budget.release(cost)
+
+
+class Runner(Protocol):
+    """What :class:`ModelRunner` needs of one backbone (``catfeat.models.forward.Forward`` is one)."""
+
+    batch_size: int
+
+    def dispatch(self, device_batch): ...
+
+    def fetch(self, handle, n: int) -> np.ndarray: ...
+
+
+@dataclass
+class Pending:
+    """Models dispatched for one batch, not yet read back."""
+
+    n: int
+    handles: dict[str, list]  # backbone -> one handle per padded chunk
+    dispatched: float  # time.perf_counter() when the last backbone was dispatched
+
+
+@dataclass
+class ModelRunner:
+    """Every backbone of a request over one decoded batch (``{input size: uint8 array}``).
+
+    ``runners`` maps a backbone name to (input size, runner). Pixels of each size cross to the
+    device once per chunk, shared by every backbone of that size.
+    """
+
+    runners: Mapping[str, tuple[int, Runner]]
+    to_device: Callable = field(default=None)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.to_device is None:
+            from catfeat.models.forward import to_device
+
+            self.to_device = to_device
+        self._lock = threading.Lock()  # dispatch and fetch may run on different threads
+
+    def _add(self, key: str, dt: float) -> None:
+        with self._lock:
+            self.seconds[key] = self.seconds.get(key, 0.0) + dt
+
+    def dispatch(self, images: Mapping[int, np.ndarray], only: Iterable[str] | None = None) -> Pending:
+        """Queue every wanted backbone on ``images``; ``seconds``: ``to_device`` (padding and copy) and
+        ``model:<name>`` (the call: all of the work on a synchronous backend, the launch on a GPU)."""
+        from catfeat.models.forward import pad_batch
+
+        names = [n for n in self.runners if only is None or n in set(only)]
+        n = len(next(iter(images.values()))) if images else 0
+        handles: dict[str, list] = {name: [] for name in names}
+        if n:
+            by_size: dict[int, list[str]] = {}
+            for name in names:
+                by_size.setdefault(self.runners[name][0], []).append(name)
+            for size, group in by_size.items():
+                bs = self.runners[group[0]][1].batch_size
+                for i in range(0, n, bs):
+                    chunk = images[size][i:i + bs]
+                    t = time.perf_counter()
+                    x = self.to_device(pad_batch(chunk, bs))
+                    self._add("to_device", time.perf_counter() - t)
+                    for name in group:
+                        t = time.perf_counter()
+                        handles[name].append((self.runners[name][1].dispatch(x), len(chunk)))
+                        self._add(f"model:{name}", time.perf_counter() - t)
+        return Pending(n, handles, time.perf_counter())
+
+    def warmup(self) -> None:
+        """Compile every backbone on one batch of zeros (so that a run's timings hold no compilation)."""
+        for name, (size, runner) in self.runners.items():
+            self.fetch(Pending(1, {name: [(runner.dispatch(self.to_device(
+                np.zeros((runner.batch_size, size, size, 3), np.uint8))), 1)]}, 0.0))
+        self.seconds.clear()
+
+    def fetch(self, pending: Pending) -> dict[str, np.ndarray]:
+        """Wait for a dispatched batch: {backbone: (n, D) float32}."""
+        out = {}
+        for name, parts in pending.handles.items():
+            t = time.perf_counter()
+            runner = self.runners[name][1]
+            out[name] = (np.concatenate([runner.fetch(h, k) for h, k in parts]) if parts
+                         else np.zeros((0, getattr(getattr(runner, "spec", None), "feature_dim", 0)), np.float32))
+            self._add(f"model:{name}", time.perf_counter() - t)
+        return out
+
+    def __call__(self, images: Mapping[int, np.ndarray], only: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        return self.fetch(self.dispatch(images, only))
+
+
+class WriterThread:
+    """Runs ``write(batch, features)`` on one background thread, in the order batches are put.
+
+    At most ``depth`` batches wait; :meth:`put` blocks beyond that (memory stays bounded) and
+    re-raises the first error the thread met. :meth:`close` waits for the queue to drain;
+    ``close(abort=True)`` drops what was not yet written (each write is whole or absent, so a
+    resumed run redoes exactly those batches).
+    """
+
+    def __init__(self, write: Callable[[Decoded, dict], None], depth: int = 2):
+        self._write, self._q = write, queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._abort = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="catfeat-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._error is not None or self._abort.is_set():
+                continue
+            try:
+                self._write(*item)
+            except BaseException as e:  # handed to the main thread by put/close
+                self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def put(self, batch: Decoded, features: dict) -> None:
+        self._raise()
+        while True:
+            try:
+                self._q.put((batch, features), timeout=0.2)
+                return
+            except queue.Full:
+                self._raise()
+                if not self._thread.is_alive():
+                    raise RuntimeError("the writer thread stopped")
+
+    def close(self, abort: bool = False) -> None:
+        if abort:
+            self._abort.set()
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        if not abort:
+            self._raise()
+
+
+class InBackground:
+    """Iterates ``items`` (a generator) on a thread of its own, up to ``depth`` items ahead.
+
+    The reader's own work on its consumer's side (collecting decoded rows, stacking them or copying
+    them out of shared memory: tens of milliseconds per large batch) then happens off the thread
+    that dispatches to the device; it also starts at once, so worker start-up and the first decodes
+    overlap the model build. Items come out in order; an error the generator raises comes out
+    after the items before it. :meth:`close` stops the thread and closes the generator.
+    """
+
+    _END = object()
+
+    def __init__(self, items: Iterator, depth: int = 2):
+        self._items, self._q = items, queue.Queue(maxsize=depth)
+        self._stop, self._done = threading.Event(), False
+        self._thread = threading.Thread(target=self._run, name="catfeat-reader", daemon=True)
+        self._thread.start()
+
+    def _offer(self, entry) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._items:
+                if not self._offer((item, None)):
+                    return
+            self._offer((self._END, None))
+        except BaseException as e:  # raised to the consumer in its place
+            self._offer((self._END, e))
+        finally:
+            close = getattr(self._items, "close", None)
+            if close is not None:  # this thread ran the generator, so this thread closes it (pools shut down)
+                close()
+
+    def __iter__(self) -> "InBackground":
+        return self
+
+    def __next__(self):
+        while not self._done:
+            try:
+                item, error = self._q.get(timeout=0.2)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._q.empty():
+                    raise RuntimeError("the reader thread stopped") from None
+                continue
+            if item is not self._END:
+                return item
+            self._done = True
+            if error is not None:
+                raise error
+        raise StopIteration
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_stages(batches: Iterator[Decoded], runner: ModelRunner, write: Callable[[Decoded, dict], None],
+               wanted: Callable[[Decoded], Sequence[str]] | None = None, seconds: dict | None = None,
+               depth: int = 3, trace: list | None = None) -> None:
+    """Feed ``batches`` through ``runner`` into ``write`` with the three stages overlapped.
+
+    This thread takes each decoded batch and dispatches it; the writer thread waits for its features
+    and writes them. At most ``depth`` dispatched batches wait for the writer, so the device can have
+    that many queued behind the one being read back, absorbing a late batch from the reader.
+    ``wanted(batch)`` names the backbones that still need that batch (a resumed cache skips what it
+    holds). ``seconds`` gains ``wait`` (waiting for the reader), ``queue`` (waiting for room behind
+    the writer: the device or the disk is the slower stage), ``to_device``, ``model:<name>``
+    (dispatch plus waiting for results) and ``write``. ``trace``, when given, receives one
+    ``(start, got, dispatched, fetched, written)`` tuple per batch: its first position and
+    ``time.perf_counter()`` when it came from the reader, was dispatched, was read back and was
+    written (for benchmarks).
+    """
+    seconds = {} if seconds is None else seconds
+    runner.seconds = seconds
+    for key in ("wait", "queue", "write"):
+        seconds.setdefault(key, 0.0)
+
+    def fetch_and_write(batch: Decoded, job: tuple[Pending, float]) -> None:
+        pending, got = job
+        feats = runner.fetch(pending)
+        t = time.perf_counter()
+        write(batch, feats)
+        done = time.perf_counter()
+        seconds["write"] += done - t  # only this thread adds to "write"
+        if trace is not None:
+            trace.append((batch.start, got, pending.dispatched, t, done))
+
+    writer = WriterThread(fetch_and_write, depth)
+    ok = False
+    try:
+        while True:
+            t = time.perf_counter()
+            batch = next(batches, None)
+            got = time.perf_counter()
+            seconds["wait"] += got - t
+            if batch is None:
+                break
+            pending = runner.dispatch(batch.images, wanted(batch) if wanted else None)
+            t = time.perf_counter()
+            writer.put(batch, (pending, got))
+            seconds["queue"] += time.perf_counter() - t
+        ok = True
+    finally:
+        writer.close(abort=not ok)
+
+
+def progress_bar(total: int, enabled: bool):
+    """The extraction progress bar (tqdm on stderr), shared by every engine."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="extract", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+
+def skip_line(name: str, reason: str) -> str:
+    """How a skipped image is printed (undecodable names shown as their repr)."""
+    from catfeat.images.listing import shown
+
+    return f"skipped {shown(name)}: {reason}"
+
+
+def damaged_line(name: str, reason: str) -> str:
+    """How an image decoded with corrupt data (and kept) is printed."""
+    from catfeat.images.listing import shown
+
+    return f"damaged {shown(name)}: {reason}"
+
+
+def report_damaged(bar, report, name: str, reason: str) -> None:
+    """Print one image decoded with corrupt data as it happens, once (see :func:`report_skip`)."""
+    bar.write(damaged_line(name, reason))
+    report.shown.add(name)
+
+
+def report_skip(bar, report, name: str, reason: str) -> None:
+    """Print one skipped image as it happens, once (``report.shown`` keeps the CLI's final list from
+    printing it again)."""
+    bar.write(skip_line(name, reason))
+    report.shown.add(name)
