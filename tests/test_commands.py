@@ -9,7 +9,7 @@ import pytest
 
 
 def test_fit_on_an_empty_folder_names_the_folder(tmp_path, capsys):
-    from catfeat import fit
+    from catfeat.cli import fit
 
     assert fit.main(["--features", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -18,7 +18,7 @@ def test_fit_on_an_empty_folder_names_the_folder(tmp_path, capsys):
 
 
 def test_predict_to_stdout_ends_with_a_summary(tmp_path, capsys, monkeypatch):
-    from catfeat import predict
+    from catfeat.cli import predict
 
     df = pd.DataFrame({"file": ["a.jpg", "b.jpg"], "p_0": [0.1, 0.8], "p_1": [0.9, 0.2], "label": [1, 0]})
     monkeypatch.setattr(predict, "build_predictor", lambda *a, **k: (None, None))
@@ -81,7 +81,7 @@ def test_every_command_takes_quiet_and_verbose(name, capsys):
 
 
 def test_one_flag_name_per_idea_old_spellings_still_parse():
-    from catfeat import extract, predict
+    from catfeat.cli import extract, predict
 
     p = extract.build_parser()
     a = p.parse_args(["data/"])
@@ -179,7 +179,7 @@ def test_compare_command(tmp_path, capsys):
 def test_fit_quiet_prints_only_the_summary_and_cv_shows_progress(tmp_path, capsys):
     from test_fit import make_caches
 
-    from catfeat import fit
+    from catfeat.cli import fit
 
     make_caches(tmp_path, n=60, n_test=0, test=False)
     assert fit.main(["--features", str(tmp_path), "--cv", "3", *FAST]) == 0

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from catfeat import fit as fit_cli
+from catfeat.cli import fit as fit_cli
 from catfeat.head.comparison import compare, fit_average_weights
 from catfeat.head.scoring import (
     choose_clip, clip_proba, cross_validate, cv_splits, holdout_score, holdout_split, log_loss, submission_ids,

@@ -63,7 +63,7 @@ def test_undecodable_name_is_one_row_that_round_trips(bad_names, tmp_path):
     again = extract(bad_names, out)
     assert again.returncode == 0 and "reused: " in again.stdout, again.stderr
     # fit reads the names, trains, and writes them back out byte for byte
-    from catfeat import fit
+    from catfeat.cli import fit
 
     oof = tmp_path / "oof.csv"
     assert fit.main(["--models", MODEL, "--features", str(out), "--cv", "2", "--epochs", "2",
@@ -148,7 +148,7 @@ def test_predict_reports_a_fifo_instead_of_hanging(tmp_path):
     os.mkfifo(folder / "b.jpg")
     os.mkfifo(tmp_path / "c.jpg")
     csv = tmp_path / "p.csv"
-    r = run("catfeat.predict", "--head", tmp_path / "head", folder, tmp_path / "c.jpg", "--csv", csv,
+    r = run("catfeat", "predict", "--head", tmp_path / "head", folder, tmp_path / "c.jpg", "--csv", csv,
             "--allow-random-weights", timeout=120)
     assert r.returncode == 0, r.stderr
     import pandas as pd

@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from catfeat import fit as fit_cli
+from catfeat.cli import fit as fit_cli
 from catfeat.cache import store, rows as streaming
 from catfeat.head.comparison import compare
 from catfeat.head.scoring import holdout_score

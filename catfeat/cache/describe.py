@@ -1,13 +1,10 @@
 """`catfeat info [FEATURES]`: what the feature caches in a folder hold, finished or not."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-from catfeat.cli.common import add_output_flags, run_cli
 
 COLUMNS = ["file", "status", "backbone", "train", "test", "classes", "skipped", "weights", "backend", "precision",
            "decoder", "created", "size_bytes", "rows_written", "n_images", "error"]
@@ -77,7 +74,8 @@ def _partial(path: Path) -> dict:
             "rows_written": a.get("rows_written"), "n_images": a.get("n_images")}
 
 
-def _size(n: float) -> str:
+def format_size(n: float) -> str:
+    """Bytes as B / KB / MB / GB."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -90,7 +88,7 @@ def format_caches(df) -> str:
     if not len(df):
         return "(no caches)"
     shown = df.copy()
-    shown["size"] = shown["size_bytes"].map(_size)
+    shown["size"] = shown["size_bytes"].map(format_size)
     unfinished = shown["status"] == "unfinished"
     shown.loc[unfinished, "status"] = [f"unfinished {r}/{n} images" for r, n in
                                        zip(shown.loc[unfinished, "rows_written"], shown.loc[unfinished, "n_images"])]
@@ -104,37 +102,8 @@ def format_caches(df) -> str:
     return "\n".join([text, *errors])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m catfeat info",
-                                description="List the feature caches in a folder: backbone, rows per split, "
-                                            "classes, skipped images, weights, backend, precision, decoder, "
-                                            "creation time and size; unfinished .partial files with their progress.")
-    p.add_argument("dir", nargs="?", default=None, metavar="FEATURES", help="folder of gap_<Model>.h5 caches "
-                   "(default: features)")
-    p.add_argument("--features", default=None, help="the same folder, as the other commands name it")
-    add_output_flags(p, "also print every attribute of each cache")
-    return p
-
-
-def _main(args: argparse.Namespace) -> int:
-    folder = args.dir or args.features or "features"
-    df = describe_caches(folder)
-    if not args.quiet:
-        print(format_caches(df) if len(df) else f"no gap_*.h5 caches in {folder}")
-    if args.verbose:
-        for name in df["file"]:
-            print(f"\n{name}:")
-            for k, v in sorted(_raw_attrs(Path(folder) / name).items()):
-                print(f"  {k}: {v}")
-    counts = df["status"].value_counts()
-    parts = [f"{counts.get(s, 0)} {s}" for s in ("complete", "unfinished", "unreadable") if counts.get(s, 0)]
-    print(f"catfeat.info: {folder}: {len(df)} cache file{'s' if len(df) != 1 else ''}"
-          + (f" ({', '.join(parts)})" if parts else "")
-          + (f", {_size(float(df['size_bytes'].sum()))}" if len(df) else ""))
-    return 0
-
-
-def _raw_attrs(path: Path) -> dict:
+def raw_attrs(path: Path) -> dict:
+    """Every attribute of the cache at ``path`` (or ``{'error': why}``), read without a lock."""
     from catfeat.cache.store import import_h5py, read_attrs
 
     try:
@@ -142,11 +111,3 @@ def _raw_attrs(path: Path) -> dict:
             return read_attrs(f)
     except Exception as e:
         return {"error": f"{e.__class__.__name__}: {e}"}
-
-
-def main(argv=None) -> int:
-    return run_cli(_main, build_parser(), argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,6 +7,7 @@ helpers in :mod:`catfeat.head.scoring` work on it as on ``LogisticRegression``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import os
@@ -372,7 +373,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         self.best_params_ = dict(self.tuning_.best_params)
         p.update(self.best_params_)
         if self.verbose:
-            print(self.tuning_.summary())
+            logging.getLogger("catfeat").info(self.tuning_.summary())
 
     def fit(self, X, y, validation_data: tuple | None = None, sample_weight=None) -> "FusedHead":
         """Train on ``X`` (dict/list/array of features) and labels ``y`` (any 2+ distinct values).

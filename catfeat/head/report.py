@@ -10,8 +10,8 @@ training row and writes a Kaggle submission and/or the saved head::
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,7 +257,7 @@ def write_oof(path: str | os.PathLike, names: Sequence[str], y: np.ndarray, scor
 
 
 def _warn_exclude_nothing(path, drop: set[str], names) -> None:
-    """One line on stderr: the exclude file leaves every training row in."""
+    """A warning: the exclude file leaves every training row in."""
     if not drop:
         msg = f"{path} names no images (empty, or a CSV without flagged rows)"
     else:
@@ -267,7 +267,7 @@ def _warn_exclude_nothing(path, drop: set[str], names) -> None:
         base = {os.path.basename(str(name)) for name in names}
         if any(os.path.basename(d) in base for d in drop):
             msg += "; write the names with their folder, as the cache does"
-    print(f"catfeat.fit: warning: {msg}; nothing is excluded", file=sys.stderr)
+    logging.getLogger("catfeat").warning(f"catfeat.fit: warning: {msg}; nothing is excluded")
 
 
 def _check_writable(path, what: str, folder: bool = False) -> None:
