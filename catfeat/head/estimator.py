@@ -24,8 +24,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_array, check_is_fitted, column_or_1d, validate_data
 
 from catfeat.head.network import (
-    MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, LogLossEarlyStopping, build_model, compiled_model, forward, record_fit, schedule,
-    seeded, stratified_split, validation_target)
+    LogLossEarlyStopping, compiled_model, forward, record_fit, schedule, seeded, stratified_split, validation_target)
 
 # What each preset fills in for the hyper-parameters left at None.
 # "reference" is the classic bottleneck-features recipe, kept exactly: Dropout 0.5, Dense sigmoid,
