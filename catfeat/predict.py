@@ -11,7 +11,6 @@ caches' ``weights`` attribute, or given explicitly; its features use today's def
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,7 +21,6 @@ from typing import Sequence
 import numpy as np
 
 from catfeat.models.registry import Weights, WeightsError, cache_weights
-from catfeat.cli.common import add_alias, add_output_flags, run_cli
 
 WEIGHTS_FILE = "weights.json"
 # How a head saved without a record of its features (before catfeat recorded it) is predicted: the
@@ -284,7 +282,7 @@ def export(model, path: str | os.PathLike, overwrite: bool = False) -> str:
     import keras
 
     path = Path(path)
-    _check_new(path, overwrite)
+    check_new(path, overwrite)
     if path.suffix == ".keras":
         path.parent.mkdir(parents=True, exist_ok=True)
         model.save(path)
@@ -295,33 +293,13 @@ def export(model, path: str | os.PathLike, overwrite: bool = False) -> str:
     return f"SavedModel {path}"
 
 
-def _check_new(path: Path, overwrite: bool) -> None:
+def check_new(path: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing ``path`` unless ``overwrite``."""
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --force (overwrite=True) to replace it")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m catfeat predict",
-                                description="Predict image files with a saved fused head and its backbones.")
-    p.add_argument("images", nargs="*", help="image files (or folders: every image in them)")
-    p.add_argument("--head", required=True, help="folder of a saved head (head.json + head.keras)")
-    p.add_argument("--features", default="features", help="feature caches, read for the backbones' weights when "
-                   "the head folder has no weights.json (default: %(default)s)")
-    p.add_argument("--weights", default=None, help="imagenet | none | PATH for every backbone (default: recorded)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per call (default: %(default)s)")
-    p.add_argument("--out", default=None, metavar="CSV", help="write the predictions here instead of printing them")
-    add_alias(p, "--csv", "out")
-    p.add_argument("--export", default=None, metavar="PATH", help="save the end-to-end model: PATH.keras, or a "
-                   "SavedModel folder (tensorflow backend)")
-    p.add_argument("--force", action="store_true", help="let --export replace an existing file or folder")
-    p.add_argument("--allow-random-weights", action="store_true", help="predict even when the head's backbones "
-                   "were extracted with random weights (weights none): such predictions carry no ImageNet "
-                   "knowledge")
-    add_output_flags(p, "accepted for uniformity: no extra output yet")
-    return p
-
-
-def _expand(items: Sequence[str]) -> list[str]:
+def expand_images(items: Sequence[str]) -> list[str]:
     """The image files named by ``items``: files as given (an undecodable one becomes a row with its
     error), every image under a folder, the matches of a quoted glob pattern. An item that names
     nothing (no such path, a pattern matching no file, a folder without images) raises ``ValueError``
@@ -344,50 +322,10 @@ def _expand(items: Sequence[str]) -> list[str]:
             found = sorted(glob.glob(item), key=natural_key)
             if not found:
                 empty.append(f"{shown(item)!r} matches no file")
-            out += _expand(found) if found else []
+            out += expand_images(found) if found else []
         else:
             empty.append(f"{shown(item)!r} does not exist")
     if empty:
         raise ValueError("; ".join(empty[:3]) + (f" (and {len(empty) - 3} more)" if len(empty) > 3 else "")
                          + ": nothing predicted; check the names")
     return out
-
-
-def _main(args: argparse.Namespace) -> int:
-    if not args.images and not args.export:
-        raise ValueError("name image files to predict and/or --export PATH")
-    from catfeat.images.listing import shown
-
-    if args.export:
-        _check_new(Path(args.export), args.force)  # before building the model
-    files = _expand(args.images)  # before building the model too
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UnrecordedFeaturesWarning)
-        predictor = build_predictor(args.head, args.weights, args.features, args.allow_random_weights)
-    for w in caught:
-        if issubclass(w.category, UnrecordedFeaturesWarning):
-            print(f"catfeat.predict: warning: {w.message}", file=sys.stderr)
-        else:  # not ours: as Python would show it
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    done = []
-    if args.images:
-        df = predict_images(args.head, files, batch_size=args.batch_size, predictor=predictor)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            df.to_csv(args.out, index=False, errors="surrogateescape")  # undecodable names keep their bytes
-            done.append(f"{len(df)} predictions to {args.out}")
-        else:
-            print(df.assign(file=df["file"].map(shown)).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-            done.append(f"{len(df)} predictions printed")
-    if args.export:
-        done.append(export(predictor[0], args.export, overwrite=args.force))
-    print("catfeat.predict: " + "; ".join(done))
-    return 0
-
-
-def main(argv=None) -> int:
-    return run_cli(_main, build_parser(), argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

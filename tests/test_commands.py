@@ -18,7 +18,7 @@ def test_fit_on_an_empty_folder_names_the_folder(tmp_path, capsys):
 
 
 def test_predict_to_stdout_ends_with_a_summary(tmp_path, capsys, monkeypatch):
-    from catfeat import predict
+    from catfeat.cli import predict
 
     df = pd.DataFrame({"file": ["a.jpg", "b.jpg"], "p_0": [0.1, 0.8], "p_1": [0.9, 0.2], "label": [1, 0]})
     monkeypatch.setattr(predict, "build_predictor", lambda *a, **k: (None, None))
@@ -81,7 +81,7 @@ def test_every_command_takes_quiet_and_verbose(name, capsys):
 
 
 def test_one_flag_name_per_idea_old_spellings_still_parse():
-    from catfeat import extract, predict
+    from catfeat.cli import extract, predict
 
     p = extract.build_parser()
     a = p.parse_args(["data/"])

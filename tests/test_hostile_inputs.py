@@ -148,7 +148,7 @@ def test_predict_reports_a_fifo_instead_of_hanging(tmp_path):
     os.mkfifo(folder / "b.jpg")
     os.mkfifo(tmp_path / "c.jpg")
     csv = tmp_path / "p.csv"
-    r = run("catfeat.predict", "--head", tmp_path / "head", folder, tmp_path / "c.jpg", "--csv", csv,
+    r = run("catfeat", "predict", "--head", tmp_path / "head", folder, tmp_path / "c.jpg", "--csv", csv,
             "--allow-random-weights", timeout=120)
     assert r.returncode == 0, r.stderr
     import pandas as pd

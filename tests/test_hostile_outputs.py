@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from catfeat.cli import fit as fit_cli
-from catfeat import predict as predict_cli
+from catfeat.cli import predict as predict_cli
 from catfeat.head.scoring import write_submission
 from catfeat.head.estimator import FusedHead
 from catfeat.cache.store import write_cache
@@ -177,7 +177,7 @@ def test_export_refuses_to_overwrite(small_head, tmp_path, capsys):
     target.write_text("keep me")
     rc = predict_cli.main(["--head", str(tmp_path / "head"), "--export", str(target)])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err == f"python -m catfeat predict: error: {target} exists; pass --force (overwrite=True) " \
+    assert rc == 2 and err == f"catfeat predict: error: {target} exists; pass --force (overwrite=True) " \
                               "to replace it"
     assert target.read_text() == "keep me"
     with pytest.raises(FileExistsError):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from catfeat.extraction.ray_engine import EngineUnavailableError
-from catfeat.extraction.run import ray_engine
+from catfeat.extraction import ray_engine
 from catfeat.extraction.ray_engine import plan_shards
 from catfeat.extraction.run import run_extraction
 from catfeat.cache.store import KEY_FIELDS, open_cache

@@ -1,16 +1,13 @@
 """`catfeat info [FEATURES]`: what the feature caches in a folder hold, finished or not."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from catfeat.cli.common import add_output_flags, run_cli
 
 # What is printed of one value (a cell, an attribute); a hostile cache can hold a 10 MB attribute.
 SHOWN_CHARS = 200
@@ -98,7 +95,8 @@ def _partial(path: Path) -> dict:
             "rows_written": a.get("rows_written"), "n_images": a.get("n_images")}
 
 
-def _size(n: float) -> str:
+def format_size(n: float) -> str:
+    """Bytes as B / KB / MB / GB."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -106,7 +104,7 @@ def _size(n: float) -> str:
     return str(n)
 
 
-def _cell(value) -> str:
+def cell(value) -> str:
     """One value as printed: blank when missing, whole floats without '.0', control characters
     escaped (``images.printable``), cut after ``SHOWN_CHARS``."""
     from catfeat.images.listing import printable
@@ -129,59 +127,22 @@ def format_caches(df) -> str:
     if not len(df):
         return "(no caches)"
     shown = df.copy()
-    shown["size"] = shown["size_bytes"].map(lambda n: "" if n is None or n != n else _size(n))  # n != n: NaN
+    shown["size"] = shown["size_bytes"].map(lambda n: "" if n is None or n != n else format_size(n))  # n != n: NaN
     unfinished = shown["status"] == "unfinished"
-    shown.loc[unfinished, "status"] = [f"unfinished {_cell(r)}/{_cell(n)} images" for r, n in
+    shown.loc[unfinished, "status"] = [f"unfinished {cell(r)}/{cell(n)} images" for r, n in
                                        zip(shown.loc[unfinished, "rows_written"], shown.loc[unfinished, "n_images"])]
     cols = [c for c in ["file", "status", "backbone", "train", "test", "classes", "skipped", "weights", "backend",
                         "precision", "decoder", "created", "size"] if c in shown]
-    cells = shown[cols].astype(object).map(_cell)
+    cells = shown[cols].astype(object).map(cell)
     widths = [max(len(c), *cells[c].str.len()) for c in cols]
     lines = [cols, *cells.itertuples(index=False)]
     text = "\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
-    errors = [f"{_cell(f)}: {printable(e, ERROR_CHARS)}" for f, e in zip(shown["file"], shown["error"])
+    errors = [f"{cell(f)}: {printable(e, ERROR_CHARS)}" for f, e in zip(shown["file"], shown["error"])
               if isinstance(e, str) and e]
     return "\n".join([text, *errors])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m catfeat info",
-                                description="List the feature caches in a folder: backbone, rows per split, "
-                                            "classes, skipped images, weights, backend, precision, decoder, "
-                                            "creation time and size; unfinished .partial files with their progress.")
-    p.add_argument("dir", nargs="?", default=None, metavar="FEATURES", help="folder of gap_<Model>.h5 caches "
-                   "(default: features)")
-    p.add_argument("--features", default=None, help="the same folder, as the other commands name it")
-    add_output_flags(p, "also print every attribute of each cache")
-    return p
-
-
-def _main(args: argparse.Namespace) -> int:
-    from catfeat.images.listing import printable
-    from catfeat.cache.store import CacheError
-
-    folder = args.dir or args.features or "features"
-    df = describe_caches(folder)
-    if not args.quiet:
-        print(format_caches(df) if len(df) else f"no gap_*.h5 caches in {folder}")
-    if args.verbose:
-        for name in df["file"]:
-            print(f"\n{_cell(name)}:")
-            for k, v in sorted(_raw_attrs(Path(folder) / name).items()):
-                print(f"  {_cell(k)}: {printable(v, ERROR_CHARS if k == 'error' else SHOWN_CHARS)}")
-    counts = df["status"].value_counts()
-    parts = [f"{counts.get(s, 0)} {s}" for s in ("complete", "unfinished", "unreadable") if counts.get(s, 0)]
-    print(f"catfeat.info: {folder}: {len(df)} cache file{'s' if len(df) != 1 else ''}"
-          + (f" ({', '.join(parts)})" if parts else "")
-          + (f", {_size(float(df['size_bytes'].sum()))}" if len(df) else ""))
-    if len(df) and not counts.get("complete", 0) and not counts.get("unfinished", 0):
-        # The listing above says why each file is unusable; a script must not take this for success.
-        raise CacheError(f"none of the {len(df)} cache files in {folder} can be read (reasons above); extract "
-                         f"again with `catfeat extract DATA_DIR --features {folder}`")
-    return 0
-
-
-def _raw_attrs(path: Path) -> dict:
+def raw_attrs(path: Path) -> dict:
     """Every attribute of a cache file, or ``{"error": why}``; only a regular file is opened."""
     from catfeat.cache.store import CacheError, regular_stat, import_h5py, read_attrs
 
@@ -193,11 +154,3 @@ def _raw_attrs(path: Path) -> dict:
         return {"error": str(e)}
     except Exception as e:
         return {"error": f"{e.__class__.__name__}: {e}"}
-
-
-def main(argv=None) -> int:
-    return run_cli(_main, build_parser(), argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@ float32 whatever the cache stores (float32 or float16).
 Training (:mod:`catfeat.head.streamed`) reads each epoch as shuffled blocks of ``block_rows``
 gathered into buffers of ``buffer_rows`` that are shuffled row by row (:class:`EpochBatches`), so
 the memory used depends on the buffer size, not on the number of rows. This module knows nothing
-of the head: the memory checks live in :mod:`catfeat.cache.store`, the training in ``streamed_head``.
+of the head: the memory checks live in :mod:`catfeat.cache.store`, the training in :mod:`catfeat.head.streamed`.
 """
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from catfeat.cache.store import CacheError, check_memory, format_gib
-# The memory checks moved to catfeat.cache.store (load_features uses them); still importable from here.
-from catfeat.cache.store import MemoryShortError, available_memory, check_load_memory, memory_bytes  # noqa: F401
 
 # python -m catfeat.fit streams (by default) when the features of the training rows, as float32,
 # take more than this share of the machine's memory; the in-memory path needs about 3 copies.
@@ -327,16 +325,3 @@ def sample_for_compare(rows: CacheRows, y, seed, max_rows: int | None = None):
         rows, y = rows.subset(keep), y[keep]
         note = f"on a stratified sample of {max_rows:,} of {len(keep) + len(_):,} rows"
     return rows.to_arrays(f"compare on {len(rows):,} rows"), y, note
-
-
-# Names that moved to catfeat.head.streamed, still importable from here. Resolved on first use:
-# importing streamed_head here would import the head, which imports this module.
-_MOVED = {"fit_stream", "predict_stream", "forward_rows"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module("catfeat.head.streamed"), name)
-    raise AttributeError(f"module 'catfeat.cache.rows' has no attribute {name!r}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import stat
@@ -27,6 +28,9 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+
+# Messages for the user go through this logger; the CLI prints them (warnings on stderr, the rest on stdout).
+LOG = logging.getLogger("catfeat")
 
 FORMAT = "catfeat-gap/1"
 # What must be identical for a cache to stand for a request; anything else is informational.
@@ -238,7 +242,7 @@ class FeatureWriter:
             reason = self._try_resume()
             if reason is None:
                 return
-            print(f"catfeat: starting {self.partial} over ({reason})", file=sys.stderr)
+            LOG.warning(f"catfeat: starting {self.partial} over ({reason})")
             self.partial.unlink()
         self._check_space(SPACE_MARGIN)
         try:  # create it ourselves, following no link, so h5py opens a regular file we own
@@ -518,8 +522,8 @@ def remove_planted_link(path: Path) -> bool:
     except OSError:
         return False
     os.unlink(path)
-    print(f"catfeat: removed {path}, a symbolic link to {target} that catfeat did not create "
-          "(its target was not touched)", file=sys.stderr)
+    LOG.warning(f"catfeat: removed {path}, a symbolic link to {target} that catfeat did not create "
+                "(its target was not touched)")
     return True
 
 

@@ -1,8 +1,10 @@
-"""Shared pieces of the `python -m catfeat.<command>` entry points."""
+"""Shared pieces of the command-line modules: running a command, common flags, argparse types."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.abc
+import logging
 import math
 import os
 import re
@@ -112,6 +114,11 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
 
     args = parser.parse_args(argv)
     expected = (CacheError, ImageSetError, WeightsError, ValueError, OSError, RuntimeError, FloatingPointError)
+    with echo_library_messages():
+        return _run(main, parser, args, expected)
+
+
+def _run(main, parser, args, expected) -> int:
     try:
         with quiet_backend_startup(not getattr(args, "verbose", False)):
             return main(args)
@@ -128,6 +135,30 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
             sys.stderr.flush()
             os._exit(2)
         return 2
+
+
+class _Echo(logging.Handler):
+    """The library's messages as plain lines: warnings on stderr, the rest on stdout (as they are then)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        print(self.format(record), file=stream, flush=True)
+
+
+@contextlib.contextmanager
+def echo_library_messages():
+    """Print what catfeat logs (``logging.getLogger("catfeat")``, INFO and up) while a command runs."""
+    logger = logging.getLogger("catfeat")
+    handler, saved = _Echo(), (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def add_output_flags(p: argparse.ArgumentParser, verbose_help: str = "more detail") -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from catfeat.models.registry import REGISTRY
 from catfeat.cli.common import add_alias, add_output_flags, echo, int_in, run_cli
@@ -12,6 +11,7 @@ from catfeat.extraction.stages import damaged_line, skip_line
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of `catfeat extract` (prog `python -m catfeat.extract`; the dispatcher renames it)."""
     names = ", ".join(f"{s.name} ({s.aliases[0]})" for s in REGISTRY.values())
     p = argparse.ArgumentParser(
         prog="python -m catfeat.extract",
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run `catfeat extract` with parsed ``args``; returns the exit code."""
     say = echo(args)
     report = run_extraction(args.data_dir, args.models, args.features, args.weights, args.batch_size, args.limit,
                             args.force, args.precision, args.workers, args.weights_seed,
@@ -94,8 +95,6 @@ def _engine_options(args: argparse.Namespace) -> dict | None:
 
 
 def main(argv=None) -> int:
-    return run_cli(_main, build_parser(), argv)
+    """`python -m catfeat.extract ARGS`: parse ``argv`` and run; returns the exit code."""
+    return run_cli(run, build_parser(), argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

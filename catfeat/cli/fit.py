@@ -7,7 +7,6 @@ The work is :func:`catfeat.fit_report`; this module parses the arguments and pri
 from __future__ import annotations
 
 import argparse
-import sys
 
 from catfeat.cli.common import add_output_flags, clip_value, cv_folds, echo, finite_float, probability, run_cli
 from catfeat.head.scoring import DEFAULT_CLIP, DEFAULT_SEED
@@ -15,6 +14,7 @@ from catfeat.head.report import fit_report
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of `catfeat fit` (prog `python -m catfeat.fit`; the dispatcher renames it)."""
     p = argparse.ArgumentParser(
         prog="python -m catfeat.fit",
         description="Train the fused head (concatenated GAP features -> Dropout -> Dense) on cached features, "
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run `catfeat fit` with parsed ``args``; returns the exit code."""
     from catfeat.head.estimator import FusedHead
 
     head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
@@ -76,8 +77,6 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    return run_cli(_main, build_parser(), argv)
+    """`python -m catfeat.fit ARGS`: parse ``argv`` and run; returns the exit code."""
+    return run_cli(run, build_parser(), argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,25 +1,24 @@
 """`catfeat COMMAND ...` (and `python -m catfeat COMMAND ...`): every command under one name.
 
-The subcommands use the parsers of the `python -m catfeat.<command>` modules, which keep working.
+Each command is a module of this package (`catfeat/cli/`) with ``build_parser()`` and ``run(args) -> int``.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-import time
 from typing import Callable, Sequence
 
-from catfeat.cli.common import add_output_flags, clip_value, cv_folds, echo, finite_float, run_cli
+from catfeat.cli import compare, extract, fit, info, outliers, predict
+from catfeat.cli.common import run_cli
 
-# name -> (module with build_parser and _main, one-line help)
+# name -> (module with build_parser and run, one-line help)
 COMMANDS = {
-    "extract": ("catfeat.cli.extract", "cache GAP features of pretrained backbones for a folder of images"),
-    "fit": ("catfeat.cli.fit", "train the fused head on cached features, score it, write a submission / the head"),
-    "compare": ("catfeat.cli.main", "rank every subset of the backbones and every fusion strategy"),
-    "outliers": ("catfeat.outliers", "flag training images that look like neither class to ImageNet classifiers"),
-    "predict": ("catfeat.predict", "predict image files with a saved head and its backbones"),
-    "info": ("catfeat.cache.describe", "list the feature caches in a folder, finished or not"),
+    "extract": (extract, "cache GAP features of pretrained backbones for a folder of images"),
+    "fit": (fit, "train the fused head on cached features, score it, write a submission / the head"),
+    "compare": (compare, "rank every subset of the backbones and every fusion strategy"),
+    "outliers": (outliers, "flag training images that look like neither class to ImageNet classifiers"),
+    "predict": (predict, "predict image files with a saved head and its backbones"),
+    "info": (info, "list the feature caches in a folder, finished or not"),
 }
 
 
@@ -41,13 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command(name: str) -> tuple[argparse.ArgumentParser, Callable[[argparse.Namespace], int]]:
     """The parser (its prog set to ``catfeat NAME``) and the run function of one subcommand."""
-    if name == "compare":
-        parser, run = build_compare_parser(), _compare_main
-    else:
-        module = importlib.import_module(COMMANDS[name][0])
-        parser, run = module.build_parser(), module._main
+    module = COMMANDS[name][0]
+    parser = module.build_parser()
     parser.prog = f"catfeat {name}"
-    return parser, run
+    return parser, module.run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,84 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_cli(run, parser, argv[1:])
     build_parser().parse_args(argv)  # prints --help / --version, or the error, and exits
     return 2
-
-
-# -- catfeat compare --------------------------------------------------------------------------------
-def _number_clip(value: str) -> float:
-    v = clip_value(value)
-    if v == "auto":
-        raise argparse.ArgumentTypeError("catfeat compare takes a number for --clip ('auto' is fit's)")
-    return v
-
-
-def build_compare_parser() -> argparse.ArgumentParser:
-    from catfeat.head.scoring import DEFAULT_CLIP, DEFAULT_SEED
-
-    p = argparse.ArgumentParser(
-        prog="catfeat compare",
-        description="Score every subset of the cached backbones and every fusion strategy (one head on the "
-                    "concatenation, a weighted average of single heads, and a LogisticRegression reference) "
-                    "on the same rows, rank them by log loss, and write compare.csv, compare.md and compare.png. "
-                    "The same ranking as `catfeat fit --compare`, without fitting the final head.")
-    p.add_argument("--models", default=None, help="comma-separated backbone names or aliases "
-                   "(default: every complete cache in --features)")
-    p.add_argument("--features", default="features", help="folder of gap_<Model>.h5 caches (default: %(default)s)")
-    p.add_argument("--out-dir", default=None, metavar="DIR", help="where to write compare.csv/.md/.png "
-                   "(default: --features)")
-    p.add_argument("--strategies", default="concat,average", help="fusions of 2+ backbones: concat, average "
-                   "(default: %(default)s)")
-    p.add_argument("--no-logreg", action="store_true", help="leave out the LogisticRegression reference row")
-    p.add_argument("--preset", default="default", choices=["default", "reference"],
-                   help="hyperparameters of the heads, as in fit (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: from the preset)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: from the preset)")
-    p.add_argument("--learning-rate", type=finite_float, default=None, help="Adam learning rate (default: from the preset)")
-    p.add_argument("--dropout", type=finite_float, default=None, help="dropout rate (default: from the preset)")
-    p.add_argument("--weight-decay", type=finite_float, default=None, help="L2 penalty (default: from the preset)")
-    p.add_argument("--val-split", type=finite_float, default=0.2, help="held-out share of the training rows "
-                   "(default: %(default)s)")
-    p.add_argument("--cv", type=cv_folds, default=None, metavar="K", help="score by stratified K-fold CV instead "
-                   "(K >= 2)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of splits and training (default: %(default)s)")
-    p.add_argument("--clip", type=_number_clip, default=DEFAULT_CLIP, help="clip probabilities to [c, 1-c] for "
-                   "log loss; 0 disables (default: %(default)s)")
-    p.add_argument("--exclude", default=None, metavar="FILE", help="file of training image names to leave out, "
-                   "one per line (e.g. outliers.csv)")
-    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="read the caches in blocks and score the candidates on a stratified sample (default: "
-                        "when the features take more than 1/8 of this machine's memory as float32)")
-    add_output_flags(p, "print each candidate as it trains, and Keras training progress")
-    return p
-
-
-def _compare_main(args: argparse.Namespace) -> int:
-    from catfeat.head.comparison import check_out_dir, compare, format_table
-    from catfeat.head.estimator import FusedHead
-    from catfeat.head.report import class_names, describe_training, load_training
-
-    t0 = time.perf_counter()
-    say = echo(args)
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    bad = sorted(set(strategies) - {"concat", "average"})
-    if bad:
-        raise ValueError(f"unknown strategy {bad[0]!r}; --strategies takes concat and/or average")
-    if args.out_dir is not None:
-        check_out_dir(args.out_dir)  # before loading anything
-    X, y, _ = load_training(args.models, args.features, stream=args.stream, exclude=args.exclude, log=say)
-    say(describe_training(X, y, class_names(list(X), args.features, y)))
-    head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
-                     learning_rate=args.learning_rate, dropout=args.dropout, weight_decay=args.weight_decay,
-                     random_state=args.seed, verbose=1 if args.verbose else 0)
-    head.resolved_params()  # reject bad values before any work
-    df = compare(list(X), args.features, head=head, val_split=args.val_split, cv=args.cv, seed=args.seed,
-                 clip=args.clip, strategies=strategies, linear=not args.no_logreg, out_dir=args.out_dir,
-                 data=(X, y), verbose=args.verbose, progress=not args.quiet)
-    say(format_table(df))
-    if not any(f.endswith(".png") for f in df.attrs["files"]):
-        say("no compare.png: the bar chart needs matplotlib (pip install -e \".[plot]\")")
-    print(f"catfeat.compare: {len(df)} candidates; {df.attrs['summary']}; wrote {', '.join(df.attrs['files'])}; "
-          f"{time.perf_counter() - t0:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":

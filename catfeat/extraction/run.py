@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -214,7 +214,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
     if reader not in READERS:
         raise ValueError(f"reader must be one of {', '.join(READERS)}, got {reader!r}")
     t0 = time.perf_counter()
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or logging.getLogger("catfeat").warning
     specs = parse_models(models)
     dec = get_decoder(decoder)
     asked_batch = batch_size is not None

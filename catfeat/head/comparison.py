@@ -8,6 +8,7 @@ with the scoring of :mod:`catfeat.head.scoring`, and writes ``compare.csv``, ``c
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 from pathlib import Path
@@ -127,7 +128,7 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     if is_stream(X):  # from the caches: the many candidate heads run on a sample held in memory
         X, y, sampled = sample_for_compare(X, y, seed)
         if sampled:
-            print(f"compare: {sampled} (streamed caches)", flush=True)
+            logging.getLogger("catfeat").info(f"compare: {sampled} (streamed caches)")
     if not isinstance(X, Mapping):
         raise ValueError("compare needs features per backbone (a dict name -> array)")
     names = list(X)

@@ -7,6 +7,7 @@ helpers in :mod:`catfeat.head.scoring` work on it as on ``LogisticRegression``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import os
@@ -25,8 +26,8 @@ from sklearn.utils.validation import _check_sample_weight, check_array, check_is
 from catfeat.models.registry import file_sha256
 from catfeat.cache.store import check_finite
 from catfeat.head.network import (
-    MAX_AUTO_EPOCHS, MIN_AUTO_EPOCHS, LogLossEarlyStopping, build_model, compiled_model, forward, passes_per_epoch,
-    record_fit, repeated_rows, schedule, seeded, stratified_split, validation_target)
+    LogLossEarlyStopping, compiled_model, forward, passes_per_epoch, record_fit, repeated_rows, schedule, seeded,
+    stratified_split, validation_target)
 
 # What each preset fills in for the hyper-parameters left at None.
 # "reference" is the classic bottleneck-features recipe, kept exactly: Dropout 0.5, Dense sigmoid,
@@ -376,7 +377,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         self.best_params_ = dict(self.tuning_.best_params)
         p.update(self.best_params_)
         if self.verbose:
-            print(self.tuning_.summary())
+            logging.getLogger("catfeat").info(self.tuning_.summary())
 
     def fit(self, X, y, validation_data: tuple | None = None, sample_weight=None) -> "FusedHead":
         """Train on ``X`` (dict/list/array of features) and labels ``y`` (any 2+ distinct values).

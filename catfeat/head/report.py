@@ -10,8 +10,8 @@ training row and writes a Kaggle submission and/or the saved head::
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,12 +347,12 @@ def _missing_message(missing: dict[str, str], n_test: int) -> str:
 
 
 def _warn(msg: str) -> None:
-    """One warning line on stderr, as the CLI prints them."""
-    print(f"catfeat.fit: warning: {msg}", file=sys.stderr)
+    """A warning of `catfeat fit`, through the library's logger (the CLI prints it on stderr)."""
+    logging.getLogger("catfeat").warning(f"catfeat.fit: warning: {msg}")
 
 
 def _warn_exclude_nothing(path, drop: set[str], names) -> None:
-    """One line on stderr: the exclude file leaves every training row in."""
+    """A warning: the exclude file leaves every training row in."""
     if not drop:
         msg = f"{path} names no images (empty, or a CSV without flagged rows)"
     else:

@@ -432,19 +432,3 @@ def write_submission(path: str | os.PathLike, names: Sequence[str], proba_dog: n
         path.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(path, index=False)
     return df.reset_index(drop=True)
-
-
-# -- old import paths ------------------------------------------------------------------------------
-from catfeat.cache.store import cached_models  # noqa: E402,F401  (it lived here; it lists caches, so it is store's)
-
-# The comparison moved to catfeat.head.comparison, which imports this module: its names are resolved on
-# first use so that ``from catfeat.head.scoring import compare`` keeps working without an import cycle.
-_MOVED = {"compare", "fit_average_weights"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module("catfeat.head.comparison"), name)
-    raise AttributeError(f"module 'catfeat.head.scoring' has no attribute {name!r}")
