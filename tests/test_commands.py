@@ -23,6 +23,9 @@ def test_predict_to_stdout_ends_with_a_summary(tmp_path, capsys, monkeypatch):
     df = pd.DataFrame({"file": ["a.jpg", "b.jpg"], "p_0": [0.1, 0.8], "p_1": [0.9, 0.2], "label": [1, 0]})
     monkeypatch.setattr(predict, "build_predictor", lambda *a, **k: (None, None))
     monkeypatch.setattr(predict, "predict_images", lambda *a, **k: df)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jpg").touch()  # predict refuses names of files that do not exist
+    (tmp_path / "b.jpg").touch()
     assert predict.main(["--head", str(tmp_path), "a.jpg", "b.jpg"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert "a.jpg" in out[1] and out[-1] == "catfeat.predict: 2 predictions printed"
