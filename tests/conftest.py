@@ -41,6 +41,25 @@ def make_kaggle(root: Path, n_per_class: int = 4, n_test: int = 3, size=(40, 30)
     return root
 
 
+def make_caches(folder, n=160, n_test=30, dims=(10, 6), sep=(1.2, 0.4), seed=0, models=("EfficientNetLite0",
+                "EfficientNetLite1"), test=True, labels=None, names=None):
+    """Small caches like extract writes: cats first, then dogs (sorted names), test rows test/<id>.jpg."""
+    from catfeat.cache.store import write_cache
+
+    rng = np.random.default_rng(seed)
+    y = np.array([0] * (n // 2) + [1] * (n - n // 2)) if labels is None else np.asarray(labels)
+    n = len(y)
+    train_names = names or [f"train/{'cat' if v == 0 else 'dog'}.{i}.jpg" for i, v in enumerate(y)]
+    test_names = [f"test/{i}.jpg" for i in rng.permutation(np.arange(1, n_test + 1))] if test else []
+    yt = rng.integers(0, 2, n_test)
+    for model, d, s in zip(models, dims, sep):
+        centers = rng.normal(size=(2, d))
+        tr = rng.normal(size=(n, d)) + s * centers[np.clip(y, 0, 1)]
+        te = rng.normal(size=(n_test, d)) + s * centers[yt] if test else None
+        write_cache(folder / f"gap_{model}.h5", model, tr, y, train_names, te, test_names)
+    return folder
+
+
 @pytest.fixture
 def kaggle_dir(tmp_path) -> Path:
     return make_kaggle(tmp_path / "data")

@@ -115,7 +115,7 @@ def _partial_cache(folder, model="EfficientNetLite2", rows=5, n=20):
 
 
 def test_describe_caches_lists_complete_and_unfinished(tmp_path):
-    from test_fit import make_caches
+    from conftest import make_caches
 
     from catfeat.cache.describe import describe_caches
 
@@ -137,7 +137,7 @@ def test_describe_caches_lists_complete_and_unfinished(tmp_path):
 
 
 def test_info_cli(tmp_path, capsys):
-    from test_fit import make_caches
+    from conftest import make_caches
 
     from catfeat.cli.main import main
 
@@ -160,7 +160,7 @@ FAST = ["--preset", "reference", "--epochs", "3", "--batch-size", "32", "--learn
 
 
 def test_compare_command(tmp_path, capsys):
-    from test_fit import make_caches
+    from conftest import make_caches
 
     from catfeat.cli.main import main
 
@@ -180,7 +180,7 @@ def test_compare_command(tmp_path, capsys):
 
 
 def test_fit_quiet_prints_only_the_summary_and_cv_shows_progress(tmp_path, capsys):
-    from test_fit import make_caches
+    from conftest import make_caches
 
     from catfeat.cli import fit
 
@@ -215,7 +215,7 @@ def test_extract_quiet_and_verbose(kaggle_dir, tmp_path, capsys):
 
 
 def test_compare_leaves_the_matplotlib_backend_alone(tmp_path, monkeypatch):
-    from test_fit import make_caches
+    from conftest import make_caches
 
     from catfeat.head.comparison import compare
     from catfeat.head.estimator import FusedHead
@@ -229,7 +229,7 @@ def test_compare_leaves_the_matplotlib_backend_alone(tmp_path, monkeypatch):
 
 
 def test_compare_command_streams(tmp_path, capsys):
-    from test_fit import make_caches
+    from conftest import make_caches
 
     from catfeat.cli.main import main
 

@@ -14,7 +14,7 @@ from catfeat.cache.store import MemoryShortError, cache_path, differences, load_
 from catfeat.head.streamed import fit_stream, forward_rows
 from catfeat.cache.rows import CacheRows, EpochBatches
 
-from test_fit import make_caches
+from conftest import make_caches
 
 MODELS = "lite0,lite1"
 
