@@ -103,7 +103,7 @@ def test_dangling_link_is_listed_beside_the_caches(tmp_path):
     proc = info(tmp_path)
     assert proc.returncode == 2
     assert "is a broken symbolic link" in proc.stdout and "not a regular file (FIFO)" in proc.stdout
-    assert proc.stderr.splitlines() == [f"python -m catfeat info: error: none of the 2 cache files in {tmp_path} can be read "
+    assert proc.stderr.splitlines() == [f"catfeat info: error: none of the 2 cache files in {tmp_path} can be read "
                                         "(reasons above); extract again with `catfeat extract DATA_DIR "
                                         f"--features {tmp_path}`"]
     # an empty folder is not an error: nothing to list

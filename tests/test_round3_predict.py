@@ -237,7 +237,7 @@ def test_tampered_head_is_one_line_naming_the_file(made, case, tmp_path, capsys)
     tamper(head)
     rc = cli(main, "--head", head, made["data"] / "test", timeout=300)
     err = one_error_line(capsys)
-    assert rc == 2 and err.startswith("python -m catfeat predict: error: "), err
+    assert rc == 2 and err.startswith("catfeat predict: error: "), err
     assert str(head / file) in err and what in err, err
 
 
@@ -259,7 +259,7 @@ def test_pattern_matching_nothing_exits_2(made, tmp_path):
     pattern = str(tmp_path / "*.jpg")
     r = run_predict("--head", head, pattern, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == (f"python -m catfeat predict: error: {pattern!r} matches no file: "
+    assert r.stderr.strip().splitlines()[-1] == (f"catfeat predict: error: {pattern!r} matches no file: "
                                                  "nothing predicted; check the names")
     assert r.stdout == ""
     # a glob that matches, beside a literal path that does not exist and a folder without images
@@ -268,5 +268,5 @@ def test_pattern_matching_nothing_exits_2(made, tmp_path):
     r = run_predict("--head", head, some, missing, empty, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
-        f"python -m catfeat predict: error: {str(missing)!r} does not exist; folder {str(empty)!r} holds no image "
+        f"catfeat predict: error: {str(missing)!r} does not exist; folder {str(empty)!r} holds no image "
         "file (.jpg, .jpeg, .png, .bmp, .gif, .webp, .tif, .tiff): nothing predicted; check the names")
