@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from catfeat.images.listing import ByteBudget
 from catfeat.models.registry import Weights, WeightsError, cache_weights
 
 WEIGHTS_FILE = "weights.json"
@@ -207,9 +208,12 @@ def _proba(out: np.ndarray, n_classes: int) -> np.ndarray:
 
 def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], weights=None,
                    features_dir: str | os.PathLike | None = "features", batch_size: int = 16,
-                   predictor=None, allow_random: bool = False) -> "pd.DataFrame":  # noqa: F821
+                   predictor=None, allow_random: bool = False,
+                   budget: ByteBudget | None = None) -> "pd.DataFrame":  # noqa: F821
     """Class probabilities straight from image files: ``file, p_<class>..., label`` (and ``error`` for
     files that could not be decoded). ``predictor``: a ``(model, head)`` from :func:`build_predictor`.
+    Each file goes through extraction's per-image unit (:func:`catfeat.images.unit.decode_timed`),
+    so it is skipped for the same reasons, under ``budget`` (default: a new ``ByteBudget``).
 
     Raises ``FloatingPointError`` rather than return NaN/Inf probabilities.
     """
@@ -217,8 +221,8 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     import pandas as pd
 
     from catfeat.models.registry import get_backbone
-    from catfeat.images.decoders import decode_image
-    from catfeat.images.listing import DecodeError
+    from catfeat.images.decoders import get_decoder
+    from catfeat.images.unit import decode_timed, unit_decode
 
     model, head = predictor or build_predictor(head_dir, weights, features_dir, allow_random)
     steps = feature_steps(head, head_dir)
@@ -230,12 +234,21 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
         plan.setdefault(dec, [])
         if size not in plan[dec]:
             plan[dec].append(size)
+    units = {dec: unit_decode(get_decoder(dec).decode) for dec in plan}
+    budget = ByteBudget() if budget is None else budget
     errors, probs = {}, []
     batch: list[dict] = []
     ok_files: list[str] = []
 
-    def decode(path: str) -> dict:
-        return {(dec, s): a for dec, sizes in plan.items() for s, a in decode_image(path, sorted(sizes), dec).items()}
+    def decode(path: str) -> dict | str:
+        """``{(decoder, size): array}``, or the reason the file cannot be used."""
+        out = {}
+        for dec, sizes in plan.items():
+            arrays, reason = decode_timed(path, sorted(sizes), budget, units[dec])[:2]
+            if arrays is None:
+                return reason
+            out.update({(dec, s): a for s, a in arrays.items()})
+        return out
 
     def flush():
         if not batch:
@@ -253,11 +266,12 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
         batch.clear()
 
     for p in map(str, paths):
-        try:
-            batch.append(decode(p))
+        got = decode(p)
+        if isinstance(got, str):
+            errors[p] = got
+        else:
+            batch.append(got)
             ok_files.append(p)
-        except DecodeError as e:
-            errors[p] = str(e)
         if len(batch) >= batch_size:
             flush()
     flush()

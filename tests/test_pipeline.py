@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from catfeat.extraction.stages import InBackground, ModelRunner, WriterThread, decode_rows, run_stages
+from catfeat.extraction.stages import InBackground, ModelRunner, WriterThread, run_stages
+from catfeat.images.unit import decode_rows
 
 
 class Batch:

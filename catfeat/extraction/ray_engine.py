@@ -2,8 +2,8 @@
 
 One Ray Data job serves every requested backbone::
 
-    (position, path) rows --map_batches(decode_batch)--> CPU tasks: catfeat.extraction.stages.decode_rows, once
-        per image for every input size; a file that fails becomes a row with its reason
+    (position, path) rows --map_batches(decode_batch)--> CPU tasks: catfeat.images.unit.decode_timed, once
+        per image for every input size, under a byte budget per task; a file that fails becomes a row with its reason
     --map_batches(FeatureActor)--> actor pool (GPU or CPU): each backbone built once per actor
         in a catfeat.extraction.stages.ModelRunner
     --> driver: one HDF5 part per (backbone, shard), written in position order with FeatureWriter
@@ -38,8 +38,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from catfeat.models.registry import BackboneSpec, Weights
-from catfeat.images.listing import ImageSet
-from catfeat.extraction.stages import ModelRunner, decode_rows, progress_bar, report_damaged, report_skip
+from catfeat.images.listing import ByteBudget, ImageSet
+from catfeat.images.unit import decode_timed, unit_decode
+from catfeat.extraction.stages import ModelRunner, progress_bar, report_damaged, report_skip
 from catfeat.cache.store import (
     KEY_FIELDS, CacheError, FeatureWriter, decode_strings, differences, open_cache, partial_attrs, remove_planted_link)
 
@@ -53,6 +54,8 @@ SHARD_IMAGES = 1000  # default shard: seconds of one GPU, small enough to redo, 
 PARTS_DIR = ".parts"
 MERGE_ROWS = 4096  # rows copied per step when merging, so memory stays flat for any shard size
 PART_NAME = re.compile(r"shard-\d{5}\.h5(\.partial)?")  # the only files catfeat writes under .parts
+# Full-size pixels one decode task may hold (its byte budget), part of the memory it declares to Ray.
+DECODE_TASK_BYTES = 64 << 20
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
@@ -293,23 +296,27 @@ def _copy_part(writer: FeatureWriter, shard: Shard, part: Path, split: Sequence[
 
 # -- the Ray Data stages (run on workers) --------------------------------------------------------
 def decode_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], decoder: str = "auto",
-                 skip_damaged: bool = False) -> dict[str, np.ndarray]:
-    """Stage 1, the reader (:func:`catfeat.extraction.stages.decode_rows`): decode each row's file once into every
-    input size. Never raises for a bad file: its row gets ``ok=False``, the reason, and zero images."""
+                 skip_damaged: bool = False, budget: int | ByteBudget = DECODE_TASK_BYTES) -> dict[str, np.ndarray]:
+    """Stage 1, the reader (:func:`catfeat.images.unit.decode_timed`, as the local readers): decode each
+    row's file once into every input size, under ``budget`` (bytes: a new budget for this task; or a
+    :class:`ByteBudget` to share). Never raises for a bad file: its row gets ``ok=False``, the reason,
+    and zero images."""
     from catfeat.images.decoders import get_decoder
 
     paths = [os.fsdecode(bytes(raw)) for raw in batch["path"]]
     n = len(paths)
     imgs = {s: np.zeros((n, s, s, 3), np.uint8) for s in sizes}
+    budget = budget if isinstance(budget, ByteBudget) else ByteBudget(int(budget))
     decode = get_decoder(decoder).decode
-    rows = decode_rows(paths, sizes, (lambda p, s: decode(p, s, skip_damaged=True)) if skip_damaged else decode)
-    for i, (arrays, _, _) in enumerate(rows):
+    one = (lambda p, s: decode(p, s, skip_damaged=True)) if skip_damaged else unit_decode(decode)
+    rows = [decode_timed(p, sizes, budget, one) for p in paths]
+    for i, (arrays, *_) in enumerate(rows):
         if arrays is not None:
             for s in sizes:
                 imgs[s][i] = arrays[s]
     return {"pos": np.asarray(batch["pos"], np.int64), "ok": np.array([r[0] is not None for r in rows], bool),
             "reason": np.array([r[1] or "" for r in rows], dtype=object),
-            "decode_s": np.array([r[2] for r in rows], np.float64), **{f"img{s}": a for s, a in imgs.items()}}
+            "decode_s": np.array([r[2] + r[3] for r in rows], np.float64), **{f"img{s}": a for s, a in imgs.items()}}
 
 
 class FeatureActor:
@@ -598,12 +605,12 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
         # A decode task holds one full-size photo and its batch in and out. Declaring that memory also
         # keeps Ray Data from fusing decode into the CPU model actor (it fuses stages whose requests
         # are equal), so decoding runs in parallel tasks instead of between the actor's model calls.
-        decode_memory = (64 << 20) + 2 * batch_size * sum(3 * s * s for s in sizes)
+        decode_memory = DECODE_TASK_BYTES + 2 * batch_size * sum(3 * s * s for s in sizes)
         with _data_context(ray):
             ds = ray.data.from_arrow(blocks)
-            ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes, "decoder": decoder,
-                                                                "skip_damaged": skip_damaged}, batch_size=batch_size,
-                                batch_format="numpy", num_cpus=1, memory=decode_memory,
+            ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes, "decoder": decoder, "skip_damaged": skip_damaged,
+                                                         "budget": DECODE_TASK_BYTES},
+                                batch_size=batch_size, batch_format="numpy", num_cpus=1, memory=decode_memory,
                                 runtime_env={"env_vars": env})
             ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={
                                     "jobs": jobs, "weights": weights, "seed": seed, "batch_size": batch_size,

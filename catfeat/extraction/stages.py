@@ -1,8 +1,9 @@
 """Extraction as three stages shared by every engine: reader -> model runner -> writer.
 
-* reader: :func:`decode_rows` turns files into uint8 arrays at every input size (one decode per
-  file; a bad file becomes a reason, never an exception). The local engine runs it on a thread
-  pool (:func:`catfeat.images.reader.iter_batches`), the Ray engine in Ray Data tasks.
+* reader: :func:`catfeat.images.unit.decode_timed` turns each file into uint8 arrays at every input
+  size under a byte budget (one decode per file; a bad file becomes a reason, never an exception).
+  The local engine runs it on threads or processes (:func:`catfeat.images.reader.iter_batches`),
+  the Ray engine in Ray Data tasks, predict one image after another.
 * runner: :class:`ModelRunner` moves each batch to the device once per input size and dispatches
   every backbone on it without waiting for results.
 * writer: :class:`WriterThread` reads each batch's features back and appends them to the HDF5
@@ -31,52 +32,6 @@ class Decoded(Protocol):
     errors: dict[int, str]
 
     def __len__(self) -> int: ...
-
-
-def decode_rows(paths: Sequence, sizes: Sequence[int], decode: Callable) -> list[tuple]:
-    """``[(arrays or None, reason or None, seconds)]`` for each path: the reader's unit of work. With
-    arrays, the reason (if any) is the corrupt data the image was decoded with (``Decoded.damaged``)."""
-    from catfeat.images.listing import DecodeError
-
-    out = []
-    for path in paths:
-        t = time.perf_counter()
-        try:
-            arrays = decode(path, sizes)
-            out.append((arrays, getattr(arrays, "damaged", None), time.perf_counter() - t))
-        except DecodeError as e:
-            out.append((None, str(e), time.perf_counter() - t))
-        except Exception as e:  # anything else a decoder throws is still this one file's problem
-            out.append((None, f"cannot decode ({e.__class__.__name__}: {e})", time.perf_counter() - t))
-    return out
-
-
-def decode_timed(path, sizes: Sequence[int], budget=None, decode=None) -> tuple:
-    """One image under the byte ``budget``: (arrays or None, reason or None, decode seconds, resize
-    seconds); a reason beside arrays is the corrupt data the image was decoded with. ``decode``: a
-    decoder's function (decode and resize then count as decode), default Pillow's two steps timed
-    apart. The unit of work of both readers (threads and processes)."""
-    from catfeat.images.listing import DecodeError, declared_bytes, read_rgb_checked, resize_all
-
-    cost = declared_bytes(path) if budget is not None else 0
-    if cost:
-        budget.acquire(cost)
-    try:
-        if decode is not None:
-            arrays, reason, seconds = decode_rows([path], sizes, decode)[0]
-            return arrays, reason, seconds, 0.0
-        t = time.perf_counter()
-        try:
-            im, damaged = read_rgb_checked(path)
-        except DecodeError as e:
-            return None, str(e), time.perf_counter() - t, 0.0
-        t1 = time.perf_counter()
-        out = resize_all(im, sizes)
-        del im
-        return out, damaged, t1 - t, time.perf_counter() - t1
-    finally:
-        if cost:
-            budget.release(cost)
 
 
 class Runner(Protocol):

@@ -5,7 +5,7 @@ batch) and the HDF5 writer share one interpreter lock; on a GPU host with many c
 not the decoder, caps the feed (measured on an H100 host: see ``benchmarks/gpu_check.py``).
 Here each worker process decodes a run of a batch's images straight into that batch's slot of
 shared memory, and the driver only copies finished rows out. Same decoders, same skip reasons as
-the thread reader (both call :func:`catfeat.extraction.stages.decode_timed`), same byte budget, shared
+the thread reader (both call :func:`catfeat.images.unit.decode_timed`), same byte budget, shared
 between the processes.
 
 A worker that dies (a decoder crashing on a hostile file, the OOM killer, ``kill -9``) costs at
@@ -37,7 +37,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from catfeat.images.listing import DECODE_BYTES, Batch, ByteBudget
-from catfeat.extraction.stages import decode_timed
+from catfeat.images.unit import decode_timed
 
 CRASH_REASON = "the decoder process died"  # every reason of :func:`crash_reason` starts so
 # Test hook: a worker about to decode a file named hang* writes its pid to $CATFEAT_TEST_HANG_DIR/<pid>

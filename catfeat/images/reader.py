@@ -2,8 +2,9 @@
 
 :func:`iter_batches` is the reader stage of extraction (:mod:`catfeat.extraction.stages`): ``Batch``es of
 consecutive images, uint8 arrays at every input size, with the reason for each file that could not
-be used. The single-image primitives live in :mod:`catfeat.images.listing` and :mod:`catfeat.images.decoders`; the
-process reader in :mod:`catfeat.images.process_reader`.
+be used. Each image goes through the per-image unit, :func:`catfeat.images.unit.decode_timed`; the
+primitives live in :mod:`catfeat.images.listing` and :mod:`catfeat.images.decoders`; the process
+reader in :mod:`catfeat.images.process_reader`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from catfeat.images.listing import DECODE_BYTES, Batch, ByteBudget
-from catfeat.extraction.stages import decode_timed
+from catfeat.images.unit import decode_timed, unit_decode
 
 
 READERS = ("auto", "threads", "processes")
@@ -52,7 +53,7 @@ def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, s
     full-size pixels decoding at once (default: a new :class:`ByteBudget` of ``DECODE_BYTES``).
     ``reader``: "threads", "processes" (:mod:`catfeat.images.process_reader`: many cores, no shared
     interpreter lock) or "auto"."""
-    from catfeat.images.decoders import DECODERS, get_decoder
+    from catfeat.images.decoders import get_decoder
 
     sizes = sorted(set(int(s) for s in sizes))
     if choose_reader(reader, workers, len(paths) - start, sizes, batch_size, prefetch) == "processes":
@@ -63,7 +64,7 @@ def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, s
         return
     workers = max(1, min(workers or os.cpu_count() or 1, len(paths) - start))
     decode = decode or get_decoder("auto").decode
-    one = None if decode is DECODERS["pillow"].decode else decode
+    one = unit_decode(decode)
     budget = ByteBudget() if budget is None else budget
     queue = deque((b, min(b + batch_size, len(paths))) for b in range(start, len(paths), batch_size))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="catfeat-decode") as pool:

@@ -1,0 +1,67 @@
+"""The per-image decode unit that every reader goes through: one file -> uint8 arrays at every size.
+
+:func:`decode_timed` decodes one image under a :class:`~catfeat.images.listing.ByteBudget` (the
+full-size pixels being decoded at once, estimated from the header) and turns any failure into a
+reason, never an exception. Its callers: the thread reader (:func:`catfeat.images.reader.iter_batches`,
+one budget over its threads), the process reader (:mod:`catfeat.images.process_reader`, one budget in
+shared memory over its workers), the Ray engine's decode tasks (a budget per task,
+:func:`catfeat.extraction.ray_engine.decode_batch`) and predict (:func:`catfeat.predict.predict_images`).
+So every reader skips the same files for the same reasons and reports the same damaged ones.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+from catfeat.images.listing import ByteBudget, DecodeError, declared_bytes, read_rgb_checked, resize_all
+
+
+def unit_decode(decode: Callable | None) -> Callable | None:
+    """The ``decode`` argument of :func:`decode_timed` for a decoder's function: None for Pillow's
+    (decode and resize then timed apart), the function itself otherwise."""
+    from catfeat.images.decoders import DECODERS
+
+    return None if decode is None or decode is DECODERS["pillow"].decode else decode
+
+
+def decode_rows(paths: Sequence, sizes: Sequence[int], decode: Callable) -> list[tuple]:
+    """``[(arrays or None, reason or None, seconds)]`` for each path: the reader's unit of work. With
+    arrays, the reason (if any) is the corrupt data the image was decoded with (``Decoded.damaged``)."""
+    out = []
+    for path in paths:
+        t = time.perf_counter()
+        try:
+            arrays = decode(path, sizes)
+            out.append((arrays, getattr(arrays, "damaged", None), time.perf_counter() - t))
+        except DecodeError as e:
+            out.append((None, str(e), time.perf_counter() - t))
+        except Exception as e:  # anything else a decoder throws is still this one file's problem
+            out.append((None, f"cannot decode ({e.__class__.__name__}: {e})", time.perf_counter() - t))
+    return out
+
+
+def decode_timed(path, sizes: Sequence[int], budget: ByteBudget | None = None,
+                 decode: Callable | None = None) -> tuple:
+    """One image under the byte ``budget``: (arrays or None, reason or None, decode seconds, resize
+    seconds); a reason beside arrays is the corrupt data the image was decoded with. ``decode``: a
+    decoder's function (decode and resize then count as decode), default Pillow's two steps timed
+    apart (see :func:`unit_decode`). The unit of work of every reader: threads, processes, Ray, predict."""
+    cost = declared_bytes(path) if budget is not None else 0
+    if cost:
+        budget.acquire(cost)
+    try:
+        if decode is not None:
+            arrays, reason, seconds = decode_rows([path], sizes, decode)[0]
+            return arrays, reason, seconds, 0.0
+        t = time.perf_counter()
+        try:
+            im, damaged = read_rgb_checked(path)
+        except DecodeError as e:
+            return None, str(e), time.perf_counter() - t, 0.0
+        t1 = time.perf_counter()
+        out = resize_all(im, sizes)
+        del im
+        return out, damaged, t1 - t, time.perf_counter() - t1
+    finally:
+        if cost:
+            budget.release(cost)
