@@ -115,13 +115,9 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     if data is not None:
         X, y = data
     else:
-        from catfeat.cache.store import cached_models, load_features
+        from catfeat.cache.store import load_features, models_or_cached
 
-        if models is None:
-            models = cached_models(features_dir)
-            if not models:
-                raise ValueError(f"no complete feature caches in {features_dir}")
-        X, y, _ = load_features(models, features_dir, "train")
+        X, y, _ = load_features(models_or_cached(models, features_dir), features_dir, "train")
     from catfeat.cache.rows import is_stream, sample_for_compare
 
     sampled = ""
