@@ -16,9 +16,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from catfeat.extraction.stages import progress_bar
 from catfeat.head.scoring import (
     DEFAULT_CLIP, DEFAULT_SEED, PROBA_FLOOR, accuracy, check_scoring, concat_features, cross_validate, cv_splits,
-    encode_labels, holdout_split, log_loss, progress_bar)
+    encode_labels, holdout_split, log_loss)
 
 
 def fit_average_weights(y_idx: np.ndarray, probas: Sequence[np.ndarray]) -> np.ndarray:
@@ -151,7 +152,7 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     subsets = [c for r in range(2, len(names) + 1) for c in itertools.combinations(names, r)]
     inner = len(names) if subsets and "average" in strategies and not cv else 0
     steps = len(names) + inner + (len(subsets) if "concat" in strategies else 0) + int(linear)
-    bar = progress_bar(None, progress, "compare", "head", total=steps)
+    bar = progress_bar(None, progress, "compare", "head", total=steps, leave=False)
 
     def say(msg):
         if verbose:
