@@ -67,13 +67,9 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
     import pandas as pd
 
     from catfeat.models.registry import parse_models
-    from catfeat.cache.store import cached_models
+    from catfeat.cache.store import models_or_cached
 
-    if models is None:
-        models = cached_models(features_dir)
-        if not models:
-            raise ValueError(f"no complete feature caches in {features_dir}")
-    specs = parse_models(models)
+    specs = parse_models(models_or_cached(models, features_dir))
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
     min_votes = len(specs) // 2 + 1 if min_votes is None else int(min_votes)

@@ -201,11 +201,6 @@ def build_predictor(head_dir: str | os.PathLike, weights=None, features_dir: str
     return keras.Model(inputs, out, name="catfeat_predictor"), head
 
 
-def _proba(out: np.ndarray, n_classes: int) -> np.ndarray:
-    out = np.asarray(out, np.float64)
-    return np.column_stack([1.0 - out[:, 0], out[:, 0]]) if n_classes == 2 else out
-
-
 def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], weights=None,
                    features_dir: str | os.PathLike | None = "features", batch_size: int = 16,
                    predictor=None, allow_random: bool = False,
@@ -223,6 +218,7 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     from catfeat.models.registry import get_backbone
     from catfeat.images.decoders import get_decoder
     from catfeat.images.unit import decode_timed, unit_decode
+    from catfeat.head.network import proba_columns
 
     model, head = predictor or build_predictor(head_dir, weights, features_dir, allow_random)
     steps = feature_steps(head, head_dir)
@@ -262,7 +258,7 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
                 f"the model predicted NaN/Inf for {len(bad)} of {len(batch)} images (e.g. {files[bad[0]]}): "
                 "the backbones' features of them are not finite (damaged weights file, or an overflow in "
                 "reduced precision); no probabilities written")
-        probs.append(_proba(out, len(head.classes_)))
+        probs.append(proba_columns(np.asarray(out, np.float64), len(head.classes_)))
         batch.clear()
 
     for p in map(str, paths):

@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from catfeat.cache.store import CacheError, check_memory, format_gib
+from catfeat.cache.store import check_memory, format_gib
 
 # python -m catfeat.fit streams (by default) when the features of the training rows, as float32,
 # take more than this share of the machine's memory; the in-memory path needs about 3 copies.
@@ -111,19 +111,13 @@ class CacheRows:
     def open(cls, models, features_dir="features", split: str = "train", join: str = "exact") -> "CacheRows":
         """Align the caches of ``models`` by file name, reading names and labels only."""
         from catfeat.models.registry import parse_models
-        from catfeat.cache.store import align, find_cache
+        from catfeat.cache.store import align, find_cache, same_labels
 
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         caches = {s.name: find_cache(s.name, features_dir) for s in parse_models(models)}
         order, idx = align({k: c.names(split) for k, c in caches.items()}, join)
-        labels = None
-        if split == "train":
-            first = next(iter(caches))
-            labels = caches[first].labels()[idx[first]]
-            for k, c in caches.items():
-                if not np.array_equal(c.labels()[idx[k]], labels):
-                    raise CacheError(f"caches of {first} and {k} disagree on labels of the same images")
+        labels = same_labels(caches, idx) if split == "train" else None
         dims = {k: int(c.attrs.get("feature_dim") or _file(c.path)[split].shape[1]) for k, c in caches.items()}
         dtypes = {k: str(c.attrs.get("dtype", "float32")) for k, c in caches.items()}
         return cls({k: c.path for k, c in caches.items()}, idx, dims, np.asarray(order, dtype=object), labels,

@@ -29,6 +29,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from catfeat.images.listing import memory_bytes
+
 # Messages for the user go through this logger; the CLI prints them (warnings on stderr, the rest on stdout).
 LOG = logging.getLogger("catfeat")
 
@@ -55,13 +57,6 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 # What an error message shows of a value read from a cache (a hostile file can hold a 10 MB attribute).
 SHOWN_CHARS = 200
 _STR = None  # set lazily: h5py.string_dtype()
-def memory_bytes() -> int:
-    """Physical memory of this machine (64 GiB when the system does not say)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 64 << 30
-
 
 # Refuse to read a dataset that would not fit in memory (hostile or corrupt files).
 MAX_READ_BYTES = int(memory_bytes() * 0.8)
@@ -766,6 +761,32 @@ def cached_models(features_dir: str | os.PathLike = "features") -> list[str]:
     return out
 
 
+def models_or_cached(models: str | Iterable[str] | None, features_dir: str | os.PathLike = "features"
+                     ) -> str | Iterable[str]:
+    """``models`` as given, or when None the backbones with a complete cache in ``features_dir``.
+
+    Raises :class:`CacheError` when ``models`` is None and there is no complete cache.
+    """
+    if models is not None:
+        return models
+    found = cached_models(features_dir)
+    if not found:
+        raise CacheError(f"no complete feature caches in {features_dir}; run `catfeat extract "
+                         f"DATA_DIR --features {features_dir}` first or pass --models")
+    return found
+
+
+def same_labels(caches: Mapping[str, "FeatureCache"], idx: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The train labels of the rows ``idx[k]`` of each cache ``caches[k]`` (aligned by :func:`align`),
+    checked to be the same in every cache; raises :class:`CacheError` naming two that disagree."""
+    first = next(iter(caches))
+    labels = caches[first].labels()[idx[first]]
+    for k, c in caches.items():
+        if not np.array_equal(c.labels()[idx[k]], labels):
+            raise CacheError(f"caches of {first} and {k} disagree on labels of the same images")
+    return labels
+
+
 def find_cache(model: str, features_dir: str | os.PathLike = "features") -> FeatureCache:
     """The cache of one backbone (alias or full name) in ``features_dir``."""
     from catfeat.models.registry import get_backbone
@@ -859,14 +880,7 @@ def load_features(models: str | Iterable[str], features_dir: str | os.PathLike =
     names = {k: c.names(split) for k, c in caches.items()}
     order, idx = align(names, join)
     X = {k: c.features(split)[idx[k]] for k, c in caches.items()}
-    y = None
-    if split == "train":
-        first = next(iter(caches))
-        y = caches[first].labels()[idx[first]]
-        for k, c in caches.items():
-            other = c.labels()[idx[k]]
-            if not np.array_equal(other, y):
-                raise CacheError(f"caches of {first} and {k} disagree on labels of the same images")
+    y = same_labels(caches, idx) if split == "train" else None
     if not X[next(iter(X))].shape[0]:
         warnings.warn(f"no {split} rows in the caches of {', '.join(caches)}", stacklevel=2)
     return X, y, np.asarray(order, dtype=object)

@@ -599,7 +599,7 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
                  str(part_attrs[(sp.name, todo[0].index)]["tta"])) for sp in specs]
         secs["connect"] = time.perf_counter() - t
         t = time.perf_counter()
-        bar = progress_bar(sum(len(s) for s in todo), progress)
+        bar = progress_bar(None, progress, "extract", "img", total=sum(len(s) for s in todo))
         sink = _PartSink(images, specs, todo, need, part_attrs, folders, report, bar, started_at)
         sizes = sorted({sp.input_size for sp in specs})
         # A decode task holds one full-size photo and its batch in and out. Declaring that memory also

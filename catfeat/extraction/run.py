@@ -367,7 +367,7 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
         raise
     secs["build"] = time.perf_counter() - t
     if start < len(images):
-        bar = progress_bar(len(images) - start, plan.progress)
+        bar = progress_bar(None, plan.progress, "extract", "img", total=len(images) - start)
         secs.update(decode=0.0, resize=0.0)
 
         def write(batch, feats: dict) -> None:

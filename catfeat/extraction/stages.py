@@ -290,13 +290,16 @@ def run_stages(batches: Iterator[Decoded], runner: ModelRunner, write: Callable[
         writer.close(abort=not ok)
 
 
-def progress_bar(total: int, enabled: bool):
-    """The extraction progress bar (tqdm on stderr), shared by every engine."""
+def progress_bar(items: Iterable | None, enabled: bool, desc: str, unit: str, total: int | None = None,
+                 leave: bool = True):
+    """A tqdm progress bar on stderr over ``items`` (or counted by ``update`` up to ``total``), disabled
+    unless ``enabled``: catfeat's one bar (extraction on every engine, CV folds, tuning, compare)."""
     import sys
 
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="img", desc="extract", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(items, desc=desc, unit=unit, total=total, disable=not enabled, leave=leave, dynamic_ncols=True,
+                file=sys.stderr)
 
 
 def skip_line(name: str, reason: str) -> str:

@@ -16,9 +16,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from catfeat.extraction.stages import progress_bar
 from catfeat.head.scoring import (
     DEFAULT_CLIP, DEFAULT_SEED, PROBA_FLOOR, accuracy, check_scoring, concat_features, cross_validate, cv_splits,
-    encode_labels, holdout_split, log_loss, progress_bar)
+    encode_labels, holdout_split, log_loss)
 
 
 def fit_average_weights(y_idx: np.ndarray, probas: Sequence[np.ndarray]) -> np.ndarray:
@@ -115,13 +116,9 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     if data is not None:
         X, y = data
     else:
-        from catfeat.cache.store import cached_models, load_features
+        from catfeat.cache.store import load_features, models_or_cached
 
-        if models is None:
-            models = cached_models(features_dir)
-            if not models:
-                raise ValueError(f"no complete feature caches in {features_dir}")
-        X, y, _ = load_features(models, features_dir, "train")
+        X, y, _ = load_features(models_or_cached(models, features_dir), features_dir, "train")
     from catfeat.cache.rows import is_stream, sample_for_compare
 
     sampled = ""
@@ -155,7 +152,7 @@ def compare(models: str | Sequence[str] | None = None, features_dir: str | os.Pa
     subsets = [c for r in range(2, len(names) + 1) for c in itertools.combinations(names, r)]
     inner = len(names) if subsets and "average" in strategies and not cv else 0
     steps = len(names) + inner + (len(subsets) if "concat" in strategies else 0) + int(linear)
-    bar = progress_bar(None, progress, "compare", "head", total=steps)
+    bar = progress_bar(None, progress, "compare", "head", total=steps, leave=False)
 
     def say(msg):
         if verbose:

@@ -27,7 +27,8 @@ from catfeat.models.registry import file_sha256
 from catfeat.cache.store import check_finite
 from catfeat.head.network import (
     LogLossEarlyStopping, compiled_model, forward, passes_per_epoch, record_fit, repeated_rows, schedule, seeded,
-    stratified_split, validation_target)
+    proba_columns, stratified_split, validation_target)
+from catfeat.head.scoring import plain_value
 
 # What each preset fills in for the hyper-parameters left at None.
 # "reference" is the classic bottleneck-features recipe, kept exactly: Dropout 0.5, Dense sigmoid,
@@ -58,10 +59,6 @@ EXPECTED_FAILED_CHECKS: dict[str, str] = {
         "mini-batch Adam in float32 on shuffled rows: a weight of 2 equals a repeated row only in expectation, "
         "not to rtol 1e-7 (the rows, batches and validation split differ)",
 }
-
-
-def _jsonable(v):
-    return v.item() if isinstance(v, np.generic) else v
 
 
 def _widths_json(v):
@@ -104,8 +101,8 @@ def stack_backbones(blocks: Mapping[str, Any] | Sequence[Any]) -> tuple[np.ndarr
 def _class_weight_json(v):
     """class_weight for head.json: a dict as [label, weight] pairs, so int labels stay ints."""
     if isinstance(v, Mapping):
-        return [[_jsonable(k), _jsonable(w)] for k, w in v.items()]
-    return _jsonable(v)
+        return [[plain_value(k), plain_value(w)] for k, w in v.items()]
+    return plain_value(v)
 
 
 class FusedHead(ClassifierMixin, BaseEstimator):
@@ -455,10 +452,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         if not np.isfinite(out).all():
             raise FloatingPointError(f"the head predicted NaN/Inf for {int((~np.isfinite(out)).any(1).sum())} "
                                      "rows from finite features and weights")
-        if len(self.classes_) == 2:
-            p = out[:, 0]
-            return np.column_stack([1.0 - p, p])
-        return out
+        return proba_columns(out, len(self.classes_))
 
     def predict(self, X) -> np.ndarray:
         """The most probable class of each row (labels as given to ``fit``)."""
@@ -509,11 +503,11 @@ class FusedHead(ClassifierMixin, BaseEstimator):
 
             meta = {"format": FORMAT, "catfeat_version": __version__,
                     "params": {k: _class_weight_json(v) if k == "class_weight" else
-                               _widths_json(v) if k == "backbone_widths" else _jsonable(v)
+                               _widths_json(v) if k == "backbone_widths" else plain_value(v)
                                for k, v in self.get_params().items()},
-                    "resolved_params": {k: _jsonable(v) for k, v in self.params_.items()},
+                    "resolved_params": {k: plain_value(v) for k, v in self.params_.items()},
                     "backbones": list(self.backbones_), "dims": list(self.dims_),
-                    "classes": [_jsonable(c) for c in self.classes_.tolist()], "n_epochs": self.n_epochs_,
+                    "classes": [plain_value(c) for c in self.classes_.tolist()], "n_epochs": self.n_epochs_,
                     "model_sha256": file_sha256(tmp_model)}
             if recipes is not None:
                 meta["features"] = recipes

@@ -118,6 +118,15 @@ class LogLossEarlyStopping(keras.callbacks.Callback):
             self.model.set_weights(self.best_weights)
 
 
+def proba_columns(out: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class probabilities from the head's output: two classes have one sigmoid column (class 1),
+    returned as the two columns ``[1 - p, p]``; more classes are returned as they are."""
+    if n_classes == 2:
+        p = out[:, 0]
+        return np.column_stack([1.0 - p, p])
+    return out
+
+
 def stratified_split(y_idx: np.ndarray, fraction: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Shuffled, stratified (train, validation) row indices."""
     from sklearn.model_selection import train_test_split

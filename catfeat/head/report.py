@@ -22,9 +22,9 @@ import numpy as np
 from catfeat.head.scoring import (
     DEFAULT_CLIP, DEFAULT_SEED, Score, TuneResult, check_scoring, choose_clip, cross_validate, holdout_score,
     holdout_split, submission_ids, take_rows, tune as run_tune, write_submission)
-from catfeat.cache.store import CacheError, cached_models, find_cache, load_features
+from catfeat.cache.store import CacheError, find_cache, load_features, models_or_cached
 from catfeat.cache.rows import STREAM_FRACTION, CacheRows, estimate_bytes, is_stream
-from catfeat.cache.store import memory_bytes
+from catfeat.images.listing import memory_bytes
 
 Log = Callable[[str], None]
 
@@ -213,11 +213,7 @@ def load_training(models: str | Sequence[str] | None, features_dir: str | os.Pat
     from catfeat.outliers import read_exclude
 
     say = log or (lambda _msg: None)
-    if models is None:
-        models = cached_models(features_dir)
-        if not models:
-            raise CacheError(f"no complete feature caches in {features_dir}; run `catfeat extract "
-                             f"DATA_DIR --features {features_dir}` first or pass --models")
+    models = models_or_cached(models, features_dir)
     if stream is None:
         stream = estimate_bytes(models, features_dir, "train") > STREAM_FRACTION * memory_bytes()
     if stream:

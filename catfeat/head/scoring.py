@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from catfeat.extraction.stages import progress_bar
 
 DEFAULT_CLIP = 0.005
 DEFAULT_SEED = 2019
@@ -279,7 +280,7 @@ def cross_validate(estimator, X, y: Sequence, cv: int = 5, seed: int | None = DE
     oof = np.zeros((len(y_idx), len(classes)))
     fl, fa, seconds = [], [], 0.0
     splits = cv_splits(y_idx, cv, seed)
-    for tr, va in progress_bar(splits, progress, "CV folds", "fold"):
+    for tr, va in progress_bar(splits, progress, "CV folds", "fold", leave=False):
         proba, s = fit_predict(estimator, X, y, tr, va)
         oof[va] = proba
         seconds += s
@@ -346,11 +347,11 @@ def tune(estimator, X, y: Sequence, grid: Mapping[str, Sequence], cv: int = 3, s
     candidates = list(ParameterGrid(dict(grid)))
     base = None
     if baseline is not None:
-        base = {k: _plain(baseline[k]) for k in grid}
+        base = {k: plain_value(baseline[k]) for k in grid}
         if base not in candidates:
             candidates.append(base)
     results, folds = [], []
-    for params in progress_bar(candidates, progress, "tune", "candidate"):
+    for params in progress_bar(candidates, progress, "tune", "candidate", leave=False):
         s = cross_validate(clone(estimator).set_params(**params), X, y, cv, seed, clip=0.0)
         results.append({**params, "log_loss": s.log_loss_raw, "log_loss_std": s.log_loss_std,
                         "accuracy": s.accuracy, "fit_s": round(s.fit_seconds, 2), "baseline": params == base})
@@ -364,18 +365,12 @@ def tune(estimator, X, y: Sequence, grid: Mapping[str, Sequence], cv: int = 3, s
         if diff.mean() + se >= 0:
             pick, kept = b, True
     table = pd.DataFrame([results[i] for i in order])
-    best = {k: _plain(candidates[pick][k]) for k in grid}
+    best = {k: plain_value(candidates[pick][k]) for k in grid}
     return TuneResult(best, float(results[pick]["log_loss"]), table, cv, len(y), time.perf_counter() - t0, kept)
 
 
-def progress_bar(items, progress: bool, desc: str, unit: str, total: int | None = None):
-    """A tqdm progress bar on stderr, disabled unless ``progress``."""
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit=unit, total=total, disable=not progress, leave=False, file=sys.stderr)
-
-
-def _plain(v):
+def plain_value(v):
+    """A NumPy scalar as the Python value (JSON- and repr-friendly); anything else unchanged."""
     return v.item() if isinstance(v, np.generic) else v
 
 

@@ -467,7 +467,9 @@ class Batch:
         return len(self.ok)
 
 
-def _memory_bytes() -> int:
+def memory_bytes() -> int:
+    """Physical memory of this machine (8 GiB when the system does not say: the conservative guess for
+    every budget sized from it)."""
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -476,7 +478,7 @@ def _memory_bytes() -> int:
 
 # Full-size pixels decoding at once, over all reader threads: eight 8k x 8k photos at a time would
 # take gigabytes; normal photos (under a megabyte decoded) never wait.
-DECODE_BYTES = int(min(1 << 30, _memory_bytes() // 8))
+DECODE_BYTES = int(min(1 << 30, memory_bytes() // 8))
 
 
 class ByteBudget:
