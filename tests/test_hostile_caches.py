@@ -310,7 +310,7 @@ def test_hdf5_failing_mid_write_exits_cleanly(tmp_path, small_disk):
     disk = small_disk("300k")
     no_check = ("import sys; from catfeat.cache.store import FeatureWriter; "
                 "FeatureWriter._check_space = lambda self, need: None; "
-                "from catfeat.extract import main; sys.exit(main(sys.argv[1:]))")
+                "from catfeat.cli.extract import main; sys.exit(main(sys.argv[1:]))")
     args = [*disk_data(tmp_path), "--out", disk]
     proc = extract_cli(*args, python=no_check)
     assert proc.returncode == 2, proc.stderr  # not 139
