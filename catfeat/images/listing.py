@@ -60,15 +60,22 @@ class ImageSet:
     def paths(self) -> list[Path]:
         return [self.root / n for n in self.names]
 
-    def fingerprint(self) -> str:
-        """Hash of names, labels, sizes and modification times: changes when the image list changes."""
-        h, root = hashlib.sha256(), os.fspath(self.root)
-        for name, label in zip(self.names, self.labels.tolist()):
+    def stamps(self) -> list[str]:
+        """One stamp per image that changes when its file changes: ``"size:mtime_ns"``, or ``"missing"``."""
+        root, out = os.fspath(self.root), []
+        for name in self.names:
             try:
                 st = os.stat(os.path.join(root, name))  # strings, not Paths: one call per image
-                meta = f"{st.st_size}:{st.st_mtime_ns}"
+                out.append(f"{st.st_size}:{st.st_mtime_ns}")
             except OSError:
-                meta = "missing"
+                out.append("missing")
+        return out
+
+    def fingerprint(self, stamps: Sequence[str] | None = None) -> str:
+        """Hash of names, labels and :meth:`stamps`: changes when the image list changes."""
+        h = hashlib.sha256()
+        stamps = self.stamps() if stamps is None else stamps
+        for name, label, meta in zip(self.names, self.labels.tolist(), stamps):
             h.update(f"{name}\0{int(label)}\0{meta}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
