@@ -43,13 +43,14 @@ def main(argv=None) -> int:
     p.add_argument("--presets", default="default,reference", help="FusedHead presets to time")
     p.add_argument("--repeat", type=int, default=2, help="fits per head preset; the fastest is reported "
                    "(the first includes one-off tracing)")
-    p.add_argument("--tune", action="store_true", help="also time FusedHead(tune=True) (search + final fit)")
+    p.add_argument("--tune", action="store_true", help="also time tune_head(FusedHead()) (search + final fit)")
     p.add_argument("--no-logreg", action="store_true", help="skip LogisticRegression")
     p.add_argument("--logreg-c", type=float, default=1.0, help="C of LogisticRegression (default: %(default)s)")
     p.add_argument("--json", default="bench_head.json", help="output file (default: %(default)s)")
     args = p.parse_args(argv)
 
-    from catfeat.head.scoring import accuracy, concat_features, encode_labels, holdout_split, log_loss, take_rows
+    from catfeat.head.scoring import (
+        accuracy, concat_features, encode_labels, holdout_split, log_loss, take_rows, tune_head)
     from catfeat.head.estimator import FusedHead
 
     if args.features:
@@ -70,13 +71,16 @@ def main(argv=None) -> int:
     rows = []
     runs = [(f"FusedHead(preset={s!r})", {"preset": s}, args.repeat) for s in args.presets.split(",") if s]
     if args.tune:
-        runs.append(("FusedHead(tune=True)", {"tune": True}, 1))
+        runs.append(("tune_head(FusedHead())", None, 1))
     for label, kwargs, repeat in runs:
         best = None
+        tuning = None
         for _ in range(max(1, repeat)):
-            head = FusedHead(**kwargs, seed=args.seed)
             t = time.perf_counter()
-            head.fit(Xtr, y[tr])
+            if kwargs is None:  # the search and the final fit
+                head, tuning = tune_head(FusedHead(seed=args.seed), Xtr, y[tr])
+            else:
+                head = FusedHead(**kwargs, seed=args.seed).fit(Xtr, y[tr])
             fit_s = time.perf_counter() - t
             if best is None or fit_s < best[0]:
                 best = (fit_s, head)
@@ -84,8 +88,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         proba = head.predict_proba(Xva)
         pred_s = time.perf_counter() - t
-        if getattr(head, "tuning_", None) is not None:
-            print(f"  {head.tuning_.summary()}")
+        if tuning is not None:
+            print(f"  {tuning.summary()}")
         rows.append({"method": label, "fit_s": fit_s, "predict_s": pred_s,
                      "epochs_run": len(head.history_.get("loss", [])), "best_epoch": head.n_epochs_,
                      "log_loss": log_loss(y_idx[va], proba), "log_loss_raw": log_loss(y_idx[va], proba, 0),

@@ -29,16 +29,32 @@ def main(argv=None) -> None:
     import pandas as pd
     from sklearn.linear_model import LogisticRegression
 
+    from sklearn.base import BaseEstimator, ClassifierMixin
+
     from catfeat import FusedHead, load_features
     from catfeat.models.registry import parse_models
     from catfeat.head.comparison import markdown_table
-    from catfeat.head.scoring import concat_features, cross_validate, holdout_score
+    from catfeat.head.scoring import concat_features, cross_validate, holdout_score, tune_head
+
+    class TunedHead(ClassifierMixin, BaseEstimator):
+        """FusedHead tuned by tune_head at every fit: the search runs inside each holdout / CV fold."""
+
+        def __init__(self, random_state=2019):
+            self.random_state = random_state
+
+        def fit(self, X, y):
+            self.head_, self.tuning_ = tune_head(FusedHead(random_state=self.random_state), X, y)
+            self.classes_ = self.head_.classes_
+            return self
+
+        def predict_proba(self, X):
+            return self.head_.predict_proba(X)
 
     names = [s.name for s in parse_models(args.models)]
     X, y, _ = load_features(names, args.features)
     heads = {"reference": lambda: FusedHead(preset="reference", seed=args.seed),
              "default": lambda: FusedHead(seed=args.seed),
-             "tune": lambda: FusedHead(tune=True, seed=args.seed),
+             "tune": lambda: TunedHead(random_state=args.seed),
              "logreg": lambda: LogisticRegression(C=1.0, max_iter=2000)}
     sets = [[n] for n in names] + ([names] if len(names) > 1 else [])
     rows = []

@@ -8,7 +8,7 @@ import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from catfeat.head.scoring import log_loss
+from catfeat.head.scoring import log_loss, tune_head
 from catfeat.head.estimator import PRESETS, FusedHead
 from catfeat.head.network import stratified_split
 
@@ -185,25 +185,28 @@ def test_three_classes():
 def test_tune_picks_a_clearly_better_candidate():
     X, y = blobs(240, sep=0.6)
     grid = {"dropout": [0.0, 0.5], "learning_rate": [1e-5, 3e-2]}
-    head = FusedHead(**{**FAST, "learning_rate": 1e-5}, tune=True, tune_grid=grid, tune_cv=3).fit(X, y)
-    table = head.tuning_.table
+    start = FusedHead(**{**FAST, "learning_rate": 1e-5})
+    head, tuning = tune_head(start, X, y, grid, cv=3)
+    table = tuning.table
     assert len(table) == 4 and table["log_loss"].is_monotonic_increasing and table["baseline"].sum() == 1
     # 75 steps at 1e-5 barely move the weights: the search must leave the baseline for the larger rate.
-    assert head.best_params_ == {k: table.loc[0, k] for k in grid} and not head.tuning_.kept_baseline
-    assert head.best_params_["learning_rate"] == 3e-2
-    assert head.params_["learning_rate"] == 3e-2 and head.learning_rate == 1e-5  # params untouched
-    assert "tuned by 3-fold CV on 240 rows (4 candidates" in head.tuning_.summary()
+    assert tuning.best_params == {k: table.loc[0, k] for k in grid} and not tuning.kept_baseline
+    assert tuning.best_params["learning_rate"] == 3e-2
+    assert head.params_["learning_rate"] == 3e-2 and head.learning_rate == 3e-2  # fitted with the winner
+    assert start.learning_rate == 1e-5 and not hasattr(start, "model_")  # the head passed in is untouched
+    assert "tuned by 3-fold CV on 240 rows (4 candidates" in tuning.summary()
     with pytest.raises(ValueError, match="unknown hyper-parameters"):
-        FusedHead(tune=True, tune_grid={"momentum": [0.9]}).fit(X, y)
+        tune_head(FusedHead(), X, y, {"momentum": [0.9]})
 
 
 def test_tune_keeps_the_baseline_when_no_candidate_is_clearly_better():
     X, y = blobs(120, sep=0.6)
     # Without early stopping, patience changes nothing: every candidate scores exactly the same.
-    head = FusedHead(**FAST, tune=True, tune_grid={"patience": [1, 2]}).fit(X, y)
-    assert len(head.tuning_.table) == 3  # the baseline (patience 0) is added to the grid
-    assert head.tuning_.table["log_loss"].nunique() == 1
-    assert head.best_params_ == {"patience": 0} and head.tuning_.kept_baseline
+    head, tuning = tune_head(FusedHead(**FAST), X, y, {"patience": [1, 2]}, refit=False)
+    assert len(tuning.table) == 3  # the baseline (patience 0) is added to the grid
+    assert tuning.table["log_loss"].nunique() == 1
+    assert tuning.best_params == {"patience": 0} and tuning.kept_baseline
+    assert head.patience == 0 and not hasattr(head, "model_")  # refit=False: set, not fitted
 
 
 # -- real features ---------------------------------------------------------------------------------

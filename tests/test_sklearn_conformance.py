@@ -11,6 +11,7 @@ from sklearn.exceptions import DataConversionWarning, NotFittedError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from catfeat.head.estimator import EXPECTED_FAILED_CHECKS, FusedHead
+from catfeat.head.scoring import tune_head
 
 # The default head, as users get it: on the checks' few rows (20-150) it must train enough for the
 # accuracy they ask (check_classifiers_train, check_class_weight_classifiers).
@@ -201,5 +202,5 @@ def test_backbone_widths_through_scikit_learn_tools(tmp_path):
     np.testing.assert_array_equal(back.predict_proba(X), search.best_estimator_.predict_proba(X))
     tup = FusedHead(**FAST, backbone_widths=(4, 3)).fit(X, y)
     assert FusedHead.load(tup.save(tmp_path / "t")).backbone_widths == (4, 3)
-    tuned = FusedHead(**FAST, backbone_widths=widths, tune=True, tune_grid={"dropout": [0.0, 0.5]}, tune_cv=2)
-    assert tuned.fit(X, y).backbones_ == ["lite0", "lite1"] and len(tuned.tuning_.table) == 2
+    tuned, tuning = tune_head(FusedHead(**FAST, backbone_widths=widths), X, y, {"dropout": [0.0, 0.5]}, cv=2)
+    assert tuned.backbones_ == ["lite0", "lite1"] and len(tuning.table) == 2

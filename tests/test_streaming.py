@@ -11,7 +11,7 @@ from catfeat.head.comparison import compare
 from catfeat.head.scoring import holdout_score
 from catfeat.head.estimator import FusedHead
 from catfeat.cache.store import MemoryShortError, cache_path, differences, load_features, open_cache, write_cache
-from catfeat.head.streamed import fit_stream, forward_rows
+from catfeat.head.streamed import forward_rows
 from catfeat.cache.rows import CacheRows, EpochBatches
 
 from conftest import make_caches
@@ -87,8 +87,10 @@ def test_streaming_fit_matches_the_in_memory_fit(caches):
 
 def test_small_buffers_and_streamed_validation(caches, monkeypatch):
     monkeypatch.setattr(streaming, "VAL_IN_MEMORY_BYTES", 0)  # score early stopping from the caches
+    monkeypatch.setattr(streaming, "BLOCK_BYTES", 0)  # the smallest blocks (64 rows) ...
+    monkeypatch.setattr(streaming, "BUFFER_BYTES", 0)  # ... and buffers (one batch): 3 buffers an epoch
     rows = CacheRows.open(MODELS, caches)
-    head = fit_stream(FusedHead(random_state=2, epochs=15), rows, rows.labels, block_rows=5, buffer_rows=40)
+    head = FusedHead(random_state=2, epochs=15).fit(rows, rows.labels)
     assert 1 <= head.n_epochs_ <= 15 and len(head.history_["val_log_loss"]) >= head.n_epochs_
     X = rows.to_arrays()
     mem = FusedHead(random_state=2, epochs=15).fit(X, rows.labels)

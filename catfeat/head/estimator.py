@@ -7,7 +7,6 @@ helpers in :mod:`catfeat.head.scoring` work on it as on ``LogisticRegression``.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import numbers
 import os
@@ -23,12 +22,14 @@ from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_array, check_is_fitted, column_or_1d, validate_data
 
-from catfeat.models.registry import file_sha256
+from catfeat.models.weights import file_sha256
+from catfeat.cache.rows import CacheRows, is_stream
 from catfeat.cache.store import check_finite
 from catfeat.head.network import (
-    LogLossEarlyStopping, compiled_model, forward, passes_per_epoch, record_fit, repeated_rows, schedule, seeded,
-    proba_columns, stratified_split, validation_target)
-from catfeat.head.scoring import plain_value
+    compiled_model, forward, passes_per_epoch, record_fit, repeated_rows, schedule, seeded, proba_columns,
+    stratified_split, validation_target)
+from catfeat.head.scoring import n_rows, plain_value, take_rows
+from catfeat.head.streamed import early_stopping, fit_streamed, predict_stream
 
 # What each preset fills in for the hyper-parameters left at None.
 # "reference" is the classic bottleneck-features recipe, kept exactly: Dropout 0.5, Dense sigmoid,
@@ -45,12 +46,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {"dropout": 0.0, "weight_decay": 1e-4, "learning_rate": 3e-3, "epochs": "auto", "batch_size": 128,
                 "early_stopping": True, "patience": 10, "max_steps": 1200},
 }
-# tune=True searches this grid by CV: the values that moved the log loss on real features, in a
-# grid small enough (8 candidates x 3 folds on <= 4,000 rows) to stay under a minute on 2 cores.
-TUNE_GRID: dict[str, list] = {"dropout": [0.0, 0.5], "weight_decay": [1e-4, 1e-3], "learning_rate": [3e-3, 1e-2]}
-TUNE_MAX_ROWS = 4000
 _TUNABLE = ("dropout", "weight_decay", "learning_rate", "epochs", "batch_size", "early_stopping", "patience",
             "max_steps")
+# Parameters of heads saved by catfeat before tuning moved to catfeat.head.scoring.tune_head; load drops them.
+_TUNE_PARAMS = ("tune", "tune_grid", "tune_cv", "tune_max_rows")
 FORMAT = "catfeat-head/1"
 # Checks of sklearn.utils.estimator_checks that FusedHead fails by design, with the reason; pass it as
 # ``check_estimator(head, expected_failed_checks=EXPECTED_FAILED_CHECKS)`` (scikit-learn >= 1.6).
@@ -115,11 +114,11 @@ class FusedHead(ClassifierMixin, BaseEstimator):
     0.5, Adam, 8 epochs, batch 128). ``epochs="auto"`` means ``ceil(max_steps / steps per epoch)``,
     within [8, 200], where on few rows an epoch is several passes over them, enough for
     ``MIN_EPOCH_STEPS`` (10) steps (``params_["passes_per_epoch"]``), so that the step budget and
-    the early-stopping patience do not shrink with the data. ``tune=True`` first picks the values
-    of ``tune_grid`` (default ``TUNE_GRID``) with the lowest ``tune_cv``-fold out-of-fold log loss,
-    on at most ``tune_max_rows`` rows, keeping the preset's values unless a candidate is better by
-    more than one standard error; the choice is in ``best_params_`` and the table in ``tuning_``. ``random_state`` makes fitting reproducible
-    on CPU (``seed`` is its deprecated alias) without touching Python's or NumPy's global generators.
+    the early-stopping patience do not shrink with the data. Tuning is done outside the estimator,
+    as scikit-learn's ``GridSearchCV`` does: :func:`catfeat.head.scoring.tune_head` searches
+    dropout, weight decay and learning rate by CV and returns the head fitted with the winner.
+    ``random_state`` makes fitting reproducible on CPU (``seed`` is its deprecated alias) without
+    touching Python's or NumPy's global generators.
     ``class_weight`` (``"balanced"`` or a dict label -> weight) and ``fit(..., sample_weight=...)``
     weight the loss, for in-memory and streamed (``CacheRows``) input alike. A 2-D array, DataFrame
     or list of rows is validated as scikit-learn does (``n_features_in_``, ``feature_names_in_``);
@@ -139,8 +138,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
                  learning_rate: float | None = None, epochs: int | str | None = None,
                  batch_size: int | None = None, early_stopping: bool | None = None,
                  validation_fraction: float = 0.1, patience: int | None = None, max_steps: int | None = None,
-                 tune: bool = False, tune_grid: dict | None = None, tune_cv: int = 3,
-                 tune_max_rows: int | None = TUNE_MAX_ROWS, random_state: int | None = 2019,
+                 random_state: int | None = 2019,
                  class_weight: dict | str | None = None, verbose: int = 0, seed: int | None = None,
                  backbone_widths: Sequence[int] | Mapping[str, int] | None = None):
         self.preset = preset
@@ -153,10 +151,6 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         self.validation_fraction = validation_fraction
         self.patience = patience
         self.max_steps = max_steps
-        self.tune = tune
-        self.tune_grid = tune_grid
-        self.tune_cv = tune_cv
-        self.tune_max_rows = tune_max_rows
         self.random_state = random_state
         self.class_weight = class_weight
         self.verbose = verbose
@@ -345,11 +339,7 @@ class FusedHead(ClassifierMixin, BaseEstimator):
             raise ValueError("backbones have different row counts: "
                              + ", ".join(f"{k}: {a.shape[0]}" for k, a in zip(keys, out)))
         if fitting:
-            self._match_widths(keys, [int(a.shape[1]) for a in out])
-            self.backbones_ = keys
-            self.dims_ = [int(a.shape[1]) for a in out]
-            self.n_features_in_ = int(sum(self.dims_))
-            self.__dict__.pop("feature_names_in_", None)
+            self._fitted_inputs(keys, [int(a.shape[1]) for a in out])
         else:
             for k, a, d in zip(keys, out, self.dims_):
                 if a.shape[1] != d:
@@ -358,79 +348,78 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         return out
 
     # -- fitting ----------------------------------------------------------------------------------
-    def _tune_first(self, X, y_idx: np.ndarray, seed, p: dict) -> None:
-        """Search ``tune_grid`` by CV on ``X`` (arrays or streamed rows) and put the winner into ``p``."""
-        from catfeat.head.scoring import tune
+    def _fitted_inputs(self, keys: Sequence[str], dims: Sequence[int]) -> None:
+        """Record per-backbone training input (``backbones_``, ``dims_``, ``n_features_in_``),
+        checked against ``backbone_widths``."""
+        self._match_widths(keys, dims)
+        self.backbones_ = list(keys)
+        self.dims_ = [int(d) for d in dims]
+        self.n_features_in_ = int(sum(self.dims_))
+        self.__dict__.pop("feature_names_in_", None)
 
-        grid = dict(TUNE_GRID if self.tune_grid is None else self.tune_grid)
-        unknown = set(grid) - set(_TUNABLE)
-        if unknown:
-            raise ValueError(f"tune_grid names unknown hyper-parameters {sorted(unknown)}; tunable: {_TUNABLE}")
-        # X is already one array per backbone: the candidates need no backbone_widths to split it
-        base = self.__class__(**{**self.get_params(), "tune": False, "verbose": 0, "random_state": seed,
-                                 "seed": None, "backbone_widths": None})
-        self.tuning_ = tune(base, X, y_idx, grid, self.tune_cv, seed, self.tune_max_rows,
-                            baseline={k: p[k] for k in grid})
-        self.best_params_ = dict(self.tuning_.best_params)
-        p.update(self.best_params_)
-        if self.verbose:
-            logging.getLogger("catfeat").info(self.tuning_.summary())
+    def _training_data(self, X) -> list[np.ndarray] | CacheRows:
+        """The training rows: a :class:`CacheRows` in the order of its backbones (read in blocks
+        when training), or the arrays of :meth:`_inputs`."""
+        if is_stream(X):
+            self._fitted_inputs(X.backbones, [X.dims[b] for b in X.backbones])
+            return X
+        return self._inputs(X, fitting=True, what="training row")
 
     def fit(self, X, y, validation_data: tuple | None = None, sample_weight=None) -> "FusedHead":
-        """Train on ``X`` (dict/list/array of features) and labels ``y`` (any 2+ distinct values).
+        """Train on ``X`` (dict/list/array of features, or a streamed ``CacheRows``) and labels ``y``
+        (any 2+ distinct values).
 
         Early stopping holds out a shuffled, stratified ``validation_fraction`` of the rows unless
         ``validation_data=(X_val, y_val)`` (or ``(X_val, y_val, sample_weight_val)``) is given.
         ``sample_weight`` (one per row; for a ``CacheRows``, per row in its aligned order) and
-        ``class_weight`` weight the training loss and the validation log loss of the internal split. Seeds the backend with ``random_state`` and leaves Python's and
-        NumPy's global random generators as they were.
+        ``class_weight`` weight the training loss and the validation log loss of the internal split.
+        A ``CacheRows`` is read from the caches in blocks (:mod:`catfeat.head.streamed`), by the same
+        recipe. Seeds the backend with ``random_state`` and leaves Python's and NumPy's global random
+        generators as they were.
         """
-        from catfeat.head.streamed import fit_stream
-        from catfeat.cache.rows import is_stream
-
-        if is_stream(X):  # a catfeat.streaming.CacheRows: read from the caches in blocks
-            return fit_stream(self, X, y, validation_data, sample_weight=sample_weight)
         p = self.resolved_params()
-        for attr in ("model_", "history_", "params_", "n_epochs_", "tuning_", "best_params_",
-                     "feature_recipes_"):
+        for attr in ("model_", "history_", "params_", "n_epochs_", "feature_recipes_"):
             self.__dict__.pop(attr, None)
         seed = self._seed()
-        arrays = self._inputs(X, fitting=True, what="training row")
-        classes, y_idx = self._labels(y, arrays[0].shape[0])
+        data = self._training_data(X)
+        classes, y_idx = self._labels(y, n_rows(data))
         weights = self._weights(column_or_1d(y), sample_weight, len(y_idx))
         self.classes_ = classes
         k = len(classes)
         target = y_idx.astype(np.float32 if k == 2 else np.int32)
-        if self.tune:
-            self._tune_first(arrays, y_idx, seed, p)
 
         val = None
-        train_arrays, train_target, train_w = arrays, target, weights
+        train, train_target, train_w = data, target, weights
         if p["early_stopping"]:
             if validation_data is not None:
                 Xv, yv = validation_data[:2]
                 wv = validation_data[2] if len(validation_data) > 2 else None
-                val = (self._inputs(Xv, what="validation row"), *validation_target(classes, yv, wv, target.dtype))
+                val = (Xv.select(self.backbones_) if is_stream(Xv) else self._inputs(Xv, what="validation row"),
+                       *validation_target(classes, yv, wv, target.dtype))
             else:
                 tr, va = stratified_split(y_idx, self.validation_fraction, seed)
                 # Rows are taken by index, not by Keras's validation_split, which would take the last
                 # rows (all dogs in a sorted cat/dog list).
-                train_arrays, train_target = [a[tr] for a in arrays], target[tr]
+                train, train_target = take_rows(data, tr), target[tr]
                 train_w = None if weights is None else weights[tr]
-                val = ([a[va] for a in arrays], target[va], None if weights is None else weights[va])
+                val = (take_rows(data, va), target[va], None if weights is None else weights[va])
 
-        n_train = train_arrays[0].shape[0]
+        n_train = n_rows(train)
         batch, epochs = schedule(p, n_train)
         passes = passes_per_epoch(p, n_train)
         rep = repeated_rows(n_train, passes)
-        if rep is not None:
-            train_arrays, train_target = [a[rep] for a in train_arrays], train_target[rep]
+        if rep is not None:  # few rows: one epoch is several passes over them
+            train, train_target = take_rows(train, rep), train_target[rep]
             train_w = None if train_w is None else train_w[rep]
         with seeded(seed):
             model = compiled_model(self.dims_, self.backbones_, k, p)
-            stopper = LogLossEarlyStopping(val, int(p["patience"]), k) if val is not None else None
-            hist = model.fit(train_arrays, train_target, sample_weight=train_w, batch_size=batch, epochs=epochs,
-                             shuffle=True, callbacks=[stopper] if stopper else [], verbose=self.verbose)
+            stopper = early_stopping(val, int(p["patience"]), k) if val is not None else None
+            callbacks = [stopper] if stopper else []
+            if is_stream(train):
+                hist = fit_streamed(model, train, train_target, train_w, batch, epochs, seed, callbacks, self.verbose)
+            else:
+                hist = model.fit(train, train_target, sample_weight=train_w, batch_size=batch, epochs=epochs,
+                                 shuffle=True, callbacks=callbacks, verbose=self.verbose)
         return record_fit(self, model, hist, p, batch, epochs, stopper, passes)
 
     # -- predicting -------------------------------------------------------------------------------
@@ -441,9 +430,6 @@ class FusedHead(ClassifierMixin, BaseEstimator):
         and a head whose weights are not finite, rather than return NaN probabilities.
         """
         check_is_fitted(self)
-        from catfeat.head.streamed import predict_stream
-        from catfeat.cache.rows import is_stream
-
         self.check_weights()
         if is_stream(X):
             out = predict_stream(self, X)
@@ -541,6 +527,8 @@ class FusedHead(ClassifierMixin, BaseEstimator):
             params["backbone_widths"] = tuple(params["backbone_widths"])
         if "random_state" not in params and "seed" in params:  # saved before random_state
             params["random_state"] = params.pop("seed")
+        for k in _TUNE_PARAMS:  # saved before tuning moved out of the estimator: the search, not the model
+            params.pop(k, None)
         unknown = sorted(set(params) - set(cls._get_param_names()))
         if unknown:
             raise HeadFileError(f"{meta_path}: 'params' holds unknown key(s) {unknown}, not parameters of FusedHead "

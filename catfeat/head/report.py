@@ -21,7 +21,7 @@ import numpy as np
 
 from catfeat.head.scoring import (
     DEFAULT_CLIP, DEFAULT_SEED, Score, TuneResult, check_scoring, choose_clip, cross_validate, holdout_score,
-    holdout_split, submission_ids, take_rows, tune as run_tune, write_submission)
+    holdout_split, submission_ids, take_rows, tune_head, write_submission)
 from catfeat.cache.store import CacheError, find_cache, load_features, models_or_cached
 from catfeat.cache.rows import STREAM_FRACTION, CacheRows, estimate_bytes, is_stream
 from catfeat.images.listing import memory_bytes
@@ -79,7 +79,7 @@ def fit_report(models: str | Sequence[str] | None = None, features_dir: str | os
     or by ``cv``-fold CV, whose out-of-fold predictions go to ``oof`` (default
     ``features_dir/oof_<models>.csv``; False: not written) with one ``p_<class name>`` column per
     class. ``clip="auto"`` picks the clip by CV: of the training part with a holdout (so the
-    holdout stays unseen), of every row with ``cv``. ``tune`` searches ``catfeat.head.estimator.TUNE_GRID``
+    holdout stays unseen), of every row with ``cv``. ``tune`` searches ``catfeat.head.scoring.TUNE_GRID``
     first, on the training part only with a holdout. ``exclude``: a file of training image names
     to leave out. ``stream``: read the caches in blocks (default: when the features would take
     more than 1/8 of the memory). ``compare``: also rank the backbone subsets and fusions.
@@ -131,12 +131,8 @@ def fit_report(models: str | Sequence[str] | None = None, features_dir: str | os
     if tune:
         # Tuned once, then fixed. With a holdout the search sees only the training part, so the
         # validation score stays honest; with cv it sees every row and the CV score is optimistic.
-        from catfeat.head.estimator import TUNE_GRID, TUNE_MAX_ROWS
-
         rows = np.arange(len(y)) if cv else holdout_split(y, val_split, seed)[0]
-        now = head.resolved_params()
-        tuning = run_tune(head, take_rows(X, rows), y[rows], TUNE_GRID, 3, seed, TUNE_MAX_ROWS,
-                          baseline={k: now[k] for k in TUNE_GRID}, progress=progress)
+        _, tuning = tune_head(head, take_rows(X, rows), y[rows], seed=seed, refit=False, progress=progress)
         say(tuning.summary() + (" (chosen on all rows: the CV score below is optimistic)" if cv else ""))
         head.set_params(**tuning.best_params)
 
