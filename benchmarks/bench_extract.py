@@ -128,7 +128,8 @@ def run_reference(args, images, specs) -> dict:
     import numpy as np
     from PIL import Image
 
-    from catfeat.models.registry import build_backbone, normalize_weights
+    from catfeat.models.registry import build_backbone
+    from catfeat.models.weights import normalize_weights
     from catfeat.models.forward import dtype_policy, resolve_precision
 
     w = normalize_weights(args.weights)
@@ -231,7 +232,7 @@ def _decode_all(images, sizes):
 def run_ceiling(args, images, specs) -> dict:
     import numpy as np
 
-    from catfeat.models.registry import normalize_weights
+    from catfeat.models.weights import normalize_weights
     from catfeat.models.forward import Forward
 
     x = _decode_all(images, sorted({s.input_size for s in specs}))  # not timed: the ceiling has no decode
@@ -259,7 +260,7 @@ def run_ceiling(args, images, specs) -> dict:
 def run_precision(args, images, specs) -> dict:
     import numpy as np
 
-    from catfeat.models.registry import normalize_weights
+    from catfeat.models.weights import normalize_weights
     from catfeat.images.listing import list_images
     from catfeat.models.forward import Forward
 

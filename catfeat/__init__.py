@@ -51,7 +51,7 @@ _EXPORTS = {
     "get_backbone": "catfeat.models.registry",
     "build_backbone": "catfeat.models.registry",
     "REGISTRY": "catfeat.models.registry",
-    "Weights": "catfeat.models.registry",
+    "Weights": "catfeat.models.weights",
     "FusedHead": "catfeat.head.estimator",
     "compare": "catfeat.head.comparison",
     "fit_report": "catfeat.head.report",

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from catfeat.models.registry import cache_weights
+from catfeat.models.weights import cache_weights
 from catfeat.models.imagenet import top_classes
 
 CAT_CLASSES = tuple(range(281, 286))
@@ -142,7 +142,7 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
 
 def _refuse_random(caches, weights) -> None:
     """``WeightsError`` when the features or the classifier come from random weights ('none(seed=N)')."""
-    from catfeat.models.registry import Weights, WeightsError
+    from catfeat.models.weights import Weights, WeightsError
 
     def is_random(w) -> bool:
         try:

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from catfeat.images.listing import ByteBudget
-from catfeat.models.registry import Weights, WeightsError, cache_weights
+from catfeat.models.weights import Weights, WeightsError, cache_weights
 
 WEIGHTS_FILE = "weights.json"
 # How a head saved without a record of its features (before catfeat recorded it) is predicted: the

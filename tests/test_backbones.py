@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from catfeat.models.registry import (
-    REGISTRY, Weights, WeightsError, build_backbone, cache_weights, get_backbone, normalize_weights, parse_models,
-    preprocess, weights_identity)
+from catfeat.models.registry import REGISTRY, build_backbone, get_backbone, parse_models, preprocess
+from catfeat.models.weights import Weights, WeightsError, cache_weights, normalize_weights, weights_identity
 
 KERAS_BACKBONES = ["ResNet50", "InceptionV3", "Xception", "InceptionResNetV2"]
 EXPECTED = {"ResNet50": ("r50", 224, 2048), "InceptionV3": ("incv3", 299, 2048),

@@ -188,7 +188,7 @@ def test_export_refuses_to_overwrite(small_head, tmp_path, capsys):
 
 # -- 9d. random backbone weights are refused unless asked ---------------------------------------------------
 def test_random_weights_are_refused_unless_asked(small_head, tmp_path, capsys):
-    from catfeat.models.registry import WeightsError
+    from catfeat.models.weights import WeightsError
     from catfeat.predict import build_predictor, resolve_weights
 
     head, _ = small_head

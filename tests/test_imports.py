@@ -1,11 +1,13 @@
 """The package's import structure: no private names across modules, no cycles, CLI code only in catfeat/cli/.
 
-Read from the source with ``ast`` (function-level imports, ``importlib.import_module("catfeat...")`` calls and
-module ``__getattr__`` included), so nothing is imported.
+Read from the source with ``ast`` (function-level imports, ``importlib.import_module("catfeat...")`` calls,
+"catfeat.module:name" strings resolved at run time (the registry's builders) and module ``__getattr__``
+included), so nothing is imported.
 """
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "catfeat"
@@ -13,6 +15,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "catfeat"
 # Groups of modules that still import each other in a circle, each for a reason; a cycle outside
 # them fails test_no_other_import_cycles.
 KNOWN_CYCLES: list[set[str]] = []  # none left: a new cycle fails below
+
+
+# "catfeat.models.lite:EfficientNetLite0": a module and a name the code imports when it runs
+_REF = re.compile(r"(catfeat(?:\.\w+)+):\w+")
 
 
 def _module_name(path: Path) -> str:
@@ -44,6 +50,8 @@ def _imports(path: Path) -> list[tuple[str, str, int]]:
                 and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str) \
                 and node.args[0].value.split(".")[0] == "catfeat":
             out.append((node.args[0].value, "", node.lineno))  # importlib.import_module("catfeat.x")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _REF.fullmatch(node.value):
+            out.append((_REF.fullmatch(node.value).group(1), "", node.lineno))  # "catfeat.x:builder"
     return out
 
 
@@ -99,17 +107,26 @@ def test_no_module_imports_a_private_name_of_another():
 
 def test_the_import_scan_sees_function_level_and_relative_imports():
     graph = _graph()
-    assert "catfeat.head.scoring" in graph["catfeat.head.estimator"]  # `from .evaluation import tune` inside a method
-    assert "catfeat.cache.rows" in graph["catfeat.head.streamed"]  # `from . import streaming`
+    assert "catfeat.outliers" in graph["catfeat.head.report"]  # `from catfeat.outliers import` inside a function
+    assert "catfeat.cache.rows" in graph["catfeat.head.streamed"]  # `from catfeat.cache import rows`
     assert "catfeat.cache.store" in graph["catfeat.extraction.ray_engine"]  # `from ..store import ...`
+    assert "catfeat.models.lite" in graph["catfeat.models.registry"]  # the builders' "module:function" strings
+
+
+def test_the_builders_do_not_import_the_registry():
+    # the registry names its builders by "module:function" strings; they read the weights vocabulary
+    # from catfeat.models.weights, never the registry back
+    graph = _graph()
+    assert "catfeat.models.registry" not in _reachable(graph, "catfeat.models.lite")
+    assert "catfeat.models.weights" in graph["catfeat.models.lite"]
 
 
 def test_head_evaluation_and_comparison_have_no_import_cycle():
     graph = _graph()
     layers = ["catfeat.cache.store", "catfeat.cache.rows", "catfeat.head.scoring", "catfeat.head.estimator",
               "catfeat.head.comparison", "catfeat.head.report"]
-    # each reaches none of the layers after it: comparison uses head and evaluation, head uses
-    # evaluation (tuning), evaluation and the data layer use neither
+    # each reaches none of the layers after it: comparison uses the estimator and scoring, the
+    # estimator uses scoring (row helpers), scoring (which tunes heads) and the data layer use neither
     for i, module in enumerate(layers):
         above = set(layers[i + 1:]) & _reachable(graph, module)
         assert not above, f"{module} imports (directly or not) {sorted(above)}"
@@ -118,8 +135,8 @@ def test_head_evaluation_and_comparison_have_no_import_cycle():
 
 
 def test_streamed_head_reaches_the_model_helpers_not_the_head():
-    # FusedHead.fit/predict_proba hand streamed rows to streamed_head; both build the Keras model
-    # with head_model's helpers, so streamed_head never imports head back
+    # FusedHead.fit/predict_proba hand streamed rows to the Keras adapters of head.streamed; both
+    # use head.network's helpers, and head.streamed never imports the estimator back
     graph = _graph()
     assert "catfeat.head.network" in graph["catfeat.head.streamed"]
     assert "catfeat.head.estimator" not in _reachable(graph, "catfeat.head.streamed")

@@ -63,7 +63,8 @@ def test_classifier_matches_the_full_model():
 
 
 def test_keras_classifier_needs_imagenet_weights():
-    from catfeat.models.registry import WeightsError, classifier
+    from catfeat.models.registry import classifier
+    from catfeat.models.weights import WeightsError
 
     with pytest.raises(WeightsError, match="only with weights='imagenet'"):
         classifier("r50", None)

@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -77,14 +77,22 @@ class StaleCacheError(CacheError):
 
 
 class StalePartialError(CacheError):
-    """An unfinished cache (``.partial``) holds rows of a request that differs from what is asked."""
+    """Unfinished work holds rows of a request that differs from what is asked: an unfinished cache
+    (``.partial``), or with ``parts`` the parts of an unfinished Ray extraction in the folder ``path``."""
 
-    def __init__(self, path: Path, differences: dict, rows: int | None, n_images: int | None):
+    def __init__(self, path: Path, differences: dict, rows: int | None, n_images: int | None,
+                 parts: int | None = None):
         self.path, self.differences = path, differences
-        diff = "; ".join(f"{k}: partial has {v[0]!r}, asked {v[1]!r}" for k, v in differences.items())
-        super().__init__(f"{path} is an unfinished cache ({rows} of {n_images} images done) built differently "
-                         f"({diff}). Rerun with the options it was started with to resume it, or use --force "
-                         "(force=True) to start it over with these (its rows are discarded)")
+        who = "partial has" if parts is None else "parts have"
+        diff = "; ".join(f"{k}: {who} {v[0]!r}, asked {v[1]!r}" for k, v in differences.items())
+        resume = "Rerun with the options it was started with to resume it, or use --force (force=True) to start"
+        if parts is None:
+            super().__init__(f"{path} is an unfinished cache ({rows} of {n_images} images done) built differently "
+                             f"({diff}). {resume} it over with these (its rows are discarded)")
+        else:
+            super().__init__(f"{path} holds {parts} parts ({rows} images done) of an unfinished Ray extraction built "
+                             f"differently ({diff or 'another request'}). {resume} over with these (those parts are "
+                             "deleted when this run completes)")
 
 
 # -- memory ------------------------------------------------------------------------------------------
@@ -160,6 +168,38 @@ def partial_attrs(partial: Path) -> dict | None:
     except Exception:  # missing, or torn by a kill: HDF5 cannot open it
         return None
     return a if a.get("format") == FORMAT else None
+
+
+def check_unfinished(partials: Sequence[Path], attrs: dict, force: bool, log: Callable[[str], None], *,
+                     expect: Mapping[str, object] | None = None, parts_of: Path | None = None) -> bool:
+    """Refuse, unless ``force``, unfinished work built for another request than ``attrs``: its rows
+    may be hours of work, worth as much as a complete cache, which is refused the same way.
+
+    ``partials``: one unfinished cache (a ``.partial``, resumed when its attributes and ``expect``
+    (e.g. ``{"n_images": n}``) match), or, with ``parts_of`` (their folder), the parts of an
+    unfinished Ray extraction kept for another request (refused even when the attributes match).
+    Files :func:`partial_attrs` cannot read count for nothing (they are started over). Raises
+    :class:`StalePartialError` naming what differs; with ``force``, ``log`` says what goes and
+    the result is True (the caller discards it). False: nothing of another request is held.
+    """
+    held = [a for a in map(partial_attrs, partials) if a is not None]
+    if not held:
+        return False
+    diff = differences(held[0], attrs)
+    diff.update({k: (held[0].get(k), v) for k, v in (expect or {}).items() if held[0].get(k) != v})
+    if not diff and parts_of is None:
+        return False
+    done = sum(int(a.get("rows_written") or 0) for a in held)
+    if not force:
+        raise StalePartialError(parts_of or partials[0], diff, done, held[0].get("n_images"),
+                                None if parts_of is None else len(held))
+    if parts_of is None:
+        log(f"catfeat: starting {partials[0]} over (--force): {', '.join(diff)} changed; its {done} images done "
+            "are discarded")
+    else:
+        log(f"catfeat: {parts_of} holds {len(held)} parts ({done} images done) built differently "
+            f"({', '.join(diff) or 'the request'} changed); --force: they are deleted when this run completes")
+    return True
 
 
 def decode_strings(values) -> list[str]:

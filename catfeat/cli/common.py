@@ -108,7 +108,7 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
 
     The backend's start-up chatter is kept off stderr unless ``-v`` (:func:`quiet_backend_startup`).
     """
-    from catfeat.models.registry import WeightsError
+    from catfeat.models.weights import WeightsError
     from catfeat.images.listing import ImageSetError
     from catfeat.cache.store import CacheError
 
@@ -166,6 +166,27 @@ def add_output_flags(p: argparse.ArgumentParser, verbose_help: str = "more detai
     g = p.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars; print only the summary and errors")
     g.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+
+
+def add_head_flags(p: argparse.ArgumentParser, preset_help: str) -> None:
+    """The head's hyper-parameters, as fit and compare take them: ``--preset``, ``--epochs``,
+    ``--batch-size``, ``--learning-rate``, ``--dropout``, ``--weight-decay`` (read by :func:`head_from_args`)."""
+    p.add_argument("--preset", default="default", choices=["default", "reference"], help=preset_help)
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: from the preset)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: from the preset)")
+    p.add_argument("--learning-rate", type=finite_float, default=None,
+                   help="Adam learning rate (default: from the preset)")
+    p.add_argument("--dropout", type=finite_float, default=None, help="dropout rate (default: from the preset)")
+    p.add_argument("--weight-decay", type=finite_float, default=None, help="L2 penalty (default: from the preset)")
+
+
+def head_from_args(args: argparse.Namespace):
+    """The unfitted :class:`~catfeat.FusedHead` of the head flags, ``--seed`` and ``-v``."""
+    from catfeat.head.estimator import FusedHead
+
+    return FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
+                     learning_rate=args.learning_rate, dropout=args.dropout, weight_decay=args.weight_decay,
+                     random_state=args.seed, verbose=1 if args.verbose else 0)
 
 
 def add_alias(p: argparse.ArgumentParser, old: str, dest: str, **kwargs) -> None:

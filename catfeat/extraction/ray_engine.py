@@ -37,12 +37,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from catfeat.models.registry import BackboneSpec, Weights
+from catfeat.models.registry import BackboneSpec
+from catfeat.models.weights import Weights
 from catfeat.images.listing import ByteBudget, ImageSet
 from catfeat.images.unit import decode_timed, unit_decode
 from catfeat.extraction.stages import ModelRunner, progress_bar, report_damaged, report_skip
 from catfeat.cache.store import (
-    KEY_FIELDS, CacheError, FeatureWriter, decode_strings, differences, open_cache, partial_attrs, remove_planted_link)
+    KEY_FIELDS, CacheError, FeatureWriter, check_unfinished, decode_strings, differences, open_cache,
+    remove_planted_link)
 
 
 class EngineUnavailableError(RuntimeError):
@@ -199,28 +201,9 @@ def check_other_requests(folder: Path, attrs: dict, n_shards: int, force: bool, 
     """Refuse, unless ``force``, when ``OUT/.parts/<backbone>/`` holds parts of an unfinished run
     built for another request than the one whose parts go to ``folder``: a successful run deletes
     them, and they may be hours of work (as an unfinished ``.partial`` of the local engine)."""
-    others = []
-    for d in sorted(folder.parent.iterdir()):
-        if d.name == folder.name or d.is_symlink() or not d.is_dir():
-            continue
-        others += [p for p in sorted(d.iterdir()) if PART_NAME.fullmatch(p.name) and p.is_file()
-                   and not p.is_symlink()]
-    held = [a for a in map(partial_attrs, others) if a is not None]
-    if not held:
-        return
-    diff = differences(held[0], attrs)
-    if held[0].get("n_shards") != n_shards:
-        diff["n_shards"] = (held[0].get("n_shards"), n_shards)
-    done = sum(int(a.get("rows_written", 0)) for a in held)
-    what = ", ".join(diff) or "the request"
-    if not force:
-        detail = "; ".join(f"{k}: parts have {v[0]!r}, asked {v[1]!r}" for k, v in diff.items())
-        raise CacheError(f"{folder.parent} holds {len(held)} parts ({done} images done) of an unfinished Ray "
-                         f"extraction built differently ({detail or 'another request'}). Rerun with the options it "
-                         "was started with to resume it, or use --force (force=True) to start over with these "
-                         "(those parts are deleted when this run completes)")
-    log(f"catfeat: {folder.parent} holds {len(held)} parts ({done} images done) built differently ({what} "
-        "changed); --force: they are deleted when this run completes")
+    others = [p for d in sorted(folder.parent.iterdir()) if d.name != folder.name and not d.is_symlink() and d.is_dir()
+              for p in sorted(d.iterdir()) if PART_NAME.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
+    check_unfinished(others, attrs, force, log, expect={"n_shards": n_shards}, parts_of=folder.parent)
 
 
 def part_is_done(path: Path, attrs: dict, shard: Shard) -> bool:

