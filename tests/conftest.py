@@ -95,3 +95,60 @@ def wait_for_rows(partial: Path, proc, rows: int, timeout: float = 120) -> int:
             pass
         time.sleep(0.05)
     return seen
+
+
+# -- tiny caches to tamper with (hostile caches, info) ------------------------------------------------
+TINY_NAMES = ["train/cat.0.jpg", "train/cat.1.jpg", "train/dog.0.jpg", "train/dog.1.jpg"]
+
+
+def tiny_cache(folder: Path, model: str = "EfficientNetLite0", classes=("cat", "dog"), **attrs) -> Path:
+    """A complete cache of 4 training rows x 3 features (``TINY_NAMES``), extra ``attrs`` recorded."""
+    from catfeat.cache.store import write_cache
+
+    rng = np.random.default_rng(0)
+    return write_cache(folder / f"gap_{model}.h5", model, rng.normal(size=(4, 3)), [0, 0, 1, 1], TINY_NAMES,
+                       classes=classes, attrs=attrs or None)
+
+
+def tamper(path: Path, fn) -> Path:
+    """Apply ``fn(h5py.File)`` to the file at ``path`` opened for writing; returns ``path``."""
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        fn(f)
+    return path
+
+
+def stored_in(target, size: int, dataset: str = "train"):
+    """A ``tamper`` function: ``dataset`` (4 x 3 float32) stored in the external file ``target``."""
+    def fn(f):
+        del f[dataset]
+        f.create_dataset(dataset, shape=(4, 3), dtype="float32", external=[(str(target), 0, size)])
+    return fn
+
+
+def fifo_and_features(tmp_path: Path) -> tuple[Path, Path]:
+    """``(fifo, features folder)``: a named pipe outside the (empty) features folder, for caches that
+    point at it (a reader that opens it blocks forever)."""
+    fifo = tmp_path / "outside" / "pipe"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    feats = tmp_path / "f"
+    feats.mkdir()
+    return fifo, feats
+
+
+# -- a Ray extraction that crashed before merging its parts -------------------------------------------
+def ray_parts_after_crash(monkeypatch, out: Path, run) -> list[Path]:
+    """Call ``run()`` (a Ray extraction into ``out``) with the merge made to crash, as a driver killed
+    between the shards and the merge; returns the parts it left in ``out/.parts``, sorted."""
+    from catfeat.extraction import ray_engine
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("driver died before the merge")
+
+    with monkeypatch.context() as m:
+        m.setattr(ray_engine, "merge_parts", crash)
+        with pytest.raises(RuntimeError, match="before the merge"):
+            run()
+    return sorted((out / ".parts").rglob("shard-*.h5"))

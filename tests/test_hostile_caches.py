@@ -14,30 +14,17 @@ import pytest
 from catfeat.cli import fit as fit_cli
 from catfeat.extraction.run import run_extraction
 from catfeat.outliers import find_outliers
-from catfeat.cache.store import CacheError, FeatureWriter, load_features, open_cache, write_cache
+from catfeat.cache.store import CacheError, load_features, open_cache
 
-from conftest import REPO, make_kaggle
+from conftest import REPO, TINY_NAMES, fifo_and_features, make_kaggle, stored_in, tamper, tiny_cache
 
 FAST = dict(weights=None, batch_size=4, progress=False)
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
-NAMES = ["train/cat.0.jpg", "train/cat.1.jpg", "train/dog.0.jpg", "train/dog.1.jpg"]
-
-
-def small_cache(folder, model="EfficientNetLite0", **attrs):
-    rng = np.random.default_rng(0)
-    return write_cache(folder / f"gap_{model}.h5", model, rng.normal(size=(4, 3)), [0, 0, 1, 1], NAMES,
-                       attrs=attrs or None)
-
-
-def tamper(path, fn):
-    with h5py.File(path, "r+") as f:
-        fn(f)
-    return path
 
 
 # -- 3. caches from different sources ---------------------------------------------------------------
 def test_renamed_cache_is_refused(tmp_path, capsys):
-    small_cache(tmp_path).rename(tmp_path / "gap_EfficientNetLite1.h5")
+    tiny_cache(tmp_path).rename(tmp_path / "gap_EfficientNetLite1.h5")
     msg = "holds features of 'EfficientNetLite0', not EfficientNetLite1 as its name says; rename it back"
     with pytest.raises(CacheError, match=msg):
         open_cache(tmp_path / "gap_EfficientNetLite1.h5")
@@ -86,16 +73,16 @@ def test_caches_of_different_folders_are_not_fused(tmp_path, capsys):
 
 
 def test_source_attributes_compared_only_when_both_known(tmp_path):
-    small_cache(tmp_path, "EfficientNetLite0")  # write_cache: empty fingerprint, no data_root = unknown
-    small_cache(tmp_path, "EfficientNetLite1", images_fingerprint="abc", data_root="/x", layout="kaggle")
+    tiny_cache(tmp_path, "EfficientNetLite0")  # write_cache: empty fingerprint, no data_root = unknown
+    tiny_cache(tmp_path, "EfficientNetLite1", images_fingerprint="abc", data_root="/x", layout="kaggle")
     assert load_features("lite0,lite1", tmp_path)[0]["EfficientNetLite0"].shape == (4, 3)
-    small_cache(tmp_path, "EfficientNetLite0", layout="class_folders")
+    tiny_cache(tmp_path, "EfficientNetLite0", layout="class_folders")
     with pytest.raises(CacheError, match="layout: gap_EfficientNetLite0.h5 has 'class_folders', "
                                          "gap_EfficientNetLite1.h5 has 'kaggle'"):
         load_features("lite0,lite1", tmp_path)
-    small_cache(tmp_path, "EfficientNetLite0", images_fingerprint="abc", data_root="/moved/copy", layout="kaggle")
+    tiny_cache(tmp_path, "EfficientNetLite0", images_fingerprint="abc", data_root="/moved/copy", layout="kaggle")
     load_features("lite0,lite1", tmp_path)  # same images (fingerprint) in another folder: fine
-    small_cache(tmp_path, "EfficientNetLite0", images_fingerprint="abc", data_root="/x", layout="kaggle",
+    tiny_cache(tmp_path, "EfficientNetLite0", images_fingerprint="abc", data_root="/x", layout="kaggle",
                 classes='["dog", "cat"]')
     for join in ("exact", "inner"):
         with pytest.raises(CacheError, match="classes: "):
@@ -103,18 +90,11 @@ def test_source_attributes_compared_only_when_both_known(tmp_path):
 
 
 # -- 7. caches that point at other files ------------------------------------------------------------
-def _external(target, size):
-    def fn(f):
-        del f["train"]
-        f.create_dataset("train", shape=(4, 3), dtype="float32", external=[(str(target), 0, size)])
-    return fn
-
-
 def test_external_storage_links_and_virtual_datasets_are_refused(tmp_path):
     secret = tmp_path / "outside" / "secret.bin"
     secret.parent.mkdir()
     secret.write_bytes(b"s3cr3t!!" * 6)  # 48 bytes = 4 x 3 float32
-    other = small_cache(secret.parent)
+    other = tiny_cache(secret.parent)
     feats = tmp_path / "f"
     feats.mkdir()
     path = feats / "gap_EfficientNetLite0.h5"
@@ -123,14 +103,14 @@ def test_external_storage_links_and_virtual_datasets_are_refused(tmp_path):
         shutil.copy(other, path)
         return tamper(path, fn)
 
-    planted(_external(secret, 48))
+    planted(stored_in(secret, 48))
     with pytest.raises(CacheError, match="'train' is stored in other files \\(.*secret.bin\\); a cache must hold "
                                          "its own data, refusing to read it"):
         open_cache(path)
     with pytest.raises(CacheError, match="stored in other files"):
         load_features("lite0", feats)
     if os.path.getsize("/etc/passwd") >= 48:
-        planted(_external("/etc/passwd", 48))
+        planted(stored_in("/etc/passwd", 48))
         with pytest.raises(CacheError, match="stored in other files \\(/etc/passwd\\)"):
             load_features("lite0", feats)
 
@@ -160,7 +140,7 @@ def test_external_storage_links_and_virtual_datasets_are_refused(tmp_path):
     # a cache validated earlier and swapped afterwards is checked again on every read
     shutil.copy(other, path)
     cache = open_cache(path)
-    tamper(path, _external(secret, 48))
+    tamper(path, stored_in(secret, 48))
     with pytest.raises(CacheError, match="stored in other files"):
         cache.features()
 
@@ -172,12 +152,8 @@ def test_external_storage_links_and_virtual_datasets_are_refused(tmp_path):
 
 
 def test_external_fifo_does_not_hang_fit_or_resume(tmp_path):
-    fifo = tmp_path / "outside" / "pipe"
-    fifo.parent.mkdir()
-    os.mkfifo(fifo)
-    feats = tmp_path / "f"
-    feats.mkdir()
-    tamper(small_cache(feats), _external(fifo, 48))
+    fifo, feats = fifo_and_features(tmp_path)
+    tamper(tiny_cache(feats), stored_in(fifo, 48))
     try:
         proc = subprocess.run([sys.executable, "-m", "catfeat.fit", "--models", "lite0", "--features", str(feats)],
                               env=ENV, capture_output=True, text=True, timeout=120)
@@ -190,8 +166,9 @@ def test_external_fifo_does_not_hang_fit_or_resume(tmp_path):
     partial = feats / "gap_EfficientNetLite1.h5.partial"
     shutil.copy(feats / "gap_EfficientNetLite0.h5", partial)
     script = ("import numpy as np; from catfeat.cache.store import FeatureWriter; "
-              f"w = FeatureWriter({str(feats / 'gap_EfficientNetLite1.h5')!r}, {{}}, {NAMES!r}, np.zeros(4, int), "
-              "['train'] * 4, 3); print('resumed_from', w.resumed_from); w.close(discard_empty=False)")
+              f"w = FeatureWriter({str(feats / 'gap_EfficientNetLite1.h5')!r}, {{}}, {TINY_NAMES!r}, "
+              "np.zeros(4, int), ['train'] * 4, 3); print('resumed_from', w.resumed_from); "
+              "w.close(discard_empty=False)")
     try:
         proc = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 
 from catfeat.extraction.ray_engine import EngineUnavailableError
-from catfeat.extraction import ray_engine
 from catfeat.extraction.ray_engine import plan_shards
 from catfeat.extraction.run import run_extraction
 from catfeat.cache.store import KEY_FIELDS, open_cache
 
-from conftest import REPO, make_kaggle
+from conftest import REPO, make_kaggle, ray_parts_after_crash
 
 # lite0 is the cheapest backbone to build; ResNet50 when catfeat.models.lite is not there
 MODEL = "lite0" if importlib.util.find_spec("catfeat.models.lite") else "r50"
@@ -111,15 +110,8 @@ def test_ray_equals_local(ray_cluster, data, local, tmp_path):
 
 def test_rerun_recomputes_only_missing_shards(ray_cluster, data, local, tmp_path, monkeypatch):
     out = tmp_path / "ray"
-
-    def crash(*args, **kwargs):
-        raise RuntimeError("driver died before the merge")
-
-    monkeypatch.setattr(ray_engine, "merge_parts", crash)
-    with pytest.raises(RuntimeError, match="before the merge"):
-        run_extraction(data, MODEL, out, engine="ray", engine_options={"shards": SHARDS}, **FAST)
-    monkeypatch.undo()
-    parts = sorted((out / ".parts").rglob("shard-*.h5"))
+    parts = ray_parts_after_crash(monkeypatch, out, lambda: run_extraction(
+        data, MODEL, out, engine="ray", engine_options={"shards": SHARDS}, **FAST))
     assert [p.name for p in parts] == ["shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
     assert not list(out.glob("gap_*.h5"))
     first = open_cache(parts[0])

@@ -12,25 +12,11 @@ import numpy as np
 import pytest
 
 from catfeat.cache.describe import describe_caches
-from catfeat.cache.store import write_cache
 
-from conftest import REPO
+from conftest import REPO, fifo_and_features, stored_in, tamper, tiny_cache
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
-NAMES = ["train/cat.0.jpg", "train/cat.1.jpg", "train/dog.0.jpg", "train/dog.1.jpg"]
 BIG = 10 << 20  # a 10 MB attribute
-
-
-def small_cache(folder, model="EfficientNetLite0", classes=("cat", "dog"), **attrs):
-    rng = np.random.default_rng(0)
-    return write_cache(folder / f"gap_{model}.h5", model, rng.normal(size=(4, 3)), [0, 0, 1, 1], NAMES,
-                       classes=classes, attrs=attrs or None)
-
-
-def tamper(path, fn):
-    with h5py.File(path, "r+") as f:
-        fn(f)
-    return path
 
 
 def as_partial(cache):
@@ -61,7 +47,7 @@ def table(out):
 
 # -- 1. FIFOs are listed, never opened ----------------------------------------------------------------
 def test_fifos_are_listed_not_opened(tmp_path):
-    small_cache(tmp_path)
+    tiny_cache(tmp_path)
     os.mkfifo(tmp_path / "gap_EfficientNetLite1.h5.partial")
     os.mkfifo(tmp_path / "gap_EfficientNetLite2.h5")
     os.symlink(tmp_path / "gap_EfficientNetLite2.h5", tmp_path / "gap_EfficientNetLite3.h5.partial")
@@ -84,7 +70,7 @@ def test_fifos_are_listed_not_opened(tmp_path):
 
 # -- 2. dangling links ---------------------------------------------------------------------------------
 def test_dangling_link_is_listed_beside_the_caches(tmp_path):
-    small_cache(tmp_path)
+    tiny_cache(tmp_path)
     os.symlink(tmp_path / "gone" / "gap_EfficientNetLite1.h5", tmp_path / "gap_EfficientNetLite1.h5")
     proc = info(tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -115,9 +101,9 @@ def test_dangling_link_is_listed_beside_the_caches(tmp_path):
 
 # -- 3. control characters -----------------------------------------------------------------------------
 def test_control_characters_are_escaped(tmp_path):
-    small_cache(tmp_path, classes=("cat", "do\ng"))
-    small_cache(tmp_path, "EfficientNetLite1", classes=("c\tat", "dog"), weights="\x1b[31mred\x1b[0m")
-    partial = as_partial(small_cache(tmp_path, "EfficientNetLite2", classes=("cat", "dog\r")))
+    tiny_cache(tmp_path, classes=("cat", "do\ng"))
+    tiny_cache(tmp_path, "EfficientNetLite1", classes=("c\tat", "dog"), weights="\x1b[31mred\x1b[0m")
+    partial = as_partial(tiny_cache(tmp_path, "EfficientNetLite2", classes=("cat", "dog\r")))
     tamper(partial, lambda f: f.attrs.__setitem__("backend", np.bytes_(b"jax\xff")))  # not valid UTF-8
     (tmp_path / "gap_b\nad.h5").write_bytes(b"not hdf5\n")
     tamper(tmp_path / "gap_EfficientNetLite0.h5", lambda f: f.attrs.create("no\nte", "x\ny"))
@@ -146,9 +132,9 @@ def test_huge_attributes_are_cut_when_printed(tmp_path):
     def big(f):
         f.attrs["weights"] = "w" * BIG  # a table column
         f.attrs["notes"] = "n" * BIG  # only in -v
-    tamper(small_cache(tmp_path), big)
-    tamper(small_cache(tmp_path, "EfficientNetLite1"), lambda f: f.attrs.__setitem__("format", "f" * BIG))
-    tamper(as_partial(small_cache(tmp_path, "EfficientNetLite2")),
+    tamper(tiny_cache(tmp_path), big)
+    tamper(tiny_cache(tmp_path, "EfficientNetLite1"), lambda f: f.attrs.__setitem__("format", "f" * BIG))
+    tamper(as_partial(tiny_cache(tmp_path, "EfficientNetLite2")),
            lambda f: f.attrs.__setitem__("classes", json.dumps(["c" * BIG, "dog"])))
     for args in ((), ("-v",)):
         proc = info(tmp_path, *args)
@@ -166,19 +152,11 @@ def test_huge_attributes_are_cut_when_printed(tmp_path):
 
 # -- 5. other hostile caches -----------------------------------------------------------------------------
 def test_caches_linking_to_a_fifo_or_forging_sizes_are_listed(tmp_path):
-    fifo = tmp_path / "outside" / "pipe"
-    fifo.parent.mkdir()
-    os.mkfifo(fifo)
-    feats = tmp_path / "f"
-    feats.mkdir()
+    fifo, feats = fifo_and_features(tmp_path)
 
     def link_to_fifo(f):
         del f["train"]
         f["train"] = h5py.ExternalLink(str(fifo), "/train")
-
-    def stored_in_fifo(f):
-        del f["test"]
-        f.create_dataset("test", shape=(4, 3), dtype="float32", external=[(str(fifo), 0, 48)])
 
     def forged(f):  # declares 10^10 rows (51 TB) without storing them
         del f["train"]
@@ -186,11 +164,11 @@ def test_caches_linking_to_a_fifo_or_forging_sizes_are_listed(tmp_path):
 
     def nested_classes(f):  # json.loads would raise RecursionError
         f.attrs["classes"] = "[" * 100_000
-    tamper(small_cache(feats), link_to_fifo)
-    tamper(as_partial(small_cache(feats, "EfficientNetLite1")), link_to_fifo)
-    tamper(as_partial(small_cache(feats, "EfficientNetLite2")), stored_in_fifo)
-    tamper(as_partial(small_cache(feats, "EfficientNetLite3")), forged)
-    tamper(small_cache(feats, "EfficientNetLite4"), nested_classes)
+    tamper(tiny_cache(feats), link_to_fifo)
+    tamper(as_partial(tiny_cache(feats, "EfficientNetLite1")), link_to_fifo)
+    tamper(as_partial(tiny_cache(feats, "EfficientNetLite2")), stored_in(fifo, 48, "test"))
+    tamper(as_partial(tiny_cache(feats, "EfficientNetLite3")), forged)
+    tamper(tiny_cache(feats, "EfficientNetLite4"), nested_classes)
     for args in ((), ("-v",)):
         proc = info(feats, *args)
         assert proc.returncode == 0, proc.stderr
@@ -209,7 +187,7 @@ def test_caches_linking_to_a_fifo_or_forging_sizes_are_listed(tmp_path):
 
 
 def test_link_loops_devices_and_undecodable_names_are_listed(tmp_path):
-    small_cache(tmp_path)
+    tiny_cache(tmp_path)
     os.symlink("gap_EfficientNetLite1.h5", tmp_path / "gap_EfficientNetLite1.h5")  # a link to itself
     os.symlink("/dev/zero", tmp_path / "gap_EfficientNetLite2.h5")  # would never end if read
     with open(os.path.join(os.fsencode(tmp_path), b"gap_\xff.h5"), "wb") as f:  # not valid UTF-8

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from catfeat.cli.common import add_output_flags, clip_value, cv_folds, echo, finite_float, run_cli
+from catfeat.cli.common import (
+    add_head_flags, add_output_flags, clip_value, cv_folds, echo, finite_float, head_from_args, run_cli)
 from catfeat.head.scoring import DEFAULT_CLIP, DEFAULT_SEED
 
 
@@ -31,13 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", default="concat,average", help="fusions of 2+ backbones: concat, average "
                    "(default: %(default)s)")
     p.add_argument("--no-logreg", action="store_true", help="leave out the LogisticRegression reference row")
-    p.add_argument("--preset", default="default", choices=["default", "reference"],
-                   help="hyperparameters of the heads, as in fit (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: from the preset)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: from the preset)")
-    p.add_argument("--learning-rate", type=finite_float, default=None, help="Adam learning rate (default: from the preset)")
-    p.add_argument("--dropout", type=finite_float, default=None, help="dropout rate (default: from the preset)")
-    p.add_argument("--weight-decay", type=finite_float, default=None, help="L2 penalty (default: from the preset)")
+    add_head_flags(p, "hyperparameters of the heads, as in fit (default: %(default)s)")
     p.add_argument("--val-split", type=finite_float, default=0.2, help="held-out share of the training rows "
                    "(default: %(default)s)")
     p.add_argument("--cv", type=cv_folds, default=None, metavar="K", help="score by stratified K-fold CV instead "
@@ -57,7 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run `catfeat compare` with parsed ``args``; returns the exit code."""
     from catfeat.head.comparison import check_out_dir, compare, format_table
-    from catfeat.head.estimator import FusedHead
     from catfeat.head.report import class_names, describe_training, load_training
 
     t0 = time.perf_counter()
@@ -70,9 +64,7 @@ def run(args: argparse.Namespace) -> int:
         check_out_dir(args.out_dir)  # before loading anything
     X, y, _ = load_training(args.models, args.features, stream=args.stream, exclude=args.exclude, log=say)
     say(describe_training(X, y, class_names(list(X), args.features, y)))
-    head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
-                     learning_rate=args.learning_rate, dropout=args.dropout, weight_decay=args.weight_decay,
-                     random_state=args.seed, verbose=1 if args.verbose else 0)
+    head = head_from_args(args)
     head.resolved_params()  # reject bad values before any work
     df = compare(list(X), args.features, head=head, val_split=args.val_split, cv=args.cv, seed=args.seed,
                  clip=args.clip, strategies=strategies, linear=not args.no_logreg, out_dir=args.out_dir,

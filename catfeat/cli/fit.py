@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from catfeat.cli.common import add_output_flags, clip_value, cv_folds, echo, finite_float, probability, run_cli
+from catfeat.cli.common import (
+    add_head_flags, add_output_flags, clip_value, cv_folds, echo, finite_float, head_from_args, probability, run_cli)
 from catfeat.head.scoring import DEFAULT_CLIP, DEFAULT_SEED
 from catfeat.head.report import fit_report
 
@@ -22,16 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=None, help="comma-separated backbone names or aliases "
                    "(default: every complete cache in --features)")
     p.add_argument("--features", default="features", help="folder of gap_<Model>.h5 caches (default: %(default)s)")
-    p.add_argument("--preset", default="default", choices=["default", "reference"],
-                   help="default: early stopping, measured defaults; reference: the classic recipe "
-                        "(Dropout 0.5, Adam, 8 epochs, batch 128) (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: from the preset)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: from the preset)")
-    p.add_argument("--learning-rate", type=finite_float, default=None, help="Adam learning rate (default: from the preset)")
-    p.add_argument("--dropout", type=finite_float, default=None, help="dropout rate (default: from the preset)")
-    p.add_argument("--weight-decay", type=finite_float, default=None, help="L2 penalty (default: from the preset)")
+    add_head_flags(p, "default: early stopping, measured defaults; reference: the classic recipe "
+                      "(Dropout 0.5, Adam, 8 epochs, batch 128) (default: %(default)s)")
     p.add_argument("--tune", action="store_true", help="pick dropout, weight decay and learning rate by a small "
-                   "cross-validated search first (see catfeat.head.estimator.TUNE_GRID)")
+                   "cross-validated search first (see catfeat.head.scoring.TUNE_GRID)")
     p.add_argument("--val-split", type=finite_float, default=0.2, help="held-out share of the training rows for the "
                    "reported score (default: %(default)s)")
     p.add_argument("--cv", type=cv_folds, default=None, metavar="K", help="score by stratified K-fold CV instead "
@@ -62,12 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run `catfeat fit` with parsed ``args``; returns the exit code."""
-    from catfeat.head.estimator import FusedHead
-
-    head = FusedHead(preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
-                     learning_rate=args.learning_rate, dropout=args.dropout, weight_decay=args.weight_decay,
-                     random_state=args.seed, verbose=1 if args.verbose else 0)
-    report = fit_report(args.models, args.features, head=head, val_split=args.val_split, cv=args.cv, seed=args.seed,
+    report = fit_report(args.models, args.features, head=head_from_args(args), val_split=args.val_split, cv=args.cv, seed=args.seed,
                         clip=args.clip, tune=args.tune, exclude=args.exclude, stream=args.stream,
                         compare=args.compare, oof=args.oof, submission=args.submission, save=args.save,
                         positive_class=args.positive_class, fill_missing=args.fill_missing,

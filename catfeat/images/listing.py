@@ -184,14 +184,8 @@ def list_images(data_dir: str | os.PathLike, limit: int | None = None) -> ImageS
                 "test/, which belong to neither split; move them into train/ (labelled) or test/ (unlabelled), "
                 "or hide them ('.name')")
         if train_dir.is_dir():
-            subdirs, files = _image_subdirs(train_dir), _files(train_dir)
-            _refuse_mixed(train_dir, files, subdirs, root)
-            if subdirs:
-                layout = "kaggle-folders"
-                for d in subdirs:
-                    train += [(f"train/{d.name}/{p.name}", d.name) for p in _files(d)]
-            else:
-                train = _labelled_from_names(train_dir, files, "train/")
+            train, by_folder = _labelled(train_dir, root, "train/")
+            layout = "kaggle-folders" if by_folder else layout
         if test_dir.is_dir():
             files, subdirs = _files(test_dir), _image_subdirs(test_dir)
             if subdirs:
@@ -200,15 +194,8 @@ def list_images(data_dir: str | os.PathLike, limit: int | None = None) -> ImageS
                     "are unlabelled: put them directly in test/ (labelled images go in train/<class>/)")
             test = [(f"test/{p.name}", "") for p in files]
     else:
-        subdirs, files = _image_subdirs(root), _files(root)
-        _refuse_mixed(root, files, subdirs, root)
-        if subdirs:
-            layout = "folders"
-            for d in subdirs:
-                train += [(f"{d.name}/{p.name}", d.name) for p in _files(d)]
-        else:
-            layout = "flat"
-            train = _labelled_from_names(root, files, "")
+        train, by_folder = _labelled(root, root, "")
+        layout = "folders" if by_folder else "flat"
 
     if not train and not test:
         raise ImageSetError(
@@ -225,6 +212,16 @@ def list_images(data_dir: str | os.PathLike, limit: int | None = None) -> ImageS
     return ImageSet(root, names, labels, split, classes, layout)
 
 
+def _labelled(folder: Path, root: Path, prefix: str) -> tuple[list[tuple[str, str]], bool]:
+    """``(items, by_folder)``: (prefix + relative name, class) of the training images in ``folder``,
+    classed by subfolder (``by_folder``) or else by file name; a mix of both is refused."""
+    subdirs, files = _image_subdirs(folder), _files(folder)
+    _refuse_mixed(folder, files, subdirs, root)
+    if not subdirs:
+        return _labelled_from_names(folder, files, prefix), False
+    return [(f"{prefix}{d.name}/{p.name}", d.name) for d in subdirs for p in _files(d)], True
+
+
 def _labelled_from_names(folder: Path, files: list[Path], prefix: str) -> list[tuple[str, str]]:
     """(prefix + name, class) of ``files`` (those of ``folder``), the class read from each name."""
     items, unlabelled = [], []
@@ -233,7 +230,7 @@ def _labelled_from_names(folder: Path, files: list[Path], prefix: str) -> list[t
         (items if cls else unlabelled).append((prefix + p.name, cls))
     if unlabelled and items:
         warnings.warn(f"{len(unlabelled)} file(s) in {str(folder)!r} have no class prefix "
-                      f"(e.g. {unlabelled[0][0]!r}); they are ignored", stacklevel=3)
+                      f"(e.g. {unlabelled[0][0]!r}); they are ignored", stacklevel=4)
     if unlabelled and not items:
         raise ImageSetError(
             f"cannot label the images in {str(folder)!r}: names like {unlabelled[0][0]!r} carry no class; "
