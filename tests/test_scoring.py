@@ -83,9 +83,9 @@ def test_cross_validate_gives_one_out_of_fold_prediction_per_row():
 
 
 def test_cli_tune_reports_the_chosen_values(tmp_path, capsys, monkeypatch):
-    import catfeat.head.estimator
+    import catfeat.head.scoring
 
-    monkeypatch.setattr(catfeat.head.estimator, "TUNE_GRID", {"learning_rate": [1e-5, 3e-2]})
+    monkeypatch.setattr(catfeat.head.scoring, "TUNE_GRID", {"learning_rate": [1e-5, 3e-2]})
     feats = make_caches(tmp_path)
     rc = fit_cli.main(["--features", str(feats), "--epochs", "8", "--batch-size", "32", "--preset", "reference",
                        "--learning-rate", "1e-5", "--tune"])
