@@ -1,6 +1,7 @@
 """FusedHead: learning, scikit-learn conventions, input checks, persistence, presets."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,12 @@ def test_save_load_round_trip(tmp_path):
         loaded.predict_proba(dict(X, EfficientNetLite0=X["EfficientNetLite0"][:, :3]))
     with pytest.raises(FileNotFoundError):
         FusedHead.load(tmp_path / "missing")
+    # a head saved while FusedHead still took tune* parameters loads (they described the search)
+    meta_path = tmp_path / "head" / "head.json"
+    meta = json.loads(meta_path.read_text())
+    meta["params"].update(tune=False, tune_grid=None, tune_cv=3, tune_max_rows=4000)
+    meta_path.write_text(json.dumps(meta))
+    assert FusedHead.load(tmp_path / "head").get_params() == head.get_params()
 
 
 def test_three_classes():
