@@ -78,9 +78,9 @@ def main(argv=None) -> int:
         for _ in range(max(1, repeat)):
             t = time.perf_counter()
             if kwargs is None:  # the search and the final fit
-                head, tuning = tune_head(FusedHead(seed=args.seed), Xtr, y[tr])
+                head, tuning = tune_head(FusedHead(random_state=args.seed), Xtr, y[tr])
             else:
-                head = FusedHead(**kwargs, seed=args.seed).fit(Xtr, y[tr])
+                head = FusedHead(**kwargs, random_state=args.seed).fit(Xtr, y[tr])
             fit_s = time.perf_counter() - t
             if best is None or fit_s < best[0]:
                 best = (fit_s, head)

@@ -52,8 +52,8 @@ def main(argv=None) -> None:
 
     names = [s.name for s in parse_models(args.models)]
     X, y, _ = load_features(names, args.features)
-    heads = {"reference": lambda: FusedHead(preset="reference", seed=args.seed),
-             "default": lambda: FusedHead(seed=args.seed),
+    heads = {"reference": lambda: FusedHead(preset="reference", random_state=args.seed),
+             "default": lambda: FusedHead(random_state=args.seed),
              "tune": lambda: TunedHead(random_state=args.seed),
              "logreg": lambda: LogisticRegression(C=1.0, max_iter=2000)}
     sets = [[n] for n in names] + ([names] if len(names) > 1 else [])
