@@ -30,6 +30,9 @@ DEFAULT_MODELS = ("r50", "incv3", "xcep", "irv2")
 # activations, several times more than the largest accelerator batch catfeat has been measured at.
 MAX_BATCH = 4096
 SEED_RANGE = (0, 2**32 - 1)  # numpy's, and so Keras' set_random_seed
+# How often the local engine's caches take the rows written since the last time (one append per
+# dataset and one HDF5 flush, instead of one per batch); a kill loses at most that long of work.
+FLUSH_SECONDS = 1.0
 
 
 @dataclass
@@ -341,7 +344,7 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
     writers: dict[str, FeatureWriter] = {}
     for spec in plan.specs:
         writer = FeatureWriter(plan.paths[spec.name], plan.attrs[spec.name], images.names, images.labels,
-                               images.split, spec.feature_dim)
+                               images.split, spec.feature_dim, flush_seconds=FLUSH_SECONDS)
         stack.callback(writer.close)
         if writer.resumed_from:
             report.resumed[spec.name] = writer.resumed_from
