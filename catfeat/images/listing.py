@@ -21,7 +21,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -469,6 +469,9 @@ class Batch:
     decode_seconds: float  # summed over reader threads
     resize_seconds: float  # summed over reader threads
     damaged: dict[int, str] = field(default_factory=dict)  # position -> corrupt data it was decoded with
+    # When set, ``images`` are views of the reader's memory (a shared-memory slot), lent until this
+    # is called: once their copy to the device is complete (it may be called more than once).
+    release: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self.ok)
