@@ -424,7 +424,7 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
         steady = steady_state(trace)
         if steady is not None:
             report.steady_img_s = steady["img_s"]
-            secs["fill"] = steady["first_written"] - t  # until the second batch was written
+            secs["fill"] = steady["first_written"] - t  # until the steady state began (stages.steady_state)
     if not any(w.rows for w in writers.values()):
         raise NoUsableImagesError(
             f"none of the {len(images)} images under {images.root} could be decoded "

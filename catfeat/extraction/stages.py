@@ -331,15 +331,23 @@ def run_stages(batches: Iterator[Decoded], runner: ModelRunner, write: Callable[
         writer.close(abort=not ok)
 
 
-def steady_state(trace: Sequence[tuple], skip: int = 1) -> dict | None:
+# Batches that can wait decoded before the first is taken (the process reader's depth and spare
+# slots, InBackground's queue): the most steady_state leaves out as the pipeline's fill.
+FILL_BATCHES = 8
+
+
+def steady_state(trace: Sequence[tuple], skip: int | None = None) -> dict | None:
     """The steady-state pace of a :func:`run_stages` trace: images written after the first ``skip``
     batches over the seconds between those batches' writes, apart from the fill (until the first
     batch counted was written) and the fixed seconds around it. None with fewer than ``skip + 2`` batches.
+    ``skip`` (default: a quarter of the batches, 1 to ``FILL_BATCHES``) leaves out the batches the
+    reader may have decoded ahead while the model was built, which arrive faster than it decodes.
 
     ``{"img_s", "batches", "images", "span_s", "first_written", "last_written"}``: the stamps are
     ``time.perf_counter()`` values, for a caller to set against its own start and end.
     """
     rows = sorted(trace)
+    skip = max(1, min(FILL_BATCHES, len(rows) // 4)) if skip is None else skip
     if len(rows) < skip + 2:
         return None
     written = [r[4] for r in rows]

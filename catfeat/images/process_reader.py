@@ -2,9 +2,10 @@
 
 With threads, every image's Python work (opening the file, reading its header, stacking the
 batch) and the HDF5 writer share one interpreter lock; on a GPU host with many cores that lock,
-not the decoder, caps the feed (measured on an H100 host: see ``benchmarks/gpu_check.py``).
-Here each worker process decodes a run of a batch's images straight into that batch's slot of
-shared memory, and the driver only copies finished rows out. Same decoders, same skip reasons as
+not the decoder, caps the feed (measured on an H100 host: README, the GPU section;
+``benchmarks/gpu_ladder.py`` measures it). Here each worker process decodes a run of a batch's
+images straight into that batch's slot of shared memory, and the driver only copies finished rows
+out, or, when the model runs on a GPU, lends the slot itself until the batch is on the device. Same decoders, same skip reasons as
 the thread reader (both call :func:`catfeat.images.unit.decode_timed`), same byte budget, shared
 between the processes.
 
