@@ -74,7 +74,8 @@ class Ladder:
     def __init__(self, args):
         from catfeat.extraction.stages import ModelRunner
         from catfeat.images.listing import list_images
-        from catfeat.models.forward import Forward, on_accelerator
+        from catfeat.images.reader import choose_reader
+        from catfeat.models.forward import Forward, copies_off_host, on_accelerator
         from catfeat.models.registry import parse_models
 
         self.args, self.bs = args, args.batch_size
@@ -82,6 +83,8 @@ class Ladder:
         self.sizes = sorted({s.input_size for s in self.specs})
         self.paths = list_images(args.data).paths()
         self.accelerator = on_accelerator()
+        self.reader_kind = choose_reader(args.reader, args.workers, len(self.paths), self.sizes, self.bs,
+                                         lend=copies_off_host())
         self.deadline = time.perf_counter() + args.time_cap
         t = time.perf_counter()
         self.forwards = {s.name: Forward(s, None, 0, args.precision, self.bs) for s in self.specs}
@@ -232,7 +235,7 @@ class Ladder:
 
         paths = (self.paths * (n // len(self.paths) + 1))[:n]
         return InBackground(iter_batches(paths, self.sizes, self.bs, workers=workers or self.workers,
-                                         decode=get_decoder(self.args.decoder).decode, reader=self.args.reader,
+                                         decode=get_decoder(self.args.decoder).decode, reader=self.reader_kind,
                                          lend=copies_off_host()))
 
     @property
@@ -289,7 +292,7 @@ class Ladder:
                     steady, note = self.stages(self.timed(batches, secs), w)
         finally:
             batches.close()
-        return steady, f"{note}; {workers or self.workers} workers, {self.args.reader}"
+        return steady, f"{note}; {workers or self.workers} workers, {self.reader_kind}"
 
     # -- rungs 8-9: the whole run -------------------------------------------------------------------
     def whole(self) -> tuple[dict, object]:
@@ -307,7 +310,7 @@ class Ladder:
         try:
             rep = run_extraction(self.args.data, ",".join(s.name for s in self.specs), out, weights=None,
                                  batch_size=self.bs, limit=n, precision=self.args.precision, progress=False,
-                                 decoder=self.args.decoder, reader=self.args.reader, workers=self.args.workers)
+                                 decoder=self.args.decoder, reader=self.reader_kind, workers=self.args.workers)
         finally:
             forward_module.Forward = plain
             shutil.rmtree(out, ignore_errors=True)
@@ -351,7 +354,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="(default: catfeat's, 128 on a GPU)")
     p.add_argument("--precision", default="mixed_bfloat16")
     p.add_argument("--decoder", default="auto")
-    p.add_argument("--reader", default="processes", choices=["threads", "processes"])
+    p.add_argument("--reader", default="auto", choices=["auto", "threads", "processes"],
+                   help="(default: the engine's choice for the photos, with the shared memory there is)")
     p.add_argument("--workers", type=int, default=None, help="(default: the engine's choice)")
     p.add_argument("--rung-seconds", type=float, default=8.0)
     p.add_argument("--min-batches", type=int, default=3)
@@ -369,7 +373,7 @@ def main(argv=None) -> int:
     print(json.dumps(head), flush=True)
     lad = Ladder(args)
     print(f"build {lad.build_s:.1f} s (once; every rung reuses the compiled forwards); {len(lad.paths)} photos; "
-          f"reader {args.reader}, {lad.workers} workers", flush=True)
+          f"reader {lad.reader_kind}, {lad.workers} workers", flush=True)
     ceiling = lad.add(Rung("ceiling", "ceiling (on device)", None, "-"), lad.device_loop(copy=False)["img_s"])
     lad.add(Rung("copy", "+ host-to-device copy", "ceiling", "the host-to-device copy"),
             lad.device_loop(copy=True)["img_s"])

@@ -37,9 +37,10 @@ def test_the_ladder_prints_every_rung_and_names_the_limiting_stage(tmp_path):
     data = make_kaggle(tmp_path / "data", n_per_class=6, n_test=0, size=(40, 30))
     out = tmp_path / "ladder.json"
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", TINY, "--models", "tiny32,tiny48", "--data", str(data),
-                           "--batch-size", "2", "--rung-seconds", "0.2", "--min-batches", "3", "--precision", "float32",
-                           "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    args = ["--models", "tiny32,tiny48", "--data", str(data), "--batch-size", "2", "--reader", "processes",
+            "--rung-seconds", "0.2", "--min-batches", "3", "--precision", "float32", "--json", str(out)]
+    proc = subprocess.run([sys.executable, "-c", TINY, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
     result = json.loads(out.read_text())
