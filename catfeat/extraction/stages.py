@@ -283,7 +283,7 @@ def run_stages(batches: Iterator[Decoded], runner: ModelRunner, write: Callable[
     holds). ``seconds`` gains ``wait`` (waiting for the reader), ``queue`` (waiting for room behind
     the writer: the device or the disk is the slower stage), ``to_device``, ``model:<name>``
     (dispatch plus waiting for results) and ``write``. ``trace``, when given, receives one
-    ``(start, got, dispatched, fetched, written)`` tuple per batch: its first position and
+    ``(start, got, dispatched, fetched, written, n)`` tuple per batch: its first position and
     ``time.perf_counter()`` when it came from the reader, was dispatched, was read back and was
     written, and its number of images (see :func:`steady_state`).
 
