@@ -53,6 +53,7 @@ def test_the_ladder_prints_every_rung_and_names_the_limiting_stage(tmp_path):
             assert r["ratio"] == r["img_s"] / rungs[r["parent"]]["img_s"]
     assert result["backend"] == "jax" and set(result["copy_probe"]) == {"32", "48"}
     assert {"list", "open", "fill", "finish"} <= set(result["fixed_seconds"])
+    assert " img/s + " in result["summary"] and " s fixed" in result["summary"]  # the steady pace, fixed costs
     named = [line for line in text.splitlines() if line.startswith("limiting stage: ")]
     assert named == [result["limiting"]]
     first = next((r for r in result["rungs"] if r["main"] and r["ratio"] is not None and r["ratio"] < 0.9), None)
