@@ -85,12 +85,12 @@ class Ladder:
         self.accelerator = on_accelerator()
         self.reader_kind = choose_reader(args.reader, args.workers, len(self.paths), self.sizes, self.bs,
                                          lend=copies_off_host())
-        self.deadline = time.perf_counter() + args.time_cap
         t = time.perf_counter()
         self.forwards = {s.name: Forward(s, None, 0, args.precision, self.bs) for s in self.specs}
         self.runner = ModelRunner({s.name: (s.input_size, self.forwards[s.name]) for s in self.specs})
         self.runner(self.host_batches(1)[0])  # compiles every backbone (one batch, timed by no rung)
         self.build_s = time.perf_counter() - t
+        self.deadline = time.perf_counter() + args.time_cap  # for the rungs, after the build
         self.rungs: list[Rung] = []
         self.probe: dict = {}
         self.left = 9  # rungs still to run, for the time plan

@@ -206,3 +206,12 @@ def test_a_lent_slot_is_reused_only_after_its_copy_to_the_device(tmp_path):
     assert lent == 12 and sorted(seen) == sorted(expected)
     for start, px in expected.items():
         np.testing.assert_array_equal(seen[start], px, err_msg=f"batch {start}")
+
+
+def test_decoders_leave_the_driver_threads_a_core_each_on_a_gpu(monkeypatch):
+    from catfeat.images.reader import DRIVER_THREADS, reader_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert DRIVER_THREADS == 3 and reader_workers(True) == 13 and reader_workers(False) == 16
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert reader_workers(True) == 1 and reader_workers(False) == 2
