@@ -283,3 +283,26 @@ def test_check_finite_names_the_image():
     worse[[0, 3], 0] = np.inf
     with pytest.raises(ValueError, match=rf"3 images \(e.g. #0, #2, #3\) of 4 hold NaN and Inf .* of {M0}, {M1}"):
         check_finite({M0: worse, M1: bad}, what="image")
+
+
+def test_a_scheduled_writer_keeps_rows_in_memory_until_a_flush_and_the_marker_with_them(tmp_path):
+    """With ``flush_seconds``, rows reach the file only at a flush, and ``rows_written`` with them: what
+    is on disk is always the prefix the marker names; ``close`` writes what waits (Ctrl-C, an error)."""
+    w = FeatureWriter(cache_path(tmp_path, M0), ATTRS, *image_set(), dim=3, flush_seconds=3600)
+    w.write(0, np.array([True, False, True]), rows_for([0, 2]), {1: "broken"}, damaged={2: "truncated"})
+    w.write(3, np.ones(2, bool), rows_for([3, 4]), {})
+    assert partial_attrs(w.partial)["rows_written"] == 0 and w.next_index == 5 and w.rows == 4
+    with h5py.File(w.partial, "r") as f:
+        assert f["train"].shape == (0, 3) and f["skipped_index"].shape == (0,)
+    w.flush()
+    assert partial_attrs(w.partial)["rows_written"] == 5
+    w.write(5, np.ones(3, bool), rows_for([5, 6, 7]), {})  # 5 is train, 6 and 7 test: one batch, both splits
+    assert partial_attrs(w.partial)["rows_written"] == 5
+    w.close()
+    assert partial_attrs(w.partial)["rows_written"] == 8
+    c = open_cache(w.partial, require_complete=False)
+    np.testing.assert_array_equal(c.features("train"), rows_for([0, 2, 3, 4, 5]))
+    np.testing.assert_array_equal(c.features("test"), rows_for([6, 7]))
+    assert [s["reason"] for s in c.skipped()] == ["broken"]
+    with h5py.File(w.partial, "r") as f:  # the damaged count is set by finish(); the rows are there
+        assert f["damaged_index"][()].tolist() == [2] and f["damaged_reasons"][()].tolist() == [b"truncated"]

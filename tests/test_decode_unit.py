@@ -173,3 +173,26 @@ def test_predict_uses_the_unit_under_the_budget(tmp_path):
     # the same probabilities as predicting the good files alone, without a budget
     alone = predict_images(tmp_path / "head", list(good["file"]), batch_size=3, predictor=predictor)
     np.testing.assert_allclose(alone[["p_0", "p_1"]].to_numpy(), good[["p_0", "p_1"]].to_numpy(), atol=1e-6)
+
+
+def test_each_file_header_is_read_once_per_decode(tmp_path, monkeypatch):
+    """The byte budget's estimate and the OpenCV decoder share one header read per file (Pillow's
+    ``Image.open``); the decode itself reads the file once more (its bytes), nothing else opens it."""
+    from PIL import Image
+
+    from catfeat.images.decoders import get_decoder
+    from catfeat.images.listing import ByteBudget
+    from catfeat.images.unit import decode_timed
+
+    photos = [save_image(tmp_path / f"cat.{k}.jpg", k, (120, 90)) for k in range(3)]
+    opened, real_open = [], Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(os.fspath(fp)) or real_open(fp, *a, **k))
+    reads, real_read = [], os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: reads.append(os.fspath(p)) or real_read(p, *a, **k))
+    budget = ByteBudget()
+    for p in photos + photos:  # the second time round: read again (a new decode), once each
+        arrays, reason, _, _ = decode_timed(p, SIZES, budget, get_decoder("opencv").decode)
+        assert arrays is not None and reason is None
+    assert budget.peak == 120 * 90 * 4
+    assert opened == [os.fspath(p) for p in photos * 2]  # not twice in a row: budget + decoder share it
+    assert [r for r in reads if r.endswith(".jpg")] == [os.fspath(p) for p in photos * 2]

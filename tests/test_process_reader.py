@@ -150,3 +150,68 @@ def test_extraction_on_processes_writes_the_same_cache_and_says_so(kaggle_dir, t
         for ds in ("train", "test", "train_names", "label"):
             np.testing.assert_array_equal(fa[ds][()], fb[ds][()])
     assert list_images(kaggle_dir).names  # the folder is untouched
+
+
+class LateCopy:
+    """A device copy that reads the host pixels only when it is waited for, as an asynchronous DMA
+    may: reusing the host memory before ``copy_done`` would show as another batch's pixels."""
+
+    def __init__(self, host):
+        self.host, self.data = host, None
+
+    def wait(self):
+        if self.data is None:
+            self.data, self.host = np.array(self.host), None
+
+
+def _lent_run(paths, copy_done):
+    """Real photos through run_stages from the process reader with lent slots (few, and a slow writer
+    so the reader is always ahead): {batch start: the pixels the model saw}, and how many were lent."""
+    import time
+
+    from catfeat.extraction.stages import InBackground, ModelRunner, run_stages
+
+    class Pixels:  # a stub backbone whose "features" are the pixels it was given
+        batch_size = 2
+
+        def dispatch(self, x):
+            return x
+
+        def fetch(self, handle, n):
+            handle.wait()
+            return handle.data[:n].reshape(n, -1).astype(np.float32)
+
+    seen, lent = {}, []
+
+    def write(batch, feats):
+        time.sleep(0.02)
+        seen[batch.start] = feats["px"]
+
+    batches = iter_batches(paths, (32,), 2, workers=2, prefetch=0, reader="processes", lend=True)
+    source = InBackground(b for b in batches if lent.append(b.release is not None) or True)
+    try:
+        run_stages(source, ModelRunner({"px": (32, Pixels())}, to_device=LateCopy, copy_done=copy_done), write)
+    finally:
+        source.close()
+    return seen, sum(lent)
+
+
+def test_a_lent_slot_is_reused_only_after_its_copy_to_the_device(tmp_path):
+    """The process reader lends its shared memory (no copy out); the slot is decoded into again only
+    once the runner has waited for the batch's device copy. 6 slots for 12 batches: each reused."""
+    paths = sorted(real_data().glob("*.jpg"))[:24]
+    expected = {b.start: b.images[32].reshape(len(b), -1).astype(np.float32)
+                for b in iter_batches(paths, (32,), 2, workers=2, reader="threads")}
+    seen, lent = _lent_run(paths, lambda xs: [x.wait() for x in xs])
+    assert lent == 12 and sorted(seen) == sorted(expected)
+    for start, px in expected.items():
+        np.testing.assert_array_equal(seen[start], px, err_msg=f"batch {start}")
+
+
+def test_decoders_leave_the_driver_threads_a_core_each_on_a_gpu(monkeypatch):
+    from catfeat.images.reader import DRIVER_THREADS, reader_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert DRIVER_THREADS == 3 and reader_workers(True) == 13 and reader_workers(False) == 16
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert reader_workers(True) == 1 and reader_workers(False) == 2

@@ -252,15 +252,24 @@ class FeatureWriter:
     ``write`` takes consecutive positions of the image set; positions already in a resumed partial
     file are ignored, so several writers can be fed the same batches after a crash. ``next_index``
     (attribute ``rows_written``) marks how far the file is valid.
+
+    ``flush_seconds``: how often the rows recorded by ``write`` reach the file (0: on every write).
+    Between flushes they wait in memory; a kill loses them and nothing else (the marker moves only
+    with a flush), so a resumed run redoes exactly those images.
     """
 
     def __init__(self, path: str | os.PathLike, attrs: dict, names: Sequence[str], labels: np.ndarray,
-                 split: Sequence[str], dim: int, chunk_rows: int = 256):
+                 split: Sequence[str], dim: int, chunk_rows: int = 256, flush_seconds: float = 0.0):
         self.path = Path(path)
         self.partial = partial_path(self.path)
         self.attrs, self.dim = dict(attrs), int(dim)
         self.names, self.labels, self.split = list(names), np.asarray(labels), list(split)
+        self._encoded = _encode(self.names)  # once, not per batch
+        self._is_train = np.array([s == "train" for s in self.split], bool)
         self.chunk_rows = chunk_rows
+        self.flush_seconds = float(flush_seconds)
+        self._pending: list = []  # rows recorded by write() since the last flush
+        self._flushed = time.monotonic()
         self.resumed_from = 0
         self.next_index = 0
         self.broken = False  # HDF5 failed mid-write: the file object must not be touched again
@@ -359,19 +368,46 @@ class FeatureWriter:
               damaged: dict[int, str] | None = None) -> None:
         """Record positions ``start .. start+len(ok)``: ``features`` holds one row per ``ok`` position;
         ``errors``: why each other position was skipped; ``damaged``: the ``ok`` positions decoded
-        with corrupt data, and what it was."""
+        with corrupt data, and what it was. The rows reach the file (and its ``rows_written``
+        marker) at the next flush: at once when ``flush_seconds`` is 0, else once that long has
+        passed since the last one, and always in :meth:`finish` and :meth:`close`."""
         if self.broken:
             raise RuntimeError(f"{self.partial}: an earlier write failed; rerun the command to resume")
+        ok = np.asarray(ok, bool)
         end = start + len(ok)
         if end <= self.next_index:
             return
         if start > self.next_index:
             raise RuntimeError(f"{self.partial}: gap in positions ({self.next_index} written, got {start})")
         feats = np.zeros((0, self.dim), np.float32) if features is None else np.asarray(features, np.float32)
-        if feats.shape != (int(ok.sum()), self.dim):
-            raise ValueError(f"expected features of shape {(int(ok.sum()), self.dim)}, got {feats.shape}")
-        if not np.isfinite(feats).all():
-            bad = [self.names[p] for p, row in zip(np.flatnonzero(ok) + start, feats) if not np.isfinite(row).all()]
+        n_ok = int(ok.sum())
+        if feats.shape != (n_ok, self.dim):
+            raise ValueError(f"expected features of shape {(n_ok, self.dim)}, got {feats.shape}")
+        self._check_values(start, ok, feats)
+        first = self.next_index - start  # positions before it are in the file already (a resumed run)
+        pos = np.arange(self.next_index, end)
+        keep = ok[first:]
+        feats = feats[n_ok - int(keep.sum()):]
+        good = pos[keep] if len(lost := pos[~keep]) else pos
+        lost = lost.tolist()
+        train = self._is_train[good]
+        split = ((feats, good), (feats[:0], good[:0])) if train.all() else \
+            ((feats[:0], good[:0]), (feats, good)) if not train.any() else \
+            ((feats[train], good[train]), (feats[~train], good[~train]))  # copies only for a mixed batch
+        marked = sorted(p for p in (damaged or {}) if self.next_index <= p < end and ok[p - start])
+        self._pending.append((*split,
+                              (lost, [errors.get(p, "unknown error") for p in lost]),
+                              (marked, [damaged[p] for p in marked])))
+        self.next_index = end
+        if time.monotonic() - self._flushed >= self.flush_seconds:
+            self.flush()
+
+    def _check_values(self, start: int, ok: np.ndarray, feats: np.ndarray) -> None:
+        """Refuse NaN/Inf rows (named by their files) and, for a float16 cache, values it cannot hold."""
+        # one pass: a sum is finite when every value is (a finite sum that overflowed is checked row by row)
+        rows = np.flatnonzero(~np.isfinite(feats).all(axis=1)) if not np.isfinite(feats.sum()) else []
+        if len(rows):
+            bad = [self.names[p] for p in (np.flatnonzero(ok)[rows] + start).tolist()]
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             raise FloatingPointError(f"{self.attrs.get('backbone')} produced NaN/Inf features for {bad[:5]}{more} "
                                      f"({len(bad)} of the {len(ok)} images of this batch); nothing was written "
@@ -379,44 +415,40 @@ class FeatureWriter:
         if str(self.attrs.get("dtype", "float32")) == "float16" and feats.size and np.abs(feats).max() > 65504:
             raise FloatingPointError(f"{self.attrs.get('backbone')} features overflow float16 (|value| > 65504); "
                                      "nothing was written for this batch; extract with --dtype float32")
-        rows = {"train": ([], [], []), "test": ([], [], [])}  # features, names, labels
-        skipped, bad = ([], [], []), ([], [], [])
-        j = 0
-        for i in range(len(ok)):
-            pos = start + i
-            if ok[i]:
-                if pos >= self.next_index:
-                    r = rows[self.split[pos]]
-                    r[0].append(feats[j])
-                    r[1].append(self.names[pos])
-                    r[2].append(self.labels[pos])
-                    if damaged and pos in damaged:
-                        bad[0].append(self.names[pos])
-                        bad[1].append(damaged[pos])
-                        bad[2].append(pos)
-                j += 1
-            elif pos >= self.next_index:
-                skipped[0].append(self.names[pos])
-                skipped[1].append(errors.get(pos, "unknown error"))
-                skipped[2].append(pos)
-        n_new = {split: len(r[0]) for split, r in rows.items()}
-        text = sum(len(n.encode("utf-8", "surrogateescape"))
-                   for r in (rows["train"][1], rows["test"][1], *skipped[:2], *bad[:2]) for n in r)
-        self._check_space(self._chunk_bytes(n_new) + 2 * text + SPACE_MARGIN)
-        self._guarded(self._write_rows, rows, {"skipped": skipped, "damaged": bad}, end)
-        self.next_index = end
 
-    def _write_rows(self, rows: dict, lists: dict[str, tuple], end: int) -> None:
-        for split, (fr, nm, lb) in rows.items():
-            if fr:
-                self._append(split, np.stack(fr))
-                self._append(f"{split}_names", _encode(nm))
+    def flush(self) -> None:
+        """Append every row recorded since the last flush, move ``rows_written`` to ``next_index`` and
+        flush the file: one append per dataset, whatever the number of batches. Rows on disk are
+        always the prefix the marker names, which is all a resumed run trusts."""
+        pending, self._pending = self._pending, []
+        self._flushed = time.monotonic()
+        if not pending or self.broken:
+            return
+        rows, lists = {}, {}
+        for k, split in enumerate(("train", "test")):
+            feats = [b[k][0] for b in pending if len(b[k][1])]
+            pos = np.concatenate([b[k][1] for b in pending]) if feats else np.zeros(0, np.int64)
+            rows[split] = (np.concatenate(feats) if feats else None, pos)
+        for k, kind in ((2, "skipped"), (3, "damaged")):
+            lists[kind] = ([p for b in pending for p in b[k][0]], [r for b in pending for r in b[k][1]])
+        n_new = {split: len(pos) for split, (_, pos) in rows.items()}
+        names = {split: self._encoded[pos] for split, (_, pos) in rows.items()}
+        text = sum(len(n) for split in names for n in names[split].tolist())
+        text += sum(len(str(self.names[p])) + len(str(r)) for pl, rl in lists.values() for p, r in zip(pl, rl))
+        self._check_space(self._chunk_bytes(n_new) + 2 * text + SPACE_MARGIN)
+        self._guarded(self._write_rows, rows, names, lists, self.next_index)
+
+    def _write_rows(self, rows: dict, names: dict, lists: dict[str, tuple], end: int) -> None:
+        for split, (feats, pos) in rows.items():
+            if len(pos):
+                self._append(split, feats)
+                self._append(f"{split}_names", names[split])
                 if split == "train":
-                    self._append("label", np.array(lb, dtype=np.int64))
-        for kind, (names, reasons, index) in lists.items():
-            if names:
+                    self._append("label", self.labels[pos].astype(np.int64))
+        for kind, (index, reasons) in lists.items():
+            if index:
                 ds_names, ds_reasons, ds_index = _LISTS[kind]
-                self._append(ds_names, _encode(names))
+                self._append(ds_names, self._encoded[np.array(index, np.int64)])
                 self._append(ds_reasons, _encode(reasons))
                 self._append(ds_index, np.array(index, dtype=np.int64))
         self._f.attrs["rows_written"] = end
@@ -475,7 +507,8 @@ class FeatureWriter:
         """Feature rows written so far (train + test)."""
         if self._f is None or self.broken:
             return 0
-        return int(self._f["train"].shape[0] + self._f["test"].shape[0])
+        waiting = sum(len(b[0][1]) + len(b[1][1]) for b in self._pending)
+        return int(self._f["train"].shape[0] + self._f["test"].shape[0]) + waiting
 
     def _append(self, name: str, values: np.ndarray) -> None:
         ds = self._f[name]
@@ -489,6 +522,7 @@ class FeatureWriter:
         """Mark complete, close, and atomically move the file into place."""
         if self.next_index != len(self.names):
             raise RuntimeError(f"{self.partial}: finish() after {self.next_index} of {len(self.names)} images")
+        self.flush()
         self._check_space(SPACE_MARGIN)
         self._guarded(self._finish_attrs, extra_attrs or {})
         self._f = None
@@ -504,6 +538,13 @@ class FeatureWriter:
         _fsync(self.path.parent)
         return self.path
 
+    def _marker(self) -> int:
+        """``rows_written`` as the file holds it (0 if it cannot be read)."""
+        try:
+            return int(self._f.attrs["rows_written"])
+        except Exception:
+            return 0
+
     def _finish_attrs(self, extra_attrs: dict) -> None:
         f = self._f
         for k, v in extra_attrs.items():
@@ -518,6 +559,12 @@ class FeatureWriter:
         """Close without finishing: the partial file stays for a later resume unless it holds no row."""
         if self._f is None:
             return
+        if not self.broken and self._pending:
+            try:  # rows recorded before an interruption are kept for the resume
+                self.flush()
+            except Exception as e:  # the error that stopped the run is the one to report
+                LOG.warning(f"catfeat: {self.partial}: the last {self.next_index - self._marker()} rows could not "
+                            f"be written ({e}); a resumed run redoes them")
         if not self.broken:
             try:
                 self._f.close()

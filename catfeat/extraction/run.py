@@ -21,7 +21,7 @@ from catfeat import __version__
 from catfeat.models.registry import BackboneSpec, parse_models
 from catfeat.models.weights import Weights, weights_identity
 from catfeat.images.listing import ImageSet, list_images, shown
-from catfeat.images.reader import READERS, choose_reader, iter_batches
+from catfeat.images.reader import READERS, choose_reader, iter_batches, reader_workers
 from catfeat.cache.store import (
     CacheError, FeatureWriter, StaleCacheError, check_unfinished, remove_planted_link, cache_path, differences,
     open_cache, partial_path, removed_during_run)
@@ -31,6 +31,9 @@ DEFAULT_MODELS = ("r50", "incv3", "xcep", "irv2")
 # activations, several times more than the largest accelerator batch catfeat has been measured at.
 MAX_BATCH = 4096
 SEED_RANGE = (0, 2**32 - 1)  # numpy's, and so Keras' set_random_seed
+# How often the local engine's caches take the rows written since the last time (one append per
+# dataset and one HDF5 flush, instead of one per batch); a kill loses at most that long of work.
+FLUSH_SECONDS = 1.0
 
 
 @dataclass
@@ -51,6 +54,17 @@ class ExtractionReport:
     precision: str = ""
     decoder: str = ""
     reader: str = ""  # "threads" or "processes" (local engine)
+    workers: int | None = None  # decoders the local engine ran
+    steady_img_s: float | None = None  # the pace once the pipeline was full (local engine, 3+ batches)
+
+    @property
+    def fixed_seconds(self) -> float | None:
+        """Seconds the run took beyond its images at the steady pace: listing and fingerprinting,
+        opening the caches, the build, filling the pipeline, shutting the reader down, finishing
+        the files (fsync). None without a steady pace."""
+        if not self.steady_img_s or "total" not in self.seconds:
+            return None
+        return max(0.0, self.seconds["total"] - self.processed / self.steady_img_s)
 
     def where(self) -> str:
         """e.g. ``jax on cuda:0 (NVIDIA H100 80GB HBM3), mixed_bfloat16, opencv decoder on processes``."""
@@ -61,7 +75,9 @@ class ExtractionReport:
         total = self.seconds.get("total", 0.0)
         parts = [f"{self.processed} images processed", f"{len(self.skipped)} skipped",
                  f"{len(self.damaged)} decoded with corrupt data" if self.damaged else "",
-                 f"{total:.1f} s", f"{self.processed / total:.1f} img/s" if total and self.processed else ""]
+                 f"{total:.1f} s", f"{self.processed / total:.1f} img/s" if total and self.processed else "",
+                 f"steady {self.steady_img_s:.1f} img/s + {self.fixed_seconds:.1f} s fixed"
+                 if self.steady_img_s and self.fixed_seconds is not None else ""]
         if self.reused:
             parts.append("reused: " + ",".join(self.reused))
         if self.resumed:
@@ -236,9 +252,11 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
                          f"got {seed}")
     if w.kind == "file" and len(specs) > 1:
         raise ValueError(f"a weights file ({w}) fits one backbone; extract one model at a time with it")
+    t_list = time.perf_counter()
     images = list_images(data_dir, limit)
     batch_size, workers = _fit_to_work(len(images), batch_size, workers, log, asked_batch)
     fingerprint = images.fingerprint()
+    listed = time.perf_counter() - t_list
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -248,7 +266,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
         raise PermissionError(f"output folder {out} is not writable; pass --out to a writable folder")
 
     report = ExtractionReport(paths={}, n_images=len(images), backend=backend_name(), device=device_description(),
-                              precision=resolve_precision(precision), decoder=dec.name)
+                              precision=resolve_precision(precision), decoder=dec.name, seconds={"list": listed})
     hint = unused_gpu_hint()
     if hint:
         log(f"catfeat: {hint}")
@@ -315,27 +333,33 @@ def _fit_to_work(n_images: int, batch_size: int, workers: int | None, say: Calla
 def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack) -> None:
     """This process: decode threads -> every backbone on this device -> a writer thread."""
     from catfeat.extraction.stages import (
-        InBackground, ModelRunner, progress_bar, report_damaged, report_skip, run_stages)
-    from catfeat.models.forward import Forward
+        InBackground, ModelRunner, progress_bar, report_damaged, report_skip, run_stages, steady_state)
+    from catfeat.models.forward import Forward, copies_off_host, on_accelerator
 
     images, secs = plan.images, report.seconds
+    t = time.perf_counter()
     writers: dict[str, FeatureWriter] = {}
     for spec in plan.specs:
         writer = FeatureWriter(plan.paths[spec.name], plan.attrs[spec.name], images.names, images.labels,
-                               images.split, spec.feature_dim)
+                               images.split, spec.feature_dim, flush_seconds=FLUSH_SECONDS)
         stack.callback(writer.close)
         if writer.resumed_from:
             report.resumed[spec.name] = writer.resumed_from
             plan.log(f"catfeat: resuming {writer.path.name} at image {writer.resumed_from} of {len(images)}")
         writers[spec.name] = writer
     start = min(w.next_index for w in writers.values())
+    secs["open"] = time.perf_counter() - t
     if start < len(images):
         sizes = sorted({s.input_size for s in plan.specs})
-        report.reader = choose_reader(plan.reader, plan.workers, len(images) - start, sizes, plan.batch_size)
+        lend = copies_off_host()  # batches handed over from shared memory, released once on the device
+        report.reader = choose_reader(plan.reader, plan.workers, len(images) - start, sizes, plan.batch_size,
+                                      lend=lend)
+        report.workers = plan.workers or reader_workers(on_accelerator())
         # on a thread of its own, started before the build: worker start-up and the first decodes
         # overlap the compilation, and the reader's per-batch work stays off the dispatching thread
-        batches = InBackground(iter_batches(images.paths(), sizes, plan.batch_size, start=start, workers=plan.workers,
-                                            decode=plan.decode_fn(), reader=report.reader))
+        batches = InBackground(iter_batches(images.paths(), sizes, plan.batch_size, start=start,
+                                            workers=report.workers, decode=plan.decode_fn(), reader=report.reader,
+                                            lend=lend))
     t = time.perf_counter()
     try:
         runner = ModelRunner({s.name: (s.input_size, Forward(s, plan.weights, plan.seed, plan.precision,
@@ -367,19 +391,29 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
         def wanted(batch) -> list[str]:
             return [n for n, w in writers.items() if batch.start + len(batch) > w.next_index]
 
+        trace: list = []
+        t = time.perf_counter()
         try:
-            run_stages(batches, runner, write, wanted, secs)
+            run_stages(batches, runner, write, wanted, secs, trace=trace)
         finally:
+            t_close = time.perf_counter()
             batches.close()
             bar.close()
+            secs["shutdown"] = time.perf_counter() - t_close  # the reader's workers stopped
             if not secs["resize"]:  # decoders other than Pillow time decode and resize as one
                 del secs["resize"]
+        steady = steady_state(trace)
+        if steady is not None:
+            report.steady_img_s = steady["img_s"]
+            secs["fill"] = steady["first_written"] - t  # until the steady state began (stages.steady_state)
     if not any(w.rows for w in writers.values()):
         raise NoUsableImagesError(
             f"none of the {len(images)} images under {images.root} could be decoded "
             f"(e.g. {shown(images.names[0])}); see the skipped list above")
+    t = time.perf_counter()
     for writer in writers.values():
         _guard_write(writer.partial, writer.finish)
+    secs["finish"] = time.perf_counter() - t  # the last rows, the rename, fsync
 
 
 def _ray_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack, **options) -> None:

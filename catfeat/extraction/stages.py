@@ -51,6 +51,7 @@ class Pending:
     n: int
     handles: dict[str, list]  # backbone -> one handle per padded chunk
     dispatched: float  # time.perf_counter() when the last backbone was dispatched
+    inputs: list = field(default_factory=list)  # the device batches, until their copies are known done
 
 
 @dataclass
@@ -64,12 +65,17 @@ class ModelRunner:
     runners: Mapping[str, tuple[int, Runner]]
     to_device: Callable = field(default=None)
     seconds: dict[str, float] = field(default_factory=dict)
+    copy_done: Callable = field(default=None)  # waits for the copies of a list of device batches
 
     def __post_init__(self):
         if self.to_device is None:
             from catfeat.models.forward import to_device
 
             self.to_device = to_device
+        if self.copy_done is None:
+            from catfeat.models.forward import copy_done
+
+            self.copy_done = copy_done
         self._lock = threading.Lock()  # dispatch and fetch may run on different threads
 
     def _add(self, key: str, dt: float) -> None:
@@ -84,6 +90,7 @@ class ModelRunner:
         names = [n for n in self.runners if only is None or n in set(only)]
         n = len(next(iter(images.values()))) if images else 0
         handles: dict[str, list] = {name: [] for name in names}
+        inputs = []
         if n:
             by_size: dict[int, list[str]] = {}
             for name in names:
@@ -94,12 +101,21 @@ class ModelRunner:
                     chunk = images[size][i:i + bs]
                     t = time.perf_counter()
                     x = self.to_device(pad_batch(chunk, bs))
+                    inputs.append(x)
                     self._add("to_device", time.perf_counter() - t)
                     for name in group:
                         t = time.perf_counter()
                         handles[name].append((self.runners[name][1].dispatch(x), len(chunk)))
                         self._add(f"model:{name}", time.perf_counter() - t)
-        return Pending(n, handles, time.perf_counter())
+        return Pending(n, handles, time.perf_counter(), inputs)
+
+    def copied(self, pending: Pending) -> None:
+        """Wait until the pixels of a dispatched batch are on the device (its host memory may then
+        be reused; ``seconds["to_device"]`` gains the wait)."""
+        t = time.perf_counter()
+        inputs, pending.inputs = pending.inputs, []
+        self.copy_done(inputs)
+        self._add("to_device", time.perf_counter() - t)
 
     def warmup(self) -> None:
         """Compile every backbone on one batch of zeros (so that a run's timings hold no compilation)."""
@@ -236,8 +252,23 @@ class InBackground:
         raise StopIteration
 
     def close(self) -> None:
+        """Stop the thread; items it produced that were never taken are released (``release()``, where
+        they have one: a lent batch gives its memory back, so the generator can end)."""
         self._stop.set()
-        self._thread.join()
+        while self._thread.is_alive():
+            self._release_dropped()
+            self._thread.join(timeout=0.1)
+        self._release_dropped()
+
+    def _release_dropped(self) -> None:
+        while True:
+            try:
+                item, _ = self._q.get_nowait()
+            except queue.Empty:
+                return
+            release = getattr(item, "release", None)
+            if release is not None:
+                release()
 
 
 def run_stages(batches: Iterator[Decoded], runner: ModelRunner, write: Callable[[Decoded, dict], None],
@@ -252,9 +283,12 @@ def run_stages(batches: Iterator[Decoded], runner: ModelRunner, write: Callable[
     holds). ``seconds`` gains ``wait`` (waiting for the reader), ``queue`` (waiting for room behind
     the writer: the device or the disk is the slower stage), ``to_device``, ``model:<name>``
     (dispatch plus waiting for results) and ``write``. ``trace``, when given, receives one
-    ``(start, got, dispatched, fetched, written)`` tuple per batch: its first position and
+    ``(start, got, dispatched, fetched, written, n)`` tuple per batch: its first position and
     ``time.perf_counter()`` when it came from the reader, was dispatched, was read back and was
-    written (for benchmarks).
+    written, and its number of images (see :func:`steady_state`).
+
+    A batch with ``release`` (pixels lent by the reader) is released as soon as its copies to the
+    device are complete, before this thread takes the next batch.
     """
     seconds = {} if seconds is None else seconds
     runner.seconds = seconds
@@ -269,7 +303,7 @@ def run_stages(batches: Iterator[Decoded], runner: ModelRunner, write: Callable[
         done = time.perf_counter()
         seconds["write"] += done - t  # only this thread adds to "write"
         if trace is not None:
-            trace.append((batch.start, got, pending.dispatched, t, done))
+            trace.append((batch.start, got, pending.dispatched, t, done, len(batch)))
 
     writer = WriterThread(fetch_and_write, depth)
     ok = False
@@ -281,13 +315,46 @@ def run_stages(batches: Iterator[Decoded], runner: ModelRunner, write: Callable[
             seconds["wait"] += got - t
             if batch is None:
                 break
-            pending = runner.dispatch(batch.images, wanted(batch) if wanted else None)
+            release = getattr(batch, "release", None)
+            try:
+                pending = runner.dispatch(batch.images, wanted(batch) if wanted else None)
+                if release is not None:
+                    runner.copied(pending)
+            finally:
+                if release is not None:
+                    release()
             t = time.perf_counter()
             writer.put(batch, (pending, got))
             seconds["queue"] += time.perf_counter() - t
         ok = True
     finally:
         writer.close(abort=not ok)
+
+
+# Batches that can wait decoded before the first is taken (the process reader's depth and spare
+# slots, InBackground's queue): the most steady_state leaves out as the pipeline's fill.
+FILL_BATCHES = 8
+
+
+def steady_state(trace: Sequence[tuple], skip: int | None = None) -> dict | None:
+    """The steady-state pace of a :func:`run_stages` trace: images written after the first ``skip``
+    batches over the seconds between those batches' writes, apart from the fill (until the first
+    batch counted was written) and the fixed seconds around it. None with fewer than ``skip + 2`` batches.
+    ``skip`` (default: a quarter of the batches, 1 to ``FILL_BATCHES``) leaves out the batches the
+    reader may have decoded ahead while the model was built, which arrive faster than it decodes.
+
+    ``{"img_s", "batches", "images", "span_s", "first_written", "last_written"}``: the stamps are
+    ``time.perf_counter()`` values, for a caller to set against its own start and end.
+    """
+    rows = sorted(trace)
+    skip = max(1, min(FILL_BATCHES, len(rows) // 4)) if skip is None else skip
+    if len(rows) < skip + 2:
+        return None
+    written = [r[4] for r in rows]
+    images = sum(r[5] for r in rows[skip + 1:])
+    span = written[-1] - written[skip]
+    return {"img_s": images / span if span > 0 else float("inf"), "batches": len(rows), "images": images,
+            "span_s": span, "first_written": written[skip], "last_written": written[-1]}
 
 
 def progress_bar(items: Iterable | None, enabled: bool, desc: str, unit: str, total: int | None = None,

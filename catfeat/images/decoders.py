@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
 from catfeat.images.listing import (
-    DecodeError, MAX_PIXELS, check_file_size, check_jpeg_scans, check_regular, file_size_limit, jpeg_damage,
-    read_rgb_checked, resize_all)
+    DecodeError, ImageHeader, MAX_PIXELS, check_file_size, check_jpeg_scans, check_regular, file_size_limit,
+    jpeg_damage, read_header, read_rgb_checked, resize_all)
 
 DecodeFn = Callable[..., dict[int, np.ndarray]]
 
@@ -92,31 +91,14 @@ def _cv2():
 _REDUCED = ((8, "IMREAD_REDUCED_COLOR_8"), (4, "IMREAD_REDUCED_COLOR_4"), (2, "IMREAD_REDUCED_COLOR_2"))
 
 
-@dataclass(frozen=True)
-class _JpegHeader:
-    width: int
-    height: int
-    orientation: int  # as Pillow reads it: EXIF first, else XMP (attribute or element), else 1
-
-
-def _plain_jpeg(path: str | os.PathLike) -> _JpegHeader | None:
+def _plain_jpeg(path: str | os.PathLike) -> ImageHeader | None:
     """The header of a baseline or progressive RGB/grayscale JPEG OpenCV decodes the way Pillow does;
-    None sends the file to the Pillow decoder (which gives every other verdict). Reads the header only."""
-    from PIL import Image
-
-    try:
-        check_regular(path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as im:
-                if im.format != "JPEG" or im.mode not in ("RGB", "L"):
-                    return None  # CMYK/YCCK: Pillow's conversion is the reference
-                w, h = im.size
-                # Pillow's own merge of EXIF and XMP orientation, so both decoders turn images alike
-                orientation = im.getexif().get(0x0112, 1)
-    except Exception:
-        return None
-    return _JpegHeader(w, h, orientation if isinstance(orientation, int) else 1) if 0 < w * h <= MAX_PIXELS else None
+    None sends the file to the Pillow decoder (which gives every other verdict). Reads the header
+    only, once per file (:func:`catfeat.images.listing.read_header`: the byte budget read it already)."""
+    head = read_header(path)
+    if head is None or head.format != "JPEG" or head.mode not in ("RGB", "L"):
+        return None  # CMYK/YCCK: Pillow's conversion is the reference
+    return head if 0 < head.width * head.height <= MAX_PIXELS else None
 
 
 def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
@@ -131,8 +113,7 @@ def _decode_opencv(path: str | os.PathLike, sizes: Sequence[int], skip_damaged: 
     head = _plain_jpeg(path)
     if head is None:
         return _decode_pillow(path, sizes, skip_damaged)
-    st = check_regular(path)
-    check_file_size(st.st_size, head.width, head.height)  # the Pillow path's verdict, in its words
+    check_file_size(head.size, head.width, head.height)  # the Pillow path's verdict, in its words
     data = read_bytes(path, file_size_limit(head.width, head.height))
     if not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
         return _decode_pillow(path, sizes, skip_damaged)  # truncated: Pillow gives the exact verdict

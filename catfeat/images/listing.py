@@ -21,7 +21,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -466,6 +466,9 @@ class Batch:
     decode_seconds: float  # summed over reader threads
     resize_seconds: float  # summed over reader threads
     damaged: dict[int, str] = field(default_factory=dict)  # position -> corrupt data it was decoded with
+    # When set, ``images`` are views of the reader's memory (a shared-memory slot), lent until this
+    # is called: once their copy to the device is complete (it may be called more than once).
+    release: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self.ok)
@@ -511,18 +514,60 @@ class ByteBudget:
             self._cond.notify_all()
 
 
-def declared_bytes(path: str | os.PathLike) -> int:
-    """Decoded size of an image estimated from its header (width x height x 4 bytes), 0 if unknown.
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says (see :func:`read_header`)."""
 
-    Reads the header only, and only of a regular file, so it costs a small fraction of a decode.
+    size: int  # bytes of the file
+    format: str | None  # Pillow's name: "JPEG", "PNG", ...
+    mode: str | None
+    width: int
+    height: int
+    orientation: int  # a JPEG's EXIF/XMP orientation as Pillow merges them, else 1
+
+
+_LAST_HEADER = threading.local()  # per thread (and process): (file identity, ImageHeader or None)
+
+
+def read_header(path: str | os.PathLike) -> ImageHeader | None:
+    """The header of a regular image file, read by Pillow (the header only); None for anything that
+    is not a regular file Pillow can identify (the decoder then gives its own verdict).
+
+    Each file's header is read once per decode: the last one read on this thread is kept, keyed by
+    the file's path, inode, size and change time, so the byte budget's estimate
+    (:func:`declared_bytes`) and the decoder that follows it share one read.
     """
     from PIL import Image
 
     try:
-        check_regular(path)
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    key = (os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    last = getattr(_LAST_HEADER, "entry", None)
+    if last is not None and last[0] == key:
+        return last[1]
+    head = None
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
-                return 4 * min(im.width * im.height, MAX_PIXELS)
+                orientation = im.getexif().get(0x0112, 1) if im.format == "JPEG" else 1
+                head = ImageHeader(st.st_size, im.format, im.mode, im.width, im.height,
+                                   orientation if isinstance(orientation, int) else 1)
     except Exception:  # the decode that follows says what is wrong with the file
-        return 0
+        head = None
+    _LAST_HEADER.entry = (key, head)
+    return head
+
+
+def declared_bytes(path: str | os.PathLike) -> int:
+    """Decoded size of an image estimated from its header (width x height x 4 bytes), 0 if unknown.
+
+    Reads the header only (:func:`read_header`, which the decoder then reuses), and only of a
+    regular file, so it costs a small fraction of a decode.
+    """
+    head = read_header(path)
+    return 4 * min(head.width * head.height, MAX_PIXELS) if head is not None else 0

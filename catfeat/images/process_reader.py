@@ -2,9 +2,10 @@
 
 With threads, every image's Python work (opening the file, reading its header, stacking the
 batch) and the HDF5 writer share one interpreter lock; on a GPU host with many cores that lock,
-not the decoder, caps the feed (measured on an H100 host: see ``benchmarks/gpu_check.py``).
-Here each worker process decodes a run of a batch's images straight into that batch's slot of
-shared memory, and the driver only copies finished rows out. Same decoders, same skip reasons as
+not the decoder, caps the feed (measured on an H100 host: README, the GPU section;
+``benchmarks/gpu_ladder.py`` measures it). Here each worker process decodes a run of a batch's
+images straight into that batch's slot of shared memory, and the driver only copies finished rows
+out, or, when the model runs on a GPU, lends the slot itself until the batch is on the device. Same decoders, same skip reasons as
 the thread reader (both call :func:`catfeat.images.unit.decode_timed`), same byte budget, shared
 between the processes.
 
@@ -25,6 +26,7 @@ import contextlib
 import ctypes
 import multiprocessing as mp
 import os
+import queue
 import signal
 import sys
 import threading
@@ -104,14 +106,19 @@ def _depth(prefetch: int) -> int:
     return prefetch + 1
 
 
-def _slot_count(prefetch: int) -> int:
+# Slots added when batches are lent (see iter_batches_processes): those waiting in the consumer's
+# queue (catfeat.extraction.stages.InBackground holds 2) and the one being copied to the device.
+LENT_SLOTS = 3
+
+
+def _slot_count(prefetch: int, lend: bool = False) -> int:
     # the depth + 1 batches in flight, and one to spare
-    return _depth(prefetch) + 2
+    return _depth(prefetch) + 2 + (LENT_SLOTS if lend else 0)
 
 
-def shared_memory_needed(sizes: Sequence[int], batch_size: int, prefetch: int) -> int:
+def shared_memory_needed(sizes: Sequence[int], batch_size: int, prefetch: int, lend: bool = False) -> int:
     """Bytes of shared memory :func:`iter_batches_processes` takes for these batches."""
-    return _slot_count(prefetch) * slot_bytes(sizes, batch_size)
+    return _slot_count(prefetch, lend) * slot_bytes(sizes, batch_size)
 
 
 def shared_memory_free() -> int | None:
@@ -404,11 +411,29 @@ class ProcessReader:
         self.close()
 
 
+class _Lent:
+    """A batch's ``release``: puts its slot back among the free ones, once, from any thread."""
+
+    def __init__(self, free: "queue.Queue[int]", slot: int):
+        self._free, self._slot, self._lock = free, slot, threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            slot, self._slot = self._slot, None
+        if slot is not None:
+            self._free.put(slot)
+
+
 def iter_batches_processes(paths: Sequence, sizes: Sequence[int], batch_size: int, start: int = 0,
                            workers: int | None = None, prefetch: int = 2, decode: Callable | None = None,
-                           budget: int = DECODE_BYTES) -> Iterator[Batch]:
+                           budget: int = DECODE_BYTES, lend: bool = False) -> Iterator[Batch]:
     """Like :func:`catfeat.images.reader.iter_batches`, on ``workers`` processes (default: every core; never
-    more than there are images to read)."""
+    more than there are images to read).
+
+    ``lend``: a batch whose every image decoded is handed over as views of its shared-memory slot,
+    with ``Batch.release`` to call once its pixels are no longer needed (copied to the device); the
+    slot is decoded into again only after that. Without it (and for a batch with skipped images)
+    the rows are copied out and the slot is reused at once."""
     from catfeat.images.decoders import get_decoder
 
     sizes = sorted(set(int(s) for s in sizes))
@@ -416,19 +441,25 @@ def iter_batches_processes(paths: Sequence, sizes: Sequence[int], batch_size: in
         return
     workers = max(1, min(workers or os.cpu_count() or 1, len(paths) - start))
     decode = decode or get_decoder("auto").decode
-    queue = deque((b, min(b + batch_size, len(paths))) for b in range(start, len(paths), batch_size))
+    todo = deque((b, min(b + batch_size, len(paths))) for b in range(start, len(paths), batch_size))
     depth = _depth(prefetch)
-    with ProcessReader(sizes, batch_size, workers, _slot_count(prefetch), decode, budget) as reader:
-        free = deque(range(len(reader.slots)))
+    with ProcessReader(sizes, batch_size, workers, _slot_count(prefetch, lend), decode, budget) as reader:
+        free: queue.Queue[int] = queue.Queue()  # slots no batch is decoded into or lent out of
+        for slot in range(len(reader.slots)):
+            free.put(slot)
         pending: deque = deque()
 
-        def submit_next() -> None:
-            b0, b1 = queue.popleft()
-            slot = free.popleft()
+        def submit_next(wait: bool) -> bool:
+            try:
+                slot = free.get(block=wait)  # a lent slot comes back when its batch is released
+            except queue.Empty:
+                return False
+            b0, b1 = todo.popleft()
             pending.append((b0, slot, paths[b0:b1], reader.submit(slot, paths[b0:b1])))
+            return True
 
-        while queue and len(pending) <= depth:
-            submit_next()
+        while todo and len(pending) <= depth:
+            submit_next(True)
         while pending:
             b0, slot, batch_paths, futures = pending.popleft()
             results = reader.collect(slot, batch_paths, futures)
@@ -438,10 +469,16 @@ def iter_batches_processes(paths: Sequence, sizes: Sequence[int], batch_size: in
             errors = {b0 + i: r[1] for i, r in enumerate(results) if not r[0]}
             damaged = {b0 + i: r[1] for i, r in enumerate(results) if r[0] and r[1]}
             n = len(batch_paths)
-            # copied out, so the slot is free for the next batch while this one is on the device
-            images = {s: (reader.slots[slot][s][:n].copy() if ok.all() else reader.slots[slot][s][:n][ok])
-                      for s in sizes}
-            free.append(slot)
-            if queue:
-                submit_next()
-            yield Batch(b0, images, ok, errors, sum(r[2] for r in results), 0.0, damaged)
+            release = None
+            if lend and ok.all():
+                images = {s: reader.slots[slot][s][:n] for s in sizes}
+                release = _Lent(free, slot)
+            else:  # copied out, so the slot is free for the next batch while this one is on the device
+                images = {s: (reader.slots[slot][s][:n].copy() if ok.all() else reader.slots[slot][s][:n][ok])
+                          for s in sizes}
+                free.put(slot)
+            while todo and len(pending) <= depth and submit_next(False):
+                pass
+            yield Batch(b0, images, ok, errors, sum(r[2] for r in results), 0.0, damaged, release)
+            while todo and len(pending) <= depth:
+                submit_next(True)

@@ -26,8 +26,22 @@ READERS = ("auto", "threads", "processes")
 PROCESS_READER_MIN = {"cores": 8, "images": 2048}
 
 
+# Threads of the driver that want a core of their own beside the decoders when a GPU computes: the
+# reader's consumer thread, the writer thread and the thread that dispatches to the device.
+DRIVER_THREADS = 3
+
+
+def reader_workers(accelerator: bool) -> int:
+    """Decoders to run by default: every core on a CPU-only run (as before: there the model's own
+    threads and the decoders share the cores), every core less ``DRIVER_THREADS`` when the model runs
+    on an accelerator, where a late dispatch or write leaves the device idle (the GPU ladder's
+    fewer-workers rung, ``benchmarks/gpu_ladder.py``, measures the choice)."""
+    cores = os.cpu_count() or 1
+    return max(1, cores - DRIVER_THREADS) if accelerator else cores
+
+
 def choose_reader(reader: str, workers: int | None, n_images: int, sizes: Sequence[int] = (),
-                  batch_size: int = 0, prefetch: int = 2) -> str:
+                  batch_size: int = 0, prefetch: int = 2, lend: bool = False) -> str:
     """"threads" or "processes" for ``reader``: "auto" takes processes from
     ``PROCESS_READER_MIN`` cores and images on, where the shared memory for their batches is free."""
     if reader not in READERS:
@@ -39,28 +53,29 @@ def choose_reader(reader: str, workers: int | None, n_images: int, sizes: Sequen
     cores = workers or os.cpu_count() or 1
     big = cores >= PROCESS_READER_MIN["cores"] and n_images >= PROCESS_READER_MIN["images"]
     free = shared_memory_free()
-    return "processes" if big and (free is None or free >= shared_memory_needed(sizes, batch_size, prefetch)) \
+    return "processes" if big and (free is None or free >= shared_memory_needed(sizes, batch_size, prefetch, lend)) \
         else "threads"
 
 
 def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, start: int = 0,
                  workers: int | None = None, prefetch: int = 2, decode=None,
-                 budget: ByteBudget | None = None, reader: str = "threads") -> Iterator[Batch]:
+                 budget: ByteBudget | None = None, reader: str = "threads", lend: bool = False) -> Iterator[Batch]:
     """Decode ``paths[start:]`` on a thread pool of ``workers`` threads (default: every core; never
     more than the images; the decoders release the GIL) in order, ``prefetch`` batches ahead of the consumer, so that decoding
     overlaps the model. ``decode(path, sizes)``: a decoder's function from :mod:`catfeat.images.decoders`
     (default: the "auto" decoder; Pillow's has decode and resize timed apart). ``budget`` bounds the
     full-size pixels decoding at once (default: a new :class:`ByteBudget` of ``DECODE_BYTES``).
     ``reader``: "threads", "processes" (:mod:`catfeat.images.process_reader`: many cores, no shared
-    interpreter lock) or "auto"."""
+    interpreter lock) or "auto". ``lend``: the process reader may hand batches over as views of its
+    shared memory, each to be given back with ``Batch.release`` (see ``iter_batches_processes``)."""
     from catfeat.images.decoders import get_decoder
 
     sizes = sorted(set(int(s) for s in sizes))
-    if choose_reader(reader, workers, len(paths) - start, sizes, batch_size, prefetch) == "processes":
+    if choose_reader(reader, workers, len(paths) - start, sizes, batch_size, prefetch, lend) == "processes":
         from catfeat.images.process_reader import iter_batches_processes
 
         limit = budget.limit if budget is not None else DECODE_BYTES
-        yield from iter_batches_processes(paths, sizes, batch_size, start, workers, prefetch, decode, limit)
+        yield from iter_batches_processes(paths, sizes, batch_size, start, workers, prefetch, decode, limit, lend)
         return
     workers = max(1, min(workers or os.cpu_count() or 1, len(paths) - start))
     decode = decode or get_decoder("auto").decode

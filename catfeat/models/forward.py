@@ -159,6 +159,28 @@ def to_device(x: np.ndarray):
     return x
 
 
+def on_accelerator() -> bool:
+    """Whether Keras runs the model on an accelerator (a GPU) rather than on this host's CPU."""
+    return _has_gpu()
+
+
+def copies_off_host() -> bool:
+    """Whether :func:`to_device` copies a host batch into the accelerator's own memory, so that the
+    host memory may be reused once :func:`copy_done` returns (JAX and PyTorch on a GPU). On the CPU
+    the backend may keep using the host array itself, and TensorFlow copies it to the GPU only
+    inside the model's call: the host batch must then stay as it is until its results are read."""
+    return backend_name() in ("jax", "torch") and _has_gpu()
+
+
+def copy_done(device_batches) -> None:
+    """Wait until the host-to-device copies of ``device_batches`` (from :func:`to_device`) are
+    complete; the computations queued on them are not waited for."""
+    for x in device_batches:
+        ready = getattr(x, "block_until_ready", None)  # JAX copies asynchronously; torch from pageable memory does not
+        if ready is not None:
+            ready()
+
+
 def to_host(y) -> np.ndarray:
     """Block until a dispatched result is ready and copy it to a float32 numpy array."""
     if hasattr(y, "detach"):  # torch
