@@ -11,7 +11,8 @@
              models the same way (``catfeat.models.forward.Forward``) and runs them over every image.
 The ratio ``in-memory s / catfeat s`` is catfeat's whole process as a fraction of the speed of the
 same compute with nothing around it (1.0: the decoding, the pipeline and the writes cost nothing
-on top). Each pair runs back to back, so other load on the machine hits both alike; the table
+on top). The same ratio of the processes' CPU seconds (user + system) is printed beside it: other
+load on a shared machine disturbs it less than wall time. Each pair runs back to back, so other load on the machine hits both alike; the table
 shows every pair, and the best pair's ratio.
 
 ``rerun`` (meant for ``KERAS_BACKEND=jax``): two identical extractions into fresh output folders
@@ -60,10 +61,18 @@ def _env(repo: Path = REPO, **extra) -> dict:
     return env
 
 
+CPU: dict[str, float] = {}  # CPU seconds (user + system) of the last finished child
+
+
 def _run(cmd: list[str], env: dict) -> tuple[float, str]:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU["last"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if r.returncode != 0:
         sys.stderr.write(r.stderr[-4000:])
         raise SystemExit(f"bench_build: {' '.join(cmd[:4])} ... failed (exit {r.returncode})")
@@ -125,24 +134,29 @@ def whole(args) -> dict:
             out = work / f"features{rep}"
             load0 = os.getloadavg()[0]
             cat_s, stdout = _run(_extract_cmd(args, out), env)
+            cat_cpu = CPU["last"]
             summary = next((ln for ln in stdout.splitlines() if "images processed" in ln), "")
             mem_s, _ = _run([sys.executable, os.path.abspath(__file__), "inmemory-child", "--models", args.models,
                              "--weights", args.weights, "--batch-size", str(args.batch_size),
                              "--tensors", str(work / "tensors.npz")], env)
+            mem_cpu = CPU["last"]
             shutil.rmtree(out, ignore_errors=True)
             pair = {"catfeat_s": round(cat_s, 2), "inmemory_s": round(mem_s, 2), "ratio": round(mem_s / cat_s, 3),
-                    "load_start": round(load0, 2), "summary": summary}
+                    "catfeat_cpu_s": round(cat_cpu, 1), "inmemory_cpu_s": round(mem_cpu, 1),
+                    "cpu_ratio": round(mem_cpu / cat_cpu, 3), "load_start": round(load0, 2), "summary": summary}
             if args.compare_with:
                 other_s, other = _run(_extract_cmd(args, out), _env(args.compare_with.resolve(),
                                                                     CATFEAT_CACHE_DIR=str(work / "catfeat_cache")))
                 shutil.rmtree(out, ignore_errors=True)
                 pair.update(other_s=round(other_s, 2), other_ratio=round(mem_s / other_s, 3),
+                            other_cpu_s=round(CPU["last"], 1), other_cpu_ratio=round(mem_cpu / CPU["last"], 3),
                             other_summary=next((ln for ln in other.splitlines() if "images processed" in ln), ""))
             pair["load_end"] = round(os.getloadavg()[0], 2)
             pairs.append(pair)
-            also = (f"; {args.compare_with}: {pair['other_s']:.1f} s -> {pair['other_ratio']:.3f}x"
-                    if args.compare_with else "")
-            print(f"  pair {rep + 1}: catfeat {cat_s:.1f} s, in-memory {mem_s:.1f} s -> {mem_s / cat_s:.3f}x{also} "
+            also = (f"; {args.compare_with}: {pair['other_s']:.1f} s -> {pair['other_ratio']:.3f}x (CPU "
+                    f"{pair['other_cpu_s']:.0f} s -> {pair['other_cpu_ratio']:.3f}x)" if args.compare_with else "")
+            print(f"  pair {rep + 1}: catfeat {cat_s:.1f} s, in-memory {mem_s:.1f} s -> {mem_s / cat_s:.3f}x (CPU "
+                  f"{cat_cpu:.0f} s vs {mem_cpu:.0f} s -> {pair['cpu_ratio']:.3f}x){also} "
                   f"(load {pair['load_start']:.1f}->{pair['load_end']:.1f})\n    {summary}", flush=True)
             if args.compare_with:
                 print(f"    {pair['other_summary']}", flush=True)
