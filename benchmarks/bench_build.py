@@ -64,12 +64,14 @@ def _env(repo: Path = REPO, **extra) -> dict:
 CPU: dict[str, float] = {}  # CPU seconds (user + system) of the last finished child
 
 
-def _run(cmd: list[str], env: dict) -> tuple[float, str]:
+def _run(cmd: list[str], env: dict, repo: Path = REPO) -> tuple[float, str]:
+    """Run ``cmd`` in ``repo`` (``python -m`` puts the working folder first on the path: that
+    checkout's catfeat is the one imported); its wall seconds and stdout."""
     import resource
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=repo)
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     CPU["last"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -145,8 +147,9 @@ def whole(args) -> dict:
                     "catfeat_cpu_s": round(cat_cpu, 1), "inmemory_cpu_s": round(mem_cpu, 1),
                     "cpu_ratio": round(mem_cpu / cat_cpu, 3), "load_start": round(load0, 2), "summary": summary}
             if args.compare_with:
-                other_s, other = _run(_extract_cmd(args, out), _env(args.compare_with.resolve(),
-                                                                    CATFEAT_CACHE_DIR=str(work / "catfeat_cache")))
+                other_repo = args.compare_with.resolve()
+                other_s, other = _run(_extract_cmd(args, out), _env(other_repo, CATFEAT_CACHE_DIR=str(
+                    work / "catfeat_cache")), other_repo)
                 shutil.rmtree(out, ignore_errors=True)
                 pair.update(other_s=round(other_s, 2), other_ratio=round(mem_s / other_s, 3),
                             other_cpu_s=round(CPU["last"], 1), other_cpu_ratio=round(mem_cpu / CPU["last"], 3),
