@@ -10,6 +10,18 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_compile_cache(tmp_path_factory):
+    """JAX's compiled programs go to a folder of this session (subprocesses inherit it), never ~/.cache."""
+    old = os.environ.get("CATFEAT_CACHE_DIR")
+    os.environ["CATFEAT_CACHE_DIR"] = str(tmp_path_factory.mktemp("catfeat_cache"))
+    yield
+    if old is None:
+        os.environ.pop("CATFEAT_CACHE_DIR", None)
+    else:
+        os.environ["CATFEAT_CACHE_DIR"] = old
 SHARED_DATA = REPO.parent / "shared" / "data" / "dogs-vs-cats"
 
 

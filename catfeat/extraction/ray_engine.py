@@ -315,9 +315,9 @@ class FeatureActor:
             raise RuntimeError(f"this Ray worker runs Keras on {backend_name()!r} but the caches are for "
                                f"{backend!r}; install that backend on every node")
         self.specs = [spec for spec, _, _ in jobs]
+        # each Forward compiles here (no batch run to compile it), as in the local engine
         self.runner = ModelRunner({spec.name: (spec.input_size, Forward(spec, weights, seed, precision, batch_size, tta))
                                    for spec, precision, tta in jobs})
-        self.runner.warmup()  # compiled here, as in the local engine, so no batch pays for tracing
         # reported once, with this actor's first batch: how long it built, and when it was ready
         self.build_seconds, self.ready_at = time.perf_counter() - t, time.time()
 

@@ -56,6 +56,7 @@ class ExtractionReport:
     reader: str = ""  # "threads" or "processes" (local engine)
     workers: int | None = None  # decoders the local engine ran
     steady_img_s: float | None = None  # the pace once the pipeline was full (local engine, 3+ batches)
+    compile_cache: str = ""  # JAX's persistent compile cache at build: "hit", "miss", "N of M hit"; "" without one
 
     @property
     def fixed_seconds(self) -> float | None:
@@ -82,7 +83,9 @@ class ExtractionReport:
             parts.append("reused: " + ",".join(self.reused))
         if self.resumed:
             parts.append("resumed: " + ",".join(f"{k}@{v}" for k, v in self.resumed.items()))
-        stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items() if k != "total")
+        stages = ", ".join(f"{k} {v:.1f}s" + (f" (compile cache: {self.compile_cache})"
+                                               if k == "build" and self.compile_cache else "")
+                           for k, v in self.seconds.items() if k != "total")
         if self.backend:
             parts.append(self.where())
         return "; ".join(p for p in parts if p) + (f" [{stages}]" if stages else "")
@@ -315,8 +318,8 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
 def _fit_to_work(n_images: int, batch_size: int, workers: int | None, say: Callable[[str], None],
                  asked_batch: bool = True) -> tuple:
     """``(batch_size, workers)`` no larger than the work: a batch of more rows than there are images
-    pads (and compiles, and warms up) rows of zeros, and a decoder per core is the most that run at
-    once. ``say(line)`` is told of each value that was lowered. A default batch size (not
+    is compiled for (and on an accelerator padded to) rows that never come, and a decoder per core is
+    the most that run at once. ``say(line)`` is told of each value that was lowered. A default batch size (not
     ``asked_batch``) is the device's own and is kept; default workers (None) are the reader's."""
     cores = os.cpu_count() or 1
     if asked_batch and 0 < n_images < batch_size:
@@ -334,6 +337,7 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
     """This process: decode threads -> every backbone on this device -> a writer thread."""
     from catfeat.extraction.stages import (
         InBackground, ModelRunner, progress_bar, report_damaged, report_skip, run_stages, steady_state)
+    from catfeat.models.compile_cache import CacheCounter
     from catfeat.models.forward import Forward, copies_off_host, on_accelerator
 
     images, secs = plan.images, report.seconds
@@ -362,15 +366,15 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
                                             lend=lend))
     t = time.perf_counter()
     try:
-        runner = ModelRunner({s.name: (s.input_size, Forward(s, plan.weights, plan.seed, plan.precision,
-                                                             plan.batch_size, plan.tta)) for s in plan.specs})
-        if start < len(images):
-            runner.warmup()
+        with CacheCounter() as compiled:  # each Forward builds and compiles its backbone, running no batch
+            runner = ModelRunner({s.name: (s.input_size, Forward(s, plan.weights, plan.seed, plan.precision,
+                                                                 plan.batch_size, plan.tta)) for s in plan.specs})
     except BaseException:
         if start < len(images):
             batches.close()
         raise
     secs["build"] = time.perf_counter() - t
+    report.compile_cache = compiled.verdict()
     if start < len(images):
         bar = progress_bar(None, plan.progress, "extract", "img", total=len(images) - start)
         secs.update(decode=0.0, resize=0.0)

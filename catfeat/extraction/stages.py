@@ -35,7 +35,8 @@ class Decoded(Protocol):
 
 
 class Runner(Protocol):
-    """What :class:`ModelRunner` needs of one backbone (``catfeat.models.forward.Forward`` is one)."""
+    """What :class:`ModelRunner` needs of one backbone (``catfeat.models.forward.Forward`` is one).
+    ``fixed_batch`` (optional, True when absent): a short batch is padded to ``batch_size`` rows."""
 
     batch_size: int
 
@@ -58,8 +59,10 @@ class Pending:
 class ModelRunner:
     """Every backbone of a request over one decoded batch (``{input size: uint8 array}``).
 
-    ``runners`` maps a backbone name to (input size, runner). Pixels of each size cross to the
-    device once per chunk, shared by every backbone of that size.
+    ``runners`` maps a backbone name to (input size, runner), each compiled already (``Forward``
+    compiles on construction: no batch is run to compile). Pixels of each size cross to the device
+    once per chunk, shared by every backbone of that size; a short chunk is padded only for runners
+    whose ``fixed_batch`` says they need it.
     """
 
     runners: Mapping[str, tuple[int, Runner]]
@@ -83,7 +86,7 @@ class ModelRunner:
             self.seconds[key] = self.seconds.get(key, 0.0) + dt
 
     def dispatch(self, images: Mapping[int, np.ndarray], only: Iterable[str] | None = None) -> Pending:
-        """Queue every wanted backbone on ``images``; ``seconds``: ``to_device`` (padding and copy) and
+        """Queue every wanted backbone on ``images``; ``seconds``: ``to_device`` (padding if any, and copy) and
         ``model:<name>`` (the call: all of the work on a synchronous backend, the launch on a GPU)."""
         from catfeat.models.forward import pad_batch
 
@@ -97,10 +100,11 @@ class ModelRunner:
                 by_size.setdefault(self.runners[name][0], []).append(name)
             for size, group in by_size.items():
                 bs = self.runners[group[0]][1].batch_size
+                pad = any(getattr(self.runners[name][1], "fixed_batch", True) for name in group)
                 for i in range(0, n, bs):
                     chunk = images[size][i:i + bs]
                     t = time.perf_counter()
-                    x = self.to_device(pad_batch(chunk, bs))
+                    x = self.to_device(pad_batch(chunk, bs) if pad else chunk)
                     inputs.append(x)
                     self._add("to_device", time.perf_counter() - t)
                     for name in group:
@@ -116,13 +120,6 @@ class ModelRunner:
         inputs, pending.inputs = pending.inputs, []
         self.copy_done(inputs)
         self._add("to_device", time.perf_counter() - t)
-
-    def warmup(self) -> None:
-        """Compile every backbone on one batch of zeros (so that a run's timings hold no compilation)."""
-        for name, (size, runner) in self.runners.items():
-            self.fetch(Pending(1, {name: [(runner.dispatch(self.to_device(
-                np.zeros((runner.batch_size, size, size, 3), np.uint8))), 1)]}, 0.0))
-        self.seconds.clear()
 
     def fetch(self, pending: Pending) -> dict[str, np.ndarray]:
         """Wait for a dispatched batch: {backbone: (n, D) float32}."""
