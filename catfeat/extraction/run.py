@@ -350,7 +350,10 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
     start = min(w.next_index for w in writers.values())
     if start < len(images):
         sizes = sorted({s.input_size for s in plan.specs})
-        report.reader = choose_reader(plan.reader, plan.workers, len(images) - start, sizes, plan.batch_size)
+        from catfeat.images.decoders import get_decoder
+
+        report.reader = choose_reader(plan.reader, plan.workers, len(images) - start, sizes, plan.batch_size,
+                                      batched=get_decoder(plan.decoder).batched)
         # on a thread of its own, started before the build: worker start-up and the first decodes
         # overlap the compilation, and the reader's per-batch work stays off the dispatching thread
         batches = InBackground(iter_batches(images.paths(), sizes, plan.batch_size, start=start, workers=plan.workers,
@@ -424,8 +427,9 @@ def extract(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_M
     resumed, a different one is refused unless ``force``. ``weights``: "imagenet", None (random,
     fixed by ``seed``) or a weights file path (one backbone). ``precision``: "float32" or "mixed".
     ``tta="flip"`` stores the mean of the features of each image and its mirror image.
-    ``batch_size=None``: 32 on a CPU, 128 on a GPU. ``decoder``: "auto" (OpenCV where installed),
-    "opencv" or "pillow" (see :mod:`catfeat.images.decoders`); recorded in the cache. ``dtype="float16"``
+    ``batch_size=None``: 32 on a CPU, 128 on a GPU. ``decoder``: "auto" (nvImageCodec on a GPU where
+    installed, else OpenCV), "nvimgcodec", "opencv" or "pillow" (see :mod:`catfeat.images.decoders`);
+    recorded in the cache. ``dtype="float16"``
     stores the features at half the size (recorded in the cache; they load as float32).
     ``reader``: "threads", "processes" (decoding free of the interpreter lock, for many-core GPU
     hosts) or "auto" (processes from 8 cores and 2,048 images on); features are identical.
