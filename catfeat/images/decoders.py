@@ -175,7 +175,7 @@ def gpu_decoding() -> bool:
     from catfeat.images.nvimgcodec_decoder import gpu_ready
     from catfeat.models.forward import device_description
 
-    return device_description() != "cpu" and gpu_ready()
+    return gpu_ready() and device_description() != "cpu"  # the package check first: no Keras import
 
 
 def get_decoder(name: str = "auto") -> Decoder:

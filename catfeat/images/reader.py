@@ -48,6 +48,26 @@ def choose_reader(reader: str, workers: int | None, n_images: int, sizes: Sequen
         else "threads"
 
 
+def _in_order(pool: ThreadPoolExecutor, paths: Sequence, batch_size: int, start: int, prefetch: int,
+              task) -> Iterator[tuple[int, list]]:
+    """``(first position, [task(path) for each path of the batch])`` for each batch of ``paths[start:]``,
+    in order, with the tasks of ``prefetch`` batches ahead already submitted to ``pool``."""
+    queue = deque((b, min(b + batch_size, len(paths))) for b in range(start, len(paths), batch_size))
+    pending: deque = deque()
+
+    def submit_next() -> None:
+        b0, b1 = queue.popleft()
+        pending.append((b0, [pool.submit(task, paths[i]) for i in range(b0, b1)]))
+
+    while queue and len(pending) <= prefetch:
+        submit_next()
+    while pending:
+        b0, futures = pending.popleft()
+        if queue:
+            submit_next()
+        yield b0, [f.result() for f in futures]
+
+
 def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, start: int = 0,
                  workers: int | None = None, prefetch: int = 2, decode=None,
                  budget: ByteBudget | None = None, reader: str = "threads") -> Iterator[Batch]:
@@ -74,21 +94,9 @@ def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, s
     decode = decode or get_decoder("auto").decode
     one = unit_decode(decode)
     budget = ByteBudget() if budget is None else budget
-    queue = deque((b, min(b + batch_size, len(paths))) for b in range(start, len(paths), batch_size))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="catfeat-decode") as pool:
-        pending: deque = deque()
-
-        def submit_next() -> None:
-            b0, b1 = queue.popleft()
-            pending.append((b0, [pool.submit(decode_timed, paths[i], sizes, budget, one) for i in range(b0, b1)]))
-
-        while queue and len(pending) <= prefetch:
-            submit_next()
-        while pending:
-            b0, futures = pending.popleft()
-            if queue:
-                submit_next()
-            results = [f.result() for f in futures]
+        for b0, results in _in_order(pool, paths, batch_size, start, prefetch,
+                                     lambda path: decode_timed(path, sizes, budget, one)):
             ok = np.array([r[0] is not None for r in results], dtype=bool)
             errors = {b0 + i: r[1] for i, r in enumerate(results) if r[0] is None}
             damaged = {b0 + i: r[1] for i, r in enumerate(results) if r[0] is not None and r[1]}
@@ -129,21 +137,8 @@ def iter_batches_nvimgcodec(paths: Sequence[Path], sizes: Sequence[int], batch_s
             return None
         return None if data is None else (data, head, reduction(head, sizes))
 
-    queue = deque((b, min(b + batch_size, len(paths))) for b in range(start, len(paths), batch_size))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="catfeat-read") as pool:
-        pending: deque = deque()
-
-        def submit_next() -> None:
-            b0, b1 = queue.popleft()
-            pending.append((b0, [pool.submit(prepare, paths[i]) for i in range(b0, b1)]))
-
-        while queue and len(pending) <= prefetch:
-            submit_next()
-        while pending:
-            b0, futures = pending.popleft()
-            if queue:
-                submit_next()
-            preps = [f.result() for f in futures]
+        for b0, preps in _in_order(pool, paths, batch_size, start, prefetch, prepare):
             t = time.perf_counter()
             fast = [i for i, p in enumerate(preps) if p is not None]
             images, kept = decode_jpegs([preps[i][0] for i in fast], [preps[i][1] for i in fast],
