@@ -55,9 +55,9 @@ def run(paths, sizes, batch_size, decoder: str, reader: str) -> float:
 
 
 def decode_only(datas, batch_size) -> float:
-    from catfeat.images.nvimgcodec_decoder import _session  # noqa: a benchmark looks inside
+    from catfeat.images.nvimgcodec_decoder import session
 
-    s = _session()
+    s = session()
     t = time.perf_counter()
     for i in range(0, len(datas), batch_size):
         out = s.decoder.decode(datas[i:i + batch_size], params=s.params)
@@ -80,13 +80,13 @@ def main(argv=None) -> int:
 
     from catfeat.images.decoders import DECODERS
     from catfeat.images.listing import list_images
-    from catfeat.images.nvimgcodec_decoder import _session  # noqa: a benchmark looks inside
+    from catfeat.images.nvimgcodec_decoder import session
     from catfeat.models.forward import device_description
 
     paths = list_images(args.data, args.limit).paths()[:args.limit]
     sizes = [int(s) for s in args.sizes.split(",")]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    on_gpu = _session().on_gpu
+    on_gpu = session().on_gpu
     datas = [p.read_bytes() for p in paths]
     for bs in batch_sizes:  # warm: compiles (one per batch shape), pools, page cache
         run(paths, sizes, bs, "nvimgcodec", args.reader), run(paths, sizes, bs, "opencv", args.reader)

@@ -62,7 +62,7 @@ def gpu_ready() -> bool:
             return False
     except ModuleNotFoundError:
         return False
-    return _session().on_gpu
+    return session().on_gpu
 
 
 @contextlib.contextmanager
@@ -109,7 +109,8 @@ def _module():
 
 
 @lru_cache(maxsize=1)
-def _session() -> _Session:
+def session() -> _Session:
+    """This process's nvImageCodec decoder: on the GPU where CUDA answers, else its CPU backend."""
     nv = _module()
     with _quiet_stderr():
         try:
@@ -166,7 +167,7 @@ def decode_jpegs(datas: Sequence[bytes], heads: Sequence[JpegHeader], factors: S
     caller's CPU path, which gives the verdict. ``on_device``: resize under JAX on its default device
     (default: where Keras runs on JAX), else in numpy on the host."""
     sizes = tuple(sorted(set(int(s) for s in sizes)))
-    s = _session()
+    s = session()
     with s.lock:
         decoded = s.decoder.decode(list(datas), params=s.params) if datas else []
     groups: dict[int, list[int]] = {}
