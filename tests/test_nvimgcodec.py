@@ -154,6 +154,7 @@ def test_an_explicit_request_without_the_package_names_the_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("nvidia.nvimgcodec") else real(name, *a))
-    with pytest.raises(ValueError, match=r"'nvimgcodec' needs the nvidia.nvimgcodec module.*pip install \"catfeat\[gpu\]\""):
+    with pytest.raises(ValueError, match=r"'nvimgcodec' needs the nvidia.nvimgcodec module.*"
+                                         r"pip install \"catfeat\[gpu\]\""):
         get_decoder("nvimgcodec")
     assert get_decoder("auto").name == "opencv"

@@ -75,16 +75,14 @@ def _sample(xp, x, ranges, axis: int, boxed: bool):
 
 
 def resize_canvas(xp, canvas, heights, widths, factors, flips, sizes: Sequence[int], boxed: bool = True):
-    """``({size: (n, size, size, 3) uint8}, (n, 3) uint8 last stored pixel of each image)`` from
-    ``canvas`` (n, C, C, 3) uint8 holding image i in ``[:heights[i], :widths[i]]``. ``factors``: the
+    """``{size: (n, size, size, 3) uint8}`` from ``canvas`` (n, C, C, 3) uint8 holding image i in
+    ``[:heights[i], :widths[i]]``. ``factors``: the
     box reduction of each image (1, 2, 4 or 8; all 1 unless ``boxed``); ``flips``: :func:`turns` of
     its orientation."""
     canvas = xp.asarray(canvas)
     h, w, f = (xp.asarray(v, dtype=xp.int32) for v in (heights, widths, factors))
     flips = xp.asarray(flips)
     fy, fx, tr = flips[:, 0], flips[:, 1], flips[:, 2]
-    n = canvas.shape[0]
-    corner = canvas[xp.arange(n), h - 1, w - 1]
     out = {}
     for s in sizes:
         rows, cols = _axis(xp, h, f, s, fy), _axis(xp, w, f, s, fx)  # stored axes; transposed at the end
@@ -95,7 +93,7 @@ def resize_canvas(xp, canvas, heights, widths, factors, flips, sizes: Sequence[i
                 acc = part if acc is None else acc + part
         img = xp.clip(xp.floor(acc + 0.5), 0, 255).astype(xp.uint8)
         out[s] = xp.where(tr[:, None, None, None], xp.swapaxes(img, 1, 2), img)
-    return out, corner
+    return out
 
 
 @lru_cache(maxsize=None)

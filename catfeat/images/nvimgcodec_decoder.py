@@ -4,9 +4,9 @@ nvImageCodec (``pip install "catfeat[gpu]"``: ``nvidia-nvimgcodec-cu12`` with nv
 whole batch of JPEG byte strings at once, on the GPU where it has one (its CPU backend,
 libjpeg-turbo, elsewhere: same pixels, so CI tests this path without a GPU). The decoded images
 are packed into a fixed canvas (the smallest of :data:`CANVAS_STEPS` that holds them, in chunks of
-at most :data:`CANVAS_BYTES`) and resized to every input size by
-:func:`catfeat.images.canvas_resize.resize_canvas`: under the JAX backend one ``jit`` per canvas
-shape, whatever the image sizes, and the result stays on the device for the model; under other
+at most :data:`CANVAS_BYTES`, a full batch of rows or a power of two) and resized to every input
+size by :func:`catfeat.images.canvas_resize.resize_canvas`: under the JAX backend one ``jit`` per
+canvas shape, whatever the image sizes, and the result stays on the device for the model; under other
 backends the same arithmetic runs in numpy on the host. The decoded pixels are copied through the
 host into the canvas (nvImageCodec returns one buffer per image, of its own shape).
 
@@ -135,7 +135,18 @@ def canvas_for(head: JpegHeader) -> int | None:
 
 
 def _chunk(canvas: int, batch_size: int) -> int:
+    """Images per resize call on a canvas of this side: the batch, or fewer where they would pass
+    :data:`CANVAS_BYTES`."""
     return max(1, min(batch_size, CANVAS_BYTES // (canvas * canvas * 3)))
+
+
+def _rows(n: int, k: int) -> int:
+    """The rows a call of ``n`` images is padded to (``k`` at most): ``k`` when over half full, else
+    the next power of two (at least 8), so that a few images of another canvas do not fill a whole
+    batch of canvases, and the shapes, hence the compiles, stay a handful per canvas."""
+    if 2 * n > k:
+        return k
+    return min(k, max(8, 1 << (n - 1).bit_length()))
 
 
 def _on_jax() -> bool:
@@ -163,9 +174,10 @@ def decode_jpegs(datas: Sequence[bytes], heads: Sequence[JpegHeader], factors: S
 
     Returns ``({size: (m, size, size, 3) uint8}, positions)``: the m images decoded, in input order,
     and their positions in the input. The others (nvImageCodec refused them, their shape is not the
-    header's, or their last stored pixel is libjpeg's gray fill of a truncated scan) are left for the
-    caller's CPU path, which gives the verdict. ``on_device``: resize under JAX on its default device
-    (default: where Keras runs on JAX), else in numpy on the host."""
+    header's, or their last stored pixel is libjpeg's gray fill of a truncated scan, checked on the
+    host copy so that nothing here waits for the device) are left for the caller's CPU path, which
+    gives the verdict. ``on_device``: resize under JAX on its default device (default: where Keras
+    runs on JAX), else in numpy on the host."""
     sizes = tuple(sorted(set(int(s) for s in sizes)))
     s = session()
     with s.lock:
@@ -176,27 +188,25 @@ def decode_jpegs(datas: Sequence[bytes], heads: Sequence[JpegHeader], factors: S
         if img is None:
             continue
         arr = np.asarray(img.cpu() if s.on_gpu else img)
-        if arr.shape != (heads[i].height, heads[i].width, 3) or arr.dtype != np.uint8:
+        if arr.shape != (heads[i].height, heads[i].width, 3) or arr.dtype != np.uint8 \
+                or looks_gray_filled(arr[-1, -1]):
             continue
         host[i] = arr
         groups.setdefault(canvas_for(heads[i]), []).append(i)
     jax = _on_jax() if on_device is None else on_device
-    parts: list[tuple[list[int], dict, np.ndarray]] = []
+    parts: list[tuple[list[int], dict]] = []
     for side, members in sorted(groups.items()):
         k = _chunk(side, batch_size or len(members))
         for c0 in range(0, len(members), k):
             rows = members[c0:c0 + k]
-            canvas = np.empty((k, side, side, 3), np.uint8)  # only each image's own corner is read
+            n = _rows(len(rows), k)
+            canvas = np.empty((n, side, side, 3), np.uint8)  # only each image's own top-left part is read
             for j, i in enumerate(rows):
                 canvas[j, :heads[i].height, :heads[i].width] = host.pop(i)
-            pad = k - len(rows)  # the last chunk padded with 1-pixel images: a fixed shape, one compile
+            pad = n - len(rows)  # padded with 1-pixel images: a fixed shape, no compile per batch
             hd = [heads[i] for i in rows] + [JpegHeader(1, 1, 1)] * pad
-            out, corner = _resize(canvas, hd, [factors[i] for i in rows] + [1] * pad, sizes, jax)
-            parts.append((rows, out, np.asarray(corner)[:len(rows)]))
-    kept = []  # (position, part, row in that part's arrays)
-    for p, (rows, _, corner) in enumerate(parts):
-        kept += [(i, p, j) for j, i in enumerate(rows) if not looks_gray_filled(corner[j])]
-    kept.sort()
+            parts.append((rows, _resize(canvas, hd, [factors[i] for i in rows] + [1] * pad, sizes, jax)))
+    kept = sorted((i, p, j) for p, (rows, _) in enumerate(parts) for j, i in enumerate(rows))
     return _gather(parts, kept, sizes, jax), [i for i, _, _ in kept]
 
 
@@ -211,9 +221,9 @@ def _gather(parts: list, kept: list, sizes: tuple, jax: bool) -> dict[int, objec
     if len(parts) == 1 and [j for _, _, j in kept] == list(range(len(kept))):  # the usual batch: in order
         n, out = len(kept), parts[0][1]
         return {sz: out[sz][:n] if n < len(out[sz]) else out[sz] for sz in sizes}
-    offsets = np.cumsum([0] + [len(out[sizes[0]]) for _, out, _ in parts])
+    offsets = np.cumsum([0] + [len(out[sizes[0]]) for _, out in parts])
     index = np.array([offsets[p] + j for _, p, j in kept], np.int32)
-    return {sz: xp.concatenate([out[sz] for _, out, _ in parts])[index] for sz in sizes}
+    return {sz: xp.concatenate([out[sz] for _, out in parts])[index] for sz in sizes}
 
 
 def merge_rows(images: dict[int, object], positions: Sequence[int], host: dict[int, dict[int, np.ndarray]],
