@@ -158,3 +158,19 @@ def test_an_explicit_request_without_the_package_names_the_install(monkeypatch):
                                          r"pip install \"catfeat\[gpu\]\""):
         get_decoder("nvimgcodec")
     assert get_decoder("auto").name == "opencv"
+
+
+def test_every_exif_orientation_is_turned_as_the_opencv_decoder_turns_it(tmp_path):
+    from PIL import Image
+
+    photo = Image.open(sorted(real_data().glob("*.jpg"))[0]).resize((120, 80))
+    files = []
+    for o in range(1, 9):
+        exif = photo.getexif()
+        exif[0x0112] = o
+        photo.save(tmp_path / f"o{o}.jpg", exif=exif.tobytes(), quality=95)
+        files.append(tmp_path / f"o{o}.jpg")
+    got, ref = batches(files, nv, "batches", 8, (64, 96)), batches(files, cv, "threads", 8, (64, 96))
+    assert_close(rows(got), rows(ref))
+    a = rows(got)[96]
+    assert not np.array_equal(a[0], a[5]) and (np.abs(a[0].astype(int) - a[2][::-1, ::-1]) <= 1).all()
