@@ -56,7 +56,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--features", type=int, default=0, metavar="N", help="also compare lite0 features of N photos")
     args = p.parse_args(argv)
-    from catfeat.images.decoders import DECODERS
+    from catfeat.images.decoders import DECODERS as ALL
+
+    # one file at a time on threads; the GPU decoder decodes batches: benchmarks/bench_gpu_decode.py
+    DECODERS = {d: v for d, v in ALL.items() if not v.batched}
     from catfeat.images.listing import list_images
 
     images = list_images(args.data, args.limit)

@@ -355,9 +355,11 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
     secs["open"] = time.perf_counter() - t
     if start < len(images):
         sizes = sorted({s.input_size for s in plan.specs})
+        from catfeat.images.decoders import get_decoder
+
         lend = copies_off_host()  # batches handed over from shared memory, released once on the device
         report.reader = choose_reader(plan.reader, plan.workers, len(images) - start, sizes, plan.batch_size,
-                                      lend=lend)
+                                      lend=lend, batched=get_decoder(plan.decoder).batched)
         report.workers = plan.workers or reader_workers(on_accelerator())
         # on a thread of its own, started before the build: worker start-up and the first decodes
         # overlap the compilation, and the reader's per-batch work stays off the dispatching thread
@@ -443,8 +445,9 @@ def extract(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_M
     resumed, a different one is refused unless ``force``. ``weights``: "imagenet", None (random,
     fixed by ``seed``) or a weights file path (one backbone). ``precision``: "float32" or "mixed".
     ``tta="flip"`` stores the mean of the features of each image and its mirror image.
-    ``batch_size=None``: 32 on a CPU, 128 on a GPU. ``decoder``: "auto" (OpenCV where installed),
-    "opencv" or "pillow" (see :mod:`catfeat.images.decoders`); recorded in the cache. ``dtype="float16"``
+    ``batch_size=None``: 32 on a CPU, 128 on a GPU. ``decoder``: "auto" (nvImageCodec on a GPU where
+    installed, else OpenCV), "nvimgcodec", "opencv" or "pillow" (see :mod:`catfeat.images.decoders`);
+    recorded in the cache. ``dtype="float16"``
     stores the features at half the size (recorded in the cache; they load as float32).
     ``reader``: "threads", "processes" (decoding free of the interpreter lock, for many-core GPU
     hosts) or "auto" (processes from 8 cores and 2,048 images on); features are identical.

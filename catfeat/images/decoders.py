@@ -11,8 +11,16 @@ One table maps a decoder name to how it decodes; the name is recorded in each ca
   (``benchmarks/bench_feeder.py``).
 * ``pillow``: Pillow decode, EXIF rotation, whole image resized with Pillow's anti-aliased
   bilinear filter (the reference recipe's pixels).
+* ``nvimgcodec``: batches of plain JPEGs decoded by NVIDIA nvImageCodec on the GPU (its CPU backend
+  where there is none) and resized on the device in one compiled call per canvas shape
+  (:mod:`catfeat.images.nvimgcodec_decoder`); the OpenCV decoder's pixels within one gray level
+  (large photos: a box average where OpenCV decodes in the DCT domain). Every file it does not take
+  (not a plain JPEG, truncated, larger than 4,096 pixels a side) or cannot decode goes to the OpenCV
+  decoder's path, so the skip and damage reasons are the same. Whole batches go through
+  :func:`catfeat.images.reader.iter_batches_nvimgcodec`; ``decode`` here is one file at a time.
 
-``auto`` picks ``opencv`` where OpenCV is installed, else ``pillow``.
+``auto`` picks ``nvimgcodec`` where Keras runs on a GPU and nvImageCodec with nvJPEG is installed,
+else ``opencv`` where OpenCV is installed, else ``pillow``.
 """
 from __future__ import annotations
 
@@ -23,9 +31,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from catfeat.images.listing import (
-    DecodeError, ImageHeader, MAX_PIXELS, check_file_size, check_jpeg_scans, check_regular, file_size_limit,
-    jpeg_damage, read_header, read_rgb_checked, resize_all)
+from catfeat.images.jpeg import complete_jpeg_bytes, orient, plain_jpeg, reduction
+from catfeat.images.listing import DecodeError, check_regular, jpeg_damage, read_rgb_checked, resize_all
 
 DecodeFn = Callable[..., dict[int, np.ndarray]]
 
@@ -87,50 +94,42 @@ def _cv2():
     return cv2
 
 
-# libjpeg-turbo scales by 1/2, 1/4, 1/8 while decoding (the DCT domain), far cheaper than a resize.
-_REDUCED = ((8, "IMREAD_REDUCED_COLOR_8"), (4, "IMREAD_REDUCED_COLOR_4"), (2, "IMREAD_REDUCED_COLOR_2"))
-
-
-def _plain_jpeg(path: str | os.PathLike) -> ImageHeader | None:
-    """The header of a baseline or progressive RGB/grayscale JPEG OpenCV decodes the way Pillow does;
-    None sends the file to the Pillow decoder (which gives every other verdict). Reads the header
-    only, once per file (:func:`catfeat.images.listing.read_header`: the byte budget read it already)."""
-    head = read_header(path)
-    if head is None or head.format != "JPEG" or head.mode not in ("RGB", "L"):
-        return None  # CMYK/YCCK: Pillow's conversion is the reference
-    return head if 0 < head.width * head.height <= MAX_PIXELS else None
-
-
-def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
-    """``arr`` (rows, columns, channels) turned upright as ``PIL.ImageOps.exif_transpose`` does."""
-    turned = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-              5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
-              7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}.get(orientation)
-    return arr if turned is None else np.ascontiguousarray(turned(arr))
-
-
 def _decode_opencv(path: str | os.PathLike, sizes: Sequence[int], skip_damaged: bool = False) -> Decoded:
-    head = _plain_jpeg(path)
-    if head is None:
-        return _decode_pillow(path, sizes, skip_damaged)
-    check_file_size(head.size, head.width, head.height)  # the Pillow path's verdict, in its words
-    data = read_bytes(path, file_size_limit(head.width, head.height))
-    if not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
-        return _decode_pillow(path, sizes, skip_damaged)  # truncated: Pillow gives the exact verdict
-    check_jpeg_scans(data)
+    head = plain_jpeg(path)
+    data = None if head is None else complete_jpeg_bytes(path, head, read_bytes)
+    if data is None:
+        return _decode_pillow(path, sizes, skip_damaged)  # not plain, or truncated: Pillow's exact verdict
     cv2 = _cv2()
-    flag = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # BGR; turned below, as Pillow turns it
-    for factor, reduced in _REDUCED:
-        if min(head.width, head.height) >= factor * max(sizes):
-            flag = getattr(cv2, reduced) | cv2.IMREAD_IGNORE_ORIENTATION
-            break
+    factor = reduction(head, sizes)
+    flag = (getattr(cv2, f"IMREAD_REDUCED_COLOR_{factor}") if factor > 1 else cv2.IMREAD_COLOR) \
+        | cv2.IMREAD_IGNORE_ORIENTATION  # BGR; turned below, as Pillow turns it
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     if arr is None or arr.ndim != 3 or arr.shape[2] != 3:
         return _decode_pillow(path, sizes, skip_damaged)
     damaged = jpeg_damage(data, arr[-1, -1])
-    arr = _orient(arr, head.orientation)
+    arr = orient(arr, head.orientation)
     return _decoded({s: cv2.cvtColor(cv2.resize(arr, (s, s), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
                      for s in sizes}, damaged, skip_damaged)
+
+
+def _decode_nvimgcodec(path: str | os.PathLike, sizes: Sequence[int], skip_damaged: bool = False) -> Decoded:
+    """One file through nvImageCodec (host arrays); everything it does not take: :func:`_decode_opencv`."""
+    from catfeat.images.nvimgcodec_decoder import canvas_for, decode_jpegs
+
+    head = plain_jpeg(path)
+    if head is not None and canvas_for(head) is not None:
+        data = complete_jpeg_bytes(path, head, read_bytes)  # a refusal here is the OpenCV path's, same words
+        if data is not None:
+            images, kept = decode_jpegs([data], [head], [reduction(head, sizes)], sizes, 1, on_device=False)
+            if kept:
+                return _decoded({s: np.asarray(images[s][0]) for s in sizes}, None, skip_damaged)
+    return _decode_opencv(path, sizes, skip_damaged)
+
+
+def _nvimgcodec_version() -> str:
+    from catfeat.images.nvimgcodec_decoder import version
+
+    return version()
 
 
 @dataclass(frozen=True)
@@ -141,32 +140,52 @@ class Decoder:
     decode: DecodeFn
     module: str
     install: str  # what to tell a user who lacks ``module``
+    batched: bool = False  # decodes whole batches (:func:`catfeat.images.reader.iter_batches_nvimgcodec`)
+    version_of: Callable[[], str] | None = None  # how to read the version, where importing ``module`` is not it
 
     def version(self) -> str:
         import importlib
 
+        if self.version_of is not None:
+            return self.version_of()
         return str(getattr(importlib.import_module(self.module), "__version__", "?"))
 
 
 DECODERS: dict[str, Decoder] = {
     "opencv": Decoder("opencv", _decode_opencv, "cv2", "pip install opencv-python-headless, or pass --decoder pillow"),
     "pillow": Decoder("pillow", _decode_pillow, "PIL", "pip install pillow"),
+    "nvimgcodec": Decoder("nvimgcodec", _decode_nvimgcodec, "nvidia.nvimgcodec", 'pip install "catfeat[gpu]"',
+                          batched=True, version_of=_nvimgcodec_version),
 }
 
 
 def available(name: str) -> bool:
     import importlib.util
 
-    return name in DECODERS and importlib.util.find_spec(DECODERS[name].module) is not None
+    try:
+        return name in DECODERS and importlib.util.find_spec(DECODERS[name].module) is not None
+    except ModuleNotFoundError:  # a dotted module whose package is missing
+        return False
+
+
+def gpu_decoding() -> bool:
+    """Whether "auto" decodes on the GPU: Keras runs on one, and nvImageCodec can decode on it."""
+    if not available("nvimgcodec"):
+        return False
+    from catfeat.images.nvimgcodec_decoder import gpu_ready
+    from catfeat.models.forward import device_description
+
+    return gpu_ready() and device_description() != "cpu"  # the package check first: no Keras import
 
 
 def get_decoder(name: str = "auto") -> Decoder:
-    """The decoder called ``name``; ``auto``: OpenCV where installed, else Pillow."""
+    """The decoder called ``name``; ``auto``: nvImageCodec on a GPU (:func:`gpu_decoding`), else OpenCV
+    where installed, else Pillow."""
     if name == "auto":
-        if not any(available(n) for n in DECODERS):  # catfeat installs both: likely another Python
+        if not any(available(n) for n in ("opencv", "pillow")):  # catfeat installs both: likely another Python
             raise ValueError(f"no image decoder (OpenCV or Pillow) is installed in {sys.executable}; run catfeat "
                              "with the Python it was installed into, or pip install opencv-python-headless pillow")
-        name = "opencv" if available("opencv") else "pillow"
+        name = "nvimgcodec" if gpu_decoding() else "opencv" if available("opencv") else "pillow"
     if name not in DECODERS:
         raise ValueError(f"decoder must be auto or one of {', '.join(DECODERS)}, got {name!r}")
     if not available(name):
@@ -175,7 +194,7 @@ def get_decoder(name: str = "auto") -> Decoder:
     return DECODERS[name]
 
 
-__all__ = ["DECODERS", "Decoded", "Decoder", "DecodeError", "get_decoder", "available"]
+__all__ = ["DECODERS", "Decoded", "Decoder", "DecodeError", "get_decoder", "available", "gpu_decoding"]
 
 
 def decode_image(path: str | os.PathLike, sizes: Sequence[int], decoder: str = "auto",

@@ -9,6 +9,7 @@ reader in :mod:`catfeat.images.process_reader`.
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,11 +42,15 @@ def reader_workers(accelerator: bool) -> int:
 
 
 def choose_reader(reader: str, workers: int | None, n_images: int, sizes: Sequence[int] = (),
-                  batch_size: int = 0, prefetch: int = 2, lend: bool = False) -> str:
+                  batch_size: int = 0, prefetch: int = 2, lend: bool = False, batched: bool = False) -> str:
     """"threads" or "processes" for ``reader``: "auto" takes processes from
-    ``PROCESS_READER_MIN`` cores and images on, where the shared memory for their batches is free."""
+    ``PROCESS_READER_MIN`` cores and images on, where the shared memory for their batches is free.
+    A decoder that decodes whole batches (``batched``: nvImageCodec) reads on "batches" whatever
+    ``reader`` says (:func:`iter_batches_nvimgcodec`)."""
     if reader not in READERS:
         raise ValueError(f"unknown reader {reader!r}; choose one of {', '.join(READERS)}")
+    if batched:
+        return "batches"
     if reader != "auto":
         return reader
     from catfeat.images.process_reader import shared_memory_free, shared_memory_needed
@@ -57,6 +62,26 @@ def choose_reader(reader: str, workers: int | None, n_images: int, sizes: Sequen
         else "threads"
 
 
+def _in_order(pool: ThreadPoolExecutor, paths: Sequence, batch_size: int, start: int, prefetch: int,
+              task) -> Iterator[tuple[int, list]]:
+    """``(first position, [task(path) for each path of the batch])`` for each batch of ``paths[start:]``,
+    in order, with the tasks of ``prefetch`` batches ahead already submitted to ``pool``."""
+    queue = deque((b, min(b + batch_size, len(paths))) for b in range(start, len(paths), batch_size))
+    pending: deque = deque()
+
+    def submit_next() -> None:
+        b0, b1 = queue.popleft()
+        pending.append((b0, [pool.submit(task, paths[i]) for i in range(b0, b1)]))
+
+    while queue and len(pending) <= prefetch:
+        submit_next()
+    while pending:
+        b0, futures = pending.popleft()
+        if queue:
+            submit_next()
+        yield b0, [f.result() for f in futures]
+
+
 def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, start: int = 0,
                  workers: int | None = None, prefetch: int = 2, decode=None,
                  budget: ByteBudget | None = None, reader: str = "threads", lend: bool = False) -> Iterator[Batch]:
@@ -66,11 +91,15 @@ def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, s
     (default: the "auto" decoder; Pillow's has decode and resize timed apart). ``budget`` bounds the
     full-size pixels decoding at once (default: a new :class:`ByteBudget` of ``DECODE_BYTES``).
     ``reader``: "threads", "processes" (:mod:`catfeat.images.process_reader`: many cores, no shared
-    interpreter lock) or "auto". ``lend``: the process reader may hand batches over as views of its
-    shared memory, each to be given back with ``Batch.release`` (see ``iter_batches_processes``)."""
+    interpreter lock), "auto", or "batches" (:func:`iter_batches_nvimgcodec`, for nvImageCodec). ``lend``:
+    the process reader may hand batches over as views of its shared memory, each to be given back with
+    ``Batch.release`` (see ``iter_batches_processes``)."""
     from catfeat.images.decoders import get_decoder
 
     sizes = sorted(set(int(s) for s in sizes))
+    if reader == "batches":
+        yield from iter_batches_nvimgcodec(paths, sizes, batch_size, start, workers, prefetch, decode, budget)
+        return
     if choose_reader(reader, workers, len(paths) - start, sizes, batch_size, prefetch, lend) == "processes":
         from catfeat.images.process_reader import iter_batches_processes
 
@@ -81,24 +110,63 @@ def iter_batches(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, s
     decode = decode or get_decoder("auto").decode
     one = unit_decode(decode)
     budget = ByteBudget() if budget is None else budget
-    queue = deque((b, min(b + batch_size, len(paths))) for b in range(start, len(paths), batch_size))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="catfeat-decode") as pool:
-        pending: deque = deque()
-
-        def submit_next() -> None:
-            b0, b1 = queue.popleft()
-            pending.append((b0, [pool.submit(decode_timed, paths[i], sizes, budget, one) for i in range(b0, b1)]))
-
-        while queue and len(pending) <= prefetch:
-            submit_next()
-        while pending:
-            b0, futures = pending.popleft()
-            if queue:
-                submit_next()
-            results = [f.result() for f in futures]
+        for b0, results in _in_order(pool, paths, batch_size, start, prefetch,
+                                     lambda path: decode_timed(path, sizes, budget, one)):
             ok = np.array([r[0] is not None for r in results], dtype=bool)
             errors = {b0 + i: r[1] for i, r in enumerate(results) if r[0] is None}
             damaged = {b0 + i: r[1] for i, r in enumerate(results) if r[0] is not None and r[1]}
             images = {s: (np.stack([r[0][s] for r in results if r[0] is not None])
                           if ok.any() else np.zeros((0, s, s, 3), np.uint8)) for s in sizes}
             yield Batch(b0, images, ok, errors, sum(r[2] for r in results), sum(r[3] for r in results), damaged)
+
+
+def iter_batches_nvimgcodec(paths: Sequence[Path], sizes: Sequence[int], batch_size: int, start: int = 0,
+                            workers: int | None = None, prefetch: int = 2, decode=None,
+                            budget: ByteBudget | None = None) -> Iterator[Batch]:
+    """Like :func:`iter_batches`, decoding each batch's plain JPEGs together with nvImageCodec
+    (:func:`catfeat.images.nvimgcodec_decoder.decode_jpegs`: on the GPU, resized on the device).
+
+    Headers and bytes are read on a pool of ``workers`` threads, ``prefetch`` batches ahead. Every
+    other file (not a plain JPEG, truncated, too large, refused by nvImageCodec, a gray last pixel)
+    goes through ``decode`` (default: the nvimgcodec decoder's one-file function, whose own fallback
+    is the OpenCV decoder) under ``budget``, as on the thread reader: same reasons, same damaged
+    list, same row order. Images are device arrays under the JAX backend, numpy elsewhere."""
+    from catfeat.images.decoders import get_decoder, read_bytes
+    from catfeat.images.jpeg import complete_jpeg_bytes, plain_jpeg, reduction
+    from catfeat.images.listing import DecodeError
+    from catfeat.images.nvimgcodec_decoder import canvas_for, decode_jpegs, merge_rows
+
+    sizes = sorted(set(int(s) for s in sizes))
+    workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(paths) - start)))
+    one = unit_decode(decode or get_decoder("nvimgcodec").decode)
+    budget = ByteBudget() if budget is None else budget
+
+    def prepare(path) -> tuple | None:
+        """(bytes, header, reduction) of a file for nvImageCodec, or None for the CPU path."""
+        try:
+            head = plain_jpeg(path)
+            if head is None or canvas_for(head) is None:
+                return None
+            data = complete_jpeg_bytes(path, head, read_bytes)
+        except (DecodeError, OSError):  # the CPU path names the reason
+            return None
+        return None if data is None else (data, head, reduction(head, sizes))
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="catfeat-read") as pool:
+        for b0, preps in _in_order(pool, paths, batch_size, start, prefetch, prepare):
+            t = time.perf_counter()
+            fast = [i for i, p in enumerate(preps) if p is not None]
+            images, kept = decode_jpegs([preps[i][0] for i in fast], [preps[i][1] for i in fast],
+                                        [preps[i][2] for i in fast], sizes, batch_size)
+            seconds = time.perf_counter() - t
+            done = [fast[k] for k in kept]
+            rest = sorted(set(range(len(preps))) - set(done))
+            slow = dict(zip(rest, [f.result() for f in [pool.submit(decode_timed, paths[b0 + i], sizes, budget, one)
+                                                         for i in rest]]))
+            ok = np.array([i not in slow or slow[i][0] is not None for i in range(len(preps))], dtype=bool)
+            errors = {b0 + i: r[1] for i, r in slow.items() if r[0] is None}
+            damaged = {b0 + i: r[1] for i, r in slow.items() if r[0] is not None and r[1]}
+            host = {i: r[0] for i, r in slow.items() if r[0] is not None}
+            yield Batch(b0, merge_rows(images, done, host, sizes), ok, errors,
+                        seconds + sum(r[2] + r[3] for r in slow.values()), 0.0, damaged)

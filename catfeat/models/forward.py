@@ -250,6 +250,10 @@ def pad_batch(images: np.ndarray, batch_size: int) -> np.ndarray:
     k = len(images)
     if k == batch_size:
         return images
+    if not isinstance(images, np.ndarray):  # a device batch (GPU decoding): padded where it is
+        from keras import ops
+
+        return ops.pad(images, [(0, batch_size - k)] + [(0, 0)] * (len(images.shape) - 1))
     return np.concatenate([images, np.zeros((batch_size - k, *images.shape[1:]), np.uint8)])
 
 
