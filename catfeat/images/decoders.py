@@ -27,6 +27,7 @@ import numpy as np
 from catfeat.images.listing import (
     DecodeError, MAX_PIXELS, check_file_size, check_jpeg_scans, check_regular, file_size_limit, jpeg_damage,
     read_rgb_checked, resize_all)
+from catfeat.images.sources import Blob, openable
 
 DecodeFn = Callable[..., dict[int, np.ndarray]]
 
@@ -45,12 +46,17 @@ def _decoded(arrays: dict[int, np.ndarray], damaged: str | None, skip_damaged: b
     return out
 
 
-def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
-    """The bytes of one regular file (links resolved); anything else is a :class:`DecodeError`,
-    never a blocking open (a FIFO named like an image would hang a plain ``open``). A file of more
-    than ``limit`` bytes is a :class:`DecodeError` too, found before reading it."""
+def read_bytes(path: str | os.PathLike | Blob, limit: int | None = None) -> bytes:
+    """The bytes of one regular file (links resolved) or :class:`~catfeat.images.sources.Blob`; anything
+    else is a :class:`DecodeError`, never a blocking open (a FIFO named like an image would hang a plain
+    ``open``). A file of more than ``limit`` bytes is a :class:`DecodeError` too, found before reading it."""
     import stat
 
+    if isinstance(path, Blob):
+        if limit is not None and len(path.data) > limit:
+            raise DecodeError(f"file is {len(path.data):,} bytes, more than its image can need ({limit:,}); "
+                              "not read: re-save the image")
+        return path.data
     check_regular(path)
     try:
         # O_NONBLOCK: should the file be swapped for a FIFO after the check, the open still returns
@@ -108,7 +114,7 @@ def _plain_jpeg(path: str | os.PathLike) -> _JpegHeader | None:
         check_regular(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as im:
+            with Image.open(openable(path)) as im:
                 if im.format != "JPEG" or im.mode not in ("RGB", "L"):
                     return None  # CMYK/YCCK: Pillow's conversion is the reference
                 w, h = im.size
