@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from catfeat.images.manifest import MANIFEST_SUFFIXES, is_manifest, read_manifest
+from catfeat.images.manifest import MANIFEST_SUFFIXES, is_manifest, locate, read_manifest
 from catfeat.images.sources import Blob, is_url, join_url, list_folder, openable, stamps_of
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -113,6 +113,17 @@ class ImageSet:
 
     def count(self, split: str) -> int:
         return sum(1 for s in self.split if s == split)
+
+
+def image_location(data_root: str | os.PathLike, name: str):
+    """What to read for the image ``name`` of a cache whose ``data_root`` is recorded: a local Path,
+    or a URL for :func:`catfeat.images.sources.fetch` (folder URL, or manifest entry at a URL)."""
+    if is_manifest(data_root):
+        where = locate(name, os.fspath(data_root))
+        return where if is_url(where) else Path(where)
+    if is_url(data_root):
+        return join_url(data_root, name)
+    return Path(data_root) / name
 
 
 def _is_image_name(name: str) -> bool:

@@ -67,7 +67,7 @@ def _table(data: bytes, where: str):
         raise ManifestError(f"cannot read the manifest {where} as {kind} ({e.__class__.__name__}: {e})") from None
 
 
-def _locate(entry: str, base: str) -> str:
+def locate(entry: str, base: str) -> str:
     """What to read for the manifest entry ``entry``: a URL or an absolute path as is, else relative
     to the folder of the manifest ``base``."""
     if is_url(entry) or os.path.isabs(entry):
@@ -120,7 +120,7 @@ def read_manifest(location: str | os.PathLike) -> Manifest:
             raise ManifestError(f"column 'label' of {where}: row {i} ({image!r}) is a train image without a label"
                                 + ("" if "label" in columns else " (the manifest has no column 'label')")
                                 + "; give it a label or mark it 'test' in column 'split'")
-        rows[split].append((image, _locate(image, where), label if split == "train" else None))
+        rows[split].append((image, locate(image, where), label if split == "train" else None))
     ordered = rows["train"] + rows["test"]
     return Manifest(where, [r[0] for r in ordered], [r[1] for r in ordered], [r[2] for r in ordered],
                     ["train"] * len(rows["train"]) + ["test"] * len(rows["test"]))
