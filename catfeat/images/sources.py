@@ -164,8 +164,9 @@ def store_error(url: str, error: BaseException) -> SourceError:
     """The one error to stop on when ``url`` cannot be listed or read before any work."""
     what = f"{error.__class__.__name__}: {error}"
     if isinstance(error, FileNotFoundError):
-        return SourceError(f"{url} not found ({what}); check the bucket and folder names "
-                           f"({access_hint(url).split('(', 1)[0].strip()} too)")
+        s3 = url.split("://", 1)[0].lower() in ("s3", "s3a")
+        return SourceError(f"{url} not found ({what}); check the bucket and folder names"
+                           + (", and the endpoint (AWS_ENDPOINT_URL) for a store other than AWS" if s3 else ""))
     if isinstance(error, PermissionError):
         return SourceError(f"access to {url} refused ({what}); {access_hint(url)}")
     return SourceError(f"cannot reach {url} ({what}); {access_hint(url)}")
