@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import importlib.util
 import io
-import os
 import shutil
 
 import numpy as np
@@ -284,3 +283,30 @@ def test_a_file_url_and_a_local_manifest_list_what_the_folder_lists(tmp_path):
     assert listed.paths() == [data / n for n in folder.names] and listed.layout == "manifest"
     assert listed.stamps() == folder.stamps() and image_location(str(manifest), "test/1.jpg") == data / "test/1.jpg"
     assert list_images(manifest, limit=2).names == ["train/cat.0.jpg", "train/dog.0.jpg", "test/1.jpg", "test/2.jpg"]
+
+
+def test_an_object_too_large_for_its_header_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """The header check a local file gets from its stat, made on the first bytes of an object."""
+    from conftest import save_image
+
+    import catfeat.images.sources as sources
+    from catfeat.images.listing import file_size_limit
+    from catfeat.images.unit import decode_timed
+
+    path = save_image(tmp_path / "cat.1.jpg", 1, size=(40, 30))
+    with open(path, "ab") as f:  # a 40 x 30 JPEG with more trailing bytes than such an image can need
+        f.truncate(file_size_limit(40, 30) + 1)
+    local = decode_timed(path, [32])
+    import fsspec.implementations.local as fl
+
+    read, original = [], fl.LocalFileOpener.read
+
+    def counted(self, *args):
+        data = original(self, *args)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(fl.LocalFileOpener, "read", counted)
+    remote = decode_timed(f"file://{path}", [32])
+    assert local[0] is None and remote[0] is None and remote[1] == local[1] and "more than a 40x30 image" in local[1]
+    assert sum(read) <= sources.HEADER_BYTES  # only the header was read
