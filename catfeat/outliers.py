@@ -202,8 +202,12 @@ def read_exclude(path: str | Path) -> set[str]:
 
 def save_contact_sheet(files: Sequence[str], data_root: str | Path, out_png: str | Path, cols: int = 6,
                        thumb: int = 128, captions: Sequence[str] | None = None) -> Path:
-    """A grid of thumbnails of ``files`` (relative to ``data_root``) with captions, as a PNG."""
+    """A grid of thumbnails of ``files`` (relative to ``data_root``: a folder, folder URL or manifest)
+    with captions, as a PNG."""
     from PIL import Image, ImageDraw, ImageOps
+
+    from catfeat.images.listing import image_location
+    from catfeat.images.sources import FetchError, fetch, openable
 
     files = list(files)
     if not files:
@@ -216,11 +220,11 @@ def save_contact_sheet(files: Sequence[str], data_root: str | Path, out_png: str
     for i, name in enumerate(files):
         x, y = (i % cols) * thumb, (i // cols) * (thumb + pad)
         try:
-            with Image.open(Path(data_root) / name) as im:
+            with Image.open(openable(fetch(image_location(data_root, name)))) as im:
                 im = ImageOps.exif_transpose(im).convert("RGB")
                 im.thumbnail((thumb - 4, thumb - 4))
                 sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
-        except OSError:
+        except (OSError, FetchError):
             draw.text((x + 4, y + thumb // 2), "unreadable", fill="red")
         text = captions[i] if captions is not None else Path(name).name
         draw.text((x + 2, y + thumb), text[: thumb // 6], fill="black")

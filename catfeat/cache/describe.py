@@ -14,7 +14,7 @@ SHOWN_CHARS = 200
 # What is printed of one error (it names the file and says what to do, so it may be longer).
 ERROR_CHARS = 2000
 COLUMNS = ["file", "status", "backbone", "train", "test", "classes", "skipped", "weights", "backend", "precision",
-           "decoder", "created", "size_bytes", "rows_written", "n_images", "error"]
+           "decoder", "created", "size_bytes", "rows_written", "n_images", "data_root", "error"]
 
 
 def describe_caches(features_dir: str | os.PathLike = "features") -> "pd.DataFrame":  # noqa: F821
@@ -73,7 +73,7 @@ def _common(a: dict) -> dict:
     return {"backbone": a.get("backbone"), "classes": classes, "weights": a.get("weights"),
             "backend": a.get("backend", ""), "precision": a.get("precision"),
             "decoder": a.get("decoder", LEGACY_DEFAULTS["decoder"]),
-            "created": a.get("created") or a.get("completed") or ""}
+            "created": a.get("created") or a.get("completed") or "", "data_root": a.get("data_root", "")}
 
 
 def _partial(path: Path) -> dict:

@@ -16,9 +16,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m catfeat.extract",
         description="Extract global-average-pooled features of pretrained backbones for a folder of images "
-                    "into FEATURES/gap_<Model>.h5 (reused when unchanged, resumed when interrupted).",
-        epilog=f"Backbones: {names}.")
-    p.add_argument("data_dir", help="image folder: DIR/train + DIR/test (Kaggle), DIR/cat.1.jpg, or DIR/<class>/")
+                    "(local or in object storage) or a manifest into FEATURES/gap_<Model>.h5 (reused when unchanged, "
+                    "resumed when interrupted).",
+        epilog=f"Backbones: {names}. DATA at a URL is read with fsspec: credentials and endpoint from the usual "
+               "places (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_PROFILE/AWS_ENDPOINT_URL for s3://, "
+               "GOOGLE_APPLICATION_CREDENTIALS for gs://); transient read errors are retried "
+               "(CATFEAT_READ_TRIES, default 4; CATFEAT_READ_WAIT, first wait in seconds, default 0.25), then the "
+               "file is skipped with its reason.")
+    p.add_argument("data_dir", metavar="DATA",
+                   help="image folder: DIR/train + DIR/test (Kaggle), DIR/cat.1.jpg, or DIR/<class>/; the same at a "
+                   "folder URL (s3://bucket/prefix/, gs://..., file://...); or a CSV/Parquet manifest (path or URL) "
+                   "with a column 'image' (path relative to the manifest, absolute path, or URL) and optional "
+                   "'label' and 'split' (train/test)")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated names or aliases "
                    "(default: %(default)s)")
     p.add_argument("--features", default="features", help="folder of the gap_<Model>.h5 caches to write "

@@ -29,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
     df = describe_caches(folder)
     if not args.quiet:
         print(format_caches(df) if len(df) else f"no gap_*.h5 caches in {folder}")
+        for root in dict.fromkeys(r for r in df["data_root"] if isinstance(r, str) and r):
+            files = ", ".join(cell(f) for f, r in zip(df["file"], df["data_root"]) if r == root)
+            print(f"data: {printable(root, SHOWN_CHARS)} ({files})")
     if args.verbose:
         for name in df["file"]:
             print(f"\n{cell(name)}:")

@@ -174,7 +174,7 @@ def cache_attrs(spec: BackboneSpec, weights, seed: int, precision: str, images: 
         "preprocessing": spec.preprocessing, "precision": resolve_precision(precision), "tta": tta,
         "images_fingerprint": fingerprint, "dtype": dtype, "on_damaged": "skip" if skip_damaged else "keep", "feature_dim": spec.feature_dim, "backend": backend_name(),
         "catfeat_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "classes": json.dumps(images.classes), "layout": images.layout, "data_root": str(images.root.resolve()),
+        "classes": json.dumps(images.classes), "layout": images.layout, "data_root": images.data_root(),
         **({"decoder": decoder.name, "decoder_version": decoder.version()} if decoder is not None else {}),
     }
 

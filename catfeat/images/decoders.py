@@ -33,6 +33,7 @@ import numpy as np
 
 from catfeat.images.jpeg import complete_jpeg_bytes, orient, plain_jpeg, reduction
 from catfeat.images.listing import DecodeError, check_regular, jpeg_damage, read_rgb_checked, resize_all
+from catfeat.images.sources import Blob
 
 DecodeFn = Callable[..., dict[int, np.ndarray]]
 
@@ -51,12 +52,17 @@ def _decoded(arrays: dict[int, np.ndarray], damaged: str | None, skip_damaged: b
     return out
 
 
-def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
-    """The bytes of one regular file (links resolved); anything else is a :class:`DecodeError`,
-    never a blocking open (a FIFO named like an image would hang a plain ``open``). A file of more
-    than ``limit`` bytes is a :class:`DecodeError` too, found before reading it."""
+def read_bytes(path: str | os.PathLike | Blob, limit: int | None = None) -> bytes:
+    """The bytes of one regular file (links resolved) or :class:`~catfeat.images.sources.Blob`; anything
+    else is a :class:`DecodeError`, never a blocking open (a FIFO named like an image would hang a plain
+    ``open``). A file of more than ``limit`` bytes is a :class:`DecodeError` too, found before reading it."""
     import stat
 
+    if isinstance(path, Blob):
+        if limit is not None and len(path.data) > limit:
+            raise DecodeError(f"file is {len(path.data):,} bytes, more than its image can need ({limit:,}); "
+                              "not read: re-save the image")
+        return path.data
     check_regular(path)
     try:
         # O_NONBLOCK: should the file be swapped for a FIFO after the check, the open still returns

@@ -7,6 +7,10 @@ Three layouts are understood (labels of dogs vs. cats: cat=0, dog=1, i.e. sorted
 * flat: ``DIR/cat.123.jpg``, ``DIR/dog.7.jpg``;
 * class folders: ``DIR/cat/*.jpg``, ``DIR/dog/*.jpg`` (sorted folder names -> 0..K-1).
 
+The same layouts are read from a folder URL (``s3://bucket/prefix/``, ``gs://...``, ``file://...``), and a
+CSV/Parquet manifest lists images with their labels instead (:mod:`catfeat.images.manifest`); what is
+at a URL is read through :mod:`catfeat.images.sources`.
+
 A folder that mixes loose images with subfolders of images is refused rather than guessed at.
 Anything named like an image is listed, so that what cannot be read (a folder, a FIFO, a broken
 link) is reported as skipped instead of silently left out; only regular files are ever opened.
@@ -25,6 +29,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from catfeat.images.manifest import MANIFEST_SUFFIXES, is_manifest, locate, read_manifest
+from catfeat.images.sources import Blob, is_url, join_url, list_folder, openable, stamps_of
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Pillow's own bomb limit warns at 89 Mpx; a photo data set never needs more than this.
 MAX_PIXELS = 64_000_000
@@ -41,31 +48,56 @@ def natural_key(text: str) -> tuple:
 
 @dataclass
 class ImageSet:
-    """The images of one data folder, in the fixed order features are written in.
+    """The images of one data folder, folder URL or manifest, in the fixed order features are written in.
 
-    ``names`` are paths relative to ``root`` with '/' separators; ``split[i]`` is "train" (labelled)
-    or "test" (unlabelled, ``labels[i] == -1``); ``classes[k]`` is the name of label k.
+    ``names`` are paths relative to ``root`` with '/' separators (for a manifest: its ``image``
+    values as written); ``split[i]`` is "train" (labelled) or "test" (unlabelled, ``labels[i] == -1``);
+    ``classes[k]`` is the name of label k. ``root``: the local folder (a Path), or the folder URL or
+    manifest (path or URL) given. ``locations``: what to read for each image where that is not
+    ``root / name`` (manifests); ``listed``: the change stamp of each image from the store's listing
+    (None where the local file is asked, see :meth:`stamps`).
     """
 
-    root: Path
+    root: Path | str
     names: list[str]
     labels: np.ndarray
     split: list[str]
     classes: list[str]
     layout: str
+    locations: list[str] | None = None
+    listed: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def paths(self) -> list[Path]:
+    def paths(self) -> list:
+        """What to read for each image: a local Path, or a URL (str) read by :func:`catfeat.images.sources.fetch`."""
+        if self.locations is not None:
+            return [loc if is_url(loc) else Path(loc) for loc in self.locations]
+        if isinstance(self.root, str):
+            return [join_url(self.root, n) for n in self.names]
         return [self.root / n for n in self.names]
 
+    def data_root(self) -> str:
+        """Where the images came from, as recorded in a cache: the absolute folder, or the URL or manifest."""
+        return self.root if isinstance(self.root, str) else str(self.root.resolve())
+
     def stamps(self) -> list[str]:
-        """One stamp per image that changes when its file changes: ``"size:mtime_ns"``, or ``"missing"``."""
-        root, out = os.fspath(self.root), []
-        for name in self.names:
+        """One stamp per image that changes when its file changes: ``"size:mtime_ns"`` of a local file,
+        ``"size:ETag"`` (or ``"size:mtime"``) of an object from the store's listing, or ``"missing"``."""
+        if self.listed is None and not isinstance(self.root, str):  # a local folder
+            root, names = os.fspath(self.root), self.names
+            files = [os.path.join(root, name) for name in names]  # strings, not Paths: one call per image
+        else:
+            files = [os.fspath(p) for p in self.paths()]
+        listed = self.listed or [None] * len(files)
+        out = []
+        for file, known in zip(files, listed):
+            if known is not None:
+                out.append(known)
+                continue
             try:
-                st = os.stat(os.path.join(root, name))  # strings, not Paths: one call per image
+                st = os.stat(file)
                 out.append(f"{st.st_size}:{st.st_mtime_ns}")
             except OSError:
                 out.append("missing")
@@ -83,32 +115,82 @@ class ImageSet:
         return sum(1 for s in self.split if s == split)
 
 
-def _is_image_file(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+def image_location(data_root: str | os.PathLike, name: str):
+    """What to read for the image ``name`` of a cache whose ``data_root`` is recorded: a local Path,
+    or a URL for :func:`catfeat.images.sources.fetch` (folder URL, or manifest entry at a URL)."""
+    if is_manifest(data_root):
+        where = locate(name, os.fspath(data_root))
+        return where if is_url(where) else Path(where)
+    if is_url(data_root):
+        return join_url(data_root, name)
+    return Path(data_root) / name
 
 
-def _files(folder: Path) -> list[Path]:
-    # Everything named like an image, whatever it is (folder, FIFO, socket, device, broken link):
-    # what is not a regular file is reported as skipped by read_rgb, never silently dropped.
-    return sorted((p for p in folder.iterdir() if _is_image_file(p)), key=lambda p: natural_key(p.name))
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith(".")
 
 
-def _image_subdirs(folder: Path) -> list[Path]:
-    """Visible subfolders of ``folder`` (not named like images) that hold at least one image."""
-    # names first: a folder of many images then costs no stat per image
-    subdirs = sorted((d for d in folder.iterdir() if not d.name.startswith(".") and not _is_image_file(d)
-                      and d.is_dir()), key=lambda d: natural_key(d.name))
-    return [d for d in subdirs if any(_is_image_file(p) for p in d.iterdir())]
+class _LocalTree:
+    """A local data folder, asked folder by folder. Everything named like an image is a file here,
+    whatever it is (folder, FIFO, socket, device, broken link): what is not a regular file is reported
+    as skipped by read_rgb, never silently dropped."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def where(self, rel: str) -> str:
+        return str(self.root / rel) if rel else str(self.root)
+
+    def is_dir(self, rel: str) -> bool:
+        return (self.root / rel).is_dir()
+
+    def files(self, rel: str) -> list[str]:
+        return sorted((p.name for p in (self.root / rel).iterdir() if _is_image_name(p.name)), key=natural_key)
+
+    def subdirs(self, rel: str) -> list[str]:
+        """Visible subfolders of ``rel`` (not named like images) that hold at least one image."""
+        folder = self.root / rel
+        # names first: a folder of many images then costs no stat per image
+        subdirs = sorted((d for d in folder.iterdir() if not d.name.startswith(".") and not _is_image_name(d.name)
+                          and d.is_dir()), key=lambda d: natural_key(d.name))
+        return [d.name for d in subdirs if any(_is_image_name(p.name) for p in d.iterdir())]
 
 
-def _refuse_mixed(folder: Path, files: list[Path], subdirs: list[Path], root: Path) -> None:
+class _ListedTree:
+    """The same questions answered from one listing of a folder URL (names relative to it)."""
+
+    def __init__(self, url: str, names):
+        self.url = url.rstrip("/")
+        self.children: dict[str, tuple[set, set]] = {}  # folder -> (file names, subfolder names)
+        for name in names:
+            parts = name.split("/")
+            for depth in range(len(parts)):
+                folder = "/".join(parts[:depth])
+                files, dirs = self.children.setdefault(folder, (set(), set()))
+                (files if depth == len(parts) - 1 else dirs).add(parts[depth])
+
+    def where(self, rel: str) -> str:
+        return f"{self.url}/{rel}" if rel else self.url + "/"
+
+    def is_dir(self, rel: str) -> bool:
+        return rel in self.children
+
+    def files(self, rel: str) -> list[str]:
+        return sorted((n for n in self.children.get(rel, ((), ()))[0] if _is_image_name(n)), key=natural_key)
+
+    def subdirs(self, rel: str) -> list[str]:
+        subs = self.children.get(rel, ((), ()))[1]
+        return sorted((d for d in subs if not d.startswith(".") and not _is_image_name(d)
+                       and self.files(f"{rel}/{d}" if rel else d)), key=natural_key)
+
+
+def _refuse_mixed(tree, rel: str, files: list[str], subdirs: list[str]) -> None:
     """A folder holding both loose images and subfolders of images has no single meaning: say so."""
     if files and subdirs:
-        rel = folder.relative_to(root).as_posix()
-        where = "" if rel == "." else rel + "/"
+        where = rel + "/" if rel else ""
         raise ImageSetError(
-            f"{str(folder)!r} mixes {len(files)} loose image(s) (e.g. {where + files[0].name!r}) with "
-            f"{len(subdirs)} subfolder(s) of images (e.g. {where + subdirs[0].name + '/'!r}); use one layout: "
+            f"{tree.where(rel)!r} mixes {len(files)} loose image(s) (e.g. {where + files[0]!r}) with "
+            f"{len(subdirs)} subfolder(s) of images (e.g. {where + subdirs[0] + '/'!r}); use one layout: "
             "move the loose images into class folders, or move the subfolders out (or hide them: '.name')")
 
 
@@ -163,45 +245,34 @@ def _stratified_limit(items: list[tuple[str, str]], limit: int | None) -> list[t
 
 
 def list_images(data_dir: str | os.PathLike, limit: int | None = None) -> ImageSet:
-    """Find the images under ``data_dir`` and label them; ``limit`` caps each split (class-balanced)."""
-    root = Path(data_dir).expanduser()
-    if not root.exists():
-        raise ImageSetError(f"data folder {str(root)!r} does not exist")
-    if not root.is_dir():
-        raise ImageSetError(f"{str(root)!r} is not a folder; pass the folder that holds the images")
+    """Find the images of ``data_dir`` and label them; ``limit`` caps each split (class-balanced).
+
+    ``data_dir``: a local folder, a folder URL (``s3://bucket/prefix/``, ``gs://...``, ``file://...``;
+    see :mod:`catfeat.images.sources`) in the same layouts, or a CSV/Parquet manifest, local or at a URL
+    (see :mod:`catfeat.images.manifest`). A store that cannot be listed is one
+    :class:`~catfeat.images.sources.SourceError` here, before any work.
+    """
     if limit is not None and limit < 1:
         raise ImageSetError(f"--limit must be positive, got {limit}")
-
-    train: list[tuple[str, str]] = []  # (relative name, class)
-    test: list[tuple[str, str]] = []
-    train_dir, test_dir = root / "train", root / "test"
-    if train_dir.is_dir() or test_dir.is_dir():
-        layout = "kaggle"
-        loose = _files(root)
-        if loose:  # they belong to neither split: refused rather than silently left out
-            raise ImageSetError(
-                f"{str(root)!r} holds {len(loose)} loose image(s) (e.g. {loose[0].name!r}) beside train/ and "
-                "test/, which belong to neither split; move them into train/ (labelled) or test/ (unlabelled), "
-                "or hide them ('.name')")
-        if train_dir.is_dir():
-            train, by_folder = _labelled(train_dir, root, "train/")
-            layout = "kaggle-folders" if by_folder else layout
-        if test_dir.is_dir():
-            files, subdirs = _files(test_dir), _image_subdirs(test_dir)
-            if subdirs:
-                raise ImageSetError(
-                    f"{str(test_dir)!r} holds subfolders of images (e.g. 'test/{subdirs[0].name}/'); test images "
-                    "are unlabelled: put them directly in test/ (labelled images go in train/<class>/)")
-            test = [(f"test/{p.name}", "") for p in files]
+    if is_manifest(data_dir):
+        return _from_manifest(read_manifest(data_dir), limit)
+    if is_url(data_dir):
+        listed = list_folder(data_dir)
+        tree, root = _ListedTree(data_dir, listed), data_dir
     else:
-        train, by_folder = _labelled(root, root, "")
-        layout = "folders" if by_folder else "flat"
-
+        root = Path(data_dir).expanduser()
+        if not root.exists():
+            raise ImageSetError(f"data folder {str(root)!r} does not exist")
+        if not root.is_dir():
+            raise ImageSetError(f"{str(root)!r} is not a folder; pass the folder that holds the images, or a "
+                                f"manifest ({', '.join(MANIFEST_SUFFIXES)})")
+        tree = _LocalTree(root)
+    layout, train, test = _layout(tree)
     if not train and not test:
         raise ImageSetError(
-            f"no images found in {str(root)!r}; expected DIR/train/cat.1.jpg + DIR/test/1.jpg, "
-            f"DIR/cat.1.jpg, or DIR/<class>/*.jpg (suffixes: {', '.join(IMAGE_SUFFIXES)})")
-
+            f"no images found in {tree.where('')!r}; expected DIR/train/cat.1.jpg + DIR/test/1.jpg, "
+            f"DIR/cat.1.jpg, or DIR/<class>/*.jpg (suffixes: {', '.join(IMAGE_SUFFIXES)}), or a manifest "
+            f"({', '.join(MANIFEST_SUFFIXES)})")
     train = _stratified_limit(train, limit)
     test = test[:limit] if limit is not None else test
     classes = sorted({c for _, c in train})
@@ -209,31 +280,82 @@ def list_images(data_dir: str | os.PathLike, limit: int | None = None) -> ImageS
     names = [n for n, _ in train] + [n for n, _ in test]
     labels = np.array([index[c] for _, c in train] + [-1] * len(test), dtype=np.int64)
     split = ["train"] * len(train) + ["test"] * len(test)
-    return ImageSet(root, names, labels, split, classes, layout)
+    stamps = [listed[n] for n in names] if isinstance(root, str) else None
+    return ImageSet(root, names, labels, split, classes, layout, listed=stamps)
 
 
-def _labelled(folder: Path, root: Path, prefix: str) -> tuple[list[tuple[str, str]], bool]:
-    """``(items, by_folder)``: (prefix + relative name, class) of the training images in ``folder``,
-    classed by subfolder (``by_folder``) or else by file name; a mix of both is refused."""
-    subdirs, files = _image_subdirs(folder), _files(folder)
-    _refuse_mixed(folder, files, subdirs, root)
-    if not subdirs:
-        return _labelled_from_names(folder, files, prefix), False
-    return [(f"{prefix}{d.name}/{p.name}", d.name) for d in subdirs for p in _files(d)], True
+def _layout(tree) -> tuple[str, list[tuple[str, str]], list[tuple[str, str]]]:
+    """(layout, train [(name, class)], test [(name, "")]) of a data folder asked through ``tree``."""
+    train: list[tuple[str, str]] = []  # (relative name, class)
+    test: list[tuple[str, str]] = []
+    if tree.is_dir("train") or tree.is_dir("test"):
+        layout = "kaggle"
+        loose = tree.files("")
+        if loose:  # they belong to neither split: refused rather than silently left out
+            raise ImageSetError(
+                f"{tree.where('')!r} holds {len(loose)} loose image(s) (e.g. {loose[0]!r}) beside train/ and "
+                "test/, which belong to neither split; move them into train/ (labelled) or test/ (unlabelled), "
+                "or hide them ('.name')")
+        if tree.is_dir("train"):
+            subdirs, files = tree.subdirs("train"), tree.files("train")
+            _refuse_mixed(tree, "train", files, subdirs)
+            if subdirs:
+                layout = "kaggle-folders"
+                for d in subdirs:
+                    train += [(f"train/{d}/{n}", d) for n in tree.files(f"train/{d}")]
+            else:
+                train = _labelled_from_names(tree.where("train"), files, "train/")
+        if tree.is_dir("test"):
+            files, subdirs = tree.files("test"), tree.subdirs("test")
+            if subdirs:
+                raise ImageSetError(
+                    f"{tree.where('test')!r} holds subfolders of images (e.g. 'test/{subdirs[0]}/'); test images "
+                    "are unlabelled: put them directly in test/ (labelled images go in train/<class>/)")
+            test = [(f"test/{n}", "") for n in files]
+    else:
+        subdirs, files = tree.subdirs(""), tree.files("")
+        _refuse_mixed(tree, "", files, subdirs)
+        if subdirs:
+            layout = "folders"
+            for d in subdirs:
+                train += [(f"{d}/{n}", d) for n in tree.files(d)]
+        else:
+            layout = "flat"
+            train = _labelled_from_names(tree.where(""), files, "")
+    return layout, train, test
 
 
-def _labelled_from_names(folder: Path, files: list[Path], prefix: str) -> list[tuple[str, str]]:
-    """(prefix + name, class) of ``files`` (those of ``folder``), the class read from each name."""
+def _from_manifest(manifest, limit: int | None) -> ImageSet:
+    """The :class:`ImageSet` of a manifest's rows (``limit``: per split, class-balanced); the change
+    stamps of its URLs come from listing each folder that holds them once."""
+    train = [(i, label) for i, label in enumerate(manifest.labels) if manifest.splits[i] == "train"]
+    test = [(i, "") for i, s in enumerate(manifest.splits) if s == "test"]
+    train = _stratified_limit(train, limit)
+    test = test[:limit] if limit is not None else test
+    classes = sorted({c for _, c in train}, key=natural_key)
+    index = {c: k for k, c in enumerate(classes)}
+    rows = [i for i, _ in train] + [i for i, _ in test]
+    locations = [manifest.locations[i] for i in rows]
+    urls = [loc for loc in locations if is_url(loc)]
+    known = iter(stamps_of(urls)) if urls else iter(())
+    listed = [next(known) if is_url(loc) else None for loc in locations]
+    labels = np.array([index[c] for _, c in train] + [-1] * len(test), dtype=np.int64)
+    return ImageSet(manifest.where, [manifest.names[i] for i in rows], labels,
+                    ["train"] * len(train) + ["test"] * len(test), classes, "manifest", locations, listed)
+
+
+def _labelled_from_names(where: str, files: list[str], prefix: str) -> list[tuple[str, str]]:
+    """(prefix + name, class) of ``files`` (the image names in the folder ``where``), the class read from each name."""
     items, unlabelled = [], []
-    for p in files:
-        cls = _label_from_name(p.name)
-        (items if cls else unlabelled).append((prefix + p.name, cls))
+    for name in files:
+        cls = _label_from_name(name)
+        (items if cls else unlabelled).append((prefix + name, cls))
     if unlabelled and items:
-        warnings.warn(f"{len(unlabelled)} file(s) in {str(folder)!r} have no class prefix "
+        warnings.warn(f"{len(unlabelled)} file(s) in {where!r} have no class prefix "
                       f"(e.g. {unlabelled[0][0]!r}); they are ignored", stacklevel=4)
     if unlabelled and not items:
         raise ImageSetError(
-            f"cannot label the images in {str(folder)!r}: names like {unlabelled[0][0]!r} carry no class; "
+            f"cannot label the images in {where!r}: names like {unlabelled[0][0]!r} carry no class; "
             "name them <class>.<id>.jpg or put them in class folders DIR/<class>/")
     # Sort by class then id, so that cat.2 comes before cat.10 and all cats before dogs.
     return sorted(items, key=lambda it: natural_key(it[0]))
@@ -252,12 +374,14 @@ def file_kind(mode: int) -> str:
     return "special file"
 
 
-def check_regular(path: str | os.PathLike) -> os.stat_result:
+def check_regular(path: str | os.PathLike | Blob) -> os.stat_result:
     """``os.stat`` of ``path`` (links followed), or :class:`DecodeError` unless it is a regular file.
 
     Opening a FIFO blocks until a writer appears, and a device may never end: nothing but a regular
     file is ever opened.
     """
+    if isinstance(path, Blob):  # read from a store: a regular object by construction
+        return os.stat_result((stat.S_IFREG | 0o444, 0, 0, 1, 0, 0, len(path.data), 0, 0, 0))
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -405,12 +529,12 @@ def read_rgb_checked(path: str | os.PathLike) -> tuple:
     """(RGB ``PIL.Image``, reason the JPEG holds corrupt data or None); :class:`DecodeError` says why not."""
     from PIL import Image, ImageOps
 
-    path = Path(path)
+    path = path if isinstance(path, Blob) else Path(path)
     st = check_regular(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(openable(path)) as im:
                 if im.width * im.height > MAX_PIXELS:
                     raise DecodeError(f"declared size {im.width}x{im.height} exceeds {MAX_PIXELS:,} pixels "
                                       "(decompression bomb?)")
@@ -540,12 +664,14 @@ def read_header(path: str | os.PathLike) -> ImageHeader | None:
     from PIL import Image
 
     try:
-        st = os.stat(path)
+        st = check_regular(path) if isinstance(path, Blob) else os.stat(path)
     except OSError:
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
-    key = (os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    # a Blob (bytes read from a store) is keyed by itself: the same object is the same bytes
+    key = (id(path), path) if isinstance(path, Blob) else (os.fspath(path), st.st_dev, st.st_ino, st.st_size,
+                                                            st.st_mtime_ns)
     last = getattr(_LAST_HEADER, "entry", None)
     if last is not None and last[0] == key:
         return last[1]
@@ -553,7 +679,7 @@ def read_header(path: str | os.PathLike) -> ImageHeader | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as im:
+            with Image.open(openable(path)) as im:
                 orientation = im.getexif().get(0x0112, 1) if im.format == "JPEG" else 1
                 head = ImageHeader(st.st_size, im.format, im.mode, im.width, im.height,
                                    orientation if isinstance(orientation, int) else 1)

@@ -1,0 +1,274 @@
+"""Where image bytes come from: local files, or URLs read with fsspec (``s3://``, ``gs://``, ``file://``, ...).
+
+:func:`fetch` is the one function that reads an image by its location; the decode unit
+(:func:`catfeat.images.unit.decode_timed`) calls it for every image, on threads, worker processes and
+Ray tasks alike. A local path is handed back as is (the decoders read it themselves, header first);
+a URL's object is read once into a :class:`Blob` that the decoders open like a file, so the byte
+budget and the header checks work as for local files. Transient errors (timeouts, 5xx answers,
+connection resets) are retried with backoff (:class:`Retry`, set by ``CATFEAT_READ_TRIES`` and
+``CATFEAT_READ_WAIT``), then the file is skipped with its reason (:class:`FetchError`).
+
+:func:`list_folder` lists a folder URL once, with a change stamp per object from the listing itself
+(size + ETag/version, else modification time): no request per file. A store that cannot be used at
+all (missing bucket, bad credentials, unreachable endpoint) is one :class:`SourceError` before any work.
+Credentials and endpoints come from where each fsspec backend looks (for S3: ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL``, ~/.aws; for GCS:
+``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's login).
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import posixpath
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+# Read before the rest of an object: enough for the header of any photo format (dimensions, EXIF).
+HEADER_BYTES = 64 << 10
+# Errors that no retry can mend: the object or bucket is not there, or access is refused.
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# Libraries whose own exception classes (not OSError) mean a network or server failure.
+_NETWORK_MODULES = ("botocore", "aiohttp", "urllib3", "requests", "google", "http", "s3fs", "gcsfs", "fsspec")
+
+
+class SourceError(ValueError):
+    """A data location that cannot be used at all: missing bucket, bad credentials, unreachable store."""
+
+
+class FetchError(Exception):
+    """One image could not be read from its store; the message is the reason it is skipped."""
+
+
+def is_url(location: object) -> bool:
+    """Whether ``location`` is a URL (``scheme://...``) rather than a local path."""
+    return isinstance(location, str) and bool(_URL.match(location))
+
+
+def join_url(base: str, name: str) -> str:
+    """``name`` (relative, '/' separators) under the folder URL ``base``; '..' and '.' resolved."""
+    scheme, rest = base.split("://", 1)
+    return f"{scheme}://{posixpath.normpath(posixpath.join(rest.rstrip('/') or '/', name))}"
+
+
+def parent_url(url: str) -> str:
+    """The folder URL holding ``url``."""
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
+
+
+@dataclass(frozen=True)
+class Blob:
+    """The bytes of one image read from a store, opened by the decoders like a file (:func:`openable`)."""
+
+    url: str
+    data: bytes
+
+    def open(self) -> io.BytesIO:
+        return io.BytesIO(self.data)
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def openable(location):
+    """What ``PIL.Image.open`` takes for ``location``: a :class:`Blob`'s bytes as a file, else the path."""
+    return location.open() if isinstance(location, Blob) else location
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How transient read errors are retried: ``tries`` in all, waiting ``wait`` seconds after the
+    first failure and twice as long after each next one (at most ``longest``)."""
+
+    tries: int = 4
+    wait: float = 0.25
+    longest: float = 4.0
+
+    @classmethod
+    def from_env(cls) -> "Retry":
+        """The default, or ``CATFEAT_READ_TRIES`` / ``CATFEAT_READ_WAIT`` (seconds) where set."""
+        try:
+            tries = int(os.environ.get("CATFEAT_READ_TRIES", cls.tries))
+            wait = float(os.environ.get("CATFEAT_READ_WAIT", cls.wait))
+        except ValueError as e:
+            raise SourceError(f"CATFEAT_READ_TRIES must be a whole number and CATFEAT_READ_WAIT seconds ({e})") \
+                from None
+        if tries < 1 or wait < 0:
+            raise SourceError(f"CATFEAT_READ_TRIES must be >= 1 and CATFEAT_READ_WAIT >= 0, got {tries}, {wait}")
+        return cls(tries, wait)
+
+    def pause(self, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th failure in a row."""
+        return min(self.longest, self.wait * 2 ** (failures - 1))
+
+
+def transient(error: BaseException) -> bool:
+    """Whether ``error`` may go away on a retry: timeouts, connection errors, server errors (an
+    OSError s3fs or gcsfs raises for a 5xx answer), not a missing object or a refused access."""
+    if isinstance(error, PERMANENT):
+        return False
+    if isinstance(error, (OSError, TimeoutError, ConnectionError, asyncio.TimeoutError)):
+        return True
+    return type(error).__module__.split(".")[0] in _NETWORK_MODULES
+
+
+def retried(fn: Callable, retry: Retry | None = None, what: str = ""):
+    """``fn()``, with its transient errors (:func:`transient`) retried as ``retry`` says; the last
+    error (or the first lasting one) is raised."""
+    retry = retry or Retry.from_env()
+    for failures in range(1, retry.tries + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if failures == retry.tries or not transient(e):
+                raise
+            pause = retry.pause(failures)
+            logging.getLogger("catfeat").debug("catfeat: %s failed (%s: %s); try %d of %d in %.2f s", what or "read",
+                                               e.__class__.__name__, e, failures + 1, retry.tries, pause)
+            time.sleep(pause)
+
+
+def filesystem(url: str):
+    """``(fsspec filesystem, path in it)`` for ``url``; :class:`SourceError` when no backend reads it."""
+    try:
+        import fsspec
+    except ImportError:
+        raise SourceError(f"reading {url} needs fsspec: pip install 'catfeat[remote]'") from None
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:  # the backend (s3fs, gcsfs, ...) is missing
+        raise SourceError(f"reading {url} needs a package that is not installed ({e}); pip install "
+                          "'catfeat[remote]' (s3fs, gcsfs) or the fsspec backend of that scheme") from None
+    except ValueError as e:
+        raise SourceError(f"cannot read {url}: {e}") from None
+
+
+def access_hint(url: str) -> str:
+    """What to check when the store of ``url`` refuses access or cannot be reached."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("s3", "s3a"):
+        return ("check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws), "
+                "the endpoint (AWS_ENDPOINT_URL for a store other than AWS) and the bucket name")
+    if scheme in ("gs", "gcs"):
+        return ("check the credentials (GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default "
+                "login`) and the bucket name")
+    return "check the URL, the credentials and the network"
+
+
+def store_error(url: str, error: BaseException) -> SourceError:
+    """The one error to stop on when ``url`` cannot be listed or read before any work."""
+    what = f"{error.__class__.__name__}: {error}"
+    if isinstance(error, FileNotFoundError):
+        s3 = url.split("://", 1)[0].lower() in ("s3", "s3a")
+        return SourceError(f"{url} not found ({what}); check the bucket and folder names"
+                           + (", and the endpoint (AWS_ENDPOINT_URL) for a store other than AWS" if s3 else ""))
+    if isinstance(error, PermissionError):
+        return SourceError(f"access to {url} refused ({what}); {access_hint(url)}")
+    return SourceError(f"cannot reach {url} ({what}); {access_hint(url)}")
+
+
+def stamp(info: dict) -> str:
+    """The change stamp of one listed object: ``size:ETag`` (plus its version), else ``size:mtime``."""
+    size = info.get("size", info.get("Size"))
+    tags = [str(info[k]).strip('"') for k in ("ETag", "etag", "VersionId", "generation") if info.get(k)]
+    if tags:
+        return f"{size}:{'/'.join(tags)}"
+    for key in ("mtime", "LastModified", "updated", "last_modified", "created"):
+        when = info.get(key)
+        if when is not None:
+            return f"{size}:{when.isoformat() if hasattr(when, 'isoformat') else when}"
+    return f"{size}:"
+
+
+def list_folder(url: str, retry: Retry | None = None) -> dict[str, str]:
+    """``{name relative to url: change stamp}`` of every object under the folder ``url``, from one
+    listing; :class:`SourceError` when the store cannot be listed (nothing else is tried)."""
+    fs, path = filesystem(url)
+    path = path.rstrip("/")
+    fs.invalidate_cache(path)  # a listing cached earlier in this process would hide changes
+    try:
+        found = retried(lambda: fs.find(path, detail=True), retry, f"listing {url}")
+    except Exception as e:
+        raise store_error(url, e) from None
+    prefix = path + "/" if path else ""
+    out = {}
+    for key, info in found.items():
+        if info.get("type") == "directory" or key.endswith("/") or not key.startswith(prefix):
+            continue
+        out[key[len(prefix):]] = stamp(info)
+    return out
+
+
+def stamps_of(urls: list[str], retry: Retry | None = None) -> list[str]:
+    """The change stamp of each URL ("missing" where the store has no such object), listing each
+    folder that holds them once (no request per file); :class:`SourceError` when one cannot be listed."""
+    by_folder: dict[str, dict[str, str]] = {}
+    out = []
+    for url in urls:
+        folder = parent_url(url)
+        if folder not in by_folder:
+            fs, path = filesystem(folder)
+            fs.invalidate_cache(path)
+            try:
+                listed = retried(lambda: fs.ls(path, detail=True), retry, f"listing {folder}")
+            except FileNotFoundError:
+                listed = []  # an empty or missing folder: its files are missing, each skipped with the reason
+            except Exception as e:
+                raise store_error(folder, e) from None
+            by_folder[folder] = {posixpath.basename(i["name"].rstrip("/")): stamp(i) for i in listed
+                                 if i.get("type") != "directory"}
+        out.append(by_folder[folder].get(posixpath.basename(url), "missing"))
+    return out
+
+
+def read_url(url: str, retry: Retry | None = None) -> bytes:
+    """The whole object at ``url`` (a manifest), transient errors retried; :class:`SourceError` if not."""
+    fs, path = filesystem(url)
+    try:
+        return retried(lambda: fs.cat_file(path), retry, f"reading {url}")
+    except Exception as e:
+        raise store_error(url, e) from None
+
+
+def fetch(location, max_bytes: int | None = None, check: Callable[[bytes, int], None] | None = None,
+          retry: Retry | None = None):
+    """The image at ``location`` ready for the decoders: a local path as it is (they read it
+    themselves), a URL's object as a :class:`Blob`.
+
+    An object of more than ``max_bytes`` is refused before it is read; ``check(header, size)`` sees
+    its first :data:`HEADER_BYTES` and its size before the rest is read, and refuses it by raising
+    (that error passes through, it is not retried). Transient errors are retried (``retry``,
+    default :meth:`Retry.from_env`); then, as for a missing object or refused access, :class:`FetchError`.
+    """
+    if not is_url(location):
+        return location
+    retry = retry or Retry.from_env()
+    fs, path = filesystem(location)
+
+    def once() -> bytes:
+        with fs.open(path, "rb") as f:
+            size = f.size
+            if max_bytes is not None and size is not None and size > max_bytes:
+                raise FetchError(f"object is {size:,} bytes, more than any image catfeat reads ({max_bytes:,}); "
+                                 "not read")
+            head = f.read(HEADER_BYTES)
+            if check is not None:
+                check(head, len(head) if size is None else size)
+            return head + f.read()
+
+    try:
+        return Blob(location, retried(once, retry, f"reading {location}"))
+    except FileNotFoundError:
+        raise FetchError("not found in the store (removed since it was listed?)") from None
+    except PermissionError as e:
+        raise FetchError(f"access refused by the store ({e}); {access_hint(location)}") from None
+    except Exception as e:
+        if not transient(e):
+            raise
+        tries = f"{retry.tries} tries" if retry.tries > 1 else "1 try"
+        raise FetchError(f"cannot read it after {tries} ({e.__class__.__name__}: {e})") from None

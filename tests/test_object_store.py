@@ -1,0 +1,312 @@
+"""Images in object storage and in manifests, against a real SeaweedFS S3 store started on 127.0.0.1.
+
+Extraction from ``s3://bucket/prefix/``, from a CSV and from a Parquet manifest in the bucket gives
+the cache extraction from the same files on disk gives (features, names, labels, skipped); a
+missing bucket or wrong credentials is one error before anything is written; transient read errors
+are retried, then the file is skipped with its reason; a manifest's bad column is named.
+"""
+from __future__ import annotations
+
+import collections
+import importlib.util
+import io
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import real_data
+
+MODEL = "lite0" if importlib.util.find_spec("catfeat.models.lite") else "r50"
+FAST = dict(weights=None, batch_size=4, progress=False)
+BUCKET = "catfeat-photos"
+BROKEN = "train/cat.999.jpg"  # not an image: skipped with the same reason wherever it is read from
+
+
+@pytest.fixture(scope="module")
+def s3(seaweedfs):
+    """The standard AWS variables pointing at the test store, for this module; cached clients dropped."""
+    import s3fs
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in seaweedfs.env().items():
+            mp.setenv(k, v)
+        mp.delenv("AWS_PROFILE", raising=False)
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield seaweedfs
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A Kaggle-layout folder of real photos (4 cats, 4 dogs, 2 test) and one broken file."""
+    src = real_data("small200")
+    root = tmp_path_factory.mktemp("photos")
+    for sub, names in (("train", [f"{c}.{i}.jpg" for c in ("cat", "dog") for i in range(4)]),
+                       ("test", ["1.jpg", "2.jpg"])):
+        (root / sub).mkdir()
+        for name in names:
+            shutil.copyfile(src / sub / name, root / sub / name)
+    (root / BROKEN).write_bytes(b"not an image at all")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(photos, tmp_path_factory):
+    """The cache extracted from the local folder."""
+    from catfeat.extraction.run import run_extraction
+
+    out = tmp_path_factory.mktemp("local")
+    return run_extraction(photos, MODEL, out, **FAST).paths
+
+
+@pytest.fixture(scope="module")
+def bucket(s3, photos, reference):
+    """The photos uploaded to s3://catfeat-photos/set/, with a CSV and a Parquet manifest of them."""
+    import pandas as pd
+
+    from catfeat.cache.store import open_cache
+
+    fs = s3.fs()
+    if not fs.exists(BUCKET):
+        fs.mkdir(BUCKET)
+    for path in sorted(photos.rglob("*.jpg")):
+        fs.pipe(f"{BUCKET}/set/{path.relative_to(photos).as_posix()}", path.read_bytes())
+    cache = open_cache(next(iter(reference.values())))
+    classes = cache.known_classes()
+    names = [str(n) for n in cache.names("train")] + [s["path"] for s in cache.skipped()] + \
+        [str(n) for n in cache.names("test")]
+    # the folder's order: train (cats, then dogs; the broken cat among them), then test
+    train = sorted((n for n in names if n.startswith("train/")), key=lambda n: (n.split("/")[1].split(".")[0],
+                                                                              int(n.split(".")[1])))
+    rows = [{"image": n, "label": n.split("/")[1].split(".")[0], "split": "train"} for n in train] + \
+           [{"image": n, "label": "", "split": "test"} for n in names if n.startswith("test/")]
+    assert classes == ["cat", "dog"]
+    df = pd.DataFrame(rows)
+    fs.pipe(f"{BUCKET}/set/manifest.csv", df.to_csv(index=False).encode())
+    buf = io.BytesIO()
+    df.assign(label=df["label"].replace("", None)).to_parquet(buf, index=False)
+    fs.pipe(f"{BUCKET}/set/manifest.parquet", buf.getvalue())
+    return f"s3://{BUCKET}/set/"
+
+
+def content(paths: dict) -> dict:
+    """What must match between two caches: features, names and labels per split, the skipped list."""
+    from catfeat.cache.store import open_cache
+
+    cache = open_cache(next(iter(paths.values())))
+    return {"train": cache.features("train"), "test": cache.features("test"),
+            "train_names": [str(n) for n in cache.names("train")], "test_names": [str(n) for n in cache.names("test")],
+            "labels": cache.labels().tolist(), "classes": cache.known_classes(),
+            "skipped": [(s["path"], s["reason"]) for s in cache.skipped()]}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    for key in a:
+        if isinstance(a[key], np.ndarray):
+            np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
+        else:
+            assert b[key] == a[key], key
+
+
+def test_a_folder_url_gives_the_cache_of_the_same_files_on_disk(bucket, reference, tmp_path, capsys):
+    from catfeat.cache.store import open_cache
+    from catfeat.cli.info import main as info
+    from catfeat.extraction.run import run_extraction
+
+    local = content(reference)
+    assert len(local["train_names"]) == 8 and len(local["test_names"]) == 2
+    assert local["skipped"] and local["skipped"][0][0] == BROKEN
+    # worker processes read by URL too (they get the credentials from the environment)
+    got = run_extraction(bucket, MODEL, tmp_path, reader="processes", workers=2, **FAST)
+    assert_same(local, content(got.paths))
+    cache = open_cache(next(iter(got.paths.values())))
+    assert cache.attrs["data_root"] == bucket and cache.attrs["layout"] == "kaggle"
+    capsys.readouterr()
+    assert info([str(tmp_path)]) == 0
+    assert f"data: {bucket}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("manifest", ["manifest.csv", "manifest.parquet"])
+def test_a_manifest_in_the_bucket_gives_the_cache_of_the_same_files_on_disk(bucket, reference, tmp_path, manifest):
+    from catfeat.cache.store import open_cache
+    from catfeat.extraction.run import run_extraction
+
+    url = bucket + manifest
+    got = run_extraction(url, MODEL, tmp_path, **FAST)
+    assert_same(content(reference), content(got.paths))
+    cache = open_cache(next(iter(got.paths.values())))
+    assert cache.attrs["data_root"] == url and cache.attrs["layout"] == "manifest"
+
+
+def test_stamps_come_from_the_listing_and_follow_a_changed_object(bucket, s3):
+    from catfeat.images.listing import list_images
+
+    fs = s3.fs()
+    images = list_images(bucket)
+    infos = {i["name"]: i for i in fs.find(f"{BUCKET}/set", detail=True).values()}
+    info = infos[f"{BUCKET}/set/train/dog.1.jpg"]
+    stamps = images.stamps()
+    assert stamps[images.names.index("train/dog.1.jpg")] == f"{info['size']}:{info['ETag'].strip(chr(34))}"
+    before = images.fingerprint()
+    key = f"{BUCKET}/set/train/dog.1.jpg"
+    original = fs.cat_file(key)
+    try:
+        fs.pipe(key, original + b"\0")  # same name, new bytes: a new ETag
+        assert list_images(bucket).fingerprint() != before
+    finally:
+        fs.pipe(key, original)
+
+
+def test_a_missing_bucket_or_wrong_credentials_is_one_error_before_any_work(bucket, s3, tmp_path, monkeypatch,
+                                                                            capsys):
+    import s3fs
+
+    from catfeat.cli.extract import main as extract
+
+    out = tmp_path / "features"
+    for data in ("s3://no-such-bucket/photos/", "s3://no-such-bucket/list.csv"):
+        assert extract([data, "--models", MODEL, "--weights", "none", "--features", str(out), "-q"]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no-such-bucket" in err[0] and "bucket" in err[0].split("no-such-bucket", 1)[1]
+        assert not out.exists()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        for data in (bucket, bucket + "manifest.csv"):
+            assert extract([data, "--models", MODEL, "--weights", "none", "--features", str(out), "-q"]) != 0
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and data in err[0] and "AWS_SECRET_ACCESS_KEY" in err[0], err
+            assert not out.exists()
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def flaky(s3, monkeypatch):
+    """``flaky://`` URLs: the real store through s3fs, except that the first read of every object
+    fails with a connection reset (as a dropped connection does), and objects named in ``always``
+    fail every time."""
+    import fsspec
+    import s3fs
+
+    class FlakyS3(s3fs.S3FileSystem):
+        protocol = ("flaky",)
+        opened: collections.Counter = collections.Counter()
+        always: set = set()
+
+        def _open(self, path, mode="rb", **kwargs):
+            key = self._strip_protocol(path)
+            FlakyS3.opened[key] += 1
+            if FlakyS3.opened[key] == 1 or key.rsplit("/", 1)[-1] in FlakyS3.always:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            return super()._open(path, mode, **kwargs)
+
+    fsspec.register_implementation("flaky", FlakyS3, clobber=True)
+    monkeypatch.setenv("CATFEAT_READ_TRIES", "3")
+    monkeypatch.setenv("CATFEAT_READ_WAIT", "0.01")
+    yield FlakyS3
+    # (left registered: a later registration replaces it, clobber=True)
+
+
+def test_transient_read_errors_are_retried_then_the_file_is_skipped_with_its_reason(bucket, reference, flaky,
+                                                                                   tmp_path):
+    from catfeat.extraction.run import run_extraction
+    from catfeat.images.unit import decode_timed
+
+    # one image: the first read fails, the second gives the same arrays as the file on disk
+    url = bucket.replace("s3://", "flaky://") + "train/cat.1.jpg"
+    arrays, reason, _, _ = decode_timed(url, [32])
+    assert reason is None and flaky.opened[f"{BUCKET}/set/train/cat.1.jpg"] == 2
+    # a missing object is not retried: after the reset, one more try says so, and it is skipped with the reason
+    arrays, reason, _, _ = decode_timed(bucket.replace("s3://", "flaky://") + "train/gone.1.jpg", [32])
+    assert arrays is None and "not found" in reason and flaky.opened[f"{BUCKET}/set/train/gone.1.jpg"] == 2
+
+    flaky.opened.clear()
+    flaky.always.add("dog.2.jpg")
+    got = run_extraction(bucket.replace("s3://", "flaky://"), MODEL, tmp_path, reader="threads", **FAST)
+    local, remote = content(reference), content(got.paths)
+    skipped = dict(remote["skipped"])
+    assert set(skipped) == {BROKEN, "train/dog.2.jpg"} and skipped[BROKEN] == dict(local["skipped"])[BROKEN]
+    assert "after 3 tries" in skipped["train/dog.2.jpg"] and "ConnectionResetError" in skipped["train/dog.2.jpg"]
+    assert flaky.opened[f"{BUCKET}/set/train/dog.2.jpg"] == 3
+    assert all(n == 2 for k, n in flaky.opened.items() if not k.endswith(("dog.2.jpg", ".999.jpg"))), flaky.opened
+    keep = [i for i, n in enumerate(local["train_names"]) if n != "train/dog.2.jpg"]
+    assert remote["train_names"] == [local["train_names"][i] for i in keep]
+    np.testing.assert_allclose(remote["train"], local["train"][keep], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(remote["test"], local["test"], rtol=0, atol=1e-6)
+
+
+def test_a_manifest_with_a_missing_or_bad_column_is_refused_naming_the_column(tmp_path, bucket, s3):
+    from catfeat.images.listing import list_images
+    from catfeat.images.manifest import ManifestError
+
+    cases = {
+        "path,label\ntrain/cat.1.jpg,cat\n": ("'image'", "path, label"),
+        "image,label,split\ntrain/cat.1.jpg,cat,validation\n": ("'split'", "'validation'"),
+        "image,split\ntrain/cat.1.jpg,train\n": ("'label'", "train/cat.1.jpg"),
+        "image,label\ntrain/cat.1.jpg,cat\ntrain/cat.1.jpg,cat\n": ("'image'", "twice"),
+        "image,label\n,cat\n": ("'image'", "row 1 is empty"),
+    }
+    for i, (text, words) in enumerate(cases.items()):
+        path = tmp_path / f"m{i}.csv"
+        path.write_text(text)
+        with pytest.raises(ManifestError) as e:
+            list_images(path)
+        assert str(path) in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+    s3.fs().pipe(f"{BUCKET}/lists/nocolumn.csv", b"file\nset/train/cat.1.jpg\n")
+    with pytest.raises(ManifestError, match=r"s3://catfeat-photos/lists/nocolumn.csv has no column 'image'"):
+        list_images(f"s3://{BUCKET}/lists/nocolumn.csv")
+
+
+def test_a_file_url_and_a_local_manifest_list_what_the_folder_lists(tmp_path):
+    """No server needed: ``file://`` goes through fsspec too, a local manifest resolves its relative paths."""
+    from conftest import make_kaggle
+
+    from catfeat.images.listing import image_location, list_images
+
+    data = make_kaggle(tmp_path / "data", n_per_class=3, n_test=2)
+    folder = list_images(data)
+    url = list_images(f"file://{data}/")
+    assert (url.names, url.labels.tolist(), url.split, url.classes, url.layout) == \
+        (folder.names, folder.labels.tolist(), folder.split, folder.classes, folder.layout)
+    assert url.data_root() == f"file://{data}/" and url.paths()[0] == f"file://{data}/{folder.names[0]}"
+    sizes = [int(s.split(":")[0]) for s in url.stamps()]
+    assert sizes == [(data / n).stat().st_size for n in folder.names]
+    manifest = data / "list.csv"
+    manifest.write_text("image,label\n" + "".join(f"{n},{n.split('/')[1].split('.')[0]}\n" for n in folder.names
+                                                  if n.startswith("train/"))
+                        + "".join(f"{n},\n" for n in folder.names if n.startswith("test/")))
+    listed = list_images(manifest)
+    assert (listed.names, listed.labels.tolist(), listed.split, listed.classes) == \
+        (folder.names, folder.labels.tolist(), folder.split, folder.classes)
+    assert listed.paths() == [data / n for n in folder.names] and listed.layout == "manifest"
+    assert listed.stamps() == folder.stamps() and image_location(str(manifest), "test/1.jpg") == data / "test/1.jpg"
+    assert list_images(manifest, limit=2).names == ["train/cat.0.jpg", "train/dog.0.jpg", "test/1.jpg", "test/2.jpg"]
+
+
+def test_an_object_too_large_for_its_header_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """The header check a local file gets from its stat, made on the first bytes of an object."""
+    from conftest import save_image
+
+    import catfeat.images.sources as sources
+    from catfeat.images.listing import file_size_limit
+    from catfeat.images.unit import decode_timed
+
+    path = save_image(tmp_path / "cat.1.jpg", 1, size=(40, 30))
+    with open(path, "ab") as f:  # a 40 x 30 JPEG with more trailing bytes than such an image can need
+        f.truncate(file_size_limit(40, 30) + 1)
+    local = decode_timed(path, [32])
+    import fsspec.implementations.local as fl
+
+    read, original = [], fl.LocalFileOpener.read
+
+    def counted(self, *args):
+        data = original(self, *args)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(fl.LocalFileOpener, "read", counted)
+    remote = decode_timed(f"file://{path}", [32])
+    assert local[0] is None and remote[0] is None and remote[1] == local[1] and "more than a 40x30 image" in local[1]
+    assert sum(read) <= sources.HEADER_BYTES  # only the header was read
