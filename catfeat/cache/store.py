@@ -7,6 +7,9 @@ Layout of ``gap_<ModelName>.h5`` (the cache contract):
     skipped_names, skipped_reasons (utf-8), skipped_index (int64): images that could not be decoded
     damaged_names, damaged_reasons (utf-8), damaged_index (int64): images decoded with corrupt data
         (a truncated JPEG, the rest gray) and kept; absent in caches of earlier versions
+    train_stamps (N,) utf-8, test_stamps (M,) utf-8: the change stamp of each row's file when it was
+        listed (``ImageSet.stamps``), which lets a rerun on a changed image set keep the rows of
+        unchanged files (catfeat.extraction.grow); absent in caches of earlier versions
 
 Attributes: see ``KEY_FIELDS`` (what must match for a cache to be reused) and ``FeatureWriter``.
 The skipped list lives in datasets rather than an attribute because HDF5 attributes are capped at
@@ -38,6 +41,12 @@ FORMAT = "catfeat-gap/1"
 # What must be identical for a cache to stand for a request; anything else is informational.
 KEY_FIELDS = ("backbone", "weights", "input_size", "preprocessing", "precision", "tta", "decoder",
               "images_fingerprint", "dtype", "on_damaged")
+# The key field that says *which* images a cache holds; the others say *how* its features are made.
+# A cache whose how-fields match a request but whose images differ grows (catfeat.extraction.grow).
+IMAGE_FIELDS = ("images_fingerprint",)
+HOW_FIELDS = tuple(k for k in KEY_FIELDS if k not in IMAGE_FIELDS)
+# What the last growth of a cache did (attribute "growth", JSON): images per kind, in this order.
+GROWTH_COUNTS = ("kept", "added", "changed", "removed", "retried")
 # Storage dtypes of the train/test features (attribute "dtype"; absent in older caches = float32).
 # float16 halves disk and memory; features are always returned as float32.
 DTYPES = ("float32", "float16")
@@ -200,6 +209,21 @@ def _attr_value(v):
     return v
 
 
+def growth_text(counts: Mapping[str, int] | str | None) -> str:
+    """What a growth did, as printed: ``"200 kept, 10 added, 2 changed, 1 removed"`` (plus
+    ``", 1 retried"``: images the cache had skipped, tried again). ``counts``: a dict or the JSON of a
+    cache's ``growth`` attribute; "" when None or unreadable."""
+    if isinstance(counts, str):
+        try:
+            counts = json.loads(counts)
+        except (TypeError, ValueError, RecursionError):
+            return ""
+    if not isinstance(counts, Mapping):
+        return ""
+    parts = [f"{counts.get(k, 0)} {k}" for k in GROWTH_COUNTS if k != "retried" or counts.get(k)]
+    return ", ".join(parts)
+
+
 def differences(attrs: dict, expected: dict) -> dict:
     """Key fields whose values differ: {field: (cached, expected)}."""
     return {k: (attrs.get(k, LEGACY_DEFAULTS.get(k)), expected[k]) for k in KEY_FIELDS
@@ -215,8 +239,12 @@ class FeatureWriter:
     """
 
     def __init__(self, path: str | os.PathLike, attrs: dict, names: Sequence[str], labels: np.ndarray,
-                 split: Sequence[str], dim: int, chunk_rows: int = 256):
+                 split: Sequence[str], dim: int, chunk_rows: int = 256, stamps: Sequence[str] | None = None):
         self.path = Path(path)
+        # one change stamp per position, stored per row at finish (train_stamps, test_stamps)
+        self.stamps = None if stamps is None else list(stamps)
+        if self.stamps is not None and len(self.stamps) != len(names):
+            raise ValueError(f"{len(self.stamps)} stamps for {len(names)} images")
         self.partial = partial_path(self.path)
         self.attrs, self.dim = dict(attrs), int(dim)
         self.names, self.labels, self.split = list(names), np.asarray(labels), list(split)
@@ -466,6 +494,8 @@ class FeatureWriter:
 
     def _finish_attrs(self, extra_attrs: dict) -> None:
         f = self._f
+        if self.stamps is not None:
+            self._write_stamps()
         for k, v in extra_attrs.items():
             f.attrs[k] = v
         f.attrs["skipped_count"] = int(f["skipped_names"].shape[0])
@@ -473,6 +503,19 @@ class FeatureWriter:
         f.attrs["complete"] = True
         f.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         f.close()
+
+    def _write_stamps(self) -> None:
+        """``train_stamps`` and ``test_stamps``: the stamp of each feature row (skipped positions have none)."""
+        f = self._f
+        kept = np.ones(len(self.names), bool)
+        kept[f["skipped_index"][()]] = False
+        for split in ("train", "test"):
+            values = [s for s, k, sp in zip(self.stamps, kept, self.split) if k and sp == split]
+            if len(values) != f[split].shape[0]:
+                raise RuntimeError(f"{self.partial}: {len(values)} {split} stamps for {f[split].shape[0]} rows")
+            if f"{split}_stamps" in f:
+                del f[f"{split}_stamps"]
+            f.create_dataset(f"{split}_stamps", data=_encode(values), dtype=_STR, shape=(len(values),))
 
     def close(self, discard_empty: bool = True) -> None:
         """Close without finishing: the partial file stays for a later resume unless it holds no row."""

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,8 +22,9 @@ from catfeat.models.registry import BackboneSpec, Weights, parse_models, weights
 from catfeat.images.listing import ImageSet, list_images, shown
 from catfeat.images.reader import READERS, choose_reader, iter_batches
 from catfeat.cache.store import (
-    CacheError, FeatureWriter, StaleCacheError, StalePartialError, remove_planted_link, cache_path, differences,
-    open_cache, partial_attrs, partial_path, removed_during_run)
+    HOW_FIELDS, CacheError, FeatureWriter, StaleCacheError, StalePartialError, remove_planted_link, cache_path,
+    differences, growth_text, open_cache, partial_attrs, partial_path, removed_during_run)
+from catfeat.extraction import grow
 
 DEFAULT_MODELS = ("r50", "incv3", "xcep", "irv2")
 # The largest --batch-size: 4,096 images of 299 x 299 pixels are 4.4 GB as float32 before the model's
@@ -50,6 +51,7 @@ class ExtractionReport:
     precision: str = ""
     decoder: str = ""
     reader: str = ""  # "threads" or "processes" (local engine)
+    grown: dict[str, dict] = field(default_factory=dict)  # backbone -> images kept/added/changed/removed
 
     def where(self) -> str:
         """e.g. ``jax on cuda:0 (NVIDIA H100 80GB HBM3), mixed_bfloat16, opencv decoder on processes``."""
@@ -65,6 +67,11 @@ class ExtractionReport:
             parts.append("reused: " + ",".join(self.reused))
         if self.resumed:
             parts.append("resumed: " + ",".join(f"{k}@{v}" for k, v in self.resumed.items()))
+        texts = {k: growth_text(v) for k, v in self.grown.items()}
+        if len(set(texts.values())) == 1:
+            parts.append("grown: " + next(iter(texts.values())))
+        else:
+            parts += [f"grown {k}: {t}" for k, t in texts.items()]
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items() if k != "total")
         if self.backend:
             parts.append(self.where())
@@ -180,6 +187,8 @@ class ExtractionPlan:
     reader: str = "auto"
     force: bool = False  # discard unfinished work of a different request (the Ray engine's parts)
     skip_damaged: bool = False
+    stamps: list[str] | None = None  # one change stamp per image, stored per row (caches that grow)
+    allow_empty: bool = False  # a cache with no feature row is fine (the computed images of a growth)
 
     def decode_fn(self) -> Callable:
         """The decoder's function with this plan's damaged-image policy (picklable, for worker processes)."""
@@ -237,7 +246,8 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
         raise ValueError(f"a weights file ({w}) fits one backbone; extract one model at a time with it")
     images = list_images(data_dir, limit)
     batch_size, workers = _fit_to_work(len(images), batch_size, workers, log, asked_batch)
-    fingerprint = images.fingerprint()
+    stamps = images.stamps()
+    fingerprint = images.fingerprint(stamps)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -253,6 +263,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
         log(f"catfeat: {hint}")
     with ExitStack() as stack:
         pending: dict[str, dict] = {}  # backbone -> attrs of the cache to build
+        growing: set[str] = set()  # of those, the caches built by growing the complete one in place
         for spec in specs:
             path = cache_path(out, spec.name)
             _lock(stack, path)
@@ -275,21 +286,94 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
                     diff = {"file": ("unreadable", "rebuild")}
                 if not diff:
                     report.reused.append(spec.name)
+                    grow.remove_delta(path)  # scratch of a growth that ended after its rename
                     continue
-                if not force:
+                if not force and not set(diff) & set(HOW_FIELDS):  # same recipe, other images: grow it
+                    growing.add(spec.name)
+                    _drop_stale_growth(partial_path(path), attrs, len(images), log)
+                elif not force:
                     raise StaleCacheError(path, diff)
-                log(f"catfeat: rebuilding {path} (--force): {', '.join(diff)} changed")
+                else:
+                    log(f"catfeat: rebuilding {path} (--force): {', '.join(diff)} changed")
             _check_partial(partial_path(path), attrs, len(images), force, log)
             pending[spec.name] = attrs
         if pending:
             plan = ExtractionPlan(images, [s for s in specs if s.name in pending], pending,
                                   {k: report.paths[k] for k in pending}, w, seed, precision, tta, dec.name,
-                                  batch_size, workers, progress, log, reader, force, skip_damaged)
-            ENGINES[engine](plan, report, stack, **(engine_options or {}))
+                                  batch_size, workers, progress, log, reader, force, skip_damaged, stamps)
+            full = [s for s in plan.specs if s.name not in growing]
+            if full:
+                ENGINES[engine](_only(plan, full), report, stack, **(engine_options or {}))
+            if growing:
+                _grow(_only(plan, [s for s in plan.specs if s.name in growing]), report, stack, engine,
+                      engine_options or {})
             done = open_cache(report.paths[next(iter(pending))])
             report.skipped, report.damaged = done.skipped(), done.damaged()
     report.seconds["total"] = time.perf_counter() - t0
     return report
+
+
+def _only(plan: ExtractionPlan, specs: list[BackboneSpec]) -> ExtractionPlan:
+    """``plan`` narrowed to the caches of ``specs``."""
+    return replace(plan, specs=specs, attrs={s.name: plan.attrs[s.name] for s in specs},
+                   paths={s.name: plan.paths[s.name] for s in specs})
+
+
+def _drop_stale_growth(partial: Path, attrs: dict, n_images: int, log: Callable[[str], None]) -> None:
+    """Remove the unfinished merge of an earlier growth whose images changed again since: its rows are
+    copies (cheap to redo), and the complete cache it was growing is still in place."""
+    held = partial_attrs(partial)
+    if held is None or "growth" not in held:
+        return
+    if differences(held, attrs) or held.get("n_images") != n_images:
+        log(f"catfeat: removing {partial}: the unfinished merge of an earlier growth, for images changed since")
+        partial.unlink()
+
+
+def _grow(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack, engine: str, options: dict) -> None:
+    """Grow the complete caches ``plan.paths`` to ``plan.images`` (see :mod:`catfeat.extraction.grow`):
+    the engine computes the new and changed images into ``OUT/.grow``, then each cache is merged."""
+    images, stamps = plan.images, plan.stamps
+    growths = {s.name: grow.plan_growth(plan.paths[s.name], images, stamps) for s in plan.specs}
+    groups: dict[tuple, list[BackboneSpec]] = {}  # caches built together need the same images computed
+    for s in plan.specs:
+        groups.setdefault(tuple(growths[s.name].compute), []).append(s)
+        if growths[s.name].note:
+            plan.log(f"catfeat: {growths[s.name].note}")
+        was = open_cache(plan.paths[s.name]).known_classes()
+        if was is not None and was != list(images.classes):
+            # Label indices follow the sorted class names: kept rows take the new listing's labels,
+            # i.e. they are re-mapped by class name, as a full rebuild would label them.
+            plan.log(f"catfeat: {plan.paths[s.name].name}: the classes changed from {was} to {list(images.classes)}; "
+                     "label indices follow the new list (kept rows re-mapped by class name): refit heads "
+                     "fitted on the old cache")
+    for compute, specs in groups.items():
+        deltas = {s.name: grow.delta_path(plan.paths[s.name]) for s in specs}
+        if compute:
+            sub = images.subset(compute)
+            fp = sub.fingerprint([stamps[i] for i in compute])
+            attrs = {s.name: {**plan.attrs[s.name], "images_fingerprint": fp} for s in specs}
+            todo = []
+            for s in specs:
+                grow.make_grow_dir(plan.paths[s.name])
+                grow.drop_stale_delta(deltas[s.name], attrs[s.name], len(sub), plan.log)
+                if not grow.delta_is_done(deltas[s.name], attrs[s.name], len(sub)):
+                    todo.append(s)
+            if todo:
+                delta_plan = replace(plan, images=sub, specs=todo, attrs={s.name: attrs[s.name] for s in todo},
+                                     paths={s.name: deltas[s.name] for s in todo}, stamps=None, allow_empty=True,
+                                     force=True)
+                ENGINES[engine](delta_plan, report, stack, **options)
+        for s in specs:
+            g, path = growths[s.name], plan.paths[s.name]
+            attrs = {**plan.attrs[s.name], **grow.growth_attrs(g)}
+            _guard_write(partial_path(path), grow.merge_growth, path, attrs, images, stamps, s.feature_dim, g,
+                         path, deltas[s.name] if compute else None)
+            grow.remove_delta(path)
+            report.grown[s.name] = g.counts
+            if g.relabelled:
+                plan.log(f"catfeat: {path.name}: {g.relabelled} kept image(s) changed label or split; their "
+                         "features were kept, their labels are the new listing's")
 
 
 def _check_partial(partial: Path, attrs: dict, n_images: int, force: bool, log: Callable[[str], None]) -> None:
@@ -341,7 +425,7 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
     writers: dict[str, FeatureWriter] = {}
     for spec in plan.specs:
         writer = FeatureWriter(plan.paths[spec.name], plan.attrs[spec.name], images.names, images.labels,
-                               images.split, spec.feature_dim)
+                               images.split, spec.feature_dim, stamps=plan.stamps)
         stack.callback(writer.close)
         if writer.resumed_from:
             report.resumed[spec.name] = writer.resumed_from
@@ -393,7 +477,7 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
             bar.close()
             if not secs["resize"]:  # decoders other than Pillow time decode and resize as one
                 del secs["resize"]
-    if not any(w.rows for w in writers.values()):
+    if not plan.allow_empty and not any(w.rows for w in writers.values()):
         raise NoUsableImagesError(
             f"none of the {len(images)} images under {images.root} could be decoded "
             f"(e.g. {shown(images.names[0])}); see the skipped list above")

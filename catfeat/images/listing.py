@@ -19,7 +19,7 @@ import re
 import stat
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -59,6 +59,12 @@ class ImageSet:
 
     def paths(self) -> list[Path]:
         return [self.root / n for n in self.names]
+
+    def subset(self, positions: Sequence[int]) -> "ImageSet":
+        """The images at ``positions`` (in that order) with the same root, classes and layout."""
+        idx = [int(i) for i in positions]
+        return replace(self, names=[self.names[i] for i in idx], split=[self.split[i] for i in idx],
+                                   labels=np.asarray(self.labels)[np.asarray(idx, dtype=np.int64)])
 
     def stamps(self) -> list[str]:
         """One stamp per image that changes when its file changes: ``"size:mtime_ns"``, or ``"missing"``."""
