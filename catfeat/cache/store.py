@@ -82,7 +82,7 @@ class StaleCacheError(CacheError):
         self.path, self.differences = path, differences
         diff = "; ".join(f"{k}: cache has {v[0]!r}, asked {v[1]!r}" for k, v in differences.items())
         super().__init__(f"{path} was built differently ({diff}). Use --force (force=True) to rebuild it, "
-                         "or --out another folder to keep both")
+                         "or --features another folder to keep both")
 
 
 class StalePartialError(CacheError):
@@ -888,8 +888,8 @@ def check_same_source(caches: dict[str, FeatureCache], join: str = "exact") -> N
             raise CacheError(
                 f"the caches of {first} and {name} come from different images ({k}: {a.path.name} has {va!r}, "
                 f"{c.path.name} has {vb!r}); fusing them would pair unrelated rows. Extract both backbones "
-                f"from the same folder in one command: python -m catfeat.extract DATA_DIR --models {first},{name} "
-                "--force")
+                f"from the same folder in one command (a cache of other images grows to the folder's): "
+                f"python -m catfeat.extract DATA_DIR --models {first},{name}")
 
 
 def feature_recipe(attrs: dict) -> dict:

@@ -1,7 +1,8 @@
 """Extraction: images -> decode once -> every requested backbone -> one cache file per backbone.
 
 :func:`run_extraction` plans (a cache that already matches the request is reused, a partial one is
-resumed, a different one refused), locks, and hands the plan to an engine from :data:`ENGINES`.
+resumed, one of the same recipe but other images grown (:mod:`catfeat.extraction.grow`), a different
+one refused), locks, and hands the plan to an engine from :data:`ENGINES`.
 Both engines run the same stages (:mod:`catfeat.extraction.stages`): reader, model runner, writer.
 """
 from __future__ import annotations
@@ -80,6 +81,11 @@ class ExtractionReport:
 
 class NoUsableImagesError(RuntimeError):
     """Every image failed to decode: nothing to cache."""
+
+
+def _none_decoded(images: ImageSet) -> NoUsableImagesError:
+    return NoUsableImagesError(f"none of the {len(images)} images under {images.root} could be decoded "
+                               f"(e.g. {shown(images.names[0])}); see the skipped list above")
 
 
 def _guard_write(partial: Path, fn, *args):
@@ -290,11 +296,13 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
                     continue
                 if not force and not set(diff) & set(HOW_FIELDS):  # same recipe, other images: grow it
                     growing.add(spec.name)
-                    _drop_stale_growth(partial_path(path), attrs, len(images), log)
+                    _drop_growth(partial_path(path), attrs, len(images), log)
                 elif not force:
                     raise StaleCacheError(path, diff)
                 else:
                     log(f"catfeat: rebuilding {path} (--force): {', '.join(diff)} changed")
+                    _drop_growth(partial_path(path), None, len(images), log)
+                    grow.remove_delta(path)
             _check_partial(partial_path(path), attrs, len(images), force, log)
             pending[spec.name] = attrs
         if pending:
@@ -319,14 +327,16 @@ def _only(plan: ExtractionPlan, specs: list[BackboneSpec]) -> ExtractionPlan:
                    paths={s.name: plan.paths[s.name] for s in specs})
 
 
-def _drop_stale_growth(partial: Path, attrs: dict, n_images: int, log: Callable[[str], None]) -> None:
-    """Remove the unfinished merge of an earlier growth whose images changed again since: its rows are
-    copies (cheap to redo), and the complete cache it was growing is still in place."""
+def _drop_growth(partial: Path, attrs: dict | None, n_images: int, log: Callable[[str], None]) -> None:
+    """Remove the unfinished merge of an earlier growth unless it is one of ``attrs`` (None: any, for
+    --force, which rebuilds from scratch). Its rows are copies, cheap to redo, and the complete cache
+    it was growing is still in place."""
     held = partial_attrs(partial)
     if held is None or "growth" not in held:
         return
-    if differences(held, attrs) or held.get("n_images") != n_images:
-        log(f"catfeat: removing {partial}: the unfinished merge of an earlier growth, for images changed since")
+    if attrs is None or differences(held, attrs) or held.get("n_images") != n_images:
+        log(f"catfeat: removing {partial}: the unfinished merge of an earlier growth"
+            + (" (--force)" if attrs is None else ", for images changed since"))
         partial.unlink()
 
 
@@ -366,6 +376,8 @@ def _grow(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack, engi
                 ENGINES[engine](delta_plan, report, stack, **options)
         for s in specs:
             g, path = growths[s.name], plan.paths[s.name]
+            if not g.counts["kept"] and not (compute and len(open_cache(deltas[s.name]))):
+                raise _none_decoded(images)  # as a full build of these images would; the old cache stays
             attrs = {**plan.attrs[s.name], **grow.growth_attrs(g)}
             _guard_write(partial_path(path), grow.merge_growth, path, attrs, images, stamps, s.feature_dim, g,
                          path, deltas[s.name] if compute else None)
@@ -478,9 +490,7 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
             if not secs["resize"]:  # decoders other than Pillow time decode and resize as one
                 del secs["resize"]
     if not plan.allow_empty and not any(w.rows for w in writers.values()):
-        raise NoUsableImagesError(
-            f"none of the {len(images)} images under {images.root} could be decoded "
-            f"(e.g. {shown(images.names[0])}); see the skipped list above")
+        raise _none_decoded(images)
     for writer in writers.values():
         _guard_write(writer.partial, writer.finish)
 
@@ -505,7 +515,9 @@ def extract(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_M
     """Extract GAP features of ``models`` for the images under ``data_dir`` into ``out``.
 
     Returns {backbone full name: cache path}. A matching cache is reused, an unfinished one is
-    resumed, a different one is refused unless ``force``. ``weights``: "imagenet", None (random,
+    resumed, one made the same way from images that were since added, changed or removed grows
+    (only those are computed; the result equals a rebuild), a different one is refused unless
+    ``force`` (which also rebuilds a cache of other images from scratch). ``weights``: "imagenet", None (random,
     fixed by ``seed``) or a weights file path (one backbone). ``precision``: "float32" or "mixed".
     ``tta="flip"`` stores the mean of the features of each image and its mirror image.
     ``batch_size=None``: 32 on a CPU, 128 on a GPU. ``decoder``: "auto" (OpenCV where installed),

@@ -1,0 +1,135 @@
+"""Caches that grow: a full extraction of N photos vs adding 5% more and rerunning, side by side.
+
+    python benchmarks/bench_grow.py                       # 1,520 real photos + 76 more, lite0 ImageNet
+    python benchmarks/bench_grow.py --n 760 --repeat 2 --models lite0 --weights none
+
+In one process, per repeat (fresh folders each time):
+  full     run_extraction of N photos into an empty folder (what a first run, or --force, costs);
+  grow     5% more photos linked in, the same command again: the cache grows (only the new photos are
+           computed, kept rows copied, the cache rewritten);
+  rebuild  the grown image set extracted from scratch into another folder (what issue 25 replaced),
+           and the grown cache compared with it row for row.
+Times are whole run_extraction calls (model build included: a user pays it on every run). The data
+folder holds symbolic links to the photos (never copies), named as the photos. The framework is
+imported and a first model built before any timing. Results print as a table and go to --out as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dogs-vs-cats" / "original"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    doc = __doc__.split("\n")
+    p = argparse.ArgumentParser(description=doc[0], epilog="\n".join(doc[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="flat folder of cat.N.jpg / dog.N.jpg")
+    p.add_argument("--n", type=int, default=1520, help="photos of the first run (default: %(default)s)")
+    p.add_argument("--add", type=float, default=0.05, help="fraction added for the rerun (default: %(default)s)")
+    p.add_argument("--models", default="lite0", help="(default: %(default)s)")
+    p.add_argument("--weights", default="imagenet", help="imagenet | none (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--repeat", type=int, default=1, help="repeats; the table shows each one's fastest")
+    p.add_argument("--out", type=Path, default=Path("bench_grow_results.json"), help="(default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def photos(folder: Path) -> list[Path]:
+    """The photos of ``folder``, cats and dogs interleaved so any prefix is balanced."""
+    from catfeat.images.listing import natural_key
+
+    by = {c: sorted(folder.glob(f"{c}.*.jpg"), key=lambda p: natural_key(p.name)) for c in ("cat", "dog")}
+    return [p for pair in zip(by["cat"], by["dog"]) for p in pair]
+
+
+def link(files: list[Path], into: Path) -> None:
+    into.mkdir(parents=True, exist_ok=True)
+    for p in files:
+        os.symlink(p.resolve(), into / p.name)
+
+
+def same(a: Path, b: Path) -> dict:
+    """How the grown cache ``a`` compares with the rebuild ``b``: equal non-feature datasets, and the
+    largest feature difference."""
+    import h5py
+
+    out = {"datasets_equal": True, "max_abs_diff": 0.0}
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        if sorted(fa) != sorted(fb):
+            return {"datasets_equal": False, "keys": [sorted(fa), sorted(fb)]}
+        for k in fb:
+            x, y = fa[k][()], fb[k][()]
+            if k in ("train", "test"):
+                if x.shape != y.shape:
+                    out["datasets_equal"] = False
+                elif x.size:
+                    out["max_abs_diff"] = max(out["max_abs_diff"], float(np.abs(x - y).max()))
+            elif x.shape != y.shape or not (x == y).all():
+                out["datasets_equal"] = False
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from catfeat.extraction.run import run_extraction
+
+    kw = dict(models=args.models, weights=args.weights, batch_size=args.batch_size, progress=False)
+    pool = photos(args.data)
+    extra = max(1, round(args.n * args.add))
+    if args.n + extra > len(pool):
+        raise SystemExit(f"{args.data} holds {len(pool)} photos; --n {args.n} + {extra} is more")
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench_grow_") as tmp:
+        warm = Path(tmp) / "warm"
+        link(pool[:8], warm / "data")
+        run_extraction(warm / "data", out=warm / "f", **kw)  # imports and a first build, untimed
+        for r in range(args.repeat):
+            work = Path(tmp) / f"r{r}"
+            data = work / "data"
+            link(pool[:args.n], data)
+            t = time.perf_counter()
+            full = run_extraction(data, out=work / "full", **kw)
+            t_full = time.perf_counter() - t
+            link(pool[args.n:args.n + extra], data)
+            t = time.perf_counter()
+            grown = run_extraction(data, out=work / "full", **kw)
+            t_grow = time.perf_counter() - t
+            t = time.perf_counter()
+            rebuilt = run_extraction(data, out=work / "rebuild", **kw)
+            t_rebuild = time.perf_counter() - t
+            checks = {name: same(grown.paths[name], rebuilt.paths[name]) for name in grown.paths}
+            runs.append({"full_s": t_full, "grow_s": t_grow, "rebuild_s": t_rebuild,
+                         "full_stages": full.seconds, "grow_stages": grown.seconds, "grown": grown.grown,
+                         "grow_processed": grown.processed, "checks": checks})
+            shutil.rmtree(work)
+    best = {k: min(r[k] for r in runs) for k in ("full_s", "grow_s", "rebuild_s")}
+    result = {"n": args.n, "added": extra, "models": args.models, "weights": args.weights,
+              "batch_size": args.batch_size, "load_before": os.getloadavg(), "cpus": os.cpu_count(),
+              "machine": platform.platform(), "best": best, "runs": runs,
+              "grow_over_full": best["grow_s"] / best["full_s"], "grow_over_rebuild": best["grow_s"] / best["rebuild_s"]}
+    args.out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"{args.n} photos + {extra} added ({args.models}, weights {args.weights}, batch {args.batch_size}, "
+          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}), fastest of {args.repeat}:")
+    print(f"  full extraction of {args.n:>6}: {best['full_s']:7.1f} s")
+    print(f"  grow by {extra:>4} and rerun : {best['grow_s']:7.1f} s  = {result['grow_over_full']:.1%} of the full run"
+          f" (build {runs[-1]['grow_stages'].get('build', 0):.1f} s of it)")
+    print(f"  rebuild of {args.n + extra:>6}     : {best['rebuild_s']:7.1f} s  "
+          f"(grow = {result['grow_over_rebuild']:.1%} of it)")
+    for name, c in runs[-1]["checks"].items():
+        print(f"  {name}: grown == rebuild: datasets equal {c['datasets_equal']}, max |feature diff| "
+              f"{c.get('max_abs_diff', float('nan')):.3g}; {runs[-1]['grown'].get(name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
