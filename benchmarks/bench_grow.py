@@ -2,6 +2,7 @@
 
     python benchmarks/bench_grow.py                       # 1,520 real photos + 76 more, lite0 ImageNet
     python benchmarks/bench_grow.py --n 760 --repeat 2 --models lite0 --weights none
+    python benchmarks/bench_grow.py --merge-rows 100000 --dim 2048  # the growth's own cost, no model
 
 In one process, per repeat (fresh folders each time):
   full     run_extraction of N photos into an empty folder (what a first run, or --force, costs);
@@ -12,6 +13,10 @@ In one process, per repeat (fresh folders each time):
 Times are whole run_extraction calls (model build included: a user pays it on every run). The data
 folder holds symbolic links to the photos (never copies), named as the photos. The framework is
 imported and a first model built before any timing. Results print as a table and go to --out as JSON.
+
+--merge-rows R times what a growth adds to the model's work, on synthetic features (no images, no
+model): planning (names and stamps of R rows against the listing) and the merge that rewrites the
+cache with R kept rows plus 5% new rows from a delta cache, as rows per second.
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--repeat", type=int, default=1, help="repeats; the table shows each one's fastest")
     p.add_argument("--out", type=Path, default=Path("bench_grow_results.json"), help="(default: %(default)s)")
+    p.add_argument("--merge-rows", type=int, default=0, help="time planning + merge alone on R synthetic rows")
+    p.add_argument("--dim", type=int, default=2048, help="feature width for --merge-rows (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -79,8 +86,53 @@ def same(a: Path, b: Path) -> dict:
     return out
 
 
+def merge_only(rows: int, dim: int, add: float) -> dict:
+    """Seconds of plan_growth and merge_growth for ``rows`` kept rows plus ``add`` new ones (synthetic)."""
+    from catfeat.cache.store import FeatureWriter
+    from catfeat.extraction import grow
+    from catfeat.images.listing import ImageSet
+
+    extra = max(1, round(rows * add))
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="bench_merge_") as tmp:
+        tmp = Path(tmp)
+        n = rows + extra
+        names = [f"cat.{i}.jpg" for i in range(n)]
+        images = ImageSet(tmp, names, np.zeros(n, np.int64), ["train"] * n, ["cat"], "flat")
+        stamps = [f"{1000 + i}:{i}" for i in range(n)]
+        attrs = {"backbone": "B", "feature_dim": dim, "images_fingerprint": "old", "classes": json.dumps(["cat"])}
+        t = time.perf_counter()
+        for path, sub, st in ((tmp / "gap_B.h5", images.subset(range(rows)), stamps[:rows]),
+                              (tmp / ".grow" / "gap_B.h5", images.subset(range(rows, n)), stamps[rows:])):
+            w = FeatureWriter(path, attrs, sub.names, sub.labels, sub.split, dim, stamps=st)
+            for a in range(0, len(sub), 8192):
+                b = min(a + 8192, len(sub))
+                w.write(a, np.ones(b - a, bool), rng.standard_normal((b - a, dim), dtype=np.float32), {})
+            w.finish()
+        made = time.perf_counter() - t
+        t = time.perf_counter()
+        g = grow.plan_growth(tmp / "gap_B.h5", images, stamps)
+        planned = time.perf_counter() - t
+        t = time.perf_counter()
+        grow.merge_growth(tmp / "gap_B.h5", {**attrs, "images_fingerprint": "new"}, images, stamps, dim, g,
+                          tmp / "gap_B.h5", tmp / ".grow" / "gap_B.h5")
+        merged = time.perf_counter() - t
+        size = (tmp / "gap_B.h5").stat().st_size
+    return {"rows": rows, "added": extra, "dim": dim, "write_s": made, "plan_s": planned, "merge_s": merged,
+            "cache_bytes": size, "counts": g.counts}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.merge_rows:
+        r = merge_only(args.merge_rows, args.dim, args.add)
+        args.out.write_text(json.dumps({**r, "load": os.getloadavg()}, indent=1))
+        n = r["rows"] + r["added"]
+        print(f"{r['rows']:,} kept + {r['added']:,} new rows of {r['dim']} float32 ({r['cache_bytes'] / 2**20:,.0f} MiB; "
+              f"load {os.getloadavg()[0]:.1f}): writing them {r['write_s']:.1f} s; plan {r['plan_s']:.2f} s "
+              f"({n / r['plan_s']:,.0f} rows/s); merge {r['merge_s']:.1f} s ({n / r['merge_s']:,.0f} rows/s, "
+              f"{r['cache_bytes'] / 2**20 / r['merge_s']:,.0f} MiB/s)")
+        return 0
     from catfeat.extraction.run import run_extraction
 
     kw = dict(models=args.models, weights=args.weights, batch_size=args.batch_size, progress=False)
