@@ -70,11 +70,15 @@ def grow_run(data, out):
 
 def test_added_changed_removed_renamed_new_class_and_retried_equal_a_rebuild(tmp_path, capsys):
     data = make_kaggle(tmp_path / "data", n_per_class=3, n_test=2, size=SIZE)
+    jpeg = save_image(data / "train" / "dog.5.jpg", 5, (200, 150)).read_bytes()
+    (data / "train" / "dog.5.jpg").write_bytes(jpeg[:len(jpeg) // 2] + b"\xff\xd9")  # decodes, half gray
     out = tmp_path / "features"
     path = run_extraction(data, MODEL, out, **FAST).paths[NAME]
     before = contents(path)
-    assert len(before["train_stamps"]) == 6 and len(before["test_stamps"]) == 2
+    assert len(before["train_stamps"]) == 7 and len(before["test_stamps"]) == 2
+    assert before["damaged_names"] == ["train/dog.5.jpg"]
 
+    # a damaged JPEG (decoded, listed as damaged) is kept with its reason;
     # added (a photo, a file that cannot be decoded: skipped as a rebuild skips it, a photo of a new
     # class: label indices shift to bird=0, cat=1, dog=2 and kept rows are re-mapped by class name),
     # changed (rewritten), removed, renamed
@@ -88,29 +92,30 @@ def test_added_changed_removed_renamed_new_class_and_retried_equal_a_rebuild(tmp
     report = run_extraction(data, MODEL, out, log=said.append, **FAST)
     assert not (out / ".grow").exists() and not (out / f"gap_{NAME}.h5.partial").exists()
     assert report.processed == 5
-    assert report.grown == {NAME: dict(kept=5, added=4, changed=1, removed=2, retried=0)}
-    assert "grown: 5 kept, 4 added, 1 changed, 2 removed;" in report.summary()
+    assert report.grown == {NAME: dict(kept=6, added=4, changed=1, removed=2, retried=0)}
+    assert "grown: 6 kept, 4 added, 1 changed, 2 removed;" in report.summary()
     assert [s["path"] for s in report.skipped] == ["train/cat.8.jpg"]
+    assert [d["path"] for d in report.damaged] == ["train/dog.5.jpg"]  # kept, with its reason
     assert any("classes changed from ['cat', 'dog'] to ['bird', 'cat', 'dog']" in s for s in said)
     after = assert_equals_rebuild(data, path, tmp_path, 1)
-    assert assert_kept_bitwise(before, after) == 5
-    assert open_cache(path).labels().tolist() == [0, 1, 1, 1, 1, 2, 2, 2]
+    assert assert_kept_bitwise(before, after) == 6
+    assert open_cache(path).labels().tolist() == [0, 1, 1, 1, 1, 2, 2, 2, 2]
 
     # the skipped file fixed: tried again, as a rebuild would
     before = after
     save_image(data / "train" / "cat.8.jpg", 8, SIZE)
     report = grow_run(data, out)
     assert report.processed == 1 and report.skipped == []
-    assert report.grown[NAME] == dict(kept=9, added=0, changed=0, removed=0, retried=1)
+    assert report.grown[NAME] == dict(kept=10, added=0, changed=0, removed=0, retried=1)
     after = assert_equals_rebuild(data, path, tmp_path, 2)
-    assert assert_kept_bitwise(before, after) == 9
+    assert assert_kept_bitwise(before, after) == 10
 
     # the same command again: nothing changed, the cache is reused as is; `catfeat info` tells the last growth
     assert run_extraction(data, MODEL, out, **FAST).reused == [NAME]
     capsys.readouterr()
     assert info_main([str(out)]) == 0
     header, row = capsys.readouterr().out.splitlines()[:2]
-    assert header.split()[-1] == "grown" and row.endswith("9 kept, 0 added, 0 changed, 0 removed, 1 retried")
+    assert header.split()[-1] == "grown" and row.endswith("10 kept, 0 added, 0 changed, 0 removed, 1 retried")
 
 
 def test_crash_mid_growth_resumes_and_other_recipes_are_refused(tmp_path, monkeypatch):
