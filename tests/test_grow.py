@@ -181,3 +181,20 @@ def test_a_cache_without_stamps_computes_every_image(tmp_path):
     shutil.rmtree(data / "test")
     g = grow.plan_growth(path, list_images(data), list_images(data).stamps())
     assert g.counts["removed"] == 1 and g.counts["changed"] == 4
+
+
+def test_scratch_of_an_earlier_growth_is_dropped_only_when_its_images_changed(tmp_path):
+    cache = tmp_path / f"gap_{NAME}.h5"
+    delta = grow.delta_path(cache)
+    grow.make_grow_dir(cache)
+    attrs = {"backbone": NAME, "images_fingerprint": "a", "feature_dim": 3}
+    w = FeatureWriter(delta, attrs, ["x.jpg", "y.jpg"], np.zeros(2, np.int64), ["train"] * 2, 3)
+    w.write(0, np.ones(1, bool), np.ones((1, 3)), {})
+    w.close()  # an unfinished delta, 1 of 2 images done
+    said = []
+    grow.drop_stale_delta(delta, attrs, 2, said.append)  # the same growth: kept, to resume
+    assert os.path.exists(f"{delta}.partial") and said == []
+    grow.drop_stale_delta(delta, {**attrs, "images_fingerprint": "b"}, 2, said.append)
+    assert not os.path.exists(f"{delta}.partial") and "since changed" in said[0]
+    grow.remove_delta(cache)
+    assert not (tmp_path / ".grow").exists()
