@@ -128,10 +128,11 @@ def main(argv=None) -> int:
         r = merge_only(args.merge_rows, args.dim, args.add)
         args.out.write_text(json.dumps({**r, "load": os.getloadavg()}, indent=1))
         n = r["rows"] + r["added"]
-        print(f"{r['rows']:,} kept + {r['added']:,} new rows of {r['dim']} float32 ({r['cache_bytes'] / 2**20:,.0f} MiB; "
+        mib = r["cache_bytes"] / 2**20
+        print(f"{r['rows']:,} kept + {r['added']:,} new rows of {r['dim']} float32 ({mib:,.0f} MiB; "
               f"load {os.getloadavg()[0]:.1f}): writing them {r['write_s']:.1f} s; plan {r['plan_s']:.2f} s "
               f"({n / r['plan_s']:,.0f} rows/s); merge {r['merge_s']:.1f} s ({n / r['merge_s']:,.0f} rows/s, "
-              f"{r['cache_bytes'] / 2**20 / r['merge_s']:,.0f} MiB/s)")
+              f"{mib / r['merge_s']:,.0f} MiB/s)")
         return 0
     from catfeat.extraction.run import run_extraction
 
@@ -168,7 +169,8 @@ def main(argv=None) -> int:
     result = {"n": args.n, "added": extra, "models": args.models, "weights": args.weights,
               "batch_size": args.batch_size, "load_before": os.getloadavg(), "cpus": os.cpu_count(),
               "machine": platform.platform(), "best": best, "runs": runs,
-              "grow_over_full": best["grow_s"] / best["full_s"], "grow_over_rebuild": best["grow_s"] / best["rebuild_s"]}
+              "grow_over_full": best["grow_s"] / best["full_s"],
+              "grow_over_rebuild": best["grow_s"] / best["rebuild_s"]}
     args.out.write_text(json.dumps(result, indent=1, default=str))
     print(f"{args.n} photos + {extra} added ({args.models}, weights {args.weights}, batch {args.batch_size}, "
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}), fastest of {args.repeat}:")
