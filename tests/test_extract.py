@@ -79,11 +79,12 @@ def test_reuse_stale_and_force(kaggle_dir, tmp_path):
         run_extraction(kaggle_dir, "r50", out, seed=1, **FAST)
     with pytest.raises(StaleCacheError, match="precision"):
         run_extraction(kaggle_dir, "r50", out, precision="mixed_bfloat16", **FAST)
-    save_image(kaggle_dir / "train" / "cat.50.jpg", 50)
-    with pytest.raises(StaleCacheError, match="images_fingerprint"):
-        run_extraction(kaggle_dir, "r50", out, **FAST)
     assert path.stat().st_mtime_ns == mtime  # a refusal leaves the old cache alone
-    rebuilt = run_extraction(kaggle_dir, "r50", out, force=True, **FAST)
+    save_image(kaggle_dir / "train" / "cat.50.jpg", 50)  # other images, same recipe: the cache grows
+    grown = run_extraction(kaggle_dir, "r50", out, **FAST)
+    assert grown.processed == 1 and grown.grown["ResNet50"]["kept"] == 11
+    assert open_cache(path).features().shape == (9, 2048)
+    rebuilt = run_extraction(kaggle_dir, "r50", out, force=True, seed=1, **FAST)
     assert rebuilt.processed == 12 and open_cache(path).features().shape == (9, 2048)
 
 

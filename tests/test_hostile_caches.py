@@ -61,7 +61,7 @@ def test_caches_of_different_folders_are_not_fused(tmp_path, capsys):
     run_extraction(b, "lite1", out, **FAST)
     with pytest.raises(CacheError, match="the caches of EfficientNetLite0 and EfficientNetLite1 come from different "
                                          "images \\(images_fingerprint: gap_EfficientNetLite0.h5 has '[0-9a-f]{64}'"
-                                         ".*--models EfficientNetLite0,EfficientNetLite1 --force"):
+                                         ".*--models EfficientNetLite0,EfficientNetLite1$"):
         load_features("lite0,lite1", out)
     assert fit_cli.main(["--models", "lite0,lite1", "--features", str(out)]) == 2
     assert "come from different images (images_fingerprint" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from catfeat.extraction.ray_engine import plan_shards
 from catfeat.extraction.run import run_extraction
 from catfeat.cache.store import KEY_FIELDS, open_cache
 
-from conftest import REPO, make_kaggle, ray_parts_after_crash
+from conftest import REPO, make_kaggle, ray_parts_after_crash, save_image
 
 # lite0 is the cheapest backbone to build; ResNet50 when catfeat.models.lite is not there
 MODEL = "lite0" if importlib.util.find_spec("catfeat.models.lite") else "r50"
@@ -135,3 +136,29 @@ def test_rerun_recomputes_only_missing_shards(ray_cluster, data, local, tmp_path
     assert got.attrs["backend"] == "jax"
     assert_same_cache(got, local, rtol=1e-4, atol=1e-5)
     assert not (out / ".parts").exists()
+
+
+def test_ray_grows_a_cache_as_the_local_engine_rebuilds_it(ray_cluster, data, local, tmp_path):
+    """A changed image set: Ray computes only the new and changed images (its parts under OUT/.grow),
+    the kept rows are copied bit for bit, and the result equals a fresh local extraction."""
+    new = tmp_path / "data"
+    shutil.copytree(data, new)  # copy2: same sizes and mtimes, so the same stamps
+    out = tmp_path / "ray"
+    out.mkdir()
+    shutil.copy2(local.path, out / local.path.name)
+    save_image(new / "train" / "dog.9.jpg", 9)
+    save_image(new / "train" / "cat.1.jpg", 77)
+    (new / "test" / "2.jpg").unlink()
+    report = run_extraction(new, MODEL, out, engine="ray", engine_options={"shards": 2}, **FAST)
+    assert report.processed == 4  # 2 photos and the 2 files the cache had skipped, tried again
+    assert report.grown[local.name] == dict(kept=8, added=1, changed=1, removed=1, retried=2)
+    assert not (out / ".grow").exists()
+    grown = open_cache(out / local.path.name)
+    rebuilt = open_cache(next(iter(run_extraction(new, MODEL, tmp_path / "rebuilt", **FAST).paths.values())))
+    assert_same_cache(grown, rebuilt)
+    for split in ("train", "test"):
+        assert list(read(grown.path, f"{split}_stamps")) == list(read(rebuilt.path, f"{split}_stamps"))
+        kept = {n: row for n, row in zip(local.names(split), local.features(split)) if n != "train/cat.1.jpg"}
+        for n, row in zip(grown.names(split), grown.features(split)):
+            if n in kept:
+                assert kept[n].tobytes() == row.tobytes(), n

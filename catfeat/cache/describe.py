@@ -14,7 +14,7 @@ SHOWN_CHARS = 200
 # What is printed of one error (it names the file and says what to do, so it may be longer).
 ERROR_CHARS = 2000
 COLUMNS = ["file", "status", "backbone", "train", "test", "classes", "skipped", "weights", "backend", "precision",
-           "decoder", "created", "size_bytes", "rows_written", "n_images", "data_root", "error"]
+           "decoder", "created", "size_bytes", "rows_written", "n_images", "data_root", "grown", "error"]
 
 
 def describe_caches(features_dir: str | os.PathLike = "features") -> "pd.DataFrame":  # noqa: F821
@@ -23,7 +23,8 @@ def describe_caches(features_dir: str | os.PathLike = "features") -> "pd.DataFra
     Columns: ``file, status`` (complete | unfinished | unreadable), ``backbone, train, test`` (rows
     per split; for an unfinished file, the rows so far), ``classes, skipped, weights, backend,
     precision, decoder`` ('pillow' for caches older than the attribute), ``created, size_bytes,
-    rows_written, n_images`` and ``error`` (why an unreadable file cannot be used). Only regular
+    rows_written, n_images``, ``grown`` (what the last growth did: "200 kept, 10 added, 2 changed,
+    1 removed"; blank for a cache built whole) and ``error`` (why an unreadable file cannot be used). Only regular
     files are opened: a FIFO, a folder or a broken link is a row with status 'unreadable' and why.
     Values are as stored; ``format_caches`` escapes and cuts them for printing.
     """
@@ -44,7 +45,7 @@ def describe_caches(features_dir: str | os.PathLike = "features") -> "pd.DataFra
 
 
 def _describe(path: Path) -> dict:
-    from catfeat.cache.store import CacheError, regular_stat, open_cache
+    from catfeat.cache.store import CacheError, growth_text, regular_stat, open_cache
 
     row = {"file": path.name, "backbone": path.name.removeprefix("gap_").split(".h5")[0]}
     try:
@@ -60,7 +61,7 @@ def _describe(path: Path) -> dict:
     a = cache.attrs
     return {**row, **_common(a), "status": "complete", "train": a["n_train"], "test": a["n_test"],
             "skipped": int(a.get("skipped_count", 0)), "rows_written": a.get("rows_written"),
-            "n_images": a.get("n_images")}
+            "n_images": a.get("n_images"), "grown": growth_text(a.get("growth")) or None}
 
 
 def _common(a: dict) -> dict:
@@ -132,7 +133,9 @@ def format_caches(df) -> str:
     shown.loc[unfinished, "status"] = [f"unfinished {cell(r)}/{cell(n)} images" for r, n in
                                        zip(shown.loc[unfinished, "rows_written"], shown.loc[unfinished, "n_images"])]
     cols = [c for c in ["file", "status", "backbone", "train", "test", "classes", "skipped", "weights", "backend",
-                        "precision", "decoder", "created", "size"] if c in shown]
+                        "precision", "decoder", "created", "size", "grown"] if c in shown]
+    if "grown" in cols and not shown["grown"].map(lambda v: isinstance(v, str) and bool(v)).any():
+        cols.remove("grown")  # no cache here was grown: no empty column
     cells = shown[cols].astype(object).map(cell)
     widths = [max(len(c), *cells[c].str.len()) for c in cols]
     lines = [cols, *cells.itertuples(index=False)]

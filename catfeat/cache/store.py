@@ -7,6 +7,9 @@ Layout of ``gap_<ModelName>.h5`` (the cache contract):
     skipped_names, skipped_reasons (utf-8), skipped_index (int64): images that could not be decoded
     damaged_names, damaged_reasons (utf-8), damaged_index (int64): images decoded with corrupt data
         (a truncated JPEG, the rest gray) and kept; absent in caches of earlier versions
+    train_stamps (N,) utf-8, test_stamps (M,) utf-8: the change stamp of each row's file when it was
+        listed (``ImageSet.stamps``), which lets a rerun on a changed image set keep the rows of
+        unchanged files (catfeat.extraction.grow); absent in caches of earlier versions
 
 Attributes: see ``KEY_FIELDS`` (what must match for a cache to be reused) and ``FeatureWriter``.
 The skipped list lives in datasets rather than an attribute because HDF5 attributes are capped at
@@ -38,6 +41,12 @@ FORMAT = "catfeat-gap/1"
 # What must be identical for a cache to stand for a request; anything else is informational.
 KEY_FIELDS = ("backbone", "weights", "input_size", "preprocessing", "precision", "tta", "decoder",
               "images_fingerprint", "dtype", "on_damaged")
+# The key field that says *which* images a cache holds; the others say *how* its features are made.
+# A cache whose how-fields match a request but whose images differ grows (catfeat.extraction.grow).
+IMAGE_FIELDS = ("images_fingerprint",)
+HOW_FIELDS = tuple(k for k in KEY_FIELDS if k not in IMAGE_FIELDS)
+# What the last growth of a cache did (attribute "growth", JSON): images per kind, in this order.
+GROWTH_COUNTS = ("kept", "added", "changed", "removed", "retried")
 # Storage dtypes of the train/test features (attribute "dtype"; absent in older caches = float32).
 # float16 halves disk and memory; features are always returned as float32.
 DTYPES = ("float32", "float16")
@@ -73,7 +82,7 @@ class StaleCacheError(CacheError):
         self.path, self.differences = path, differences
         diff = "; ".join(f"{k}: cache has {v[0]!r}, asked {v[1]!r}" for k, v in differences.items())
         super().__init__(f"{path} was built differently ({diff}). Use --force (force=True) to rebuild it, "
-                         "or --out another folder to keep both")
+                         "or --features another folder to keep both")
 
 
 class StalePartialError(CacheError):
@@ -240,6 +249,21 @@ def _attr_value(v):
     return v
 
 
+def growth_text(counts: Mapping[str, int] | str | None) -> str:
+    """What a growth did, as printed: ``"200 kept, 10 added, 2 changed, 1 removed"`` (plus
+    ``", 1 retried"``: images the cache had skipped, tried again). ``counts``: a dict or the JSON of a
+    cache's ``growth`` attribute; "" when None or unreadable."""
+    if isinstance(counts, str):
+        try:
+            counts = json.loads(counts)
+        except (TypeError, ValueError, RecursionError):
+            return ""
+    if not isinstance(counts, Mapping):
+        return ""
+    parts = [f"{counts.get(k, 0)} {k}" for k in GROWTH_COUNTS if k != "retried" or counts.get(k)]
+    return ", ".join(parts)
+
+
 def differences(attrs: dict, expected: dict) -> dict:
     """Key fields whose values differ: {field: (cached, expected)}."""
     return {k: (attrs.get(k, LEGACY_DEFAULTS.get(k)), expected[k]) for k in KEY_FIELDS
@@ -259,8 +283,13 @@ class FeatureWriter:
     """
 
     def __init__(self, path: str | os.PathLike, attrs: dict, names: Sequence[str], labels: np.ndarray,
-                 split: Sequence[str], dim: int, chunk_rows: int = 256, flush_seconds: float = 0.0):
+                 split: Sequence[str], dim: int, chunk_rows: int = 256, flush_seconds: float = 0.0,
+                 stamps: Sequence[str] | None = None):
         self.path = Path(path)
+        # one change stamp per position, stored per row at finish (train_stamps, test_stamps)
+        self.stamps = None if stamps is None else list(stamps)
+        if self.stamps is not None and len(self.stamps) != len(names):
+            raise ValueError(f"{len(self.stamps)} stamps for {len(names)} images")
         self.partial = partial_path(self.path)
         self.attrs, self.dim = dict(attrs), int(dim)
         self.names, self.labels, self.split = list(names), np.asarray(labels), list(split)
@@ -547,6 +576,8 @@ class FeatureWriter:
 
     def _finish_attrs(self, extra_attrs: dict) -> None:
         f = self._f
+        if self.stamps is not None:
+            self._write_stamps()
         for k, v in extra_attrs.items():
             f.attrs[k] = v
         f.attrs["skipped_count"] = int(f["skipped_names"].shape[0])
@@ -554,6 +585,19 @@ class FeatureWriter:
         f.attrs["complete"] = True
         f.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         f.close()
+
+    def _write_stamps(self) -> None:
+        """``train_stamps`` and ``test_stamps``: the stamp of each feature row (skipped positions have none)."""
+        f = self._f
+        kept = np.ones(len(self.names), bool)
+        kept[f["skipped_index"][()]] = False
+        for split in ("train", "test"):
+            values = [s for s, k, sp in zip(self.stamps, kept, self.split) if k and sp == split]
+            if len(values) != f[split].shape[0]:
+                raise RuntimeError(f"{self.partial}: {len(values)} {split} stamps for {f[split].shape[0]} rows")
+            if f"{split}_stamps" in f:
+                del f[f"{split}_stamps"]
+            f.create_dataset(f"{split}_stamps", data=_encode(values), dtype=_STR, shape=(len(values),))
 
     def close(self, discard_empty: bool = True) -> None:
         """Close without finishing: the partial file stays for a later resume unless it holds no row."""
@@ -932,8 +976,8 @@ def check_same_source(caches: dict[str, FeatureCache], join: str = "exact") -> N
             raise CacheError(
                 f"the caches of {first} and {name} come from different images ({k}: {a.path.name} has {va!r}, "
                 f"{c.path.name} has {vb!r}); fusing them would pair unrelated rows. Extract both backbones "
-                f"from the same folder in one command: python -m catfeat.extract DATA_DIR --models {first},{name} "
-                "--force")
+                f"from the same folder in one command (a cache of other images grows to the folder's): "
+                f"python -m catfeat.extract DATA_DIR --models {first},{name}")
 
 
 def feature_recipe(attrs: dict) -> dict:

@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m catfeat.extract",
         description="Extract global-average-pooled features of pretrained backbones for a folder of images "
                     "(local or in object storage) or a manifest into FEATURES/gap_<Model>.h5 (reused when unchanged, "
-                    "resumed when interrupted).",
+                    "resumed when interrupted, grown when images were added, changed or removed: only those are "
+                    "computed).",
         epilog=f"Backbones: {names}. DATA at a URL is read with fsspec: credentials and endpoint from the usual "
                "places (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_PROFILE/AWS_ENDPOINT_URL for s3://, "
                "GOOGLE_APPLICATION_CREDENTIALS for gs://); transient read errors are retried "
@@ -39,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images per model call, 1 to {MAX_BATCH:,}; never more than the images (default: 32 on a "
                    "CPU, 128 on a GPU)")
     p.add_argument("--limit", type=int, default=None, help="use at most N images per split (class-balanced)")
-    p.add_argument("--force", action="store_true", help="rebuild caches that were built differently")
+    p.add_argument("--force", action="store_true", help="rebuild caches that were built differently (another "
+                   "recipe: weights, precision, TTA, decoder, dtype...); also rebuilds from scratch a cache whose "
+                   "images changed, which otherwise grows")
     p.add_argument("--precision", default="float32", choices=["float32", "mixed", "mixed_float16",
                    "mixed_bfloat16"], help="mixed: float16 on GPU, bfloat16 elsewhere (default: %(default)s)")
     p.add_argument("--workers", type=int_in(1), default=None, help="image decoders running at once; never more "

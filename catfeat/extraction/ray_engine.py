@@ -223,13 +223,14 @@ def part_is_done(path: Path, attrs: dict, shard: Shard) -> bool:
 
 
 def merge_parts(path: str | os.PathLike, attrs: dict, images: ImageSet, dim: int,
-                parts: Sequence[tuple[Shard, Path]]) -> Path:
+                parts: Sequence[tuple[Shard, Path]], stamps: Sequence[str] | None = None) -> Path:
     """Stream ``parts`` (in position order, covering every image) into the cache at ``path``.
 
     Written to ``<path>.partial`` and renamed into place when complete, like the local engine; the
-    skipped images keep their positions and reasons.
+    skipped images keep their positions and reasons. ``stamps``: one change stamp per image, stored
+    per row (see FeatureWriter).
     """
-    writer = FeatureWriter(path, attrs, images.names, images.labels, images.split, dim)
+    writer = FeatureWriter(path, attrs, images.names, images.labels, images.split, dim, stamps=stamps)
     try:
         covered = 0
         for shard, part in parts:
@@ -558,7 +559,7 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
     t = time.perf_counter()
     for sp in specs:
         merge_parts(paths_by_name[sp.name], attrs_by_name[sp.name], images, sp.feature_dim,
-                    [(sh, part_file(folders[sp.name], sh)) for sh in plan])
+                    [(sh, part_file(folders[sp.name], sh)) for sh in plan], stamps=plan_in.stamps)
         # the cache now holds everything; parts of this and of any abandoned request are obsolete
         remove_parts(folders[sp.name].parent)
     secs["merge"] = time.perf_counter() - t

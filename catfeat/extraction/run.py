@@ -1,7 +1,8 @@
 """Extraction: images -> decode once -> every requested backbone -> one cache file per backbone.
 
 :func:`run_extraction` plans (a cache that already matches the request is reused, a partial one is
-resumed, a different one refused), locks, and hands the plan to an engine from :data:`ENGINES`.
+resumed, one of the same recipe but other images grown (:mod:`catfeat.extraction.grow`), a different
+one refused), locks, and hands the plan to an engine from :data:`ENGINES`.
 Both engines run the same stages (:mod:`catfeat.extraction.stages`): reader, model runner, writer.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,8 +24,9 @@ from catfeat.models.weights import Weights, weights_identity
 from catfeat.images.listing import ImageSet, list_images, shown
 from catfeat.images.reader import READERS, choose_reader, iter_batches, reader_workers
 from catfeat.cache.store import (
-    CacheError, FeatureWriter, StaleCacheError, check_unfinished, remove_planted_link, cache_path, differences,
-    open_cache, partial_path, removed_during_run)
+    HOW_FIELDS, CacheError, FeatureWriter, StaleCacheError, check_unfinished, remove_planted_link, cache_path,
+    differences, growth_text, open_cache, partial_attrs, partial_path, removed_during_run)
+from catfeat.extraction import grow
 
 DEFAULT_MODELS = ("r50", "incv3", "xcep", "irv2")
 # The largest --batch-size: 4,096 images of 299 x 299 pixels are 4.4 GB as float32 before the model's
@@ -57,6 +59,7 @@ class ExtractionReport:
     workers: int | None = None  # decoders the local engine ran
     steady_img_s: float | None = None  # the pace once the pipeline was full (local engine, 3+ batches)
     compile_cache: str = ""  # JAX's persistent compile cache at build: "hit", "miss", "N of M hit"; "" without one
+    grown: dict[str, dict] = field(default_factory=dict)  # backbone -> images kept/added/changed/removed
 
     @property
     def fixed_seconds(self) -> float | None:
@@ -83,6 +86,11 @@ class ExtractionReport:
             parts.append("reused: " + ",".join(self.reused))
         if self.resumed:
             parts.append("resumed: " + ",".join(f"{k}@{v}" for k, v in self.resumed.items()))
+        texts = {k: growth_text(v) for k, v in self.grown.items()}
+        if len(set(texts.values())) == 1:
+            parts.append("grown: " + next(iter(texts.values())))
+        else:
+            parts += [f"grown {k}: {t}" for k, t in texts.items()]
         stages = ", ".join(f"{k} {v:.1f}s" + (f" (compile cache: {self.compile_cache})"
                                                if k == "build" and self.compile_cache else "")
                            for k, v in self.seconds.items() if k != "total")
@@ -93,6 +101,11 @@ class ExtractionReport:
 
 class NoUsableImagesError(RuntimeError):
     """Every image failed to decode: nothing to cache."""
+
+
+def _none_decoded(images: ImageSet) -> NoUsableImagesError:
+    return NoUsableImagesError(f"none of the {len(images)} images under {images.root} could be decoded "
+                               f"(e.g. {shown(images.names[0])}); see the skipped list above")
 
 
 def _guard_write(partial: Path, fn, *args):
@@ -200,6 +213,8 @@ class ExtractionPlan:
     reader: str = "auto"
     force: bool = False  # discard unfinished work of a different request (the Ray engine's parts)
     skip_damaged: bool = False
+    stamps: list[str] | None = None  # one change stamp per image, stored per row (caches that grow)
+    allow_empty: bool = False  # a cache with no feature row is fine (the computed images of a growth)
 
     def decode_fn(self) -> Callable:
         """The decoder's function with this plan's damaged-image policy (picklable, for worker processes)."""
@@ -258,7 +273,8 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
     t_list = time.perf_counter()
     images = list_images(data_dir, limit)
     batch_size, workers = _fit_to_work(len(images), batch_size, workers, log, asked_batch)
-    fingerprint = images.fingerprint()
+    stamps = images.stamps()
+    fingerprint = images.fingerprint(stamps)
     listed = time.perf_counter() - t_list
     out = Path(out)
     try:
@@ -275,6 +291,7 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
         log(f"catfeat: {hint}")
     with ExitStack() as stack:
         pending: dict[str, dict] = {}  # backbone -> attrs of the cache to build
+        growing: set[str] = set()  # of those, the caches built by growing the complete one in place
         for spec in specs:
             path = cache_path(out, spec.name)
             _lock(stack, path)
@@ -297,22 +314,101 @@ def run_extraction(data_dir: str | os.PathLike, models: str | Sequence[str] = DE
                     diff = {"file": ("unreadable", "rebuild")}
                 if not diff:
                     report.reused.append(spec.name)
+                    grow.remove_delta(path)  # scratch of a growth that ended after its rename
                     continue
-                if not force:
+                if not force and not set(diff) & set(HOW_FIELDS):  # same recipe, other images: grow it
+                    growing.add(spec.name)
+                    _drop_growth(partial_path(path), attrs, len(images), log)
+                elif not force:
                     raise StaleCacheError(path, diff)
-                log(f"catfeat: rebuilding {path} (--force): {', '.join(diff)} changed")
+                else:
+                    log(f"catfeat: rebuilding {path} (--force): {', '.join(diff)} changed")
+                    _drop_growth(partial_path(path), None, len(images), log)
+                    grow.remove_delta(path)
             if check_unfinished([partial_path(path)], attrs, force, log, expect={"n_images": len(images)}):
                 partial_path(path).unlink()
             pending[spec.name] = attrs
         if pending:
             plan = ExtractionPlan(images, [s for s in specs if s.name in pending], pending,
                                   {k: report.paths[k] for k in pending}, w, seed, precision, tta, dec.name,
-                                  batch_size, workers, progress, log, reader, force, skip_damaged)
-            ENGINES[engine](plan, report, stack, **(engine_options or {}))
+                                  batch_size, workers, progress, log, reader, force, skip_damaged, stamps)
+            full = [s for s in plan.specs if s.name not in growing]
+            if full:
+                ENGINES[engine](_only(plan, full), report, stack, **(engine_options or {}))
+            if growing:
+                _grow(_only(plan, [s for s in plan.specs if s.name in growing]), report, stack, engine,
+                      engine_options or {})
             done = open_cache(report.paths[next(iter(pending))])
             report.skipped, report.damaged = done.skipped(), done.damaged()
     report.seconds["total"] = time.perf_counter() - t0
     return report
+
+
+def _only(plan: ExtractionPlan, specs: list[BackboneSpec]) -> ExtractionPlan:
+    """``plan`` narrowed to the caches of ``specs``."""
+    return replace(plan, specs=specs, attrs={s.name: plan.attrs[s.name] for s in specs},
+                   paths={s.name: plan.paths[s.name] for s in specs})
+
+
+def _drop_growth(partial: Path, attrs: dict | None, n_images: int, log: Callable[[str], None]) -> None:
+    """Remove the unfinished merge of an earlier growth unless it is one of ``attrs`` (None: any, for
+    --force, which rebuilds from scratch). Its rows are copies, cheap to redo, and the complete cache
+    it was growing is still in place."""
+    held = partial_attrs(partial)
+    if held is None or "growth" not in held:
+        return
+    if attrs is None or differences(held, attrs) or held.get("n_images") != n_images:
+        log(f"catfeat: removing {partial}: the unfinished merge of an earlier growth"
+            + (" (--force)" if attrs is None else ", for images changed since"))
+        partial.unlink()
+
+
+def _grow(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack, engine: str, options: dict) -> None:
+    """Grow the complete caches ``plan.paths`` to ``plan.images`` (see :mod:`catfeat.extraction.grow`):
+    the engine computes the new and changed images into ``OUT/.grow``, then each cache is merged."""
+    images, stamps = plan.images, plan.stamps
+    growths = {s.name: grow.plan_growth(plan.paths[s.name], images, stamps) for s in plan.specs}
+    groups: dict[tuple, list[BackboneSpec]] = {}  # caches built together need the same images computed
+    for s in plan.specs:
+        groups.setdefault(tuple(growths[s.name].compute), []).append(s)
+        if growths[s.name].note:
+            plan.log(f"catfeat: {growths[s.name].note}")
+        was = open_cache(plan.paths[s.name]).known_classes()
+        if was is not None and was != list(images.classes):
+            # Label indices follow the sorted class names: kept rows take the new listing's labels,
+            # i.e. they are re-mapped by class name, as a full rebuild would label them.
+            plan.log(f"catfeat: {plan.paths[s.name].name}: the classes changed from {was} to {list(images.classes)}; "
+                     "label indices follow the new list (kept rows re-mapped by class name): refit heads "
+                     "fitted on the old cache")
+    for compute, specs in groups.items():
+        deltas = {s.name: grow.delta_path(plan.paths[s.name]) for s in specs}
+        if compute:
+            sub = images.subset(compute)
+            fp = sub.fingerprint([stamps[i] for i in compute])
+            attrs = {s.name: {**plan.attrs[s.name], "images_fingerprint": fp} for s in specs}
+            todo = []
+            for s in specs:
+                grow.make_grow_dir(plan.paths[s.name])
+                grow.drop_stale_delta(deltas[s.name], attrs[s.name], len(sub), plan.log)
+                if not grow.delta_is_done(deltas[s.name], attrs[s.name], len(sub)):
+                    todo.append(s)
+            if todo:
+                delta_plan = replace(plan, images=sub, specs=todo, attrs={s.name: attrs[s.name] for s in todo},
+                                     paths={s.name: deltas[s.name] for s in todo}, stamps=None, allow_empty=True,
+                                     force=True)
+                ENGINES[engine](delta_plan, report, stack, **options)
+        for s in specs:
+            g, path = growths[s.name], plan.paths[s.name]
+            if not g.counts["kept"] and not (compute and len(open_cache(deltas[s.name]))):
+                raise _none_decoded(images)  # as a full build of these images would; the old cache stays
+            attrs = {**plan.attrs[s.name], **grow.growth_attrs(g)}
+            _guard_write(partial_path(path), grow.merge_growth, path, attrs, images, stamps, s.feature_dim, g,
+                         path, deltas[s.name] if compute else None)
+            grow.remove_delta(path)
+            report.grown[s.name] = g.counts
+            if g.relabelled:
+                plan.log(f"catfeat: {path.name}: {g.relabelled} kept image(s) changed label or split; their "
+                         "features were kept, their labels are the new listing's")
 
 
 def _fit_to_work(n_images: int, batch_size: int, workers: int | None, say: Callable[[str], None],
@@ -345,7 +441,7 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
     writers: dict[str, FeatureWriter] = {}
     for spec in plan.specs:
         writer = FeatureWriter(plan.paths[spec.name], plan.attrs[spec.name], images.names, images.labels,
-                               images.split, spec.feature_dim, flush_seconds=FLUSH_SECONDS)
+                               images.split, spec.feature_dim, flush_seconds=FLUSH_SECONDS, stamps=plan.stamps)
         stack.callback(writer.close)
         if writer.resumed_from:
             report.resumed[spec.name] = writer.resumed_from
@@ -412,10 +508,8 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
         if steady is not None:
             report.steady_img_s = steady["img_s"]
             secs["fill"] = steady["first_written"] - t  # until the steady state began (stages.steady_state)
-    if not any(w.rows for w in writers.values()):
-        raise NoUsableImagesError(
-            f"none of the {len(images)} images under {images.root} could be decoded "
-            f"(e.g. {shown(images.names[0])}); see the skipped list above")
+    if not plan.allow_empty and not any(w.rows for w in writers.values()):
+        raise _none_decoded(images)
     t = time.perf_counter()
     for writer in writers.values():
         _guard_write(writer.partial, writer.finish)
@@ -442,7 +536,9 @@ def extract(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_M
     """Extract GAP features of ``models`` for the images under ``data_dir`` into ``out``.
 
     Returns {backbone full name: cache path}. A matching cache is reused, an unfinished one is
-    resumed, a different one is refused unless ``force``. ``weights``: "imagenet", None (random,
+    resumed, one made the same way from images that were since added, changed or removed grows
+    (only those are computed; the result equals a rebuild), a different one is refused unless
+    ``force`` (which also rebuilds a cache of other images from scratch). ``weights``: "imagenet", None (random,
     fixed by ``seed``) or a weights file path (one backbone). ``precision``: "float32" or "mixed".
     ``tta="flip"`` stores the mean of the features of each image and its mirror image.
     ``batch_size=None``: 32 on a CPU, 128 on a GPU. ``decoder``: "auto" (nvImageCodec on a GPU where

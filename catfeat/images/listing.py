@@ -23,7 +23,7 @@ import re
 import stat
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -81,6 +81,14 @@ class ImageSet:
     def data_root(self) -> str:
         """Where the images came from, as recorded in a cache: the absolute folder, or the URL or manifest."""
         return self.root if isinstance(self.root, str) else str(self.root.resolve())
+
+    def subset(self, positions: Sequence[int]) -> "ImageSet":
+        """The images at ``positions`` (in that order) with the same root, classes and layout."""
+        idx = [int(i) for i in positions]
+        pick = (lambda xs: None if xs is None else [xs[i] for i in idx])
+        return replace(self, names=[self.names[i] for i in idx], split=[self.split[i] for i in idx],
+                       labels=np.asarray(self.labels)[np.asarray(idx, dtype=np.int64)],
+                       locations=pick(self.locations), listed=pick(self.listed))
 
     def stamps(self) -> list[str]:
         """One stamp per image that changes when its file changes: ``"size:mtime_ns"`` of a local file,
