@@ -56,6 +56,8 @@ MERGE_ROWS = 4096  # rows copied per step when merging, so memory stays flat for
 PART_NAME = re.compile(r"shard-\d{5}\.h5(\.partial)?")  # the only files catfeat writes under .parts
 # Full-size pixels one decode task may hold (its byte budget), part of the memory it declares to Ray.
 DECODE_TASK_BYTES = 64 << 20
+RETRIES = 2  # times, within one run, the images Ray lost past its own retries are submitted again
+READS = ("auto", "workers", "driver")  # who opens the image files (see _reads_on)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
@@ -295,12 +297,45 @@ def _copy_part(writer: FeatureWriter, shard: Shard, part: Path, split: Sequence[
 
 
 # -- the Ray Data stages (run on workers) --------------------------------------------------------
+def read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stage 0, only when the driver's node reads the files (``reads="driver"``: no shared filesystem):
+    each row's bytes, so the decode tasks on other nodes never open a path. A file that cannot be read
+    gets its reason (the words of the local engine's readers) and no bytes."""
+    from catfeat.images.decoders import read_bytes
+    from catfeat.images.listing import DecodeError, MAX_PIXELS, file_size_limit
+
+    data, reason = [], []
+    for raw in batch["path"]:
+        try:
+            data.append(read_bytes(os.fsdecode(bytes(raw)), file_size_limit(MAX_PIXELS, 1)))
+            reason.append("")
+        except DecodeError as e:
+            data.append(b"")
+            reason.append(str(e))
+    return {"pos": np.asarray(batch["pos"], np.int64), "path": batch["path"],
+            "data": np.array(data, dtype=object), "read_error": np.array(reason, dtype=object)}
+
+
+@contextmanager
+def _local_copy(path: str, data: bytes) -> Iterator[str]:
+    """``data`` (the bytes of ``path``, read on another node) in a temporary file of this worker, named
+    like ``path``, so it goes through the same decode unit as a file read in place."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="catfeat-") as tmp:
+        copy = os.path.join(tmp, "image" + os.path.splitext(path)[1][:16])
+        with open(copy, "wb") as f:
+            f.write(data)
+        yield copy
+
+
 def decode_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], decoder: str = "auto",
                  skip_damaged: bool = False, budget: int | ByteBudget = DECODE_TASK_BYTES) -> dict[str, np.ndarray]:
     """Stage 1, the reader (:func:`catfeat.images.unit.decode_timed`, as the local readers): decode each
     row's file once into every input size, under ``budget`` (bytes: a new budget for this task; or a
-    :class:`ByteBudget` to share). Never raises for a bad file: its row gets ``ok=False``, the reason,
-    and zero images."""
+    :class:`ByteBudget` to share). Rows with a ``data`` column (from :func:`read_batch`) are decoded
+    from those bytes, never from their path. Never raises for a bad file: its row gets ``ok=False``,
+    the reason, and zero images."""
     from catfeat.images.decoders import get_decoder
 
     paths = [os.fsdecode(bytes(raw)) for raw in batch["path"]]
@@ -309,7 +344,16 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], decoder: st
     budget = budget if isinstance(budget, ByteBudget) else ByteBudget(int(budget))
     decode = get_decoder(decoder).decode
     one = (lambda p, s: decode(p, s, skip_damaged=True)) if skip_damaged else unit_decode(decode)
-    rows = [decode_timed(p, sizes, budget, one) for p in paths]
+
+    def row(i: int) -> tuple:
+        if "data" not in batch:
+            return decode_timed(paths[i], sizes, budget, one)
+        if batch["read_error"][i]:
+            return None, str(batch["read_error"][i]), 0.0, 0.0
+        with _local_copy(paths[i], bytes(batch["data"][i])) as copy:
+            return decode_timed(copy, sizes, budget, one)
+
+    rows = [row(i) for i in range(n)]
     for i, (arrays, *_) in enumerate(rows):
         if arrays is not None:
             for s in sizes:
@@ -437,6 +481,17 @@ class _PartSink:
     def missing(self) -> int:
         return sum(s.end - self.next[s.index] for s in self.shards)
 
+    def shard_of(self, position: int) -> Shard:
+        return self.shards[bisect.bisect_right(self.starts, position) - 1]
+
+    def pending(self) -> np.ndarray:
+        """Positions of the unfinished shards not received yet (neither written nor held), in order."""
+        out = []
+        for s in self.shards:
+            held = self.rows[s.index]
+            out.extend(p for p in range(self.next[s.index], s.end) if p not in held)
+        return np.array(out, np.int64)
+
     def close(self) -> None:
         for w in self.writers.values():
             w.close()
@@ -496,13 +551,12 @@ def _data_context(ray) -> Iterator[None]:
         quiet.setLevel(level)
 
 
-def _input_blocks(images: ImageSet, shards: list[Shard], batch_size: int, n_cpus: float) -> list:
+def _input_blocks(images: ImageSet, positions: np.ndarray, batch_size: int, n_cpus: float) -> list:
     """(position, absolute path) rows as Arrow tables, one Ray block each: a whole number of model
     batches per block (few short batches), at least two blocks per CPU when there are enough rows."""
     import pyarrow as pa
 
     root = images.root.resolve()
-    positions = np.concatenate([np.arange(s.start, s.end, dtype=np.int64) for s in shards])
     per_block = batch_size * int(np.clip(-(-len(positions) // (2 * max(n_cpus, 1) * batch_size)), 1, 4))
     blocks = []
     for a in range(0, len(positions), per_block):
@@ -513,8 +567,30 @@ def _input_blocks(images: ImageSet, shards: list[Shard], batch_size: int, n_cpus
     return blocks
 
 
+def _reads_on(ray, reads: str) -> str:
+    """Who opens the image files: ``"workers"`` (by path: the folder is mounted at the same path on
+    every node) or ``"driver"`` (read tasks on the driver's node, bytes to the decode tasks anywhere).
+    ``"auto"``: workers on a one-node Ray, the driver's node on a cluster of several."""
+    if reads not in READS:
+        raise ValueError(f"reads must be one of {', '.join(READS)}, got {reads!r}")
+    if reads != "auto":
+        return reads
+    return "workers" if sum(1 for n in ray.nodes() if n.get("Alive")) <= 1 else "driver"
+
+
+def lost_work(ray, error: BaseException) -> bool:
+    """Whether ``error`` says Ray lost work it was doing (a node, worker, actor or object gone), which
+    running it again can repair, rather than the work itself failing (an exception in catfeat's code,
+    a model actor that cannot be built)."""
+    x = ray.exceptions
+    cause = getattr(error, "cause", None) if isinstance(error, x.RayTaskError) else error
+    if isinstance(cause, x.RayActorError):
+        return not cause.actor_init_failed
+    return isinstance(cause, (x.ObjectLostError, x.WorkerCrashedError, x.NodeDiedError))
+
+
 def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_worker: float = 0,
-                     shards: int | None = None) -> dict[str, Path]:
+                     shards: int | None = None, reads: str = "auto", retries: int = RETRIES) -> dict[str, Path]:
     """Compute the caches of ``plan.specs`` (a :class:`catfeat.extraction.run.ExtractionPlan`) on Ray Data;
     each ends complete at ``plan.paths[name]`` with exactly ``plan.attrs[name]`` (plus the writer's
     bookkeeping: format, complete, counts).
@@ -536,6 +612,10 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
         raise ValueError(f"batch size must be positive, got {batch_size}")
     if num_gpus_per_worker < 0:
         raise ValueError(f"--num-gpus-per-worker must be 0 or more, got {num_gpus_per_worker}")
+    if reads not in READS:
+        raise ValueError(f"reads must be one of {', '.join(READS)}, got {reads!r}")
+    if retries < 0:
+        raise ValueError(f"retries must be 0 or more, got {retries}")
     weights = Weights.parse(weights)
     if weights.kind == "file":
         weights = Weights("file", path=weights.path.resolve())  # workers do not share the driver's folder
@@ -570,7 +650,8 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
         busy = [sp for sp in specs if any(sp in v for v in need.values())]
         _run(ray, images, busy, todo, need, part_attrs, folders, weights=weights, seed=seed,
              batch_size=batch_size, report=report, progress=progress, address=address,
-             num_gpus_per_worker=num_gpus_per_worker, decoder=decoder, skip_damaged=plan_in.skip_damaged)
+             num_gpus_per_worker=num_gpus_per_worker, decoder=decoder, skip_damaged=plan_in.skip_damaged,
+             reads=reads, retries=retries, log=log)
 
     t = time.perf_counter()
     for sp in specs:
@@ -585,8 +666,9 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
 def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], need: dict[int, list],
          part_attrs: dict, folders: dict[str, Path], *, weights, seed: int, batch_size: int, report,
          progress: bool, address: str | None, num_gpus_per_worker: float, decoder: str,
-         skip_damaged: bool = False) -> None:
+         skip_damaged: bool = False, reads: str = "auto", retries: int = RETRIES, log=None) -> None:
     secs = report.seconds
+    log = log or logging.getLogger("catfeat").warning
     backend = str(part_attrs[(specs[0].name, todo[0].index)]["backend"])
     env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
     t, started_at = time.perf_counter(), time.time()
@@ -594,39 +676,40 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
     sink = bar = None
     try:
         n_actors, actor_cpus = _model_actors(ray, num_gpus_per_worker)
-        blocks = _input_blocks(images, todo, batch_size, ray.cluster_resources().get("CPU", 1))
-        jobs = [(sp, str(part_attrs[(sp.name, todo[0].index)]["precision"]),
-                 str(part_attrs[(sp.name, todo[0].index)]["tta"])) for sp in specs]
+        stages = dict(
+            reads=_reads_on(ray, reads), n_cpus=ray.cluster_resources().get("CPU", 1), env=env,
+            jobs=[(sp, str(part_attrs[(sp.name, todo[0].index)]["precision"]),
+                   str(part_attrs[(sp.name, todo[0].index)]["tta"])) for sp in specs],
+            actors=dict(weights=weights, seed=seed, batch_size=batch_size, backend=backend),
+            n_actors=n_actors, actor_cpus=actor_cpus, num_gpus=num_gpus_per_worker,
+            decode=dict(sizes=sorted({sp.input_size for sp in specs}), decoder=decoder, skip_damaged=skip_damaged,
+                        budget=DECODE_TASK_BYTES))
         secs["connect"] = time.perf_counter() - t
         t = time.perf_counter()
         bar = progress_bar(None, progress, "extract", "img", total=sum(len(s) for s in todo))
         sink = _PartSink(images, specs, todo, need, part_attrs, folders, report, bar, started_at)
-        sizes = sorted({sp.input_size for sp in specs})
-        # A decode task holds one full-size photo and its batch in and out. Declaring that memory also
-        # keeps Ray Data from fusing decode into the CPU model actor (it fuses stages whose requests
-        # are equal), so decoding runs in parallel tasks instead of between the actor's model calls.
-        decode_memory = DECODE_TASK_BYTES + 2 * batch_size * sum(3 * s * s for s in sizes)
-        with _data_context(ray):
-            ds = ray.data.from_arrow(blocks)
-            ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes, "decoder": decoder, "skip_damaged": skip_damaged,
-                                                         "budget": DECODE_TASK_BYTES},
-                                batch_size=batch_size, batch_format="numpy", num_cpus=1, memory=decode_memory,
-                                runtime_env={"env_vars": env})
-            ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={
-                                    "jobs": jobs, "weights": weights, "seed": seed, "batch_size": batch_size,
-                                    "backend": backend},
-                                batch_size=batch_size, batch_format="numpy", concurrency=n_actors,
-                                num_cpus=actor_cpus, num_gpus=num_gpus_per_worker or None,
-                                runtime_env={"env_vars": env})
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                sink.add(batch)
+        for attempt in range(retries + 1):
+            positions = sink.pending()
+            if not len(positions):
+                break
+            try:
+                with _data_context(ray):
+                    for batch in _dataset(ray, images, positions, batch_size, **stages).iter_batches(
+                            batch_size=None, batch_format="numpy"):
+                        sink.add(batch)
+            except ray.exceptions.RayError as e:
+                if attempt == retries or not lost_work(ray, e):
+                    raise
+                unfinished = len({sink.shard_of(p).index for p in sink.pending()})
+                log(f"catfeat: Ray lost work ({e.__class__.__name__}: {_last_line(e)}); submitting the "
+                    f"{len(sink.pending())} images of {unfinished} unfinished shards again "
+                    f"(retry {attempt + 1} of {retries})")
         if sink.missing():
             raise RuntimeError(f"Ray returned no features for {sink.missing()} images; finished shards are "
                                "kept, rerun the same command to compute the rest")
     except ray.exceptions.RayError as e:
-        last = (str(e).strip().splitlines() or [""])[-1]
-        raise RuntimeError(f"the Ray extraction failed ({e.__class__.__name__}: {last}); finished shards are "
-                           "kept, rerun the same command to resume") from e
+        raise RuntimeError(f"the Ray extraction failed ({e.__class__.__name__}: {_last_line(e)}); finished shards "
+                           "are kept, rerun the same command to resume") from e
     finally:
         if sink is not None:
             sink.close()
@@ -635,3 +718,28 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
         if started:
             ray.shutdown()
         secs["run"] = time.perf_counter() - t
+
+
+def _last_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[-1]
+
+
+def _dataset(ray, images: ImageSet, positions: np.ndarray, batch_size: int, *, reads: str, n_cpus: float,
+             env: dict, jobs: list, actors: dict, n_actors: int, actor_cpus: float, num_gpus: float, decode: dict):
+    """The Ray Data pipeline over the images at ``positions``: [read on the driver's node] -> decode
+    tasks -> model actors; rows come out in any order, each once per completed batch."""
+    ds = ray.data.from_arrow(_input_blocks(images, positions, batch_size, n_cpus))
+    if reads == "driver":
+        # I/O only (no CPU reserved, so a head node started with --num-cpus 0 reads too), two at a time
+        here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+        ds = ds.map_batches(read_batch, batch_size=batch_size, batch_format="numpy", num_cpus=0,
+                            concurrency=2, label_selector=here, runtime_env={"env_vars": env})
+    # A decode task holds one full-size photo and its batch in and out. Declaring that memory also
+    # keeps Ray Data from fusing decode into the CPU model actor (it fuses stages whose requests
+    # are equal), so decoding runs in parallel tasks instead of between the actor's model calls.
+    memory = DECODE_TASK_BYTES + 2 * batch_size * sum(3 * s * s for s in decode["sizes"])
+    ds = ds.map_batches(decode_batch, fn_kwargs=decode, batch_size=batch_size, batch_format="numpy", num_cpus=1,
+                        memory=memory, runtime_env={"env_vars": env})
+    return ds.map_batches(FeatureActor, fn_constructor_kwargs={"jobs": jobs, **actors}, batch_size=batch_size,
+                          batch_format="numpy", concurrency=n_actors, num_cpus=actor_cpus,
+                          num_gpus=num_gpus or None, runtime_env={"env_vars": env})

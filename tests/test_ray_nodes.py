@@ -1,0 +1,172 @@
+"""The Ray engine on a cluster of three nodes simulated in this machine (``ray.cluster_utils.Cluster``):
+a worker node lost mid-run, the engine's own resubmission of lost images, and workers that never open
+the data folder (the driver's node reads the files and ships their bytes).
+
+The head node (where this process, the driver, runs) has no CPUs, as on a real cluster: every decode
+and model runs on the two worker nodes, and only the read tasks (I/O, no CPU) run on the head. Skipped
+when Ray is not installed or cannot start.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import pytest
+
+from catfeat.cache.store import open_cache
+from catfeat.extraction import ray_engine
+from catfeat.extraction.run import run_extraction
+
+from conftest import make_kaggle
+from test_ray import assert_same_cache
+
+MODEL = "lite0" if importlib.util.find_spec("catfeat.models.lite") else "r50"
+FAST = dict(weights=None, batch_size=2, progress=False)
+SHARDS = 6
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """34 tiny images (16 cats, 16 dogs, 2 test), a corrupt and an empty file among them."""
+    root = make_kaggle(tmp_path_factory.mktemp("nodes") / "data", n_per_class=16, n_test=2)
+    (root / "train" / "cat.5.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "train" / "dog.9.jpg").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module")
+def local(data, tmp_path_factory):
+    report = run_extraction(data, MODEL, tmp_path_factory.mktemp("local"), **FAST)
+    return open_cache(next(iter(report.paths.values())))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (no CPUs) + two worker nodes of 2 CPUs, all on 127.0.0.1, no dashboard, no usage stats; its
+    own Ray temp folder, so no other ray.init() on this machine finds it (and it finds no other)."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    import ray._private.ray_constants as ray_constants
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    tmp = tempfile.mkdtemp(prefix="cf-ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", tmp)
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        # Ray swaps 127.0.0.1 for the machine's address unless told it is not a cluster (its switch for
+        # laptops): the environment tells the nodes and their workers, the constant this process.
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        c = None
+        try:
+            node = dict(node_ip_address="127.0.0.1", object_store_memory=100 << 20)
+            c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, include_dashboard=False, **node))
+            c.workers = [c.add_node(num_cpus=2, **node) for _ in range(2)]
+            c.wait_for_nodes()
+            ray.init(address=c.address, logging_level="WARNING")
+        except Exception as e:
+            if c is not None:
+                c.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
+            pytest.skip(f"a Ray cluster cannot start here: {e.__class__.__name__}: {e}")
+        try:
+            yield c
+        finally:
+            ray.shutdown()
+            c.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def test_a_worker_node_lost_mid_run(cluster, data, local, tmp_path, monkeypatch):
+    """The first rows reach the driver, a worker node is removed (its actor, its tasks and the blocks in
+    its object store are gone); the run still completes with the local engine's cache."""
+    arrived = []
+    add = ray_engine._PartSink.add
+
+    def add_then_kill(sink, batch):
+        if not arrived:
+            cluster.remove_node(cluster.workers[0])
+        arrived.append(len(batch["pos"]))
+        add(sink, batch)
+
+    monkeypatch.setattr(ray_engine._PartSink, "add", add_then_kill)
+    report = run_extraction(data, MODEL, tmp_path / "out", engine="ray", engine_options={"shards": SHARDS}, **FAST)
+    assert arrived[0] < len(local.names()) + len(local.skipped())  # the node went with work still to do
+    assert alive_nodes() == 2
+    got = open_cache(next(iter(report.paths.values())))
+    assert_same_cache(got, local)
+    # every image once: no row lost, none written twice (an actor's batch redone by Ray arrives again)
+    assert report.processed == 34 and len(report.skipped) == 2
+    assert [s["path"] for s in got.skipped()] == ["train/cat.5.jpg", "train/dog.9.jpg"]
+    assert not (tmp_path / "out" / ".parts").exists()
+
+
+def test_lost_images_are_submitted_again(cluster, data, local, tmp_path, monkeypatch):
+    """When Ray gives up on lost work (its own retries spent), the engine submits the images of the
+    unfinished shards again; finished rows are kept, none is written twice. Ray's giving up is
+    simulated: the first rows to arrive are dropped with the error Ray raises for a dead node."""
+    import ray
+
+    calls = []
+    add = ray_engine._PartSink.add
+
+    def lose_first(sink, batch):
+        calls.append(np.asarray(batch["pos"]).tolist())
+        if len(calls) == 1:
+            raise ray.exceptions.NodeDiedError("node 127.0.0.1 died (simulated)")
+        add(sink, batch)
+
+    monkeypatch.setattr(ray_engine._PartSink, "add", lose_first)
+    messages = []
+    report = run_extraction(data, MODEL, tmp_path / "out", engine="ray", log=messages.append,
+                            engine_options={"shards": SHARDS, "reads": "workers"}, **FAST)
+    assert_same_cache(open_cache(next(iter(report.paths.values()))), local)
+    assert report.processed == 34
+    retry = [m for m in messages if "Ray lost work" in m]
+    assert len(retry) == 1 and "NodeDiedError" in retry[0] and "(retry 1 of 2)" in retry[0], messages
+    delivered = [p for batch in calls[1:] for p in batch]
+    assert set(calls[0]) <= set(delivered)  # the dropped rows came back
+
+
+def test_only_lost_work_is_submitted_again():
+    """A node, worker or object gone is retried; an error of the work itself (an exception in a task, a
+    model actor that cannot be built) is not: running it again would fail the same way."""
+    ray = pytest.importorskip("ray")
+    x = ray.exceptions
+    assert ray_engine.lost_work(ray, x.NodeDiedError("node died"))
+    assert ray_engine.lost_work(ray, x.WorkerCrashedError())
+    assert ray_engine.lost_work(ray, x.ActorDiedError())
+    assert not ray_engine.lost_work(ray, x.RayTaskError("decode_batch", "Traceback ...", ValueError("bad")))
+    assert ray_engine.lost_work(ray, x.RayTaskError("decode_batch", "Traceback ...", x.WorkerCrashedError()))
+    assert not ray_engine.lost_work(ray, x.RaySystemError("?"))
+
+
+def test_decode_tasks_never_open_the_path_when_the_driver_reads(data, tmp_path):
+    """``reads="driver"``: the decode stage gets bytes; the path it is given need not exist on its node."""
+    rows = {"pos": np.arange(3, dtype=np.int64),
+            "path": np.array([os.fsencode(data / "train" / n) for n in ("cat.0.jpg", "cat.5.jpg", "dog.9.jpg")],
+                             dtype=object)}
+    read = ray_engine.read_batch(rows)
+    assert list(read["read_error"]) == ["", "", ""] and len(read["data"][0]) > 100
+    elsewhere = dict(read, path=np.array([b"/nowhere/cat.0.jpg", b"/nowhere/cat.5.jpg", b"/nowhere/dog.9.jpg"],
+                                         dtype=object))
+    got = ray_engine.decode_batch(elsewhere, [32])
+    here = ray_engine.decode_batch(rows, [32])
+    assert got["ok"].tolist() == here["ok"].tolist() == [True, False, False]
+    assert got["reason"].tolist() == here["reason"].tolist()
+    assert got["reason"][2] == "empty file (0 bytes)"
+    np.testing.assert_array_equal(got["img32"], here["img32"])
+    missing = ray_engine.read_batch({"pos": np.arange(1), "path": np.array([os.fsencode(tmp_path / "x.jpg")],
+                                                                            dtype=object)})
+    assert missing["read_error"][0].startswith("file not found")
