@@ -92,7 +92,7 @@ def test_a_worker_node_lost_mid_run(cluster, data, local, tmp_path, monkeypatch)
     """The first rows reach the driver, a worker node is removed (its actor, its tasks and the blocks in
     its object store are gone); the run still completes with the local engine's cache."""
     arrived = []
-    add = ray_engine._PartSink.add
+    add = ray_engine.PartSink.add
 
     def add_then_kill(sink, batch):
         if not arrived:
@@ -100,7 +100,7 @@ def test_a_worker_node_lost_mid_run(cluster, data, local, tmp_path, monkeypatch)
         arrived.append(len(batch["pos"]))
         add(sink, batch)
 
-    monkeypatch.setattr(ray_engine._PartSink, "add", add_then_kill)
+    monkeypatch.setattr(ray_engine.PartSink, "add", add_then_kill)
     report = run_extraction(data, MODEL, tmp_path / "out", engine="ray", engine_options={"shards": SHARDS}, **FAST)
     assert arrived[0] < len(local.names()) + len(local.skipped())  # the node went with work still to do
     assert alive_nodes() == 2
@@ -119,7 +119,7 @@ def test_lost_images_are_submitted_again(cluster, data, local, tmp_path, monkeyp
     import ray
 
     calls = []
-    add = ray_engine._PartSink.add
+    add = ray_engine.PartSink.add
 
     def lose_first(sink, batch):
         calls.append(np.asarray(batch["pos"]).tolist())
@@ -127,7 +127,7 @@ def test_lost_images_are_submitted_again(cluster, data, local, tmp_path, monkeyp
             raise ray.exceptions.NodeDiedError("node 127.0.0.1 died (simulated)")
         add(sink, batch)
 
-    monkeypatch.setattr(ray_engine._PartSink, "add", lose_first)
+    monkeypatch.setattr(ray_engine.PartSink, "add", lose_first)
     messages = []
     report = run_extraction(data, MODEL, tmp_path / "out", engine="ray", log=messages.append,
                             engine_options={"shards": SHARDS, "reads": "workers"}, **FAST)

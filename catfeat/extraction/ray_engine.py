@@ -2,22 +2,28 @@
 
 One Ray Data job serves every requested backbone::
 
-    (position, path) rows --map_batches(decode_batch)--> CPU tasks: catfeat.images.unit.decode_timed, once
-        per image for every input size, under a byte budget per task; a file that fails becomes a row with its reason
+    (position, path) rows [--map_batches(read_batch)--> I/O tasks on the driver's node: the files' bytes]
+    --map_batches(decode_batch)--> CPU tasks: catfeat.images.unit.decode_timed, once per image for every
+        input size, under a byte budget per task; a file that fails becomes a row with its reason
     --map_batches(FeatureActor)--> actor pool (GPU or CPU): each backbone built once per actor
         in a catfeat.extraction.stages.ModelRunner
     --> driver: one HDF5 part per (backbone, shard), written in position order with FeatureWriter
     parts --merge_parts, in order--> gap_<Model>.h5 (via <path>.partial and os.replace)
 
+Who opens the files (``reads``): on a one-node Ray the decode tasks read by path; on a cluster of
+several nodes the driver's node reads them (I/O tasks pinned there) and the decode tasks anywhere get
+the bytes, so no node needs the data folder mounted; ``reads="workers"`` spreads the reading when it
+is mounted at the same path everywhere.
+
 Shards are contiguous position ranges and the unit of work kept across runs: a part that is complete and
 matches the request is never recomputed, so a rerun after a crash redoes only the unfinished shards.
-Within a run Ray retries a failed decode task and restarts a killed model actor, redoing only the
-batches it held. Parts live in ``OUT/.parts/<backbone>/<request key>/shard-00003.h5`` and are deleted
-once the final cache is in place.
-
-Workers read the images by absolute path: on a multi-node cluster the data folder must be mounted at
-the same path on every node, and catfeat installed there. Features stream back to the driver, which
-alone writes files, so OUT only needs to exist where the command runs.
+Within a run, Ray retries a failed task, restarts a killed model actor and rebuilds lost blocks from
+their lineage; when it gives up on lost work (a node gone: :func:`lost_work`), the engine submits the
+images of the unfinished shards it has not received again, in a new job (``retries`` times). Rows are
+keyed by position, so a batch delivered twice is written once and a missing one is never papered over.
+Parts live in ``OUT/.parts/<backbone>/<request key>/shard-00003.h5`` and are deleted once the final cache
+is in place. Features stream back to the driver, which alone writes files, so OUT only needs to exist
+where the command runs; catfeat (same Keras backend) must be installed on every node.
 """
 from __future__ import annotations
 
@@ -401,7 +407,7 @@ class FeatureActor:
 
 
 # -- the driver ----------------------------------------------------------------------------------
-class _PartSink:
+class PartSink:
     """Takes feature rows in any order and writes each (backbone, shard) part in position order,
     finishing (atomically renaming) a part as soon as its shard is whole."""
 
@@ -552,29 +558,33 @@ def _data_context(ray) -> Iterator[None]:
 
 
 def _input_blocks(images: ImageSet, positions: np.ndarray, batch_size: int, n_cpus: float) -> list:
-    """(position, absolute path) rows as Arrow tables, one Ray block each: a whole number of model
-    batches per block (few short batches), at least two blocks per CPU when there are enough rows."""
+    """(position, location) rows as Arrow tables, one Ray block each: a whole number of model batches
+    per block (few short batches), at least two blocks per CPU when there are enough rows. A location
+    is what :meth:`ImageSet.paths` says to read: an absolute local path, or a URL."""
     import pyarrow as pa
 
-    root = images.root.resolve()
+    locations = images.paths()
     per_block = batch_size * int(np.clip(-(-len(positions) // (2 * max(n_cpus, 1) * batch_size)), 1, 4))
     blocks = []
     for a in range(0, len(positions), per_block):
         pos = positions[a:a + per_block]
         # bytes, not str: file names that are not valid UTF-8 survive the trip through Arrow
-        paths = [os.fsencode(root / images.names[p]) for p in pos]
+        paths = [os.fsencode(os.path.abspath(locations[p])) if isinstance(locations[p], os.PathLike)
+                 else os.fsencode(locations[p]) for p in pos]
         blocks.append(pa.table({"pos": pa.array(pos, pa.int64()), "path": pa.array(paths, pa.binary())}))
     return blocks
 
 
-def _reads_on(ray, reads: str) -> str:
-    """Who opens the image files: ``"workers"`` (by path: the folder is mounted at the same path on
-    every node) or ``"driver"`` (read tasks on the driver's node, bytes to the decode tasks anywhere).
-    ``"auto"``: workers on a one-node Ray, the driver's node on a cluster of several."""
+def _reads_on(ray, reads: str, images: ImageSet) -> str:
+    """Who opens the image files: ``"workers"`` (by URL, or by path when the folder is mounted at the
+    same path on every node) or ``"driver"`` (read tasks on the driver's node, bytes to the decode
+    tasks anywhere). ``"auto"``: workers when every image is a URL or Ray has one node, else the driver."""
     if reads not in READS:
         raise ValueError(f"reads must be one of {', '.join(READS)}, got {reads!r}")
     if reads != "auto":
         return reads
+    if not any(isinstance(p, os.PathLike) for p in images.paths()):
+        return "workers"
     return "workers" if sum(1 for n in ray.nodes() if n.get("Alive")) <= 1 else "driver"
 
 
@@ -677,7 +687,7 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
     try:
         n_actors, actor_cpus = _model_actors(ray, num_gpus_per_worker)
         stages = dict(
-            reads=_reads_on(ray, reads), n_cpus=ray.cluster_resources().get("CPU", 1), env=env,
+            reads=_reads_on(ray, reads, images), n_cpus=ray.cluster_resources().get("CPU", 1), env=env,
             jobs=[(sp, str(part_attrs[(sp.name, todo[0].index)]["precision"]),
                    str(part_attrs[(sp.name, todo[0].index)]["tta"])) for sp in specs],
             actors=dict(weights=weights, seed=seed, batch_size=batch_size, backend=backend),
@@ -687,7 +697,7 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
         secs["connect"] = time.perf_counter() - t
         t = time.perf_counter()
         bar = progress_bar(None, progress, "extract", "img", total=sum(len(s) for s in todo))
-        sink = _PartSink(images, specs, todo, need, part_attrs, folders, report, bar, started_at)
+        sink = PartSink(images, specs, todo, need, part_attrs, folders, report, bar, started_at)
         for attempt in range(retries + 1):
             positions = sink.pending()
             if not len(positions):
