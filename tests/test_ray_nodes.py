@@ -152,6 +152,22 @@ def test_only_lost_work_is_submitted_again():
     assert not ray_engine.lost_work(ray, x.RaySystemError("?"))
 
 
+def test_model_actors_leave_cpus_to_decode_after_a_node_is_lost():
+    """CPU actors: one per node, one CPU each unless, the largest node lost and its actor restarted on
+    the others, no CPU would be left to decode (the run would wait forever; it did in this module's
+    cluster of two 2-CPU workers before)."""
+    from types import SimpleNamespace
+
+    def cluster_of(*cpus):
+        return SimpleNamespace(nodes=lambda: [{"Alive": True, "Resources": {"CPU": c}} for c in cpus])
+
+    assert ray_engine.model_actors(cluster_of(2), 0) == (1, 1.0)  # one node: as before
+    assert ray_engine.model_actors(cluster_of(1), 0) == (1, 0.0)
+    assert ray_engine.model_actors(cluster_of(0, 2, 2), 0) == (2, 0.5)  # 2 actors on 2 CPUs: 1 left
+    assert ray_engine.model_actors(cluster_of(16, 16, 16), 0) == (3, 1.0)
+    assert ray_engine.model_actors(cluster_of(2, 2), 0) == (2, 0.5)
+
+
 def test_decode_tasks_never_open_the_path_when_the_driver_reads(data, tmp_path):
     """``reads="driver"``: the decode stage gets bytes; the path it is given need not exist on its node."""
     rows = {"pos": np.arange(3, dtype=np.int64),

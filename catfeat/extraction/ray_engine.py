@@ -519,8 +519,9 @@ def _connect(ray, address: str | None, env: dict[str, str]) -> bool:
     return True
 
 
-def _model_actors(ray, num_gpus_per_worker: float) -> tuple[int, float]:
-    """(number of model actors, CPUs each): one per GPU group on GPU clusters, one per node on CPU."""
+def model_actors(ray, num_gpus_per_worker: float) -> tuple[int, float]:
+    """(number of model actors, CPUs each): one per GPU group on GPU clusters, one per node on CPU,
+    reserving at most one CPU each, less where that could leave no CPU to decode after a node is lost."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if num_gpus_per_worker > 0:
         gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
@@ -529,11 +530,16 @@ def _model_actors(ray, num_gpus_per_worker: float) -> tuple[int, float]:
             raise ValueError(f"--num-gpus-per-worker {num_gpus_per_worker:g} but the Ray cluster has {gpus:g} "
                              "GPUs; start GPU nodes first, or pass 0 to run the models on CPUs")
         return count, 1.0
-    cpu_nodes = [n for n in nodes if n["Resources"].get("CPU", 0) >= 1]
-    cpus = sum(n["Resources"].get("CPU", 0) for n in cpu_nodes)
+    per_node = [n["Resources"].get("CPU", 0) for n in nodes if n["Resources"].get("CPU", 0) >= 1]
+    cpus = sum(per_node)
     # The backend already uses every core of its node; the CPU it reserves keeps decode off one core.
     # With a single CPU in all, reserving it would starve the decode tasks.
-    return max(1, len(cpu_nodes)), 1.0 if cpus >= 2 else 0.0
+    if len(per_node) <= 1:
+        return 1, 1.0 if cpus >= 2 else 0.0
+    # Several nodes: should the largest be lost, its actor is restarted on the others; the actors must
+    # then still leave a CPU to the decode tasks, or the run would wait forever.
+    spare = cpus - max(per_node) - 1
+    return len(per_node), float(np.clip(np.floor(100 * spare / len(per_node)) / 100, 0.0, 1.0))
 
 
 @contextmanager
@@ -685,7 +691,7 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
     started = _connect(ray, address, env)
     sink = bar = None
     try:
-        n_actors, actor_cpus = _model_actors(ray, num_gpus_per_worker)
+        n_actors, actor_cpus = model_actors(ray, num_gpus_per_worker)
         stages = dict(
             reads=_reads_on(ray, reads, images), n_cpus=ray.cluster_resources().get("CPU", 1), env=env,
             jobs=[(sp, str(part_attrs[(sp.name, todo[0].index)]["precision"]),
