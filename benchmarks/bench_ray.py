@@ -206,8 +206,8 @@ def main(argv=None) -> int:
         print(f"same names, labels and skipped files; largest feature difference {worst:.1e} of the feature "
               "range")
         if args.driver_rows:
-            write, merge = measure_driver(args.models, args.driver_rows, args.batch_size, max(1, args.driver_rows // 1000),
-                                          work / "driver")
+            shards = max(1, args.driver_rows // 1000)  # the engine's default: about 1,000 images a shard
+            write, merge = measure_driver(args.models, args.driver_rows, args.batch_size, shards, work / "driver")
             print(f"driver: {args.driver_rows} rows of {args.models}: {write:,.0f} rows/s taken in and written as "
                   f"parts, {merge:,.0f} rows/s merged into the caches")
     finally:

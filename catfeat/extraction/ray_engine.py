@@ -691,13 +691,12 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
     started = _connect(ray, address, env)
     sink = bar = None
     try:
-        n_actors, actor_cpus = model_actors(ray, num_gpus_per_worker)
         stages = dict(
-            reads=_reads_on(ray, reads, images), n_cpus=ray.cluster_resources().get("CPU", 1), env=env,
+            reads=_reads_on(ray, reads, images), env=env,
             jobs=[(sp, str(part_attrs[(sp.name, todo[0].index)]["precision"]),
                    str(part_attrs[(sp.name, todo[0].index)]["tta"])) for sp in specs],
             actors=dict(weights=weights, seed=seed, batch_size=batch_size, backend=backend),
-            n_actors=n_actors, actor_cpus=actor_cpus, num_gpus=num_gpus_per_worker,
+            num_gpus=num_gpus_per_worker,
             decode=dict(sizes=sorted({sp.input_size for sp in specs}), decoder=decoder, skip_damaged=skip_damaged,
                         budget=DECODE_TASK_BYTES))
         secs["connect"] = time.perf_counter() - t
@@ -708,6 +707,9 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
             positions = sink.pending()
             if not len(positions):
                 break
+            # sized to the nodes alive now: a resubmission after a node loss fits the cluster that is left
+            stages.update(zip(("n_actors", "actor_cpus"), model_actors(ray, num_gpus_per_worker)),
+                          n_cpus=ray.cluster_resources().get("CPU", 1))
             try:
                 with _data_context(ray):
                     for batch in _dataset(ray, images, positions, batch_size, **stages).iter_batches(
