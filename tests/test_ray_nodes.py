@@ -174,7 +174,7 @@ def test_decode_tasks_never_open_the_path_when_the_driver_reads(data, tmp_path):
             "path": np.array([os.fsencode(data / "train" / n) for n in ("cat.0.jpg", "cat.5.jpg", "dog.9.jpg")],
                              dtype=object)}
     read = ray_engine.read_batch(rows)
-    assert list(read["read_error"]) == ["", "", ""] and len(read["data"][0]) > 100
+    assert list(read["read_error"]) == ["", "", ""] and len(read["data"][0]) > 100 and read["shipped"].all()
     elsewhere = dict(read, path=np.array([b"/nowhere/cat.0.jpg", b"/nowhere/cat.5.jpg", b"/nowhere/dog.9.jpg"],
                                          dtype=object))
     got = ray_engine.decode_batch(elsewhere, [32])
@@ -183,6 +183,7 @@ def test_decode_tasks_never_open_the_path_when_the_driver_reads(data, tmp_path):
     assert got["reason"].tolist() == here["reason"].tolist()
     assert got["reason"][2] == "empty file (0 bytes)"
     np.testing.assert_array_equal(got["img32"], here["img32"])
-    missing = ray_engine.read_batch({"pos": np.arange(1), "path": np.array([os.fsencode(tmp_path / "x.jpg")],
-                                                                            dtype=object)})
-    assert missing["read_error"][0].startswith("file not found")
+    other = ray_engine.read_batch({"pos": np.arange(2), "path": np.array([os.fsencode(tmp_path / "x.jpg"),
+                                                                          b"s3://bucket/cat.0.jpg"], dtype=object)})
+    assert other["read_error"][0].startswith("file not found")  # the local engine's words
+    assert other["shipped"].tolist() == [True, False] and other["read_error"][1] == ""  # a URL: read by the task

@@ -305,20 +305,23 @@ def _copy_part(writer: FeatureWriter, shard: Shard, part: Path, split: Sequence[
 # -- the Ray Data stages (run on workers) --------------------------------------------------------
 def read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Stage 0, only when the driver's node reads the files (``reads="driver"``: no shared filesystem):
-    each row's bytes, so the decode tasks on other nodes never open a path. A file that cannot be read
-    gets its reason (the words of the local engine's readers) and no bytes."""
+    each local file's bytes (``shipped``), so the decode tasks on other nodes never open a path. A file
+    that cannot be read gets its reason (the words of the local engine's readers) and no bytes. A URL
+    (any location that is not an absolute path) is left to the decode task, which reads it itself."""
     from catfeat.images.decoders import read_bytes
     from catfeat.images.listing import DecodeError, MAX_PIXELS, file_size_limit
 
-    data, reason = [], []
+    data, reason, shipped = [], [], []
     for raw in batch["path"]:
+        location = os.fsdecode(bytes(raw))
+        shipped.append(os.path.isabs(location))
         try:
-            data.append(read_bytes(os.fsdecode(bytes(raw)), file_size_limit(MAX_PIXELS, 1)))
+            data.append(read_bytes(location, file_size_limit(MAX_PIXELS, 1)) if shipped[-1] else b"")
             reason.append("")
         except DecodeError as e:
             data.append(b"")
             reason.append(str(e))
-    return {"pos": np.asarray(batch["pos"], np.int64), "path": batch["path"],
+    return {"pos": np.asarray(batch["pos"], np.int64), "path": batch["path"], "shipped": np.array(shipped, bool),
             "data": np.array(data, dtype=object), "read_error": np.array(reason, dtype=object)}
 
 
@@ -339,8 +342,8 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], decoder: st
                  skip_damaged: bool = False, budget: int | ByteBudget = DECODE_TASK_BYTES) -> dict[str, np.ndarray]:
     """Stage 1, the reader (:func:`catfeat.images.unit.decode_timed`, as the local readers): decode each
     row's file once into every input size, under ``budget`` (bytes: a new budget for this task; or a
-    :class:`ByteBudget` to share). Rows with a ``data`` column (from :func:`read_batch`) are decoded
-    from those bytes, never from their path. Never raises for a bad file: its row gets ``ok=False``,
+    :class:`ByteBudget` to share). Rows whose bytes came with them (``shipped`` by :func:`read_batch`)
+    are decoded from those bytes, never from their path. Never raises for a bad file: its row gets ``ok=False``,
     the reason, and zero images."""
     from catfeat.images.decoders import get_decoder
 
@@ -352,7 +355,7 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], decoder: st
     one = (lambda p, s: decode(p, s, skip_damaged=True)) if skip_damaged else unit_decode(decode)
 
     def row(i: int) -> tuple:
-        if "data" not in batch:
+        if "data" not in batch or not batch["shipped"][i]:
             return decode_timed(paths[i], sizes, budget, one)
         if batch["read_error"][i]:
             return None, str(batch["read_error"][i]), 0.0, 0.0
