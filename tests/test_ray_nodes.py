@@ -8,7 +8,6 @@ when Ray is not installed or cannot start.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -21,26 +20,22 @@ from catfeat.extraction import ray_engine
 from catfeat.extraction.run import run_extraction
 
 from conftest import make_kaggle
-from test_ray import assert_same_cache
+from test_ray import MODEL, assert_same_cache
 
-MODEL = "lite0" if importlib.util.find_spec("catfeat.models.lite") else "r50"
 FAST = dict(weights=None, batch_size=2, progress=False)
 SHARDS = 6
+N_IMAGES = 34
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """34 tiny images (16 cats, 16 dogs, 2 test), a corrupt and an empty file among them."""
+def photos(tmp_path_factory):
+    """(folder, the local engine's cache of it): 34 tiny images (16 cats, 16 dogs, 2 test), a corrupt
+    and an empty file among them; enough batches of 2 for a node to go with work still to do."""
     root = make_kaggle(tmp_path_factory.mktemp("nodes") / "data", n_per_class=16, n_test=2)
     (root / "train" / "cat.5.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (root / "train" / "dog.9.jpg").write_bytes(b"")
-    return root
-
-
-@pytest.fixture(scope="module")
-def local(data, tmp_path_factory):
-    report = run_extraction(data, MODEL, tmp_path_factory.mktemp("local"), **FAST)
-    return open_cache(next(iter(report.paths.values())))
+    report = run_extraction(root, MODEL, tmp_path_factory.mktemp("local"), **FAST)
+    return root, open_cache(next(iter(report.paths.values())))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +83,7 @@ def alive_nodes() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
-def test_a_worker_node_lost_mid_run(cluster, data, local, tmp_path, monkeypatch):
+def test_a_worker_node_lost_mid_run(cluster, photos, tmp_path, monkeypatch):
     """The first rows reach the driver, a worker node is removed (its actor, its tasks and the blocks in
     its object store are gone); the run still completes with the local engine's cache."""
     arrived = []
@@ -101,18 +96,19 @@ def test_a_worker_node_lost_mid_run(cluster, data, local, tmp_path, monkeypatch)
         add(sink, batch)
 
     monkeypatch.setattr(ray_engine.PartSink, "add", add_then_kill)
+    data, local = photos
     report = run_extraction(data, MODEL, tmp_path / "out", engine="ray", engine_options={"shards": SHARDS}, **FAST)
-    assert arrived[0] < len(local.names()) + len(local.skipped())  # the node went with work still to do
+    assert arrived[0] < N_IMAGES  # the node went with work still to do
     assert alive_nodes() == 2
     got = open_cache(next(iter(report.paths.values())))
     assert_same_cache(got, local)
     # every image once: no row lost, none written twice (an actor's batch redone by Ray arrives again)
-    assert report.processed == 34 and len(report.skipped) == 2
+    assert report.processed == N_IMAGES and len(report.skipped) == 2
     assert [s["path"] for s in got.skipped()] == ["train/cat.5.jpg", "train/dog.9.jpg"]
     assert not (tmp_path / "out" / ".parts").exists()
 
 
-def test_lost_images_are_submitted_again(cluster, data, local, tmp_path, monkeypatch):
+def test_lost_images_are_submitted_again(cluster, photos, tmp_path, monkeypatch):
     """When Ray gives up on lost work (its own retries spent), the engine submits the images of the
     unfinished shards again; finished rows are kept, none is written twice. Ray's giving up is
     simulated: the first rows to arrive are dropped with the error Ray raises for a dead node."""
@@ -128,11 +124,12 @@ def test_lost_images_are_submitted_again(cluster, data, local, tmp_path, monkeyp
         add(sink, batch)
 
     monkeypatch.setattr(ray_engine.PartSink, "add", lose_first)
+    data, local = photos
     messages = []
     report = run_extraction(data, MODEL, tmp_path / "out", engine="ray", log=messages.append,
                             engine_options={"shards": SHARDS, "reads": "workers"}, **FAST)
     assert_same_cache(open_cache(next(iter(report.paths.values()))), local)
-    assert report.processed == 34
+    assert report.processed == N_IMAGES
     retry = [m for m in messages if "Ray lost work" in m]
     assert len(retry) == 1 and "NodeDiedError" in retry[0] and "(retry 1 of 2)" in retry[0], messages
     delivered = [p for batch in calls[1:] for p in batch]
@@ -168,8 +165,9 @@ def test_model_actors_leave_cpus_to_decode_after_a_node_is_lost():
     assert ray_engine.model_actors(cluster_of(2, 2), 0) == (2, 0.5)
 
 
-def test_decode_tasks_never_open_the_path_when_the_driver_reads(data, tmp_path):
+def test_decode_tasks_never_open_the_path_when_the_driver_reads(photos, tmp_path):
     """``reads="driver"``: the decode stage gets bytes; the path it is given need not exist on its node."""
+    data = photos[0]
     rows = {"pos": np.arange(3, dtype=np.int64),
             "path": np.array([os.fsencode(data / "train" / n) for n in ("cat.0.jpg", "cat.5.jpg", "dog.9.jpg")],
                              dtype=object)}
