@@ -136,6 +136,34 @@ def test_lost_images_are_submitted_again(cluster, photos, tmp_path, monkeypatch)
     assert set(calls[0]) <= set(delivered)  # the dropped rows came back
 
 
+def test_workers_read_by_url_from_the_object_store(cluster, photos, request, tmp_path, monkeypatch):
+    """The photos in a real S3 store (SeaweedFS on 127.0.0.1), extracted from ``s3://bucket/set/``: the
+    decode tasks on the worker nodes read them by URL (no folder anywhere) and the cache holds what
+    the local engine made of the same files on disk."""
+    try:
+        store = request.getfixturevalue("seaweedfs")
+    except pytest.FixtureLookupError:
+        pytest.skip("needs the SeaweedFS fixture of tests/conftest.py (inputs by URL)")
+    s3fs = pytest.importorskip("s3fs")
+    for k, v in store.env().items():
+        monkeypatch.setenv(k, v)  # the driver's; the engine passes them on to the Ray workers
+    s3fs.S3FileSystem.clear_instance_cache()
+    data, local = photos
+    fs = store.fs()
+    if not fs.exists("catfeat-ray"):
+        fs.mkdir("catfeat-ray")
+    for path in sorted(data.rglob("*.jpg")):
+        fs.pipe(f"catfeat-ray/set/{path.relative_to(data).as_posix()}", path.read_bytes())
+    report = run_extraction("s3://catfeat-ray/set/", MODEL, tmp_path / "out", engine="ray",
+                            engine_options={"shards": SHARDS}, **FAST)
+    got = open_cache(next(iter(report.paths.values())))
+    for split in ("train", "test"):
+        assert list(got.names(split)) == list(local.names(split))
+        np.testing.assert_allclose(got.features(split), local.features(split), rtol=1e-5, atol=1e-6)
+    assert got.labels().tolist() == local.labels().tolist() and got.skipped() == local.skipped()
+    assert report.processed == N_IMAGES
+
+
 def test_only_lost_work_is_submitted_again():
     """A node, worker or object gone is retried; an error of the work itself (an exception in a task, a
     model actor that cannot be built) is not: running it again would fail the same way."""

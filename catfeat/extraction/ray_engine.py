@@ -62,6 +62,12 @@ MERGE_ROWS = 4096  # rows copied per step when merging, so memory stays flat for
 PART_NAME = re.compile(r"shard-\d{5}\.h5(\.partial)?")  # the only files catfeat writes under .parts
 # Full-size pixels one decode task may hold (its byte budget), part of the memory it declares to Ray.
 DECODE_TASK_BYTES = 64 << 20
+# What the byte reader of URLs needs (catfeat.images.sources): passed on to the Ray workers when images
+# are read by URL, so they reach the store the driver reaches, as the driver does. They travel in the
+# job's runtime environment: on a shared cluster, give the nodes their own credentials instead.
+STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+             "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED",
+             "CATFEAT_READ_TRIES", "CATFEAT_READ_WAIT")
 RETRIES = 2  # times, within one run, the images Ray lost past its own retries are submitted again
 READS = ("auto", "workers", "driver")  # who opens the image files (see _reads_on)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -690,6 +696,8 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
     log = log or logging.getLogger("catfeat").warning
     backend = str(part_attrs[(specs[0].name, todo[0].index)]["backend"])
     env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    if not all(isinstance(p, os.PathLike) for p in images.paths()):  # some images are read by URL
+        env.update({k: os.environ[k] for k in STORE_ENV if k in os.environ})
     t, started_at = time.perf_counter(), time.time()
     started = _connect(ray, address, env)
     sink = bar = None
