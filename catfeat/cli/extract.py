@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--num-gpus-per-worker", type=float, default=0, help="GPUs per model actor (default: 0)")
     ray.add_argument("--shards", type=int, default=None, help="number of shards, the unit of retry "
                      "(default: about 1,000 images each)")
+    ray.add_argument("--read-on", default="auto", choices=["auto", "workers", "driver"],
+                     help="who opens the image files: workers (the folder mounted at the same path on every "
+                     "node), driver (its node reads, the bytes go to the workers: no shared filesystem); auto: "
+                     "workers on one node, driver on a cluster (default: auto)")
+    ray.add_argument("--shard-retries", type=int, default=2, help="times the images of unfinished shards "
+                     "that Ray lost (a node gone) are submitted again within the run (default: %(default)s)")
     return p
 
 
@@ -105,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
 def _engine_options(args: argparse.Namespace) -> dict | None:
     if args.engine == "local":
         return None
-    return {"address": args.address, "num_gpus_per_worker": args.num_gpus_per_worker, "shards": args.shards}
+    return {"address": args.address, "num_gpus_per_worker": args.num_gpus_per_worker, "shards": args.shards,
+            "reads": args.read_on, "retries": args.shard_retries}
 
 
 def main(argv=None) -> int:

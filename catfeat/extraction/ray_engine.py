@@ -2,22 +2,28 @@
 
 One Ray Data job serves every requested backbone::
 
-    (position, path) rows --map_batches(decode_batch)--> CPU tasks: catfeat.images.unit.decode_timed, once
-        per image for every input size, under a byte budget per task; a file that fails becomes a row with its reason
+    (position, path) rows [--map_batches(read_batch)--> I/O tasks on the driver's node: the files' bytes]
+    --map_batches(decode_batch)--> CPU tasks: catfeat.images.unit.decode_timed, once per image for every
+        input size, under a byte budget per task; a file that fails becomes a row with its reason
     --map_batches(FeatureActor)--> actor pool (GPU or CPU): each backbone built once per actor
         in a catfeat.extraction.stages.ModelRunner
     --> driver: one HDF5 part per (backbone, shard), written in position order with FeatureWriter
     parts --merge_parts, in order--> gap_<Model>.h5 (via <path>.partial and os.replace)
 
+Who opens the files (``reads``): on a one-node Ray the decode tasks read by path; on a cluster of
+several nodes the driver's node reads them (I/O tasks pinned there) and the decode tasks anywhere get
+the bytes, so no node needs the data folder mounted; ``reads="workers"`` spreads the reading when it
+is mounted at the same path everywhere.
+
 Shards are contiguous position ranges and the unit of work kept across runs: a part that is complete and
 matches the request is never recomputed, so a rerun after a crash redoes only the unfinished shards.
-Within a run Ray retries a failed decode task and restarts a killed model actor, redoing only the
-batches it held. Parts live in ``OUT/.parts/<backbone>/<request key>/shard-00003.h5`` and are deleted
-once the final cache is in place.
-
-Workers read the images by absolute path: on a multi-node cluster the data folder must be mounted at
-the same path on every node, and catfeat installed there. Features stream back to the driver, which
-alone writes files, so OUT only needs to exist where the command runs.
+Within a run, Ray retries a failed task, restarts a killed model actor and rebuilds lost blocks from
+their lineage; when it gives up on lost work (a node gone: :func:`lost_work`), the engine submits the
+images of the unfinished shards it has not received again, in a new job (``retries`` times). Rows are
+keyed by position, so a batch delivered twice is written once and a missing one is never papered over.
+Parts live in ``OUT/.parts/<backbone>/<request key>/shard-00003.h5`` and are deleted once the final cache
+is in place. Features stream back to the driver, which alone writes files, so OUT only needs to exist
+where the command runs; catfeat (same Keras backend) must be installed on every node.
 """
 from __future__ import annotations
 
@@ -58,6 +64,14 @@ MERGE_ROWS = 4096  # rows copied per step when merging, so memory stays flat for
 PART_NAME = re.compile(r"shard-\d{5}\.h5(\.partial)?")  # the only files catfeat writes under .parts
 # Full-size pixels one decode task may hold (its byte budget), part of the memory it declares to Ray.
 DECODE_TASK_BYTES = 64 << 20
+# What the byte reader of URLs needs (catfeat.images.sources): passed on to the Ray workers when images
+# are read by URL, so they reach the store the driver reaches, as the driver does. They travel in the
+# job's runtime environment: on a shared cluster, give the nodes their own credentials instead.
+STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+             "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED",
+             "CATFEAT_READ_TRIES", "CATFEAT_READ_WAIT")
+RETRIES = 2  # times, within one run, the images Ray lost past its own retries are submitted again
+READS = ("auto", "workers", "driver")  # who opens the image files (see _reads_on)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
@@ -279,12 +293,48 @@ def _copy_part(writer: FeatureWriter, shard: Shard, part: Path, split: Sequence[
 
 
 # -- the Ray Data stages (run on workers) --------------------------------------------------------
+def read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stage 0, only when the driver's node reads the files (``reads="driver"``: no shared filesystem):
+    each local file's bytes (``shipped``), so the decode tasks on other nodes never open a path. A file
+    that cannot be read gets its reason (the words of the local engine's readers) and no bytes. A URL
+    (any location that is not an absolute path) is left to the decode task, which reads it itself."""
+    from catfeat.images.decoders import read_bytes
+    from catfeat.images.listing import DecodeError, MAX_PIXELS, file_size_limit
+
+    data, reason, shipped = [], [], []
+    for raw in batch["path"]:
+        location = os.fsdecode(bytes(raw))
+        shipped.append(os.path.isabs(location))
+        try:
+            data.append(read_bytes(location, file_size_limit(MAX_PIXELS, 1)) if shipped[-1] else b"")
+            reason.append("")
+        except DecodeError as e:
+            data.append(b"")
+            reason.append(str(e))
+    return {"pos": np.asarray(batch["pos"], np.int64), "path": batch["path"], "shipped": np.array(shipped, bool),
+            "data": np.array(data, dtype=object), "read_error": np.array(reason, dtype=object)}
+
+
+@contextmanager
+def _local_copy(path: str, data: bytes) -> Iterator[str]:
+    """``data`` (the bytes of ``path``, read on another node) in a temporary file of this worker, named
+    like ``path``, so it goes through the same decode unit as a file read in place."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="catfeat-") as tmp:
+        copy = os.path.join(tmp, "image" + os.path.splitext(path)[1][:16])
+        with open(copy, "wb") as f:
+            f.write(data)
+        yield copy
+
+
 def decode_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], decoder: str = "auto",
                  skip_damaged: bool = False, budget: int | ByteBudget = DECODE_TASK_BYTES) -> dict[str, np.ndarray]:
     """Stage 1, the reader (:func:`catfeat.images.unit.decode_timed`, as the local readers): decode each
     row's file once into every input size, under ``budget`` (bytes: a new budget for this task; or a
-    :class:`ByteBudget` to share). Never raises for a bad file: its row gets ``ok=False``, the reason,
-    and zero images."""
+    :class:`ByteBudget` to share). Rows whose bytes came with them (``shipped`` by :func:`read_batch`)
+    are decoded from those bytes, never from their path. Never raises for a bad file: its row gets ``ok=False``,
+    the reason, and zero images."""
     from catfeat.images.decoders import get_decoder
 
     paths = [os.fsdecode(bytes(raw)) for raw in batch["path"]]
@@ -293,7 +343,16 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: Sequence[int], decoder: st
     budget = budget if isinstance(budget, ByteBudget) else ByteBudget(int(budget))
     decode = get_decoder(decoder).decode
     one = (lambda p, s: decode(p, s, skip_damaged=True)) if skip_damaged else unit_decode(decode)
-    rows = [decode_timed(p, sizes, budget, one) for p in paths]
+
+    def row(i: int) -> tuple:
+        if "data" not in batch or not batch["shipped"][i]:
+            return decode_timed(paths[i], sizes, budget, one)
+        if batch["read_error"][i]:
+            return None, str(batch["read_error"][i]), 0.0, 0.0
+        with _local_copy(paths[i], bytes(batch["data"][i])) as copy:
+            return decode_timed(copy, sizes, budget, one)
+
+    rows = [row(i) for i in range(n)]
     for i, (arrays, *_) in enumerate(rows):
         if arrays is not None:
             for s in sizes:
@@ -341,7 +400,7 @@ class FeatureActor:
 
 
 # -- the driver ----------------------------------------------------------------------------------
-class _PartSink:
+class PartSink:
     """Takes feature rows in any order and writes each (backbone, shard) part in position order,
     finishing (atomically renaming) a part as soon as its shard is whole."""
 
@@ -421,6 +480,17 @@ class _PartSink:
     def missing(self) -> int:
         return sum(s.end - self.next[s.index] for s in self.shards)
 
+    def shard_of(self, position: int) -> Shard:
+        return self.shards[bisect.bisect_right(self.starts, position) - 1]
+
+    def pending(self) -> np.ndarray:
+        """Positions of the unfinished shards not received yet (neither written nor held), in order."""
+        out = []
+        for s in self.shards:
+            held = self.rows[s.index]
+            out.extend(p for p in range(self.next[s.index], s.end) if p not in held)
+        return np.array(out, np.int64)
+
     def close(self) -> None:
         for w in self.writers.values():
             w.close()
@@ -442,8 +512,9 @@ def _connect(ray, address: str | None, env: dict[str, str]) -> bool:
     return True
 
 
-def _model_actors(ray, num_gpus_per_worker: float) -> tuple[int, float]:
-    """(number of model actors, CPUs each): one per GPU group on GPU clusters, one per node on CPU."""
+def model_actors(ray, num_gpus_per_worker: float) -> tuple[int, float]:
+    """(number of model actors, CPUs each): one per GPU group on GPU clusters, one per node on CPU,
+    reserving at most one CPU each, less where that could leave no CPU to decode after a node is lost."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if num_gpus_per_worker > 0:
         gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
@@ -452,11 +523,16 @@ def _model_actors(ray, num_gpus_per_worker: float) -> tuple[int, float]:
             raise ValueError(f"--num-gpus-per-worker {num_gpus_per_worker:g} but the Ray cluster has {gpus:g} "
                              "GPUs; start GPU nodes first, or pass 0 to run the models on CPUs")
         return count, 1.0
-    cpu_nodes = [n for n in nodes if n["Resources"].get("CPU", 0) >= 1]
-    cpus = sum(n["Resources"].get("CPU", 0) for n in cpu_nodes)
+    per_node = [n["Resources"].get("CPU", 0) for n in nodes if n["Resources"].get("CPU", 0) >= 1]
+    cpus = sum(per_node)
     # The backend already uses every core of its node; the CPU it reserves keeps decode off one core.
     # With a single CPU in all, reserving it would starve the decode tasks.
-    return max(1, len(cpu_nodes)), 1.0 if cpus >= 2 else 0.0
+    if len(per_node) <= 1:
+        return 1, 1.0 if cpus >= 2 else 0.0
+    # Several nodes: should the largest be lost, its actor is restarted on the others; the actors must
+    # then still leave a CPU to the decode tasks, or the run would wait forever.
+    spare = cpus - max(per_node) - 1
+    return len(per_node), float(np.clip(np.floor(100 * spare / len(per_node)) / 100, 0.0, 1.0))
 
 
 @contextmanager
@@ -480,25 +556,50 @@ def _data_context(ray) -> Iterator[None]:
         quiet.setLevel(level)
 
 
-def _input_blocks(images: ImageSet, shards: list[Shard], batch_size: int, n_cpus: float) -> list:
-    """(position, absolute path) rows as Arrow tables, one Ray block each: a whole number of model
-    batches per block (few short batches), at least two blocks per CPU when there are enough rows."""
+def _input_blocks(images: ImageSet, positions: np.ndarray, batch_size: int, n_cpus: float) -> list:
+    """(position, location) rows as Arrow tables, one Ray block each: a whole number of model batches
+    per block (few short batches), at least two blocks per CPU when there are enough rows. A location
+    is what :meth:`ImageSet.paths` says to read: an absolute local path, or a URL."""
     import pyarrow as pa
 
-    root = images.root.resolve()
-    positions = np.concatenate([np.arange(s.start, s.end, dtype=np.int64) for s in shards])
+    locations = images.paths()
     per_block = batch_size * int(np.clip(-(-len(positions) // (2 * max(n_cpus, 1) * batch_size)), 1, 4))
     blocks = []
     for a in range(0, len(positions), per_block):
         pos = positions[a:a + per_block]
         # bytes, not str: file names that are not valid UTF-8 survive the trip through Arrow
-        paths = [os.fsencode(root / images.names[p]) for p in pos]
+        paths = [os.fsencode(os.path.abspath(locations[p])) if isinstance(locations[p], os.PathLike)
+                 else os.fsencode(locations[p]) for p in pos]
         blocks.append(pa.table({"pos": pa.array(pos, pa.int64()), "path": pa.array(paths, pa.binary())}))
     return blocks
 
 
+def _reads_on(ray, reads: str, images: ImageSet) -> str:
+    """Who opens the image files: ``"workers"`` (by URL, or by path when the folder is mounted at the
+    same path on every node) or ``"driver"`` (read tasks on the driver's node, bytes to the decode
+    tasks anywhere). ``"auto"``: workers when every image is a URL or Ray has one node, else the driver."""
+    if reads not in READS:
+        raise ValueError(f"reads must be one of {', '.join(READS)}, got {reads!r}")
+    if reads != "auto":
+        return reads
+    if not any(isinstance(p, os.PathLike) for p in images.paths()):
+        return "workers"
+    return "workers" if sum(1 for n in ray.nodes() if n.get("Alive")) <= 1 else "driver"
+
+
+def lost_work(ray, error: BaseException) -> bool:
+    """Whether ``error`` says Ray lost work it was doing (a node, worker, actor or object gone), which
+    running it again can repair, rather than the work itself failing (an exception in catfeat's code,
+    a model actor that cannot be built)."""
+    x = ray.exceptions
+    cause = getattr(error, "cause", None) if isinstance(error, x.RayTaskError) else error
+    if isinstance(cause, x.RayActorError):
+        return not cause.actor_init_failed
+    return isinstance(cause, (x.ObjectLostError, x.WorkerCrashedError, x.NodeDiedError))
+
+
 def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_worker: float = 0,
-                     shards: int | None = None) -> dict[str, Path]:
+                     shards: int | None = None, reads: str = "auto", retries: int = RETRIES) -> dict[str, Path]:
     """Compute the caches of ``plan.specs`` (a :class:`catfeat.extraction.run.ExtractionPlan`) on Ray Data;
     each ends complete at ``plan.paths[name]`` with exactly ``plan.attrs[name]`` (plus the writer's
     bookkeeping: format, complete, counts).
@@ -520,6 +621,10 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
         raise ValueError(f"batch size must be positive, got {batch_size}")
     if num_gpus_per_worker < 0:
         raise ValueError(f"--num-gpus-per-worker must be 0 or more, got {num_gpus_per_worker}")
+    if reads not in READS:
+        raise ValueError(f"reads must be one of {', '.join(READS)}, got {reads!r}")
+    if retries < 0:
+        raise ValueError(f"retries must be 0 or more, got {retries}")
     weights = Weights.parse(weights)
     if weights.kind == "file":
         weights = Weights("file", path=weights.path.resolve())  # workers do not share the driver's folder
@@ -554,7 +659,8 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
         busy = [sp for sp in specs if any(sp in v for v in need.values())]
         _run(ray, images, busy, todo, need, part_attrs, folders, weights=weights, seed=seed,
              batch_size=batch_size, report=report, progress=progress, address=address,
-             num_gpus_per_worker=num_gpus_per_worker, decoder=decoder, skip_damaged=plan_in.skip_damaged)
+             num_gpus_per_worker=num_gpus_per_worker, decoder=decoder, skip_damaged=plan_in.skip_damaged,
+             reads=reads, retries=retries, log=log)
 
     t = time.perf_counter()
     for sp in specs:
@@ -569,48 +675,54 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
 def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], need: dict[int, list],
          part_attrs: dict, folders: dict[str, Path], *, weights, seed: int, batch_size: int, report,
          progress: bool, address: str | None, num_gpus_per_worker: float, decoder: str,
-         skip_damaged: bool = False) -> None:
+         skip_damaged: bool = False, reads: str = "auto", retries: int = RETRIES, log=None) -> None:
     secs = report.seconds
+    log = log or logging.getLogger("catfeat").warning
     backend = str(part_attrs[(specs[0].name, todo[0].index)]["backend"])
     env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    if not all(isinstance(p, os.PathLike) for p in images.paths()):  # some images are read by URL
+        env.update({k: os.environ[k] for k in STORE_ENV if k in os.environ})
     t, started_at = time.perf_counter(), time.time()
     started = _connect(ray, address, env)
     sink = bar = None
     try:
-        n_actors, actor_cpus = _model_actors(ray, num_gpus_per_worker)
-        blocks = _input_blocks(images, todo, batch_size, ray.cluster_resources().get("CPU", 1))
-        jobs = [(sp, str(part_attrs[(sp.name, todo[0].index)]["precision"]),
-                 str(part_attrs[(sp.name, todo[0].index)]["tta"])) for sp in specs]
+        stages = dict(
+            reads=_reads_on(ray, reads, images), env=env,
+            jobs=[(sp, str(part_attrs[(sp.name, todo[0].index)]["precision"]),
+                   str(part_attrs[(sp.name, todo[0].index)]["tta"])) for sp in specs],
+            actors=dict(weights=weights, seed=seed, batch_size=batch_size, backend=backend),
+            num_gpus=num_gpus_per_worker,
+            decode=dict(sizes=sorted({sp.input_size for sp in specs}), decoder=decoder, skip_damaged=skip_damaged,
+                        budget=DECODE_TASK_BYTES))
         secs["connect"] = time.perf_counter() - t
         t = time.perf_counter()
         bar = progress_bar(None, progress, "extract", "img", total=sum(len(s) for s in todo))
-        sink = _PartSink(images, specs, todo, need, part_attrs, folders, report, bar, started_at)
-        sizes = sorted({sp.input_size for sp in specs})
-        # A decode task holds one full-size photo and its batch in and out. Declaring that memory also
-        # keeps Ray Data from fusing decode into the CPU model actor (it fuses stages whose requests
-        # are equal), so decoding runs in parallel tasks instead of between the actor's model calls.
-        decode_memory = DECODE_TASK_BYTES + 2 * batch_size * sum(3 * s * s for s in sizes)
-        with _data_context(ray):
-            ds = ray.data.from_arrow(blocks)
-            ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes, "decoder": decoder, "skip_damaged": skip_damaged,
-                                                         "budget": DECODE_TASK_BYTES},
-                                batch_size=batch_size, batch_format="numpy", num_cpus=1, memory=decode_memory,
-                                runtime_env={"env_vars": env})
-            ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={
-                                    "jobs": jobs, "weights": weights, "seed": seed, "batch_size": batch_size,
-                                    "backend": backend},
-                                batch_size=batch_size, batch_format="numpy", concurrency=n_actors,
-                                num_cpus=actor_cpus, num_gpus=num_gpus_per_worker or None,
-                                runtime_env={"env_vars": env})
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                sink.add(batch)
+        sink = PartSink(images, specs, todo, need, part_attrs, folders, report, bar, started_at)
+        for attempt in range(retries + 1):
+            positions = sink.pending()
+            if not len(positions):
+                break
+            # sized to the nodes alive now: a resubmission after a node loss fits the cluster that is left
+            stages.update(zip(("n_actors", "actor_cpus"), model_actors(ray, num_gpus_per_worker)),
+                          n_cpus=ray.cluster_resources().get("CPU", 1))
+            try:
+                with _data_context(ray):
+                    for batch in _dataset(ray, images, positions, batch_size, **stages).iter_batches(
+                            batch_size=None, batch_format="numpy"):
+                        sink.add(batch)
+            except ray.exceptions.RayError as e:
+                if attempt == retries or not lost_work(ray, e):
+                    raise
+                unfinished = len({sink.shard_of(p).index for p in sink.pending()})
+                log(f"catfeat: Ray lost work ({e.__class__.__name__}: {_last_line(e)}); submitting the "
+                    f"{len(sink.pending())} images of {unfinished} unfinished shards again "
+                    f"(retry {attempt + 1} of {retries})")
         if sink.missing():
             raise RuntimeError(f"Ray returned no features for {sink.missing()} images; finished shards are "
                                "kept, rerun the same command to compute the rest")
     except ray.exceptions.RayError as e:
-        last = (str(e).strip().splitlines() or [""])[-1]
-        raise RuntimeError(f"the Ray extraction failed ({e.__class__.__name__}: {last}); finished shards are "
-                           "kept, rerun the same command to resume") from e
+        raise RuntimeError(f"the Ray extraction failed ({e.__class__.__name__}: {_last_line(e)}); finished shards "
+                           "are kept, rerun the same command to resume") from e
     finally:
         if sink is not None:
             sink.close()
@@ -619,3 +731,28 @@ def _run(ray, images: ImageSet, specs: list[BackboneSpec], todo: list[Shard], ne
         if started:
             ray.shutdown()
         secs["run"] = time.perf_counter() - t
+
+
+def _last_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[-1]
+
+
+def _dataset(ray, images: ImageSet, positions: np.ndarray, batch_size: int, *, reads: str, n_cpus: float,
+             env: dict, jobs: list, actors: dict, n_actors: int, actor_cpus: float, num_gpus: float, decode: dict):
+    """The Ray Data pipeline over the images at ``positions``: [read on the driver's node] -> decode
+    tasks -> model actors; rows come out in any order, each once per completed batch."""
+    ds = ray.data.from_arrow(_input_blocks(images, positions, batch_size, n_cpus))
+    if reads == "driver":
+        # I/O only (no CPU reserved, so a head node started with --num-cpus 0 reads too), two at a time
+        here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+        ds = ds.map_batches(read_batch, batch_size=batch_size, batch_format="numpy", num_cpus=0,
+                            concurrency=2, label_selector=here, runtime_env={"env_vars": env})
+    # A decode task holds one full-size photo and its batch in and out. Declaring that memory also
+    # keeps Ray Data from fusing decode into the CPU model actor (it fuses stages whose requests
+    # are equal), so decoding runs in parallel tasks instead of between the actor's model calls.
+    memory = DECODE_TASK_BYTES + 2 * batch_size * sum(3 * s * s for s in decode["sizes"])
+    ds = ds.map_batches(decode_batch, fn_kwargs=decode, batch_size=batch_size, batch_format="numpy", num_cpus=1,
+                        memory=memory, runtime_env={"env_vars": env})
+    return ds.map_batches(FeatureActor, fn_constructor_kwargs={"jobs": jobs, **actors}, batch_size=batch_size,
+                          batch_format="numpy", concurrency=n_actors, num_cpus=actor_cpus,
+                          num_gpus=num_gpus or None, runtime_env={"env_vars": env})
