@@ -264,12 +264,15 @@ def test_full_disk_is_one_line_and_resumes(tmp_path, small_disk):
             "same command to resume") in lines[0]
     assert "Traceback" not in proc.stderr and "HDF5-DIAG" not in proc.stderr
     with h5py.File(disk / "gap_EfficientNetLite0.h5.partial", "r") as f:
-        assert int(f.attrs["rows_written"]) == 40 and f["train"].shape == (40, 1280)
+        # the writer flushes once a second (FLUSH_SECONDS): the second training batch may still have
+        # been in memory, unflushed, when the test chunk did not fit; either way a batch-aligned prefix
+        done = int(f.attrs["rows_written"])
+        assert done in (20, 40) and f["train"].shape == (done, 1280)
     assert not (disk / "gap_EfficientNetLite0.h5.lock").exists()
 
     enlarge(disk)
     proc = extract_cli(*args, "--out", disk)
-    assert proc.returncode == 0 and "resumed: EfficientNetLite0@40" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and f"resumed: EfficientNetLite0@{done}" in proc.stdout, proc.stderr
     ref = extract_cli(*args, "--out", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
     got = open_cache(disk / "gap_EfficientNetLite0.h5")
