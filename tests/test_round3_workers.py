@@ -155,7 +155,9 @@ def test_a_worker_killed_mid_run_costs_only_its_file(tmp_path):
     theirs = _features_by_name(tmp_path / "normal" / CACHE)
     assert len(theirs) == 10
     for name, row in ours.items():
-        np.testing.assert_array_equal(row, theirs[name])
+        # equal up to float rounding: without last-batch padding (issue 24) the rows after the dead
+        # file sit in batches of other sizes, and oneDNN's kernels round differently per batch shape
+        np.testing.assert_allclose(row, theirs[name], rtol=1e-3, atol=1e-3 * np.abs(theirs[name]).max())
 
 
 def test_a_worker_killed_holding_the_whole_budget_does_not_stall_the_read(tmp_path):
