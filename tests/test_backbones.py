@@ -21,6 +21,19 @@ def test_registry_entry(name):
     assert spec.min_input_size <= size
 
 
+@pytest.mark.parametrize("name", KERAS_BACKBONES)
+def test_feature_model_has_the_registered_shapes(name):
+    """Each Keras backbone as extraction builds it (uint8 in, preprocessing inside, GAP features out),
+    built but neither compiled nor run: test_extract's CLI run takes two of them end to end."""
+    from catfeat.models.forward import feature_model
+
+    spec = get_backbone(name)
+    model = feature_model(spec, weights=None)
+    assert tuple(model.input.shape) == (None, spec.input_size, spec.input_size, 3) and model.input.dtype == "uint8"
+    assert tuple(model.output.shape) == (None, spec.feature_dim) == (None, EXPECTED[name][2])
+    assert model.output.dtype == "float32"
+
+
 def test_parse_models_and_unknown_names():
     assert [s.name for s in parse_models("xcep, incv3,XCEPTION,irv2")] == ["Xception", "InceptionV3",
                                                                           "InceptionResNetV2"]

@@ -41,15 +41,18 @@ def read(path, ds):
         return f[ds][()]
 
 
-def test_cli_all_four_keras_backbones(kaggle_dir, tmp_path):
+def test_cli_two_keras_backbones_of_two_input_sizes(kaggle_dir, tmp_path):
+    """One CLI run, two backbones of different input sizes (224 and 299) end to end. The other two Keras
+    backbones share this path; test_backbones.py builds all four and checks their shapes, which is all
+    they add (compiling InceptionResNetV2 and Xception cost minutes here, under JAX most of all)."""
     out = tmp_path / "features"
-    r = run_cli(kaggle_dir, "--models", "r50,incv3,xcep,irv2", "--weights", "none", "--out", out,
+    r = run_cli(kaggle_dir, "--models", "r50,incv3", "--weights", "none", "--out", out,
                 "--batch-size", "4", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "catfeat.extract: 11 images processed; 0 skipped" in r.stdout
     images = list_images(kaggle_dir)
     train_names = [n for n, s in zip(images.names, images.split) if s == "train"]
-    for name, dim in (("ResNet50", 2048), ("InceptionV3", 2048), ("Xception", 2048), ("InceptionResNetV2", 1536)):
+    for name, dim in (("ResNet50", 2048), ("InceptionV3", 2048)):
         cache = open_cache(out / f"gap_{name}.h5")
         assert cache.features("train").shape == (8, dim) and cache.features("test").shape == (3, dim)
         assert cache.features("train").dtype == np.float32
@@ -59,14 +62,15 @@ def test_cli_all_four_keras_backbones(kaggle_dir, tmp_path):
         assert cache.attrs["backbone"] == name and cache.attrs["weights"] == "none(seed=0)"
         assert json.loads(cache.attrs["classes"]) == ["cat", "dog"]
         assert cache.attrs["input_size"] == get_backbone(name).input_size
-    # the cached rows are the backbone's output for exactly those images, in that order
-    for name in ("ResNet50", "InceptionResNetV2"):
+        # the cached rows are the backbone's output for exactly those images, in that order
         want = direct_features(kaggle_dir, train_names, name)
         np.testing.assert_allclose(read(out / f"gap_{name}.h5", "train"), want, rtol=1e-4, atol=1e-5)
-    X, y, names = load_features("r50,irv2", out)
-    assert X["ResNet50"].shape == (8, 2048) and X["InceptionResNetV2"].shape == (8, 1536)
+    X, y, names = load_features("r50,incv3", out)
+    assert X["ResNet50"].shape == (8, 2048) and X["InceptionV3"].shape == (8, 2048)
+    assert y.tolist() == [0] * 4 + [1] * 4 and list(names) == train_names
 
 
+@pytest.mark.backend_neutral
 def test_reuse_stale_and_force(kaggle_dir, tmp_path):
     out = tmp_path / "f"
     first = run_extraction(kaggle_dir, "r50", out, **FAST)
@@ -118,6 +122,7 @@ def test_interrupted_run_resumes_to_identical_features(kaggle_dir, tmp_path, mon
     assert not (out / "gap_ResNet50.h5.partial").exists()
 
 
+@pytest.mark.backend_neutral
 def test_sigkill_then_resume(tmp_path):
     data = make_kaggle(tmp_path / "data", n_per_class=16, n_test=0, size=(24, 24))
     out = tmp_path / "f"
@@ -140,6 +145,7 @@ def test_sigkill_then_resume(tmp_path):
     np.testing.assert_allclose(feats, direct_features(data, names, "r50"), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.backend_neutral
 def test_corrupt_files_are_skipped_and_recorded(kaggle_dir, tmp_path):
     (kaggle_dir / "train" / "cat.2.jpg").write_text("not a jpeg")
     (kaggle_dir / "test" / "2.jpg").write_bytes(b"")
@@ -167,6 +173,7 @@ def test_local_weights_file_round_trip(kaggle_dir, tmp_path):
         run_extraction(kaggle_dir, "r50,incv3", tmp_path / "c", weights=wfile, progress=False)
 
 
+@pytest.mark.backend_neutral
 def test_concurrent_extraction_is_refused(kaggle_dir, tmp_path):
     fcntl = pytest.importorskip("fcntl")
     out = tmp_path / "f"
@@ -180,6 +187,7 @@ def test_concurrent_extraction_is_refused(kaggle_dir, tmp_path):
         os.close(fd)
 
 
+@pytest.mark.backend_neutral
 def test_cli_errors_are_one_clear_line(tmp_path):
     r = run_cli(tmp_path / "missing", "--weights", "none")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
@@ -189,6 +197,7 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert r.returncode == 0 and "--models" in r.stdout and "InceptionResNetV2 (irv2)" in r.stdout
 
 
+@pytest.mark.backend_neutral
 def test_real_photos(tmp_path):
     root = real_data("original")
     report = run_extraction(root, "r50", tmp_path / "f", limit=6, **FAST)
@@ -218,6 +227,7 @@ def test_flip_tta_is_recorded_reproducible_and_a_mean_of_mirrors(tmp_path):
         run_extraction(root, "r50", tmp_path / "plain", tta="flip", **FAST)
 
 
+@pytest.mark.backend_neutral
 def test_default_batch_size_follows_the_device(kaggle_dir, tmp_path, monkeypatch):
     import catfeat.extraction.run
     from catfeat.models import forward as runtime

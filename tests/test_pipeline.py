@@ -38,6 +38,7 @@ class Recorder:
         return np.repeat(handle[:n, :1, 0, 0].astype(np.float32), self.dim, axis=1)
 
 
+@pytest.mark.backend_neutral
 def test_batches_are_dispatched_ahead_of_a_slow_read_back_in_order():
     """The dispatching thread never waits for the device: while batch 0's features are still being
     read back, the next ``depth`` batches are already dispatched to every backbone; writes keep order."""
@@ -69,6 +70,7 @@ def test_batches_are_dispatched_ahead_of_a_slow_read_back_in_order():
     assert written[-1][1]["a"].shape == (2, 3) and np.all(written[1][1]["b"] == 4)
 
 
+@pytest.mark.backend_neutral
 def test_trace_stamps_every_batch_in_order():
     runner = ModelRunner({"a": (8, Recorder("a", []))}, to_device=lambda x: x)
     trace, secs = [], {}
@@ -78,6 +80,7 @@ def test_trace_stamps_every_batch_in_order():
     assert {"wait", "queue", "write", "to_device", "model:a"} <= set(secs)
 
 
+@pytest.mark.backend_neutral
 def test_pixels_cross_to_the_device_once_per_input_size():
     copies = []
     events = []
@@ -89,6 +92,7 @@ def test_pixels_cross_to_the_device_once_per_input_size():
     assert runner(Batch(0, 4, sizes=(8, 16)).images, only=["c"]).keys() == {"c"}
 
 
+@pytest.mark.backend_neutral
 def test_a_short_batch_is_padded_to_the_fixed_shape_and_cut_back():
     events = []
     runner = ModelRunner({"a": (8, Recorder("a", events, batch_size=4))}, to_device=lambda x: x)
@@ -99,6 +103,7 @@ def test_a_short_batch_is_padded_to_the_fixed_shape_and_cut_back():
     assert shapes == [(4, 8, 8, 3), (4, 8, 8, 3)] and out["a"].shape == (6, 3)
 
 
+@pytest.mark.backend_neutral
 def test_writer_thread_keeps_order_and_hands_errors_to_the_caller():
     seen = []
     w = WriterThread(lambda b, f: seen.append(b), depth=1)
@@ -117,6 +122,7 @@ def test_writer_thread_keeps_order_and_hands_errors_to_the_caller():
         w.close()
 
 
+@pytest.mark.backend_neutral
 def test_an_error_in_the_model_stage_stops_the_writer_without_writing_later_batches():
     written = []
     release = threading.Event()
@@ -138,6 +144,7 @@ def test_an_error_in_the_model_stage_stops_the_writer_without_writing_later_batc
     assert 8 not in written and 12 not in written
 
 
+@pytest.mark.backend_neutral
 def test_in_background_keeps_order_runs_off_the_caller_and_raises_in_place():
     threads = []
 
@@ -157,6 +164,7 @@ def test_in_background_keeps_order_runs_off_the_caller_and_raises_in_place():
     assert got == [0, 1, 2, 3, 4] and set(threads) == {"catfeat-reader"}
 
 
+@pytest.mark.backend_neutral
 def test_in_background_close_stops_the_generator_and_runs_its_cleanup():
     made, cleaned = [], threading.Event()
 
@@ -176,6 +184,7 @@ def test_in_background_close_stops_the_generator_and_runs_its_cleanup():
     assert cleaned.is_set() and len(made) <= 5
 
 
+@pytest.mark.backend_neutral
 def test_decode_rows_turns_every_failure_into_a_reason(tmp_path):
     from catfeat.images.listing import DecodeError
 
@@ -209,6 +218,7 @@ def test_forward_dispatch_fetch_equals_a_plain_call():
     ("jax_cuda12_plugin", {"KERAS_BACKEND": "tensorflow"}, "tensorflow"),
     (None, {}, None),
 ])
+@pytest.mark.backend_neutral
 def test_gpu_extra_makes_jax_the_default_backend(tmp_path, plugin, env, expected):
     if plugin:
         (tmp_path / plugin).mkdir()

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.base import clone
 from sklearn.exceptions import DataConversionWarning, NotFittedError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -16,10 +17,18 @@ from catfeat.head.scoring import tune_head
 # The default head, as users get it: on the checks' few rows (20-150) it must train enough for the
 # accuracy they ask (check_classifiers_train, check_class_weight_classifiers).
 CHECKED = FusedHead()
+# Those are the only checks that ask how well the head learns. Every other one checks a convention
+# (input validation, cloning, pickling, sample weights, determinism, shapes): there the head keeps
+# the default preset and its code paths (epochs "auto", passes over few rows, an early stop that
+# does happen) with a tenth of the ~1,200 optimizer steps, which changes nothing but the time.
+TRAINING_CHECKS = {"check_classifiers_train", "check_class_weight_classifiers"}
+CONVENTION_PARAMS = dict(max_steps=120, patience=2)
 
 
 @parametrize_with_checks([CHECKED], expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS)
 def test_sklearn_estimator_checks(estimator, check):
+    if getattr(check, "func", check).__name__ not in TRAINING_CHECKS:
+        estimator = clone(estimator).set_params(**CONVENTION_PARAMS)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*retracing.*")
         check(estimator)
@@ -45,15 +54,6 @@ def test_fit_leaves_the_global_random_generators_alone():
     FusedHead(**FAST, random_state=5).fit(X, y)
     FusedHead(random_state=5, epochs=3).fit({"a": X[:, :2], "b": X[:, 2:]}, y)  # early stopping path
     assert np.random.rand() == expected_np and random.random() == expected_py
-
-
-def test_same_random_state_same_predictions():
-    X, y = data()
-    a = FusedHead(**FAST, random_state=7).fit(X, y).predict_proba(X)
-    b = FusedHead(**FAST, random_state=7).fit(X, y).predict_proba(X)
-    c = FusedHead(**FAST, random_state=8).fit(X, y).predict_proba(X)
-    np.testing.assert_array_equal(a, b)
-    assert not np.allclose(a, c)
 
 
 def test_seed_is_a_deprecated_alias_of_random_state():
@@ -100,14 +100,6 @@ def test_labels_and_inputs_as_scikit_learn_takes_them(tmp_path):
         head.predict(df.iloc[:, :4])
     with pytest.raises(ValueError, match="5 features"):
         FusedHead(**FAST).fit(X, y).predict(X[:, :4])
-
-
-def test_string_classes_survive_save_and_load(tmp_path):
-    X, y = data()
-    head = FusedHead(**FAST).fit({"a": X}, np.array(["cat", "dog"])[y])
-    back = FusedHead.load(head.save(tmp_path / "h"))
-    assert back.classes_.tolist() == ["cat", "dog"]
-    np.testing.assert_array_equal(back.predict({"a": X}), head.predict({"a": X}))
 
 
 def test_image_predictions_name_their_columns_by_class(tmp_path):
