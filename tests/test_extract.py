@@ -41,23 +41,25 @@ def read(path, ds):
         return f[ds][()]
 
 
-def test_cli_two_keras_backbones_of_two_input_sizes(kaggle_dir, tmp_path):
+def test_cli_two_keras_backbones_of_two_input_sizes(tmp_path):
     """One CLI run, two backbones of different input sizes (224 and 299) end to end. The other two Keras
     backbones share this path; test_backbones.py builds all four and checks their shapes, which is all
-    they add (compiling InceptionResNetV2 and Xception cost minutes here, under JAX most of all)."""
+    they add (compiling InceptionResNetV2 and Xception cost minutes here, under JAX most of all).
+    12 images in batches of 4: JAX on a CPU compiles no second program for a short last batch."""
+    kaggle_dir = make_kaggle(tmp_path / "data", n_per_class=4, n_test=4)
     out = tmp_path / "features"
     r = run_cli(kaggle_dir, "--models", "r50,incv3", "--weights", "none", "--out", out,
                 "--batch-size", "4", "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert "catfeat.extract: 11 images processed; 0 skipped" in r.stdout
+    assert "catfeat.extract: 12 images processed; 0 skipped" in r.stdout
     images = list_images(kaggle_dir)
     train_names = [n for n, s in zip(images.names, images.split) if s == "train"]
     for name, dim in (("ResNet50", 2048), ("InceptionV3", 2048)):
         cache = open_cache(out / f"gap_{name}.h5")
-        assert cache.features("train").shape == (8, dim) and cache.features("test").shape == (3, dim)
+        assert cache.features("train").shape == (8, dim) and cache.features("test").shape == (4, dim)
         assert cache.features("train").dtype == np.float32
         assert list(cache.names("train")) == train_names
-        assert list(cache.names("test")) == ["test/1.jpg", "test/2.jpg", "test/3.jpg"]
+        assert list(cache.names("test")) == ["test/1.jpg", "test/2.jpg", "test/3.jpg", "test/4.jpg"]
         assert cache.labels().tolist() == [0] * 4 + [1] * 4
         assert cache.attrs["backbone"] == name and cache.attrs["weights"] == "none(seed=0)"
         assert json.loads(cache.attrs["classes"]) == ["cat", "dog"]
