@@ -41,11 +41,13 @@ def read(path, ds):
         return f[ds][()]
 
 
+@pytest.mark.backend_neutral
 def test_cli_two_keras_backbones_of_two_input_sizes(tmp_path):
     """One CLI run, two backbones of different input sizes (224 and 299) end to end. The other two Keras
     backbones share this path; test_backbones.py builds all four and checks their shapes, which is all
     they add (compiling InceptionResNetV2 and Xception cost minutes here, under JAX most of all).
-    12 images in batches of 4: JAX on a CPU compiles no second program for a short last batch."""
+    TensorFlow only: under JAX, test_predict's fixture extracts two input sizes (lite0, lite1) and the
+    resume, TTA and weights-file tests below run the forward pass."""
     kaggle_dir = make_kaggle(tmp_path / "data", n_per_class=4, n_test=4)
     out = tmp_path / "features"
     r = run_cli(kaggle_dir, "--models", "r50,incv3", "--weights", "none", "--out", out,

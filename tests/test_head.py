@@ -72,6 +72,7 @@ def test_default_preset_early_stops_and_reports_epochs():
     assert losses[head.n_epochs_ - 1] == min(losses)
 
 
+@pytest.mark.backend_neutral
 def test_internal_validation_split_is_shuffled_and_stratified():
     y = np.array([0] * 100 + [1] * 100)  # sorted: a "last rows" split would be all one class
     tr, va = stratified_split(y, 0.1, 2019)
@@ -79,6 +80,7 @@ def test_internal_validation_split_is_shuffled_and_stratified():
     assert not set(tr) & set(va) and len(tr) + len(va) == 200
 
 
+@pytest.mark.backend_neutral
 def test_input_forms_agree():
     X, y = blobs(200, sep=1.0)
     arrays = list(X.values())
@@ -94,6 +96,7 @@ def test_input_forms_agree():
     assert single.backbones_ == ["features"] and single.predict_proba(concat).shape == (200, 2)
 
 
+@pytest.mark.backend_neutral
 def test_input_checks_name_the_backbone():
     X, y = blobs(100)
     head = FusedHead(**{**FAST, "epochs": 1}).fit(X, y)
@@ -116,6 +119,7 @@ def test_input_checks_name_the_backbone():
         FusedHead(**FAST).fit({"a": np.full((10, 2), np.nan)}, np.arange(10) % 2)
 
 
+@pytest.mark.backend_neutral
 def test_sklearn_conventions():
     head = FusedHead(dropout=0.3, epochs=4)
     assert head.get_params()["dropout"] == 0.3 and head.get_params()["random_state"] == 2019
@@ -132,6 +136,7 @@ def test_sklearn_conventions():
         FusedHead(preset="nope").fit(X, y)
 
 
+@pytest.mark.backend_neutral
 def test_reference_preset_is_the_recipe():
     assert FusedHead(preset="reference").resolved_params() == PRESETS["reference"]
     r = PRESETS["reference"]
@@ -190,6 +195,7 @@ def test_three_classes():
     assert head.model_.output_shape[-1] == 3
 
 
+@pytest.mark.backend_neutral
 def test_tune_picks_a_clearly_better_candidate():
     X, y = blobs(240, sep=0.6)
     grid = {"dropout": [0.0, 0.5], "learning_rate": [1e-5, 3e-2]}
@@ -207,6 +213,7 @@ def test_tune_picks_a_clearly_better_candidate():
         tune_head(FusedHead(), X, y, {"momentum": [0.9]})
 
 
+@pytest.mark.backend_neutral
 def test_tune_keeps_the_baseline_when_no_candidate_is_clearly_better():
     X, y = blobs(120, sep=0.6)
     # Without early stopping, patience changes nothing: every candidate scores exactly the same.
