@@ -19,8 +19,8 @@ from catfeat.head.scoring import tune_head
 CHECKED = FusedHead()
 # Those are the only checks that ask how well the head learns. Every other one checks a convention
 # (input validation, cloning, pickling, sample weights, determinism, shapes): there the head keeps
-# the default preset and its code paths (epochs "auto", passes over few rows, an early stop that
-# does happen) with a tenth of the ~1,200 optimizer steps, which changes nothing but the time.
+# the default preset and its code paths (epochs "auto", several passes an epoch over few rows, early
+# stopping with a validation split) with a tenth of the ~1,200 optimizer steps and a shorter patience.
 TRAINING_CHECKS = {"check_classifiers_train", "check_class_weight_classifiers"}
 CONVENTION_PARAMS = dict(max_steps=120, patience=2)
 
