@@ -14,7 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of `catfeat predict`."""
     p = argparse.ArgumentParser(prog="catfeat predict",
                                 description="Predict image files with a saved fused head and its backbones.")
-    p.add_argument("images", nargs="*", help="image files (or folders: every image in them)")
+    p.add_argument("images", nargs="*", help="image files or URLs (s3://, gs://, file://), folders or folder URLs "
+                   "(every image in them), CSV/Parquet manifests (column image)")
     p.add_argument("--head", required=True, help="folder of a saved head (head.json + head.keras)")
     p.add_argument("--features", default="features", help="feature caches, read for the backbones' weights when "
                    "the head folder has no weights.json (default: %(default)s)")

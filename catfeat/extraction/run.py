@@ -22,7 +22,7 @@ from catfeat import __version__
 from catfeat.models.registry import BackboneSpec, parse_models
 from catfeat.models.weights import Weights, weights_identity
 from catfeat.images.listing import ImageSet, list_images, shown
-from catfeat.images.reader import READERS, choose_reader, iter_batches, reader_workers
+from catfeat.images.reader import READERS, choose_reader, hold_through_outages, iter_batches, reader_workers
 from catfeat.cache.store import (
     HOW_FIELDS, CacheError, FeatureWriter, StaleCacheError, check_unfinished, remove_planted_link, cache_path,
     differences, growth_text, open_cache, partial_attrs, partial_path, removed_during_run)
@@ -459,9 +459,10 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
         report.workers = plan.workers or reader_workers(on_accelerator())
         # on a thread of its own, started before the build: worker start-up and the first decodes
         # overlap the compilation, and the reader's per-batch work stays off the dispatching thread
-        batches = InBackground(iter_batches(images.paths(), sizes, plan.batch_size, start=start,
-                                            workers=report.workers, decode=plan.decode_fn(), reader=report.reader,
-                                            lend=lend))
+        paths = images.paths()
+        batches = InBackground(hold_through_outages(
+            iter_batches(paths, sizes, plan.batch_size, start=start, workers=report.workers,
+                         decode=plan.decode_fn(), reader=report.reader, lend=lend), paths))
     t = time.perf_counter()
     try:
         with CacheCounter() as compiled:  # each Forward builds and compiles its backbone, running no batch

@@ -6,7 +6,16 @@ Ray tasks alike. A local path is handed back as is (the decoders read it themsel
 a URL's object is read once into a :class:`Blob` that the decoders open like a file, so the byte
 budget and the header checks work as for local files. Transient errors (timeouts, 5xx answers,
 connection resets) are retried with backoff (:class:`Retry`, set by ``CATFEAT_READ_TRIES`` and
-``CATFEAT_READ_WAIT``), then the file is skipped with its reason (:class:`FetchError`).
+``CATFEAT_READ_WAIT``), then the file is skipped with its reason (:class:`FetchError`). This is the
+only retry layer: the S3 client's own retries (botocore's, s3fs's) are turned off in
+:func:`filesystem`, so ``CATFEAT_READ_TRIES`` is the number of requests a failing read makes.
+gcsfs retries 5xx answers itself (six tries, fixed when its class is defined: no option turns it
+down), so on ``gs://`` each of catfeat's tries may be up to six requests.
+
+A URL listed with its size (:class:`ListedURL`, what :meth:`catfeat.images.listing.ImageSet.paths`
+gives for a listed folder or manifest) costs one GET: the size check needs no request of its own.
+When a whole run of images in a row cannot be read (:class:`OutageWatch`), the store is down, not
+the images: the run stops with one :class:`StoreDownError` instead of skipping every file left.
 
 :func:`list_folder` lists a folder URL once, with a change stamp per object from the listing itself
 (size + ETag/version, else modification time): no request per file. A store that cannot be used at
@@ -42,6 +51,40 @@ class SourceError(ValueError):
 
 class FetchError(Exception):
     """One image could not be read from its store; the message is the reason it is skipped."""
+
+
+class StoreDownError(SourceError):
+    """The store stopped answering during a run: many images in a row could not be read (see
+    :class:`OutageWatch`). The rows written so far are kept; the same command resumes."""
+
+
+# How a reason given for an image whose store could not be reached (retries spent) begins.
+UNREACHABLE = "cannot read it after "
+# Objects up to this size are read with one GET (no header check can refuse one: any image may
+# carry this much metadata, see catfeat.images.listing.FILE_SLACK_BYTES); larger ones have their
+# header read and checked first.
+ONE_GET_BYTES = 64 << 20
+
+
+class ListedURL(str):
+    """A URL with the size its store's listing gave (``size``), so that reading it asks no size first."""
+
+    size: int
+
+    def __new__(cls, url: str, size: int):
+        self = super().__new__(cls, url)
+        self.size = size
+        return self
+
+    def __reduce__(self):  # worker processes get the size too
+        return ListedURL, (str(self), self.size)
+
+
+def listed_url(url: str, stamp: str | None):
+    """``url`` with the size of its change ``stamp`` (``"size:..."``, see :func:`stamp`) where that
+    holds one, else ``url`` as is."""
+    size = (stamp or "").split(":", 1)[0]
+    return ListedURL(url, int(size)) if size.isdigit() else url
 
 
 def is_url(location: object) -> bool:
@@ -140,12 +183,35 @@ def filesystem(url: str):
     except ImportError:
         raise SourceError(f"reading {url} needs fsspec: pip install 'catfeat[remote]'") from None
     try:
-        return fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url, **_one_retry_layer(url.split("://", 1)[0]))
     except ImportError as e:  # the backend (s3fs, gcsfs, ...) is missing
         raise SourceError(f"reading {url} needs a package that is not installed ({e}); pip install "
                           "'catfeat[remote]' (s3fs, gcsfs) or the fsspec backend of that scheme") from None
     except ValueError as e:
         raise SourceError(f"cannot read {url}: {e}") from None
+    if _is_s3(type(fs)):
+        fs.retries = 1  # s3fs's own loop (its class attribute; no option of the constructor sets it)
+    return fs, path
+
+
+def _is_s3(cls) -> bool:
+    return any(c.__module__.split(".")[0] == "s3fs" for c in getattr(cls, "__mro__", ()))
+
+
+def _one_retry_layer(scheme: str) -> dict:
+    """The storage options that turn the S3 client's own retries off (botocore's: one attempt), so
+    that :class:`Retry` is the only layer; a ``retries`` setting in fsspec's configuration is kept."""
+    import fsspec
+
+    try:
+        cls = fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError):
+        return {}  # filesystem() says what is missing
+    if not _is_s3(cls):
+        return {}
+    conf = dict(fsspec.config.conf.get(scheme, {}).get("config_kwargs", {}))
+    conf.setdefault("retries", {"total_max_attempts": 1})
+    return {"config_kwargs": conf}
 
 
 def access_hint(url: str) -> str:
@@ -241,28 +307,48 @@ def fetch(location, max_bytes: int | None = None, check: Callable[[bytes, int], 
     themselves), a URL's object as a :class:`Blob`.
 
     An object of more than ``max_bytes`` is refused before it is read; ``check(header, size)`` sees
-    its first :data:`HEADER_BYTES` and its size before the rest is read, and refuses it by raising
-    (that error passes through, it is not retried). Transient errors are retried (``retry``,
-    default :meth:`Retry.from_env`); then, as for a missing object or refused access, :class:`FetchError`.
+    its first :data:`HEADER_BYTES` and its size, and refuses it by raising (that error passes
+    through, it is not retried); an object of more than :data:`ONE_GET_BYTES` is refused before the
+    rest is read. A :class:`ListedURL` (its size known from the listing) up to ``ONE_GET_BYTES``
+    costs one GET; another URL asks its size first. Transient errors are retried (``retry``, default
+    :meth:`Retry.from_env`); then, as for a missing object or refused access, :class:`FetchError`.
     """
     if not is_url(location):
         return location
     retry = retry or Retry.from_env()
     fs, path = filesystem(location)
+    known = getattr(location, "size", None)
 
-    def once() -> bytes:
+    def too_large(size: int | None) -> None:
+        if max_bytes is not None and size is not None and size > max_bytes:
+            raise FetchError(f"object is {size:,} bytes, more than any image catfeat reads ({max_bytes:,}); "
+                             "not read")
+
+    def listed() -> bytes:
+        if not known:
+            return b""
+        if known <= ONE_GET_BYTES:
+            data = fs.cat_file(path, start=0)  # one GET (a range: no size asked first)
+            if check is not None:
+                check(data[:HEADER_BYTES], len(data))
+            return data
+        head = fs.cat_file(path, start=0, end=HEADER_BYTES)
+        if check is not None:
+            check(head, known)
+        return head + fs.cat_file(path, start=len(head))
+
+    def unlisted() -> bytes:
         with fs.open(path, "rb") as f:
             size = f.size
-            if max_bytes is not None and size is not None and size > max_bytes:
-                raise FetchError(f"object is {size:,} bytes, more than any image catfeat reads ({max_bytes:,}); "
-                                 "not read")
+            too_large(size)
             head = f.read(HEADER_BYTES)
             if check is not None:
                 check(head, len(head) if size is None else size)
             return head + f.read()
 
     try:
-        return Blob(location, retried(once, retry, f"reading {location}"))
+        too_large(known)
+        return Blob(location, retried(unlisted if known is None else listed, retry, f"reading {location}"))
     except FileNotFoundError:
         raise FetchError("not found in the store (removed since it was listed?)") from None
     except PermissionError as e:
@@ -271,4 +357,53 @@ def fetch(location, max_bytes: int | None = None, check: Callable[[bytes, int], 
         if not transient(e):
             raise
         tries = f"{retry.tries} tries" if retry.tries > 1 else "1 try"
-        raise FetchError(f"cannot read it after {tries} ({e.__class__.__name__}: {e})") from None
+        raise FetchError(f"{UNREACHABLE}{tries} ({e.__class__.__name__}: {e})") from None
+
+
+def unreachable(reason: str | None) -> bool:
+    """Whether ``reason`` (why an image was not used) is that its store could not be reached."""
+    return bool(reason) and reason.startswith(UNREACHABLE)
+
+
+def store_of(url: str) -> str:
+    """The store holding ``url``, for messages: ``scheme://bucket``, with the S3 endpoint where one is set."""
+    scheme, rest = str(url).split("://", 1)
+    where = f"{scheme}://{rest.split('/', 1)[0]}"
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return f"{where} (endpoint {endpoint})" if scheme.lower() in ("s3", "s3a") and endpoint else where
+
+
+def store_down_after() -> int:
+    """Images in a row that may fail to be read before the store counts as down: 8, or ``CATFEAT_STORE_DOWN_AFTER``."""
+    try:
+        n = int(os.environ.get("CATFEAT_STORE_DOWN_AFTER", 8))
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise SourceError(f"CATFEAT_STORE_DOWN_AFTER must be a whole number >= 1, got "
+                          f"{os.environ.get('CATFEAT_STORE_DOWN_AFTER')!r}")
+    return n
+
+
+class OutageWatch:
+    """Tells a dead store from bad images: fed each image's outcome in row order (:meth:`see`), it
+    raises :class:`StoreDownError` once ``after`` images in a row could not be reached
+    (:func:`unreachable`, retries spent). Anything else (an image read, a decode error, a missing
+    object) shows the store answers, and ends the run. ``open`` is the length of the current run:
+    while it is not 0, rows seen since it began must not be recorded as skipped yet."""
+
+    def __init__(self, after: int | None = None):
+        self.after = store_down_after() if after is None else after
+        self.open = 0
+
+    def see(self, location, reason: str | None) -> None:
+        """One image's outcome: ``reason`` None (read) or why it was not used."""
+        if not unreachable(reason):
+            self.open = 0
+            return
+        self.open += 1
+        if self.open >= self.after:
+            raise StoreDownError(
+                f"the store {store_of(location)} stopped answering: {self.open} images in a row could not be "
+                f"read (last: {location}: {reason}); the rows written so far are kept: once the store is back, "
+                "rerun the same command to resume")
