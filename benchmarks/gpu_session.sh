@@ -36,12 +36,12 @@ timeout 60 $py - <<'EOF' 2>&1 | quiet | tee -a "$out/smoke.log"
 import glob, time
 from catfeat.images import nvimgcodec_decoder as n
 from catfeat.models.forward import device_description
-print("device:", device_description(), "| nvimgcodec installed:", n.installed(), "gpu_ready:", n.gpu_ready())
+print("device:", device_description(), "| nvimgcodec installed:", n.installed())
 if n.installed():
     s = n.session()
     datas = [open(p, "rb").read() for p in sorted(glob.glob(".device/img/*.jpg"))[:64]]
     t = time.perf_counter(); out = s.decoder.decode(datas, params=s.params); dt = time.perf_counter() - t
-    print("on_gpu:", s.on_gpu, "decoded", sum(o is not None for o in out), "of", len(datas), f"in {dt:.3f} s (first call)")
+    print("gpu_ready:", s.on_gpu, "decoded", sum(o is not None for o in out), "of", len(datas), f"in {dt:.3f} s (first call)")
 EOF
 dec=opencv; grep -q "gpu_ready: True" "$out/smoke.log" && dec=nvimgcodec
 
