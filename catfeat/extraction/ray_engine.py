@@ -21,6 +21,9 @@ Within a run, Ray retries a failed task, restarts a killed model actor and rebui
 their lineage; when it gives up on lost work (a node gone: :func:`lost_work`), the engine submits the
 images of the unfinished shards it has not received again, in a new job (``retries`` times). Rows are
 keyed by position, so a batch delivered twice is written once and a missing one is never papered over.
+A store that stops answering (images read by URL, ``CATFEAT_STORE_DOWN_AFTER`` in a row of a shard
+unreachable: :class:`~catfeat.images.sources.OutageWatch`) stops the run with one error, none of those
+images recorded as skipped; the shards' rows written so far are kept for the rerun.
 Parts live in ``OUT/.parts/<backbone>/<request key>/shard-00003.h5`` and are deleted once the final cache
 is in place. Features stream back to the driver, which alone writes files, so OUT only needs to exist
 where the command runs; catfeat (same Keras backend) must be installed on every node.
@@ -46,6 +49,7 @@ import numpy as np
 from catfeat.models.registry import BackboneSpec
 from catfeat.models.weights import Weights
 from catfeat.images.listing import ByteBudget, ImageSet
+from catfeat.images.sources import OutageWatch
 from catfeat.images.unit import decode_timed, unit_decode
 from catfeat.extraction.stages import ModelRunner, progress_bar, report_damaged, report_skip
 from catfeat.cache.store import (
@@ -415,6 +419,7 @@ class PartSink:
         self.writers: dict[tuple[str, int], FeatureWriter] = {}
         self.specs = specs
         self.started_at = started_at  # time.time() when the run began: actors report readiness in it
+        self._paths: list | None = None
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         secs = self.report.seconds
@@ -445,9 +450,18 @@ class PartSink:
 
     def _flush(self, shard: Shard) -> None:
         rows, start = self.rows[shard.index], self.next[shard.index]
-        run = []
-        while start + len(run) in rows:
-            run.append(rows.pop(start + len(run)))
+        n = 0
+        while start + n in rows:
+            n += 1
+        # a store that stopped answering (images in a row unreachable) ends the run with one error; a
+        # run of such images at the end of what came is held until a later image shows the store answers
+        watch = OutageWatch()
+        for p in range(start, start + n):
+            ok, why, _ = rows[p]
+            watch.see(self._location(p), None if ok else why)
+        if start + n < shard.end:
+            n -= watch.open
+        run = [rows.pop(start + j) for j in range(n)]
         if not run:
             return
         ok = np.array([r[0] for r in run], bool)
@@ -479,6 +493,12 @@ class PartSink:
 
     def missing(self) -> int:
         return sum(s.end - self.next[s.index] for s in self.shards)
+
+    def _location(self, position: int):
+        """What the image at ``position`` is read from (for the message of a store that went down)."""
+        if self._paths is None:
+            self._paths = self.images.paths()
+        return self._paths[position]
 
     def shard_of(self, position: int) -> Shard:
         return self.shards[bisect.bisect_right(self.starts, position) - 1]
