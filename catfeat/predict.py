@@ -208,7 +208,8 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
                    budget: ByteBudget | None = None) -> "pd.DataFrame":  # noqa: F821
     """Class probabilities straight from image files: ``file, p_<class>..., label`` (and ``error`` for
     files that could not be decoded). ``paths``: local files or URLs (``s3://``, ``gs://``, ``file://``;
-    see :func:`expand_images` for folders and manifests), each read once. ``predictor``: a ``(model, head)`` from :func:`build_predictor`.
+    see :func:`expand_images` for folders and manifests), each read once. ``predictor``: a
+    ``(model, head)`` from :func:`build_predictor`.
     Each file goes through extraction's per-image unit (:func:`catfeat.images.unit.decode_timed`),
     so it is skipped for the same reasons, under ``budget`` (default: a new ``ByteBudget``).
 

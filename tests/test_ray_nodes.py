@@ -215,8 +215,8 @@ def test_decode_tasks_never_open_the_path_when_the_driver_reads(photos, tmp_path
     assert other["shipped"].tolist() == [True, False] and other["read_error"][1] == ""  # a URL: read by the task
 
 
-def test_a_store_that_dies_stops_the_ray_run_with_one_error_and_the_rerun_completes(cluster, photos, tmp_path, monkeypatch,
-                                                                          capsys):
+def test_a_store_that_dies_stops_the_ray_run_with_one_error_and_the_rerun_completes(cluster, photos, tmp_path,
+                                                                                    monkeypatch, capsys):
     """A SeaweedFS of its own, killed once listed: one error, no image recorded as skipped for it;
     restarted on the same data and ports, the same command gives the local engine's cache."""
     s3fs = pytest.importorskip("s3fs")

@@ -183,7 +183,8 @@ def iter_batches_nvimgcodec(paths: Sequence[Path], sizes: Sequence[int], batch_s
                         seconds + sum(r[2] + r[3] for r in slow.values()), 0.0, damaged)
 
 
-def hold_through_outages(batches: Iterator[Batch], paths: Sequence, watch: OutageWatch | None = None) -> Iterator[Batch]:
+def hold_through_outages(batches: Iterator[Batch], paths: Sequence,
+                         watch: OutageWatch | None = None) -> Iterator[Batch]:
     """``batches`` in order, watched for a store that stops answering (``watch``, default
     :class:`~catfeat.images.sources.OutageWatch`: ``CATFEAT_STORE_DOWN_AFTER`` images in a row).
 
