@@ -133,7 +133,7 @@ def iter_batches_nvimgcodec(paths: Sequence[Path], sizes: Sequence[int], batch_s
     is the OpenCV decoder) under ``budget``, as on the thread reader: same reasons, same damaged
     list, same row order. Images are device arrays under the JAX backend, numpy elsewhere."""
     from catfeat.images.decoders import get_decoder, read_bytes
-    from catfeat.images.jpeg import complete_jpeg_bytes, plain_jpeg, reduction
+    from catfeat.images.jpeg import complete_jpeg_bytes, plain_jpeg
     from catfeat.images.listing import DecodeError
     from catfeat.images.nvimgcodec_decoder import canvas_for, decode_jpegs, merge_rows
 
@@ -143,7 +143,7 @@ def iter_batches_nvimgcodec(paths: Sequence[Path], sizes: Sequence[int], batch_s
     budget = ByteBudget() if budget is None else budget
 
     def prepare(path) -> tuple | None:
-        """(bytes, header, reduction) of a file for nvImageCodec, or None for the CPU path."""
+        """(bytes, header) of a file for nvImageCodec, or None for the CPU path."""
         try:
             head = plain_jpeg(path)
             if head is None or canvas_for(head) is None:
@@ -151,14 +151,14 @@ def iter_batches_nvimgcodec(paths: Sequence[Path], sizes: Sequence[int], batch_s
             data = complete_jpeg_bytes(path, head, read_bytes)
         except (DecodeError, OSError):  # the CPU path names the reason
             return None
-        return None if data is None else (data, head, reduction(head, sizes))
+        return None if data is None else (data, head)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="catfeat-read") as pool:
         for b0, preps in _in_order(pool, paths, batch_size, start, prefetch, prepare):
             t = time.perf_counter()
             fast = [i for i, p in enumerate(preps) if p is not None]
-            images, kept = decode_jpegs([preps[i][0] for i in fast], [preps[i][1] for i in fast],
-                                        [preps[i][2] for i in fast], sizes, batch_size)
+            images, kept = decode_jpegs([preps[i][0] for i in fast], [preps[i][1] for i in fast], sizes,
+                                        batch_size)
             seconds = time.perf_counter() - t
             done = [fast[k] for k in kept]
             rest = sorted(set(range(len(preps))) - set(done))
