@@ -179,3 +179,36 @@ def seaweedfs(tmp_path_factory):
             yield store
     except TimeoutError as e:
         pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """A real GCS-compatible server (gcp-storage-emulator) on 127.0.0.1 for the whole session; see gcs_server."""
+    from gcs_server import emulator_installed, run_gcs_emulator
+
+    if not emulator_installed():
+        pytest.skip("the GCS emulator is not installed (pip install gcp-storage-emulator; part of catfeat[test])")
+    pytest.importorskip("gcsfs")
+    try:
+        with run_gcs_emulator(tmp_path_factory.mktemp("gcs")) as store:
+            yield store
+    except TimeoutError as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def store_photos(tmp_path_factory):
+    """Real photos in a Kaggle-layout folder, one file broken (store_cases.make_photos), for the object-store tests."""
+    from store_cases import make_photos
+
+    return make_photos(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="session")
+def store_reference(store_photos, tmp_path_factory):
+    """The cache extracted from the local folder of ``store_photos``: what each store's extraction must equal."""
+    from store_cases import FAST, MODEL
+
+    from catfeat.extraction.run import run_extraction
+
+    return run_extraction(store_photos, MODEL, tmp_path_factory.mktemp("local"), **FAST).paths
