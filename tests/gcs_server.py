@@ -29,11 +29,12 @@ class GCSStore:
         return {"STORAGE_EMULATOR_HOST": self.endpoint}
 
     def fs(self):
-        """A gcsfs client of this store, not shared with (nor taken from) fsspec's instance cache."""
-        import gcsfs
+        """A gcsfs client of this store, not shared with (nor taken from) fsspec's instance cache: gcsfs's
+        core class, as catfeat uses with an emulator (see catfeat.images.sources.filesystem)."""
+        from gcsfs.core import GCSFileSystem
 
-        return gcsfs.GCSFileSystem(endpoint_url=self.endpoint, token="anon", project="catfeat-test",
-                                   skip_instance_cache=True)
+        return GCSFileSystem(endpoint_url=self.endpoint, token="anon", project="catfeat-test",
+                             skip_instance_cache=True)
 
 
 def _answers(store: GCSStore) -> bool:

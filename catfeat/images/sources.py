@@ -143,6 +143,12 @@ def scheme_of(url: str) -> str:
     return url.split("://", 1)[0].lower()
 
 
+def emulator_host() -> str | None:
+    """The GCS emulator named by ``STORAGE_EMULATOR_HOST``, None where unset (or 'default': Google's)."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    return None if host in ("", "default") else host
+
+
 def backend_options(url: str, configured: dict | None = None) -> dict:
     """What catfeat tells the fsspec backend of ``url`` beyond what it finds itself; ``configured``:
     fsspec's configuration for that scheme (``FSSPEC_GS_TOKEN=...``), which always wins.
@@ -157,7 +163,7 @@ def backend_options(url: str, configured: dict | None = None) -> dict:
         return {}
     if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
         return {"token": "google_default"}
-    if os.environ.get("STORAGE_EMULATOR_HOST", "default") != "default":
+    if emulator_host():
         return {"token": "anon"}
     return {}
 
@@ -170,8 +176,17 @@ def filesystem(url: str):
     except ImportError:
         raise SourceError(f"reading {url} needs fsspec: pip install 'catfeat[remote]'") from None
     configured = fsspec.config.conf.get(scheme_of(url), {})
+    options = backend_options(url, configured)
     try:
-        return fsspec.core.url_to_fs(url, **backend_options(url, configured))
+        if scheme_of(url) in _GCS and emulator_host():
+            # gcsfs's core filesystem: its default one (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT, on since
+            # 2026) first asks the Storage Control API (gRPC) for each bucket's layout, which no
+            # emulator serves, and retries that for 60 s on every open
+            from gcsfs.core import GCSFileSystem
+
+            fs = GCSFileSystem(**options)
+            return fs, fs._strip_protocol(url)
+        return fsspec.core.url_to_fs(url, **options)
     except ImportError as e:  # the backend (s3fs, gcsfs, ...) is missing
         raise SourceError(f"reading {url} needs a package that is not installed ({e}); pip install "
                           "'catfeat[remote]' (s3fs, gcsfs) or the fsspec backend of that scheme") from None
@@ -208,9 +223,8 @@ def check_endpoint(url: str, fs, retry: Retry | None = None) -> None:
     try:
         retried(connect, retry, f"connecting to {endpoint}")
     except OSError as e:
-        emulator = os.environ.get("STORAGE_EMULATOR_HOST", "default") != "default"
-        named, fix = (" (STORAGE_EMULATOR_HOST)", "STORAGE_EMULATOR_HOST and that the emulator runs") if emulator \
-            else ("", "the network")
+        named, fix = (" (STORAGE_EMULATOR_HOST)", "STORAGE_EMULATOR_HOST and that the emulator runs") \
+            if emulator_host() else ("", "the network")
         raise SourceError(f"cannot reach {url}: its endpoint {endpoint}{named} takes no connection "
                           f"({e.__class__.__name__}: {e}); check {fix}") from None
 
