@@ -175,7 +175,8 @@ def filesystem(url: str):
         import fsspec
     except ImportError:
         raise SourceError(f"reading {url} needs fsspec: pip install 'catfeat[remote]'") from None
-    configured = fsspec.config.conf.get(scheme_of(url), {})
+    schemes = _GCS if scheme_of(url) in _GCS else (scheme_of(url),)  # gcsfs takes the options of both of its names
+    configured = {k: v for scheme in schemes for k, v in fsspec.config.conf.get(scheme, {}).items()}
     options = backend_options(url, configured)
     try:
         if scheme_of(url) in _GCS and emulator_host():
