@@ -24,16 +24,27 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _die_with_parent() -> None:
+    """In the server's process, before it starts (Linux): killed when the test process dies, however
+    it dies (a timeout's SIGTERM or SIGKILL skips the clean-up below)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 @contextlib.contextmanager
-def serving(cmd: Sequence[str], log: Path, ready: Callable[[], bool], timeout: float, name: str,
-            env: dict | None = None) -> Iterator[subprocess.Popen]:
+def serving(cmd: Sequence[str], log: Path, ready: Callable[[], bool], timeout: float,
+            name: str) -> Iterator[subprocess.Popen]:
     """Run ``cmd`` (output to ``log``) until the block ends; ``ready()`` is asked until it says yes
     (an exception counts as no); :class:`TimeoutError` with the end of the log if that takes more
     than ``timeout`` seconds or the server exits. The process group is killed at the end (SIGKILL:
     a test server holds nothing to keep)."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=env)
+                                preexec_fn=_die_with_parent)
         try:
             deadline = time.time() + timeout
             while True:
