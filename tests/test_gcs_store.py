@@ -151,3 +151,29 @@ def test_a_missing_bucket_an_unreachable_endpoint_or_missing_credentials_is_one_
     for data in (bucket, bucket + "manifest.csv"):
         one_error(data, "cannot load the credentials", "no-such-key.json", "GOOGLE_APPLICATION_CREDENTIALS")
     GCSFileSystem.clear_instance_cache()
+
+
+def test_credentials_come_from_the_key_file_else_none_for_an_emulator(tmp_path, monkeypatch):
+    """No server needed: which credentials gcsfs is given (loading a key file asks nothing of the network)."""
+    import json
+
+    from gcsfs.core import GCSFileSystem
+
+    from catfeat.images.sources import backend_options, filesystem
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    assert backend_options("gs://b/x") == {"token": "anon"} and backend_options("s3://b/x") == {}
+    assert backend_options("gs://b/x", {"token": "cache"}) == {}  # fsspec's configuration wins
+    key = tmp_path / "key.json"  # a user's application-default login, as gcloud writes it
+    key.write_text(json.dumps({"type": "authorized_user", "client_id": "id", "client_secret": "secret",
+                               "refresh_token": "token"}))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+    GCSFileSystem.clear_instance_cache()
+    fs, path = filesystem("gs://b/x/y.jpg")
+    assert path == "b/x/y.jpg" and fs.credentials.method == "google_default"
+    assert fs.credentials.credentials.refresh_token == "token"
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS")
+    fs, _ = filesystem("gs://b/x/y.jpg")
+    assert fs.credentials.method == "anon" and fs.credentials.credentials is None
+    GCSFileSystem.clear_instance_cache()
