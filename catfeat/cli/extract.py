@@ -51,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode on threads or on worker processes (free of Python's interpreter lock: many-core "
                    "GPU hosts); auto: processes from 8 cores and 2,048 images on (default: %(default)s)")
     p.add_argument("--decoder", default="auto", choices=["auto", "nvimgcodec", "opencv", "pillow"],
-                   help="auto: nvImageCodec (JPEGs decoded on the GPU) when Keras runs on a GPU and catfeat[gpu] is "
-                   "installed, else OpenCV (fast) where installed, else Pillow; nvimgcodec also runs on a CPU (its "
-                   "CPU backend); recorded in the cache (default: %(default)s)")
+                   help="auto: OpenCV (fast) where installed, else Pillow; nvimgcodec: JPEGs decoded in batches by "
+                   "nvImageCodec (catfeat[gpu]; on the GPU where there is one, else its CPU backend: not faster "
+                   "yet, see README); recorded in the cache (default: %(default)s)")
     p.add_argument("--skip-damaged", action="store_true",
                    help="skip JPEGs that decode with corrupt data (truncated, the rest gray) instead of keeping "
                    "them and listing them as damaged; recorded in the cache")

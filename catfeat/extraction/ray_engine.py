@@ -69,6 +69,7 @@ DECODE_TASK_BYTES = 64 << 20
 # job's runtime environment: on a shared cluster, give the nodes their own credentials instead.
 STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
              "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED",
+             "STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT",
              "CATFEAT_READ_TRIES", "CATFEAT_READ_WAIT")
 RETRIES = 2  # times, within one run, the images Ray lost past its own retries are submitted again
 READS = ("auto", "workers", "driver")  # who opens the image files (see _reads_on)

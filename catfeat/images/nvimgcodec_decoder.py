@@ -50,20 +50,6 @@ def installed() -> bool:
         return False
 
 
-def gpu_ready() -> bool:
-    """Whether nvImageCodec would decode on a GPU here: the package, nvJPEG and a CUDA device."""
-    import importlib.util
-
-    if not installed():
-        return False
-    try:
-        if importlib.util.find_spec("nvidia.nvjpeg") is None:
-            return False
-    except ModuleNotFoundError:
-        return False
-    return session().on_gpu
-
-
 @contextlib.contextmanager
 def _quiet_stderr():
     """nvImageCodec prints its library probes ("Failed to load nvjpeg library!") to file descriptor 2
