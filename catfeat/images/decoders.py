@@ -6,9 +6,9 @@ One table maps a decoder name to how it decodes; the name is recorded in each ca
 * ``opencv``: JPEGs are decoded by OpenCV (libjpeg-turbo), shrunk in the DCT domain by 2, 4 or 8
   when the photo is that many times larger than the input size (chosen per size: a second decode
   when two sizes need different scales; :func:`catfeat.images.jpeg.reduction`, recorded in the cache
-  as ``dct_scaling``), then resized bilinearly (no anti-aliasing filter beyond that). Anything that is not a plain, complete RGB or grayscale
-  JPEG (PNG, GIF, CMYK, truncated files, ...) goes to the Pillow decoder, so odd files behave the
-  same under both. About 2.5x the Pillow decoder's speed per core on the Kaggle photos
+  as ``dct_scaling``), then resized bilinearly (no anti-aliasing filter beyond that). Anything that
+  is not a plain, complete RGB or grayscale JPEG (PNG, GIF, CMYK, truncated files, ...) goes to the
+  Pillow decoder, so odd files behave the same under both. About 2.5x the Pillow decoder's speed per core on the Kaggle photos
   (``benchmarks/bench_feeder.py``).
 * ``pillow``: Pillow decode, EXIF rotation, whole image resized with Pillow's anti-aliased
   bilinear filter (the reference recipe's pixels).
