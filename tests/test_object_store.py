@@ -9,19 +9,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import importlib.util
-import io
-import shutil
 
 import numpy as np
 import pytest
 
-from conftest import real_data
-
-MODEL = "lite0" if importlib.util.find_spec("catfeat.models.lite") else "r50"
-FAST = dict(weights=None, batch_size=4, progress=False)
-BUCKET = "catfeat-photos"
-BROKEN = "train/cat.999.jpg"  # not an image: skipped with the same reason wherever it is read from
+from store_cases import BROKEN, BUCKET, FAST, MODEL, assert_same, content, upload_set
 
 
 @pytest.fixture(scope="module")
@@ -39,84 +31,21 @@ def s3(seaweedfs):
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """A Kaggle-layout folder of real photos (4 cats, 4 dogs, 2 test) and one broken file."""
-    src = real_data("small200")
-    root = tmp_path_factory.mktemp("photos")
-    for sub, names in (("train", [f"{c}.{i}.jpg" for c in ("cat", "dog") for i in range(4)]),
-                       ("test", ["1.jpg", "2.jpg"])):
-        (root / sub).mkdir()
-        for name in names:
-            shutil.copyfile(src / sub / name, root / sub / name)
-    (root / BROKEN).write_bytes(b"not an image at all")
-    return root
-
-
-@pytest.fixture(scope="module")
-def reference(photos, tmp_path_factory):
-    """The cache extracted from the local folder."""
-    from catfeat.extraction.run import run_extraction
-
-    out = tmp_path_factory.mktemp("local")
-    return run_extraction(photos, MODEL, out, **FAST).paths
-
-
-@pytest.fixture(scope="module")
-def bucket(s3, photos, reference):
+def bucket(s3, store_photos, store_reference):
     """The photos uploaded to s3://catfeat-photos/set/, with a CSV and a Parquet manifest of them."""
-    import pandas as pd
-
-    from catfeat.cache.store import open_cache
-
     fs = s3.fs()
     if not fs.exists(BUCKET):
         fs.mkdir(BUCKET)
-    for path in sorted(photos.rglob("*.jpg")):
-        fs.pipe(f"{BUCKET}/set/{path.relative_to(photos).as_posix()}", path.read_bytes())
-    cache = open_cache(next(iter(reference.values())))
-    classes = cache.known_classes()
-    names = [str(n) for n in cache.names("train")] + [s["path"] for s in cache.skipped()] + \
-        [str(n) for n in cache.names("test")]
-    # the folder's order: train (cats, then dogs; the broken cat among them), then test
-    train = sorted((n for n in names if n.startswith("train/")), key=lambda n: (n.split("/")[1].split(".")[0],
-                                                                              int(n.split(".")[1])))
-    rows = [{"image": n, "label": n.split("/")[1].split(".")[0], "split": "train"} for n in train] + \
-           [{"image": n, "label": "", "split": "test"} for n in names if n.startswith("test/")]
-    assert classes == ["cat", "dog"]
-    df = pd.DataFrame(rows)
-    fs.pipe(f"{BUCKET}/set/manifest.csv", df.to_csv(index=False).encode())
-    buf = io.BytesIO()
-    df.assign(label=df["label"].replace("", None)).to_parquet(buf, index=False)
-    fs.pipe(f"{BUCKET}/set/manifest.parquet", buf.getvalue())
+    upload_set(fs, f"{BUCKET}/set", store_photos, store_reference)
     return f"s3://{BUCKET}/set/"
 
 
-def content(paths: dict) -> dict:
-    """What must match between two caches: features, names and labels per split, the skipped list."""
-    from catfeat.cache.store import open_cache
-
-    cache = open_cache(next(iter(paths.values())))
-    return {"train": cache.features("train"), "test": cache.features("test"),
-            "train_names": [str(n) for n in cache.names("train")], "test_names": [str(n) for n in cache.names("test")],
-            "labels": cache.labels().tolist(), "classes": cache.known_classes(),
-            "skipped": [(s["path"], s["reason"]) for s in cache.skipped()]}
-
-
-def assert_same(a: dict, b: dict) -> None:
-    for key in a:
-        if isinstance(a[key], np.ndarray):
-            # relative: random-weight features of these photos are ~1e-11, under any absolute tolerance
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=0, err_msg=key)
-        else:
-            assert b[key] == a[key], key
-
-
-def test_a_folder_url_gives_the_cache_of_the_same_files_on_disk(bucket, reference, tmp_path, capsys):
+def test_a_folder_url_gives_the_cache_of_the_same_files_on_disk(bucket, store_reference, tmp_path, capsys):
     from catfeat.cache.store import open_cache
     from catfeat.cli.info import main as info
     from catfeat.extraction.run import run_extraction
 
-    local = content(reference)
+    local = content(store_reference)
     assert len(local["train_names"]) == 8 and len(local["test_names"]) == 2
     assert local["skipped"] and local["skipped"][0][0] == BROKEN
     # worker processes read by URL too (they get the credentials from the environment)
@@ -130,13 +59,14 @@ def test_a_folder_url_gives_the_cache_of_the_same_files_on_disk(bucket, referenc
 
 
 @pytest.mark.parametrize("manifest", ["manifest.csv", "manifest.parquet"])
-def test_a_manifest_in_the_bucket_gives_the_cache_of_the_same_files_on_disk(bucket, reference, tmp_path, manifest):
+def test_a_manifest_in_the_bucket_gives_the_cache_of_the_same_files_on_disk(bucket, store_reference, tmp_path,
+                                                                            manifest):
     from catfeat.cache.store import open_cache
     from catfeat.extraction.run import run_extraction
 
     url = bucket + manifest
     got = run_extraction(url, MODEL, tmp_path, **FAST)
-    assert_same(content(reference), content(got.paths))
+    assert_same(content(store_reference), content(got.paths))
     cache = open_cache(next(iter(got.paths.values())))
     assert cache.attrs["data_root"] == url and cache.attrs["layout"] == "manifest"
 
@@ -218,7 +148,7 @@ def flaky(s3, monkeypatch):
     # (left registered: a later registration replaces it, clobber=True)
 
 
-def test_transient_read_errors_are_retried_then_the_file_is_skipped_with_its_reason(bucket, reference, flaky,
+def test_transient_read_errors_are_retried_then_the_file_is_skipped_with_its_reason(bucket, store_reference, flaky,
                                                                                    tmp_path):
     from catfeat.extraction.run import run_extraction
     from catfeat.images.unit import decode_timed
@@ -234,7 +164,7 @@ def test_transient_read_errors_are_retried_then_the_file_is_skipped_with_its_rea
     flaky.opened.clear()
     flaky.always.add("dog.2.jpg")
     got = run_extraction(bucket.replace("s3://", "flaky://"), MODEL, tmp_path, reader="threads", **FAST)
-    local, remote = content(reference), content(got.paths)
+    local, remote = content(store_reference), content(got.paths)
     skipped = dict(remote["skipped"])
     assert set(skipped) == {BROKEN, "train/dog.2.jpg"} and skipped[BROKEN] == dict(local["skipped"])[BROKEN]
     assert "after 3 tries" in skipped["train/dog.2.jpg"] and "ConnectionResetError" in skipped["train/dog.2.jpg"]
@@ -336,12 +266,12 @@ def proxy(s3, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_a_listed_object_costs_one_get_and_no_size_request(bucket, reference, proxy, tmp_path):
+def test_a_listed_object_costs_one_get_and_no_size_request(bucket, store_reference, proxy, tmp_path):
     from catfeat.extraction.run import run_extraction
     from catfeat.images.unit import decode_timed
 
     got = run_extraction(bucket, MODEL, tmp_path, reader="threads", **FAST)
-    assert_same(content(reference), content(got.paths))
+    assert_same(content(store_reference), content(got.paths))
     objects = [p for _, p in proxy.requests if p.endswith(".jpg")]
     assert len(objects) == 11 and len(set(objects)) == 11  # 10 photos and the broken file: one request each
     assert proxy.count("GET", ".jpg") == 11 and proxy.count("HEAD") == 0
@@ -388,7 +318,7 @@ def _fresh_clients():
         s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_a_store_that_dies_mid_run_stops_it_with_one_error_and_the_rerun_resumes(photos, reference, tmp_path,
+def test_a_store_that_dies_mid_run_stops_it_with_one_error_and_the_rerun_resumes(store_photos, store_reference, tmp_path,
                                                                                  monkeypatch, capsys):
     """A separate SeaweedFS, killed after the first batch was read; restarted on the same data and ports."""
     import s3fs
@@ -410,8 +340,8 @@ def test_a_store_that_dies_mid_run_stops_it_with_one_error_and_the_rerun_resumes
         s3fs.S3FileSystem.clear_instance_cache()
         fs = store.fs()
         fs.mkdir(BUCKET)
-        for path in sorted(photos.rglob("*.jpg")):
-            fs.pipe(f"{BUCKET}/set/{path.relative_to(photos).as_posix()}", path.read_bytes())
+        for path in sorted(store_photos.rglob("*.jpg")):
+            fs.pipe(f"{BUCKET}/set/{path.relative_to(store_photos).as_posix()}", path.read_bytes())
         fetch, calls = unit.fetch, []
 
         def dying(*args, **kwargs):  # the store dies as the 5th image is asked for (the first batch is read)
@@ -438,10 +368,10 @@ def test_a_store_that_dies_mid_run_stops_it_with_one_error_and_the_rerun_resumes
         text = capsys.readouterr()
         assert "resuming" in text.out + text.err and "at image 4 of 11" in text.out + text.err
         # equal to the run from the files on disk: nothing was recorded as skipped while the store was down
-        assert_same(content(reference), content({MODEL: cache}))
+        assert_same(content(store_reference), content({MODEL: cache}))
 
 
-def test_predictions_for_images_in_the_bucket_equal_those_for_the_same_files_on_disk(bucket, reference, photos,
+def test_predictions_for_images_in_the_bucket_equal_those_for_the_same_files_on_disk(bucket, store_reference, store_photos,
                                                                                       tmp_path):
     import pandas as pd
 
@@ -449,7 +379,7 @@ def test_predictions_for_images_in_the_bucket_equal_those_for_the_same_files_on_
     from catfeat.cli.predict import main as predict
     from catfeat.predict import expand_images, predict_images
 
-    features = next(iter(reference.values())).parent
+    features = next(iter(store_reference.values())).parent
     X, y, _ = catfeat.load_features(MODEL, features)
     catfeat.FusedHead(epochs=2, early_stopping=False, random_state=0).fit(X, y).save(tmp_path / "head",
                                                                                        features=features)
@@ -466,7 +396,7 @@ def test_predictions_for_images_in_the_bucket_equal_those_for_the_same_files_on_
             np.testing.assert_allclose(a[name][0], b[name][0], rtol=0, atol=1e-6, err_msg=name)
 
     kw = dict(features_dir=features, allow_random=True, batch_size=4)
-    local = by_name(predict_images(tmp_path / "head", expand_images([str(photos)]), **kw), str(photos))
+    local = by_name(predict_images(tmp_path / "head", expand_images([str(store_photos)]), **kw), str(store_photos))
     remote = predict_images(tmp_path / "head", expand_images([bucket]), **kw)
     assert len(local) == 11 and sum(1 for _, e in local.values() if e) == 1
     assert_equal(by_name(remote, bucket), local)
@@ -476,7 +406,7 @@ def test_predictions_for_images_in_the_bucket_equal_those_for_the_same_files_on_
     assert_equal(by_name(pd.read_csv(out), bucket), local)
 
 
-def test_the_nvimgcodec_batch_reader_reads_a_folder_url_as_the_opencv_path_does(bucket, reference, tmp_path,
+def test_the_nvimgcodec_batch_reader_reads_a_folder_url_as_the_opencv_path_does(bucket, store_reference, tmp_path,
                                                                                monkeypatch):
     from catfeat.images.decoders import available
 
@@ -489,8 +419,8 @@ def test_the_nvimgcodec_batch_reader_reads_a_folder_url_as_the_opencv_path_does(
     monkeypatch.setattr(nvd, "decode_jpegs", lambda data, *a, **k: batched.append(len(data)) or
                         decode_jpegs(data, *a, **k))
     got = run_extraction(bucket, MODEL, tmp_path, decoder="nvimgcodec", **FAST)
-    assert got.reader == "batches" and sum(batched) == 10 and len(batched) == 3  # the photos, a batch at once
-    local, remote = content(reference), content(got.paths)
+    assert got.reader == "batches" and sum(batched) == 10 and len(batched) == 3  # the store_photos, a batch at once
+    local, remote = content(store_reference), content(got.paths)
     for key in ("train_names", "test_names", "labels", "skipped"):
         assert remote[key] == local[key], key
     for split in ("train", "test"):  # the tolerance of tests/test_nvimgcodec.py

@@ -6,7 +6,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from catfeat.cli.common import add_alias, add_output_flags, run_cli
+from catfeat.cli.common import add_alias, add_output_flags, int_in, run_cli
 from catfeat.predict import UnrecordedFeaturesWarning, build_predictor, check_new, expand_images, export, predict_images
 
 
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", default="features", help="feature caches, read for the backbones' weights when "
                    "the head folder has no weights.json (default: %(default)s)")
     p.add_argument("--weights", default=None, help="imagenet | none | PATH for every backbone (default: recorded)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per call (default: %(default)s)")
+    p.add_argument("--batch-size", type=int_in(1), default=16, help="images per call (default: %(default)s)")
     p.add_argument("--out", default=None, metavar="CSV", help="write the predictions here instead of printing them")
     add_alias(p, "--csv", "out")
     p.add_argument("--export", default=None, metavar="PATH", help="save the end-to-end model: PATH.keras, or a "

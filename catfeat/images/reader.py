@@ -134,7 +134,7 @@ def iter_batches_nvimgcodec(paths: Sequence[Path], sizes: Sequence[int], batch_s
     is the OpenCV decoder) under ``budget``, as on the thread reader: same reasons, same damaged
     list, same row order. Images are device arrays under the JAX backend, numpy elsewhere."""
     from catfeat.images.decoders import get_decoder, read_bytes
-    from catfeat.images.jpeg import complete_jpeg_bytes, plain_jpeg, reduction
+    from catfeat.images.jpeg import complete_jpeg_bytes, plain_jpeg
     from catfeat.images.listing import DecodeError
     from catfeat.images.nvimgcodec_decoder import canvas_for, decode_jpegs, merge_rows
 
@@ -145,7 +145,7 @@ def iter_batches_nvimgcodec(paths: Sequence[Path], sizes: Sequence[int], batch_s
 
     def prepare(path) -> tuple:
         """(what the CPU path reads: the file, or a URL's object read once (else the reason it could
-        not be read, with the seconds it took); (bytes, header, reduction) for nvImageCodec, or None)."""
+        not be read, with the seconds it took); (bytes, header) for nvImageCodec, or None)."""
         path, reason, seconds = fetch_image(path)
         if path is None:
             return (reason, seconds), None
@@ -156,7 +156,7 @@ def iter_batches_nvimgcodec(paths: Sequence[Path], sizes: Sequence[int], batch_s
             data = complete_jpeg_bytes(path, head, read_bytes)
         except (DecodeError, OSError):  # the CPU path names the reason
             return path, None
-        return path, None if data is None else (data, head, reduction(head, sizes))
+        return path, None if data is None else (data, head)
 
     def cpu_path(where) -> tuple:
         """:func:`decode_timed`'s result for what :func:`prepare` read."""
@@ -169,8 +169,8 @@ def iter_batches_nvimgcodec(paths: Sequence[Path], sizes: Sequence[int], batch_s
             t = time.perf_counter()
             preps = [p for _, p in prepared]
             fast = [i for i, p in enumerate(preps) if p is not None]
-            images, kept = decode_jpegs([preps[i][0] for i in fast], [preps[i][1] for i in fast],
-                                        [preps[i][2] for i in fast], sizes, batch_size)
+            images, kept = decode_jpegs([preps[i][0] for i in fast], [preps[i][1] for i in fast], sizes,
+                                        batch_size)
             seconds = time.perf_counter() - t
             done = [fast[k] for k in kept]
             rest = sorted(set(range(len(preps))) - set(done))
