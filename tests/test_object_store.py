@@ -318,8 +318,8 @@ def _fresh_clients():
         s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_a_store_that_dies_mid_run_stops_it_with_one_error_and_the_rerun_resumes(store_photos, store_reference, tmp_path,
-                                                                                 monkeypatch, capsys):
+def test_a_store_that_dies_mid_run_stops_it_with_one_error_and_the_rerun_resumes(store_photos, store_reference,
+                                                                                 tmp_path, monkeypatch, capsys):
     """A separate SeaweedFS, killed after the first batch was read; restarted on the same data and ports."""
     import s3fs
 
@@ -371,8 +371,8 @@ def test_a_store_that_dies_mid_run_stops_it_with_one_error_and_the_rerun_resumes
         assert_same(content(store_reference), content({MODEL: cache}))
 
 
-def test_predictions_for_images_in_the_bucket_equal_those_for_the_same_files_on_disk(bucket, store_reference, store_photos,
-                                                                                      tmp_path):
+def test_predictions_for_images_in_the_bucket_equal_those_for_the_same_files_on_disk(bucket, store_reference,
+                                                                                      store_photos, tmp_path):
     import pandas as pd
 
     import catfeat
