@@ -72,6 +72,20 @@ def make_caches(folder, n=160, n_test=30, dims=(10, 6), sep=(1.2, 0.4), seed=0, 
     return folder
 
 
+def sharpen_head(head, X) -> None:
+    """Random-weight GAP features are ~1e-11, so a fitted head answers ~0.5 for every image and no
+    comparison of predictions could catch a wrong or swapped image. Scale the output layer so the
+    logits spread over about +-2 across these images (each feature standardised, a fixed random mix)."""
+    F = np.concatenate([X[b] for b in head.backbones_], axis=1).astype(np.float64)
+    k = np.random.default_rng(0).standard_normal(F.shape[1]) / (F.std(axis=0) + 1e-30)
+    z = F @ k
+    k *= 2.0 / z.std()
+    out = head.model_.get_layer("output")
+    out.set_weights([k[:, None].astype(np.float32), np.array([-(F @ k).mean()], np.float32)])
+    p = head.predict_proba(X)[:, 1]
+    assert p.std() > 0.1, p  # the images now get different answers
+
+
 @pytest.fixture
 def kaggle_dir(tmp_path) -> Path:
     return make_kaggle(tmp_path / "data")

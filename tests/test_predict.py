@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import make_kaggle
+from conftest import make_kaggle, sharpen_head
 
 
 @pytest.fixture(scope="module")
@@ -21,23 +21,10 @@ def trained(tmp_path_factory):
                            progress=False)
     X, y, names = catfeat.load_features("lite0,lite1", root / "features")
     head = catfeat.FusedHead(epochs=3, early_stopping=False, random_state=0).fit(X, y)
-    sharpen(head, X)
+    sharpen_head(head, X)
     head.save(root / "head")
     return root, data, head
 
-
-def sharpen(head, X) -> None:
-    """Random-weight GAP features are ~1e-11, so a fitted head answers ~0.5 for every image and no
-    comparison of predictions could catch a wrong or swapped image. Scale the output layer so the
-    logits spread over about +-2 across these images (each feature standardised, a fixed random mix)."""
-    F = np.concatenate([X[b] for b in head.backbones_], axis=1).astype(np.float64)
-    k = np.random.default_rng(0).standard_normal(F.shape[1]) / (F.std(axis=0) + 1e-30)
-    z = F @ k
-    k *= 2.0 / z.std()
-    out = head.model_.get_layer("output")
-    out.set_weights([k[:, None].astype(np.float32), np.array([-(F @ k).mean()], np.float32)])
-    p = head.predict_proba(X)[:, 1]
-    assert p.std() > 0.1, p  # the images now get different answers
 
 
 def test_predictions_equal_cache_then_head(trained):
