@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                      "accuracy": accuracy(y_idx[va], proba), "params": {"C": args.logreg_c}})
         print(f"  {rows[-1]['method']}: {fit_s:.2f} s", flush=True)
 
-    print(f"\n| method | fit s | predict s | epochs (LR: iterations) | log loss (clip 0.005) | unclipped | accuracy |")
+    print("\n| method | fit s | predict s | epochs (LR: iterations) | log loss (clip 0.005) | unclipped | accuracy |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         ep = r["epochs_run"] if r["best_epoch"] is None else f"{r['epochs_run']} (best {r['best_epoch']})"

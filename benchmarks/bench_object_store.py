@@ -8,6 +8,8 @@ decoded by the extraction's reader (catfeat.images.reader.iter_batches: threads,
 URLs read by catfeat.images.sources.fetch) from the local folder and from s3://, alternately; figures
 are images per second of the whole read (listing included) and their ratio. The store runs on this
 machine, so this measures catfeat's per-object overhead (requests, copies), not a network.
+A third source, "s3-asksize", reads the same URLs without the sizes the listing gave (plain strings:
+each object's size is asked first, HEAD + GET, as before one GET per object), side by side.
 """
 from __future__ import annotations
 
@@ -25,15 +27,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dogs-vs-cats" / "small200" / "train"
 
 
-def read_all(data, workers: int) -> tuple[float, int, int]:
-    """(seconds, images read, images skipped) for listing ``data`` and reading every image once."""
+def read_all(data, workers: int, ask_size: bool = False) -> tuple[float, int, int]:
+    """(seconds, images read, images skipped) for listing ``data`` and reading every image once;
+    ``ask_size``: URLs without the listing's sizes (each asks its size first)."""
     from catfeat.images.listing import list_images
     from catfeat.images.reader import iter_batches
 
     t = time.perf_counter()
     images = list_images(data)
+    paths = images.paths()
+    if ask_size:
+        from catfeat.images.sources import filesystem
+
+        filesystem(str(data))[0].invalidate_cache()  # s3fs would answer the sizes from the listing it holds
+        paths = [str(p) for p in paths]
     ok = bad = 0
-    for batch in iter_batches(images.paths(), [224], 32, workers=workers, reader="threads"):
+    for batch in iter_batches(paths, [224], 32, workers=workers, reader="threads"):
         ok += int(batch.ok.sum())
         bad += len(batch.errors)
     return time.perf_counter() - t, ok, bad
@@ -61,17 +70,19 @@ def main(argv=None) -> int:
             fs.mkdir("bench")
             fs.put(str(local) + "/", "bench/photos/", recursive=True)
             url = "s3://bench/photos/"
-            rows = {"local": [], "s3": []}
+            rows = {"local": [], "s3": [], "s3-asksize": []}
             for _ in range(args.repeats):
-                for name, data in (("local", local), ("s3", url)):
-                    rows[name].append(read_all(data, args.workers))
+                for name, data in (("local", local), ("s3", url), ("s3-asksize", url)):
+                    rows[name].append(read_all(data, args.workers, ask_size=name == "s3-asksize"))
     print(f"{len(files)} photos, {args.workers} reader threads, load {os.getloadavg()[0]:.1f}")
     for name, runs in rows.items():
         best = min(r[0] for r in runs)
-        print(f"  {name:6s} best of {len(runs)}: {best:6.2f} s  {runs[0][1] / best:7.1f} img/s  "
+        print(f"  {name:10s} best of {len(runs)}: {best:6.2f} s  {runs[0][1] / best:7.1f} img/s  "
               f"(read {runs[0][1]}, skipped {runs[0][2]})")
     ratio = min(r[0] for r in rows["local"]) / min(r[0] for r in rows["s3"])
     print(f"  s3 / local images per second: {ratio:.2f} x")
+    gain = min(r[0] for r in rows["s3-asksize"]) / min(r[0] for r in rows["s3"])
+    print(f"  s3 (one GET) / s3-asksize (HEAD + GET) images per second: {gain:.2f} x")
     return 0
 
 

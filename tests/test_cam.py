@@ -20,9 +20,14 @@ def lite_head(tmp_path_factory):
     for k in range(4):  # real photos, real Lite0 weights: activations of a realistic scale
         shutil.copy(src / f"cat.{20 + k}.jpg", data / f"cat.{20 + k}.jpg")
         shutil.copy(src / f"dog.{1020 + k}.jpg", data / f"dog.{1020 + k}.jpg")
-    catfeat.run_extraction(data, "lite0", root / "features", weights="imagenet", batch_size=4, progress=False)
+    # a recipe other than today's defaults (OpenCV, no TTA): the CAM must follow the head's record
+    catfeat.run_extraction(data, "lite0", root / "features", weights="imagenet", batch_size=4, progress=False,
+                           decoder="pillow", tta="flip")
     X, y, names = catfeat.load_features("lite0", root / "features")
-    head = catfeat.FusedHead(epochs=2, early_stopping=False, random_state=0).fit(X, y)
+    catfeat.FusedHead(epochs=2, early_stopping=False, random_state=0).fit(X, y).save(root / "head",
+                                                                                   features=root / "features")
+    head = catfeat.FusedHead.load(root / "head")
+    assert head.feature_recipes_["EfficientNetLite0"]["decoder"] == "pillow"
     return data, head, X, names
 
 
@@ -30,7 +35,7 @@ def test_cam_has_photo_size_and_matches_the_logit(lite_head):
     from catfeat.cam import ActivationMapper, head_weights
 
     data, head, X, names = lite_head
-    mapper = ActivationMapper(head, weights="imagenet")
+    mapper = ActivationMapper(head)  # weights, decoder and TTA as head.json records them
     from PIL import Image
 
     cam = mapper(data / names[0], class_index=1)
@@ -38,7 +43,7 @@ def test_cam_has_photo_size_and_matches_the_logit(lite_head):
     assert cam.shape == (h_px, w_px) and cam.dtype == np.float32 and np.ptp(cam) > 0
     low = mapper(data / names[0], class_index=1, full_size=False)
     assert low.shape == (7, 7)
-    # mean over positions of F @ w is GAP @ w: the head's logit minus its bias
+    # mean over positions of F @ w is GAP @ w (the cached feature row): the head's logit minus its bias
     w, b = head_weights(head, 1)
     gap = X["EfficientNetLite0"][0].astype(np.float64)
     np.testing.assert_allclose(low.mean(), gap @ w, rtol=1e-4, atol=1e-5)

@@ -101,6 +101,32 @@ def test_one_flag_name_per_idea_old_spellings_still_parse():
     assert p.parse_args(["--head", "h"]).out is None and "--csv" not in p.format_help()
 
 
+
+@pytest.mark.parametrize("name, flag, value, message", [
+    ("extract", "--limit", "0", "must be at least 1, got 0"),
+    ("extract", "--limit", "-5", "must be at least 1, got -5"),
+    ("extract", "--shards", "0", "must be at least 1, got 0"),
+    ("extract", "--shard-retries", "-1", "must be at least 0, got -1"),
+    ("extract", "--workers", "-2", "must be at least 1, got -2"),
+    ("extract", "--batch-size", "0", "must be between 1 and 4,096, got 0"),
+    ("predict", "--batch-size", "0", "must be at least 1, got 0"),
+    ("fit", "--batch-size", "-8", "must be at least 1, got -8"),
+    ("fit", "--epochs", "0", "must be at least 1, got 0"),
+    ("compare", "--batch-size", "0", "must be at least 1, got 0"),
+    ("outliers", "--top", "0", "must be between 1 and 1,000, got 0"),
+    ("outliers", "--show", "-1", "must be at least 0, got -1"),
+])
+def test_counts_below_their_least_are_one_argparse_error_naming_the_flag(name, flag, value, message, capsys):
+    """Zero or negative sizes and counts stop at parsing (exit 2), in one line that names the flag."""
+    from catfeat.cli.main import command
+
+    parser, _ = command(name)
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([*REQUIRED.get(name, []), flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}: {message}" in err and "Traceback" not in err
+
 # -- catfeat info -------------------------------------------------------------------------------------
 def _partial_cache(folder, model="EfficientNetLite2", rows=5, n=20):
     from catfeat.cache.store import FeatureWriter, cache_path

@@ -131,6 +131,12 @@ print(json.dumps(out))
 """
 
 
+def test_the_verdict_says_lookups_and_hits_in_a_word_or_three():
+    from catfeat.models import compile_cache as cc
+
+    assert [cc.verdict(*c) for c in ((0, 0), (4, 4), (4, 0), (4, 1))] == ["", "hit", "miss", "1 of 4 hit"]
+
+
 def test_the_compile_cache_folder_is_private_or_not_used(tmp_path):
     pytest.importorskip("jax")
     import json

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import make_kaggle, save_image
+from conftest import make_kaggle, save_image, sharpen_head
 
 SIZES = [32]
 BIG = 200 * 150 * 4  # declared bytes of each big image
@@ -153,8 +153,9 @@ def test_predict_uses_the_unit_under_the_budget(tmp_path):
     data = make_kaggle(tmp_path / "data", n_per_class=3, n_test=1)
     catfeat.run_extraction(data, "lite0", tmp_path / "features", weights=None, batch_size=4, seed=3, progress=False)
     X, y, _ = catfeat.load_features("lite0", tmp_path / "features")
-    catfeat.FusedHead(epochs=1, early_stopping=False, random_state=0).fit(X, y).save(
-        tmp_path / "head", features=tmp_path / "features")  # records the decoder: auto, as the reader below
+    head = catfeat.FusedHead(epochs=1, early_stopping=False, random_state=0).fit(X, y)
+    sharpen_head(head, X)  # answers that differ per image
+    head.save(tmp_path / "head", features=tmp_path / "features")  # records the decoder: auto, as the reader below
     predictor = build_predictor(tmp_path / "head", features_dir=tmp_path / "features", allow_random=True)
     paths = hostile_folder(tmp_path / "odd")
     # the reasons the extraction's reader gives
@@ -172,7 +173,8 @@ def test_predict_uses_the_unit_under_the_budget(tmp_path):
     assert np.isfinite(good[["p_0", "p_1"]].to_numpy()).all()
     # the same probabilities as predicting the good files alone, without a budget
     alone = predict_images(tmp_path / "head", list(good["file"]), batch_size=3, predictor=predictor)
-    np.testing.assert_allclose(alone[["p_0", "p_1"]].to_numpy(), good[["p_0", "p_1"]].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(alone[["p_0", "p_1"]].to_numpy(), good[["p_0", "p_1"]].to_numpy(), atol=1e-3)
+    assert good["p_1"].std() > 0.05  # the comparison above could fail
 
 
 def test_each_file_header_is_read_once_per_decode(tmp_path, monkeypatch):

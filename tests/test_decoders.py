@@ -2,7 +2,6 @@
 on odd files (they go to Pillow), recorded in the cache."""
 from __future__ import annotations
 
-import io
 import re
 
 import numpy as np
@@ -89,10 +88,38 @@ def test_the_decoder_is_part_of_the_cache_identity(tmp_path):
     run_extraction(data, "lite0", out, weights=None, progress=False, decoder="opencv")
     cache = open_cache(out / "gap_EfficientNetLite0.h5")
     assert cache.attrs["decoder"] == "opencv" and cache.attrs["decoder_version"]
+    assert cache.attrs["dct_scaling"] == "per-size"
     with pytest.raises(StaleCacheError, match="decoder"):
         run_extraction(data, "lite0", out, weights=None, progress=False, decoder="pillow")
     rep = run_extraction(data, "lite0", out, weights=None, progress=False, decoder="auto")
     assert rep.reused == ["EfficientNetLite0"]
+    import h5py
+
+    with h5py.File(cache.path, "r+") as f:  # as catfeat wrote it before the scale was chosen per size
+        del f.attrs["dct_scaling"]
+    with pytest.raises(StaleCacheError, match="dct_scaling: cache has 'largest-size', asked 'per-size'"):
+        run_extraction(data, "lite0", out, weights=None, progress=False, decoder="opencv")
+
+
+def test_pixels_at_one_size_do_not_depend_on_the_sizes_decoded_beside_it(tmp_path):
+    """The DCT scale is chosen per input size: a 1200x900 photo is decoded at 1/4 for 224 and at 1/2 for
+    299, so a backbone's input (and features) are the same whichever backbones run beside it."""
+    from PIL import Image
+
+    from catfeat.images.decoders import available
+
+    path = tmp_path / "big.jpg"
+    Image.open(real_data() / "cat.0.jpg").convert("RGB").resize((1200, 900), Image.BICUBIC).save(path, quality=90)
+    for name in ["opencv"] + (["nvimgcodec"] if available("nvimgcodec") else []):
+        decode = DECODERS[name].decode
+        both = decode(path, SIZES)
+        for s in SIZES:
+            np.testing.assert_array_equal(decode(path, (s,))[s], both[s], err_msg=f"{name} at {s}")
+    import cv2
+
+    quarter = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_REDUCED_COLOR_4)  # 900 >= 4 x 224
+    want = cv2.cvtColor(cv2.resize(quarter, (224, 224), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(cv(path, SIZES)[224], want)
 
 
 def test_missing_decoders_are_named_with_the_interpreter_and_the_fix(monkeypatch):

@@ -48,12 +48,12 @@ def test_real_photos_match_the_opencv_decoder_in_batches_and_one_by_one():
 
 
 def test_the_jitted_device_resize_gives_the_host_pixels():
-    from catfeat.images.jpeg import plain_jpeg, reduction
+    from catfeat.images.jpeg import plain_jpeg
     from catfeat.images.nvimgcodec_decoder import decode_jpegs, merge_rows
 
     paths = sorted(real_data().glob("*.jpg"))[12:18]
     heads = [plain_jpeg(p) for p in paths]
-    args = ([p.read_bytes() for p in paths], heads, [reduction(h, SIZES) for h in heads], SIZES, 4)
+    args = ([p.read_bytes() for p in paths], heads, SIZES, 4)
     dev, kept = decode_jpegs(*args, on_device=True)  # jax.jit on JAX's CPU device, two chunks of 4
     host, kept_host = decode_jpegs(*args, on_device=False)
     assert kept == kept_host == list(range(6)) and not isinstance(dev[224], np.ndarray)

@@ -8,19 +8,12 @@ are retried, then the file is skipped with its reason; a manifest's bad column i
 from __future__ import annotations
 
 import collections
-import importlib.util
-import io
-import shutil
+import contextlib
 
 import numpy as np
 import pytest
 
-from conftest import real_data
-
-MODEL = "lite0" if importlib.util.find_spec("catfeat.models.lite") else "r50"
-FAST = dict(weights=None, batch_size=4, progress=False)
-BUCKET = "catfeat-photos"
-BROKEN = "train/cat.999.jpg"  # not an image: skipped with the same reason wherever it is read from
+from store_cases import BROKEN, BUCKET, FAST, MODEL, assert_same, content, upload_set
 
 
 @pytest.fixture(scope="module")
@@ -38,83 +31,21 @@ def s3(seaweedfs):
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """A Kaggle-layout folder of real photos (4 cats, 4 dogs, 2 test) and one broken file."""
-    src = real_data("small200")
-    root = tmp_path_factory.mktemp("photos")
-    for sub, names in (("train", [f"{c}.{i}.jpg" for c in ("cat", "dog") for i in range(4)]),
-                       ("test", ["1.jpg", "2.jpg"])):
-        (root / sub).mkdir()
-        for name in names:
-            shutil.copyfile(src / sub / name, root / sub / name)
-    (root / BROKEN).write_bytes(b"not an image at all")
-    return root
-
-
-@pytest.fixture(scope="module")
-def reference(photos, tmp_path_factory):
-    """The cache extracted from the local folder."""
-    from catfeat.extraction.run import run_extraction
-
-    out = tmp_path_factory.mktemp("local")
-    return run_extraction(photos, MODEL, out, **FAST).paths
-
-
-@pytest.fixture(scope="module")
-def bucket(s3, photos, reference):
+def bucket(s3, store_photos, store_reference):
     """The photos uploaded to s3://catfeat-photos/set/, with a CSV and a Parquet manifest of them."""
-    import pandas as pd
-
-    from catfeat.cache.store import open_cache
-
     fs = s3.fs()
     if not fs.exists(BUCKET):
         fs.mkdir(BUCKET)
-    for path in sorted(photos.rglob("*.jpg")):
-        fs.pipe(f"{BUCKET}/set/{path.relative_to(photos).as_posix()}", path.read_bytes())
-    cache = open_cache(next(iter(reference.values())))
-    classes = cache.known_classes()
-    names = [str(n) for n in cache.names("train")] + [s["path"] for s in cache.skipped()] + \
-        [str(n) for n in cache.names("test")]
-    # the folder's order: train (cats, then dogs; the broken cat among them), then test
-    train = sorted((n for n in names if n.startswith("train/")), key=lambda n: (n.split("/")[1].split(".")[0],
-                                                                              int(n.split(".")[1])))
-    rows = [{"image": n, "label": n.split("/")[1].split(".")[0], "split": "train"} for n in train] + \
-           [{"image": n, "label": "", "split": "test"} for n in names if n.startswith("test/")]
-    assert classes == ["cat", "dog"]
-    df = pd.DataFrame(rows)
-    fs.pipe(f"{BUCKET}/set/manifest.csv", df.to_csv(index=False).encode())
-    buf = io.BytesIO()
-    df.assign(label=df["label"].replace("", None)).to_parquet(buf, index=False)
-    fs.pipe(f"{BUCKET}/set/manifest.parquet", buf.getvalue())
+    upload_set(fs, f"{BUCKET}/set", store_photos, store_reference)
     return f"s3://{BUCKET}/set/"
 
 
-def content(paths: dict) -> dict:
-    """What must match between two caches: features, names and labels per split, the skipped list."""
-    from catfeat.cache.store import open_cache
-
-    cache = open_cache(next(iter(paths.values())))
-    return {"train": cache.features("train"), "test": cache.features("test"),
-            "train_names": [str(n) for n in cache.names("train")], "test_names": [str(n) for n in cache.names("test")],
-            "labels": cache.labels().tolist(), "classes": cache.known_classes(),
-            "skipped": [(s["path"], s["reason"]) for s in cache.skipped()]}
-
-
-def assert_same(a: dict, b: dict) -> None:
-    for key in a:
-        if isinstance(a[key], np.ndarray):
-            np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
-        else:
-            assert b[key] == a[key], key
-
-
-def test_a_folder_url_gives_the_cache_of_the_same_files_on_disk(bucket, reference, tmp_path, capsys):
+def test_a_folder_url_gives_the_cache_of_the_same_files_on_disk(bucket, store_reference, tmp_path, capsys):
     from catfeat.cache.store import open_cache
     from catfeat.cli.info import main as info
     from catfeat.extraction.run import run_extraction
 
-    local = content(reference)
+    local = content(store_reference)
     assert len(local["train_names"]) == 8 and len(local["test_names"]) == 2
     assert local["skipped"] and local["skipped"][0][0] == BROKEN
     # worker processes read by URL too (they get the credentials from the environment)
@@ -128,13 +59,14 @@ def test_a_folder_url_gives_the_cache_of_the_same_files_on_disk(bucket, referenc
 
 
 @pytest.mark.parametrize("manifest", ["manifest.csv", "manifest.parquet"])
-def test_a_manifest_in_the_bucket_gives_the_cache_of_the_same_files_on_disk(bucket, reference, tmp_path, manifest):
+def test_a_manifest_in_the_bucket_gives_the_cache_of_the_same_files_on_disk(bucket, store_reference, tmp_path,
+                                                                            manifest):
     from catfeat.cache.store import open_cache
     from catfeat.extraction.run import run_extraction
 
     url = bucket + manifest
     got = run_extraction(url, MODEL, tmp_path, **FAST)
-    assert_same(content(reference), content(got.paths))
+    assert_same(content(store_reference), content(got.paths))
     cache = open_cache(next(iter(got.paths.values())))
     assert cache.attrs["data_root"] == url and cache.attrs["layout"] == "manifest"
 
@@ -184,8 +116,8 @@ def test_a_missing_bucket_or_wrong_credentials_is_one_error_before_any_work(buck
 
 @pytest.fixture
 def flaky(s3, monkeypatch):
-    """``flaky://`` URLs: the real store through s3fs, except that the first read of every object
-    fails with a connection reset (as a dropped connection does), and objects named in ``always``
+    """``flaky://`` URLs: the real store through s3fs, except that the first read (open or GET) of every
+    object fails with a connection reset (as a dropped connection does), and objects named in ``always``
     fail every time."""
     import fsspec
     import s3fs
@@ -195,12 +127,19 @@ def flaky(s3, monkeypatch):
         opened: collections.Counter = collections.Counter()
         always: set = set()
 
-        def _open(self, path, mode="rb", **kwargs):
-            key = self._strip_protocol(path)
+        @staticmethod
+        def _read(key):
             FlakyS3.opened[key] += 1
             if FlakyS3.opened[key] == 1 or key.rsplit("/", 1)[-1] in FlakyS3.always:
                 raise ConnectionResetError(104, "Connection reset by peer")
+
+        def _open(self, path, mode="rb", **kwargs):  # a URL read without its size
+            self._read(self._strip_protocol(path))
             return super()._open(path, mode, **kwargs)
+
+        async def _cat_file(self, path, *args, **kwargs):  # a listed URL: one GET
+            self._read(self._strip_protocol(path))
+            return await super()._cat_file(path, *args, **kwargs)
 
     fsspec.register_implementation("flaky", FlakyS3, clobber=True)
     monkeypatch.setenv("CATFEAT_READ_TRIES", "3")
@@ -209,7 +148,7 @@ def flaky(s3, monkeypatch):
     # (left registered: a later registration replaces it, clobber=True)
 
 
-def test_transient_read_errors_are_retried_then_the_file_is_skipped_with_its_reason(bucket, reference, flaky,
+def test_transient_read_errors_are_retried_then_the_file_is_skipped_with_its_reason(bucket, store_reference, flaky,
                                                                                    tmp_path):
     from catfeat.extraction.run import run_extraction
     from catfeat.images.unit import decode_timed
@@ -225,7 +164,7 @@ def test_transient_read_errors_are_retried_then_the_file_is_skipped_with_its_rea
     flaky.opened.clear()
     flaky.always.add("dog.2.jpg")
     got = run_extraction(bucket.replace("s3://", "flaky://"), MODEL, tmp_path, reader="threads", **FAST)
-    local, remote = content(reference), content(got.paths)
+    local, remote = content(store_reference), content(got.paths)
     skipped = dict(remote["skipped"])
     assert set(skipped) == {BROKEN, "train/dog.2.jpg"} and skipped[BROKEN] == dict(local["skipped"])[BROKEN]
     assert "after 3 tries" in skipped["train/dog.2.jpg"] and "ConnectionResetError" in skipped["train/dog.2.jpg"]
@@ -310,3 +249,181 @@ def test_an_object_too_large_for_its_header_is_refused_before_it_is_read(tmp_pat
     remote = decode_timed(f"file://{path}", [32])
     assert local[0] is None and remote[0] is None and remote[1] == local[1] and "more than a 40x30 image" in local[1]
     assert sum(read) <= sources.HEADER_BYTES  # only the header was read
+
+
+@pytest.fixture
+def proxy(s3, monkeypatch):
+    """A :class:`~seaweedfs_server.CountingProxy` in front of the test store, as the store's endpoint."""
+    import s3fs
+
+    from seaweedfs_server import CountingProxy
+
+    counting = CountingProxy(s3.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", counting.endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield counting
+    counting.close()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_listed_object_costs_one_get_and_no_size_request(bucket, store_reference, proxy, tmp_path):
+    from catfeat.extraction.run import run_extraction
+    from catfeat.images.unit import decode_timed
+
+    got = run_extraction(bucket, MODEL, tmp_path, reader="threads", **FAST)
+    assert_same(content(store_reference), content(got.paths))
+    objects = [p for _, p in proxy.requests if p.endswith(".jpg")]
+    assert len(objects) == 11 and len(set(objects)) == 11  # 10 photos and the broken file: one request each
+    assert proxy.count("GET", ".jpg") == 11 and proxy.count("HEAD") == 0
+    # a URL given without its listing (predict's single image) asks its size first: HEAD + GET
+    from catfeat.images.sources import filesystem
+
+    filesystem(bucket)[0].invalidate_cache()  # (s3fs answers a size from a listing it holds)
+    proxy.requests.clear()
+    assert decode_timed(bucket + "train/cat.1.jpg", [32])[0] is not None
+    assert (proxy.count("HEAD", "cat.1.jpg"), proxy.count("GET", "cat.1.jpg")) == (1, 1)
+
+
+def test_a_transient_error_is_retried_by_one_layer_as_catfeat_read_tries_says(bucket, proxy, monkeypatch):
+    from catfeat.images.listing import list_images
+    from catfeat.images.sources import ListedURL
+    from catfeat.images.unit import decode_timed
+
+    monkeypatch.setenv("CATFEAT_READ_TRIES", "3")
+    monkeypatch.setenv("CATFEAT_READ_WAIT", "0.01")
+    images = list_images(bucket)
+    url = images.paths()[images.names.index("train/dog.1.jpg")]
+    assert isinstance(url, ListedURL) and url.size > 0
+    proxy.requests.clear()  # (the listing)
+    proxy.fail.add("train/dog.1.jpg")  # every request for it: 503 SlowDown (botocore and s3fs would retry it)
+    arrays, reason, _, _ = decode_timed(url, [32])
+    assert arrays is None and "after 3 tries" in reason, reason
+    assert proxy.count("GET", "dog.1.jpg") == 3 and len(proxy.requests) == 3
+    proxy.requests.clear()
+    arrays, reason, _, _ = decode_timed(str(url), [32])  # without its size: the HEAD fails, retried the same
+    assert arrays is None and "after 3 tries" in reason and len(proxy.requests) == 3, proxy.requests
+    proxy.fail.clear()
+    assert decode_timed(url, [32])[0] is not None
+
+
+@contextlib.contextmanager
+def _fresh_clients():
+    """s3fs clients made inside are dropped on the way out (they hold the endpoint they were made with)."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_store_that_dies_mid_run_stops_it_with_one_error_and_the_rerun_resumes(store_photos, store_reference,
+                                                                                 tmp_path, monkeypatch, capsys):
+    """A separate SeaweedFS, killed after the first batch was read; restarted on the same data and ports."""
+    import s3fs
+
+    import catfeat.images.unit as unit
+    from catfeat.cache.store import cache_path, partial_path
+    from catfeat.cli.extract import main as extract
+    from catfeat.models.registry import parse_models
+    from seaweedfs_server import run_seaweedfs
+
+    server: list = []
+    with run_seaweedfs(tmp_path / "store", server=server) as store, _fresh_clients():
+        weed = server[0]
+        for k, v in store.env().items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("CATFEAT_READ_TRIES", "2")
+        monkeypatch.setenv("CATFEAT_READ_WAIT", "0.01")
+        monkeypatch.setenv("CATFEAT_STORE_DOWN_AFTER", "3")
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = store.fs()
+        fs.mkdir(BUCKET)
+        for path in sorted(store_photos.rglob("*.jpg")):
+            fs.pipe(f"{BUCKET}/set/{path.relative_to(store_photos).as_posix()}", path.read_bytes())
+        fetch, calls = unit.fetch, []
+
+        def dying(*args, **kwargs):  # the store dies as the 5th image is asked for (the first batch is read)
+            calls.append(args[0])
+            if len(calls) == 5:
+                weed.kill()
+            return fetch(*args, **kwargs)
+
+        monkeypatch.setattr(unit, "fetch", dying)
+        out = tmp_path / "features"
+        args = [f"s3://{BUCKET}/set/", "--models", MODEL, "--weights", "none", "--batch-size", "4", "--reader",
+                "threads", "--workers", "1", "--features", str(out), "--no-progress"]
+        assert extract(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "stopped answering" in err[0] and store.endpoint in err[0], err
+        assert "rerun the same command to resume" in err[0] and "skipped" not in err[0]
+        cache = cache_path(out, parse_models(MODEL)[0].name)
+        assert partial_path(cache).exists() and not cache.exists(), sorted(out.rglob("*"))
+
+        weed.start()
+        s3fs.S3FileSystem.clear_instance_cache()  # a new command: a new client
+        monkeypatch.setattr(unit, "fetch", fetch)
+        assert extract(args) == 0
+        text = capsys.readouterr()
+        assert "resuming" in text.out + text.err and "at image 4 of 11" in text.out + text.err
+        # equal to the run from the files on disk: nothing was recorded as skipped while the store was down
+        assert_same(content(store_reference), content({MODEL: cache}))
+
+
+def test_predictions_for_images_in_the_bucket_equal_those_for_the_same_files_on_disk(bucket, store_reference,
+                                                                                      store_photos, tmp_path):
+    import pandas as pd
+
+    import catfeat
+    from catfeat.cli.predict import main as predict
+    from catfeat.predict import expand_images, predict_images
+
+    features = next(iter(store_reference.values())).parent
+    X, y, _ = catfeat.load_features(MODEL, features)
+    catfeat.FusedHead(epochs=2, early_stopping=False, random_state=0).fit(X, y).save(tmp_path / "head",
+                                                                                       features=features)
+
+    def by_name(df: pd.DataFrame, root: str) -> dict:
+        """{name under the folder: (probabilities, error)}."""
+        probs = df.filter(like="p_").to_numpy(float)
+        return {f[len(root):].lstrip("/"): (p, e or "") for f, p, e in zip(df["file"], probs, df["error"].fillna(""))}
+
+    def assert_equal(a: dict, b: dict) -> None:
+        assert sorted(a) == sorted(b)
+        for name in a:
+            assert a[name][1] == b[name][1], name
+            np.testing.assert_allclose(a[name][0], b[name][0], rtol=0, atol=1e-6, err_msg=name)
+
+    kw = dict(features_dir=features, allow_random=True, batch_size=4)
+    local = by_name(predict_images(tmp_path / "head", expand_images([str(store_photos)]), **kw), str(store_photos))
+    remote = predict_images(tmp_path / "head", expand_images([bucket]), **kw)
+    assert len(local) == 11 and sum(1 for _, e in local.values() if e) == 1
+    assert_equal(by_name(remote, bucket), local)
+    out = tmp_path / "p.csv"
+    assert predict(["--head", str(tmp_path / "head"), "--features", str(features), bucket + "manifest.parquet",
+                    "--out", str(out), "--allow-random-weights", "--batch-size", "4"]) == 0
+    assert_equal(by_name(pd.read_csv(out), bucket), local)
+
+
+def test_the_nvimgcodec_batch_reader_reads_a_folder_url_as_the_opencv_path_does(bucket, store_reference, tmp_path,
+                                                                               monkeypatch):
+    from catfeat.images.decoders import available
+
+    if not available("nvimgcodec"):
+        pytest.skip("nvImageCodec not installed (catfeat[test])")
+    import catfeat.images.nvimgcodec_decoder as nvd
+    from catfeat.extraction.run import run_extraction
+
+    batched, decode_jpegs = [], nvd.decode_jpegs
+    monkeypatch.setattr(nvd, "decode_jpegs", lambda data, *a, **k: batched.append(len(data)) or
+                        decode_jpegs(data, *a, **k))
+    got = run_extraction(bucket, MODEL, tmp_path, decoder="nvimgcodec", **FAST)
+    assert got.reader == "batches" and sum(batched) == 10 and len(batched) == 3  # the store_photos, a batch at once
+    local, remote = content(store_reference), content(got.paths)
+    for key in ("train_names", "test_names", "labels", "skipped"):
+        assert remote[key] == local[key], key
+    for split in ("train", "test"):  # the tolerance of tests/test_nvimgcodec.py
+        x, y = remote[split], local[split]
+        cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+        assert cos.min() > 0.999, cos

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,40 @@ def test_plan_shards_are_contiguous_and_balanced():
     assert [len(s) for s in plan_shards(2500)] == [833, 833, 834]  # default: about 1,000 images each
     with pytest.raises(ValueError, match="shards"):
         plan_shards(10, 0)
+
+
+def test_the_actors_compile_cache_lookups_add_up_in_the_build_line(tmp_path):
+    """Each actor reports its build's compile-cache lookups and hits with its first batch; the driver sums
+    them into the report's verdict, printed with the build stage as the local engine prints it (no Ray)."""
+    from catfeat.extraction.ray_engine import PartSink
+    from catfeat.extraction.run import ExtractionReport
+    from catfeat.extraction.stages import progress_bar
+    from catfeat.images.listing import ImageSet
+    from catfeat.models.registry import get_backbone
+
+    spec = get_backbone("lite0")
+    images = ImageSet(tmp_path, ["a.jpg", "b.jpg"], np.array([0, 1]), ["train", "train"], ["cat", "dog"], "flat")
+    shard = plan_shards(2, 1)[0]
+    report = ExtractionReport(paths={})
+    sink = PartSink(images, [spec], [shard], {0: [spec]}, {(spec.name, 0): {"backbone": spec.name}},
+                    {spec.name: tmp_path}, report, progress_bar(None, False, "x", "img"), 0.0)
+
+    def batch(pos, build_s, requests, hits):  # one row, as a FeatureActor returns it
+        one = lambda v, dtype=None: np.array([v], dtype)  # noqa: E731
+        return {"pos": one(pos, np.int64), "ok": one(True), "reason": one("", object), "decode_s": one(0.1),
+                "build_s": one(build_s), "ready_at": one(1.0), "compile_requests": one(requests, np.int64),
+                "compile_hits": one(hits, np.int64), f"model_s_{spec.name}": one(0.2),
+                f"feat_{spec.name}": np.ones((1, spec.feature_dim), np.float32)}
+
+    try:
+        sink.add(batch(0, 3.0, 5, 5))  # an actor that loaded every program
+        assert report.compile_cache == "hit"
+        sink.add(batch(1, 4.0, 5, 0))  # another that compiled them all
+    finally:
+        sink.close()
+    assert report.compile_cache == "5 of 10 hit" and report.seconds["build"] == 4.0
+    report.seconds["total"] = 5.0
+    assert "build 4.0s (compile cache: 5 of 10 hit)" in report.summary()
 
 
 def test_clear_error_without_ray(data, tmp_path, monkeypatch, capsys):
@@ -132,6 +167,8 @@ def test_rerun_recomputes_only_missing_shards(ray_cluster, data, local, tmp_path
     summary = next(line for line in r.stdout.splitlines() if line.startswith("catfeat.extract:"))
     assert summary.startswith("catfeat.extract: 4 images processed; 2 skipped")  # shard 1 only
     assert f"resumed: {local.name}@8" in summary
+    # the JAX actors' builds go through the persistent compile cache and say so, as the local engine does
+    assert re.search(r"build [\d.]+s \(compile cache: (hit|miss|\d+ of \d+ hit)\)", summary), summary
     got = open_cache(out / f"gap_{local.name}.h5")
     assert got.attrs["backend"] == "jax"
     assert_same_cache(got, local, rtol=1e-4, atol=1e-5)

@@ -213,3 +213,54 @@ def test_decode_tasks_never_open_the_path_when_the_driver_reads(photos, tmp_path
                                                                           b"s3://bucket/cat.0.jpg"], dtype=object)})
     assert other["read_error"][0].startswith("file not found")  # the local engine's words
     assert other["shipped"].tolist() == [True, False] and other["read_error"][1] == ""  # a URL: read by the task
+
+
+def test_a_store_that_dies_stops_the_ray_run_with_one_error_and_the_rerun_completes(cluster, photos, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """A SeaweedFS of its own, killed once listed: one error, no image recorded as skipped for it;
+    restarted on the same data and ports, the same command gives the local engine's cache."""
+    s3fs = pytest.importorskip("s3fs")
+    from seaweedfs_server import run_seaweedfs, weed_binary
+
+    from catfeat.cli.extract import main as extract
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS's `weed` binary is not installed (catfeat[test])")
+    data, local = photos
+    server: list = []
+    with run_seaweedfs(tmp_path / "store", server=server) as store:
+        weed = server[0]
+        for k, v in store.env().items():
+            monkeypatch.setenv(k, v)  # the driver's; the engine passes them on to the Ray workers
+        for k, v in (("CATFEAT_READ_TRIES", "2"), ("CATFEAT_READ_WAIT", "0.01"), ("CATFEAT_STORE_DOWN_AFTER", "3")):
+            monkeypatch.setenv(k, v)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = store.fs()
+        fs.mkdir("catfeat-down")
+        for path in sorted(data.rglob("*.jpg")):
+            fs.pipe(f"catfeat-down/set/{path.relative_to(data).as_posix()}", path.read_bytes())
+        # the decode tasks read every image before the first model actor is built: the store dies once
+        # listed, as the Ray job starts
+        start = ray_engine.extract_with_ray
+
+        def kill_then_start(*args, **kwargs):
+            weed.kill()
+            return start(*args, **kwargs)
+
+        monkeypatch.setattr(ray_engine, "extract_with_ray", kill_then_start)
+        out = tmp_path / "out"
+        args = ["s3://catfeat-down/set/", "--models", MODEL, "--weights", "none", "--batch-size", "2", "--engine",
+                "ray", "--shards", str(SHARDS), "--features", str(out), "--no-progress"]
+        assert extract(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "stopped answering" in err[-1] and store.endpoint in err[-1] and "rerun the same command" in err[-1]
+        monkeypatch.setattr(ray_engine, "extract_with_ray", start)
+        weed.start()
+        s3fs.S3FileSystem.clear_instance_cache()
+        assert extract(args) == 0
+        got = open_cache(out / f"gap_{local.attrs['backbone']}.h5")
+        for split in ("train", "test"):
+            assert list(got.names(split)) == list(local.names(split))
+            np.testing.assert_allclose(got.features(split), local.features(split), rtol=1e-5, atol=0)
+        assert got.labels().tolist() == local.labels().tolist() and got.skipped() == local.skipped()
+    s3fs.S3FileSystem.clear_instance_cache()

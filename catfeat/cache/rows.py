@@ -105,7 +105,6 @@ class CacheRows:
         self.labels = None if labels is None else np.asarray(labels)
         self.split = split
         self.dtypes = dict(dtypes or {k: "float32" for k in paths})
-        self._sorted = {k: bool(np.all(np.diff(v) > 0)) for k, v in self.file_rows.items()}
 
     @classmethod
     def open(cls, models, features_dir="features", split: str = "train", join: str = "exact") -> "CacheRows":
@@ -231,7 +230,7 @@ class EpochBatches:
         self.buffer_rows = max(self.batch, buf // self.batch * self.batch)  # batches never straddle buffers
         self.shuffle = shuffle
         self.epoch = 0
-        self._buf_id, self._buf, self._order_epoch = None, None, None
+        self._buf_id, self._buf = None, None
         self._orders: dict[int, np.ndarray] = {}
         self._pending: dict = {}  # (epoch, buffer) -> Future: the next buffer is read while Keras trains
         self._pool = None

@@ -40,7 +40,7 @@ LOG = logging.getLogger("catfeat")
 FORMAT = "catfeat-gap/1"
 # What must be identical for a cache to stand for a request; anything else is informational.
 KEY_FIELDS = ("backbone", "weights", "input_size", "preprocessing", "precision", "tta", "decoder",
-              "images_fingerprint", "dtype", "on_damaged")
+              "images_fingerprint", "dtype", "on_damaged", "dct_scaling")
 # The key field that says *which* images a cache holds; the others say *how* its features are made.
 # A cache whose how-fields match a request but whose images differ grows (catfeat.extraction.grow).
 IMAGE_FIELDS = ("images_fingerprint",)
@@ -51,7 +51,9 @@ GROWTH_COUNTS = ("kept", "added", "changed", "removed", "retried")
 # float16 halves disk and memory; features are always returned as float32.
 DTYPES = ("float32", "float16")
 # Key fields that caches of earlier versions lack, and the value those caches were built with.
-LEGACY_DEFAULTS = {"decoder": "pillow", "dtype": "float32", "on_damaged": "keep"}
+# dct_scaling (how a decoder that shrinks JPEGs in the DCT domain picks the scale,
+# catfeat.images.jpeg.DCT_SCALING) is only recorded, and compared, for such decoders.
+LEGACY_DEFAULTS = {"decoder": "pillow", "dtype": "float32", "on_damaged": "keep", "dct_scaling": "largest-size"}
 # The key fields that decide an image's feature values (the identity less the image list): a saved
 # head records them per backbone, so that `catfeat predict` computes the features the same way.
 RECIPE_FIELDS = ("weights", "input_size", "preprocessing", "precision", "tta", "decoder", "dtype")
@@ -60,6 +62,9 @@ _LISTS = {"skipped": ("skipped_names", "skipped_reasons", "skipped_index"),
           "damaged": ("damaged_names", "damaged_reasons", "damaged_index")}
 # What must agree for caches to be fused row by row (empty or missing: unknown, not compared).
 SOURCE_FIELDS = ("images_fingerprint", "data_root", "classes", "layout")
+# Rows copied per step when caches are merged (Ray parts, a growth's kept and computed rows), so
+# memory stays flat for any size.
+MERGE_ROWS = 4096
 # Free space kept in hand beyond a write's own rows, for HDF5 metadata (see FeatureWriter._check_space).
 SPACE_MARGIN = 256 << 10
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -158,10 +163,12 @@ def import_h5py():
 
 
 def cache_path(out_dir: str | os.PathLike, backbone_name: str) -> Path:
+    """``OUT/gap_<backbone>.h5``: where the cache of a backbone (its full registry name) lives."""
     return Path(out_dir) / f"gap_{backbone_name}.h5"
 
 
 def partial_path(path: Path) -> Path:
+    """``<path>.partial``: the unfinished cache that is renamed to ``path`` when complete."""
     return path.with_name(path.name + ".partial")
 
 
@@ -213,16 +220,12 @@ def check_unfinished(partials: Sequence[Path], attrs: dict, force: bool, log: Ca
 
 def decode_strings(values) -> list[str]:
     """HDF5 string values as ``str`` (bytes decoded as UTF-8, undecodable bytes kept as surrogates)."""
-    return _decode(values)
-
-
-def _decode(values) -> list[str]:
     return [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in values]
 
 
 def _encode(values: Sequence[str]) -> np.ndarray:
     """Strings as UTF-8 bytes for an HDF5 string dataset; a file name that is not valid UTF-8 (read
-    by Python with surrogate escapes) keeps its raw bytes, so ``_decode`` gives back the same name."""
+    by Python with surrogate escapes) keeps its raw bytes, so ``decode_strings`` gives back the same name."""
     return np.array([str(v).encode("utf-8", "surrogateescape") for v in values], dtype=object)
 
 
@@ -382,7 +385,7 @@ class FeatureWriter:
                     return f"dataset {ds} shorter than its rows_written marker"
                 f[ds].resize(size, axis=0)  # drop rows written after the last marker
             for ds, want in (("train_names", want_train), ("test_names", want_test)):
-                if want and _decode(f[ds][-1:])[0] != want[-1]:
+                if want and decode_strings(f[ds][-1:])[0] != want[-1]:
                     f.close()
                     return f"{ds} do not match the image list"
             f.flush()
@@ -690,14 +693,16 @@ class FeatureCache:
             data = ds[()]
         if name in ("train", "test") and data.dtype != np.float32:
             data = data.astype(np.float32)  # float16 caches load as float32
-        return np.asarray(_decode(data), dtype=object) if name.endswith(("names", "reasons")) else data
+        return np.asarray(decode_strings(data), dtype=object) if name.endswith(("names", "reasons")) else data
 
     @property
     def name(self) -> str:
+        """The backbone's full registry name (attribute ``backbone``)."""
         return str(self.attrs.get("backbone"))
 
     @property
     def classes(self) -> list[str]:
+        """The class names, label k's at index k (attribute ``classes``, JSON)."""
         return json.loads(self.attrs.get("classes", "[]"))
 
     def known_classes(self) -> list[str] | None:
@@ -709,9 +714,11 @@ class FeatureCache:
         return [str(c) for c in names] if isinstance(names, list) and names else None
 
     def features(self, split: str = "train") -> np.ndarray:
+        """The (n, D) float32 features of ``split`` ("train" or "test"), read now."""
         return self._read(split)
 
     def names(self, split: str = "train") -> np.ndarray:
+        """The image names of the rows of ``split``, in row order."""
         return self._read(f"{split}_names")
 
     def labels(self) -> np.ndarray:
@@ -735,6 +742,7 @@ class FeatureCache:
         return y.astype(np.int64)
 
     def skipped(self) -> list[dict]:
+        """Images that could not be decoded (no row): [{path, reason}]."""
         return [{"path": p, "reason": r} for p, r in zip(self._read("skipped_names"), self._read("skipped_reasons"))]
 
     def damaged(self) -> list[dict]:

@@ -172,8 +172,8 @@ def add_head_flags(p: argparse.ArgumentParser, preset_help: str) -> None:
     """The head's hyper-parameters, as fit and compare take them: ``--preset``, ``--epochs``,
     ``--batch-size``, ``--learning-rate``, ``--dropout``, ``--weight-decay`` (read by :func:`head_from_args`)."""
     p.add_argument("--preset", default="default", choices=["default", "reference"], help=preset_help)
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: from the preset)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: from the preset)")
+    p.add_argument("--epochs", type=int_in(1), default=None, help="epochs (default: from the preset)")
+    p.add_argument("--batch-size", type=int_in(1), default=None, help="batch size (default: from the preset)")
     p.add_argument("--learning-rate", type=finite_float, default=None,
                    help="Adam learning rate (default: from the preset)")
     p.add_argument("--dropout", type=finite_float, default=None, help="dropout rate (default: from the preset)")

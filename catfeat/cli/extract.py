@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=None,
                    help=f"images per model call, 1 to {MAX_BATCH:,}; never more than the images (default: 32 on a "
                    "CPU, 128 on a GPU)")
-    p.add_argument("--limit", type=int, default=None, help="use at most N images per split (class-balanced)")
+    p.add_argument("--limit", type=int_in(1), default=None, help="use at most N images per split (class-balanced)")
     p.add_argument("--force", action="store_true", help="rebuild caches that were built differently (another "
                    "recipe: weights, precision, TTA, decoder, dtype...); also rebuilds from scratch a cache whose "
                    "images changed, which otherwise grows")
@@ -51,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode on threads or on worker processes (free of Python's interpreter lock: many-core "
                    "GPU hosts); auto: processes from 8 cores and 2,048 images on (default: %(default)s)")
     p.add_argument("--decoder", default="auto", choices=["auto", "nvimgcodec", "opencv", "pillow"],
-                   help="auto: nvImageCodec (JPEGs decoded on the GPU) when Keras runs on a GPU and catfeat[gpu] is "
-                   "installed, else OpenCV (fast) where installed, else Pillow; nvimgcodec also runs on a CPU (its "
-                   "CPU backend); recorded in the cache (default: %(default)s)")
+                   help="auto: OpenCV (fast) where installed, else Pillow; nvimgcodec: JPEGs decoded in batches by "
+                   "nvImageCodec (catfeat[gpu]; on the GPU where there is one, else its CPU backend: not faster "
+                   "yet, see README); recorded in the cache (default: %(default)s)")
     p.add_argument("--skip-damaged", action="store_true",
                    help="skip JPEGs that decode with corrupt data (truncated, the rest gray) instead of keeping "
                    "them and listing them as damaged; recorded in the cache")
@@ -72,13 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--address", default=None, help="Ray cluster address: auto, ray://HOST:10001 "
                      "(default: start a local Ray)")
     ray.add_argument("--num-gpus-per-worker", type=float, default=0, help="GPUs per model actor (default: 0)")
-    ray.add_argument("--shards", type=int, default=None, help="number of shards, the unit of retry "
+    ray.add_argument("--shards", type=int_in(1), default=None, help="number of shards, the unit of retry "
                      "(default: about 1,000 images each)")
     ray.add_argument("--read-on", default="auto", choices=["auto", "workers", "driver"],
                      help="who opens the image files: workers (the folder mounted at the same path on every "
                      "node), driver (its node reads, the bytes go to the workers: no shared filesystem); auto: "
                      "workers on one node, driver on a cluster (default: auto)")
-    ray.add_argument("--shard-retries", type=int, default=2, help="times the images of unfinished shards "
+    ray.add_argument("--shard-retries", type=int_in(0), default=2, help="times the images of unfinished shards "
                      "that Ray lost (a node gone) are submitted again within the run (default: %(default)s)")
     return p
 

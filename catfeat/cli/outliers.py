@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from catfeat.cli.common import add_output_flags, run_cli
+from catfeat.cli.common import add_output_flags, int_in, run_cli
 from catfeat.outliers import find_outliers, save_contact_sheet
 
 
@@ -16,13 +16,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "backbone's classifier) hold no cat or dog class, voting across backbones.")
     p.add_argument("--features", default="features", help="folder of gap_<Model>.h5 caches (default: %(default)s)")
     p.add_argument("--models", default=None, help="comma-separated backbones (default: every complete cache)")
-    p.add_argument("--top", type=int, default=30, help="an image is an animal for a backbone when a cat or dog "
+    p.add_argument("--top", type=int_in(1, 1000), default=30, help="an image is an animal for a backbone when a cat or dog "
                    "class is among its top N (default: %(default)s)")
-    p.add_argument("--min-votes", type=int, default=None, help="votes needed to flag (default: a majority)")
+    p.add_argument("--min-votes", type=int_in(1), default=None, help="votes needed to flag (default: a majority)")
     p.add_argument("--weights", default=None, help="weights of the classifier (default: those of the cache)")
     p.add_argument("--out", default="outliers.csv", help="ranked CSV of every image (default: %(default)s)")
     p.add_argument("--sheet", default=None, metavar="PNG", help="contact sheet of the flagged images")
-    p.add_argument("--show", type=int, default=20, help="flagged rows to print (default: %(default)s)")
+    p.add_argument("--show", type=int_in(0), default=20, help="flagged rows to print (default: %(default)s)")
     p.add_argument("--allow-random-weights", action="store_true", help="run even when the caches (or --weights) "
                    "are random weights (weights none): their ImageNet classes mean nothing")
     add_output_flags(p, "print every flagged row, not only --show of them")

@@ -6,7 +6,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from catfeat.cli.common import add_alias, add_output_flags, run_cli
+from catfeat.cli.common import add_alias, add_output_flags, int_in, run_cli
 from catfeat.predict import UnrecordedFeaturesWarning, build_predictor, check_new, expand_images, export, predict_images
 
 
@@ -14,12 +14,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of `catfeat predict`."""
     p = argparse.ArgumentParser(prog="catfeat predict",
                                 description="Predict image files with a saved fused head and its backbones.")
-    p.add_argument("images", nargs="*", help="image files (or folders: every image in them)")
+    p.add_argument("images", nargs="*", help="image files or URLs (s3://, gs://, file://), folders or folder URLs "
+                   "(every image in them), CSV/Parquet manifests (column image)")
     p.add_argument("--head", required=True, help="folder of a saved head (head.json + head.keras)")
     p.add_argument("--features", default="features", help="feature caches, read for the backbones' weights when "
                    "the head folder has no weights.json (default: %(default)s)")
     p.add_argument("--weights", default=None, help="imagenet | none | PATH for every backbone (default: recorded)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per call (default: %(default)s)")
+    p.add_argument("--batch-size", type=int_in(1), default=16, help="images per call (default: %(default)s)")
     p.add_argument("--out", default=None, metavar="CSV", help="write the predictions here instead of printing them")
     add_alias(p, "--csv", "out")
     p.add_argument("--export", default=None, metavar="PATH", help="save the end-to-end model: PATH.keras, or a "

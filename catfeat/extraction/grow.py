@@ -1,9 +1,9 @@
 """Caches that grow: a rerun on a changed image set keeps the rows of unchanged files.
 
 A cache's identity has two parts (:mod:`catfeat.cache.store`): *how* its features are made
-(``HOW_FIELDS``: backbone, weights, preprocessing, precision, TTA, decoder, dtype, on_damaged), which
-must match the request, and *which* images (``IMAGE_FIELDS``), which may change. Every feature row
-records the change stamp of its file (``train_stamps``, ``test_stamps``). A rerun lists the images
+(``HOW_FIELDS``: backbone, weights, preprocessing, precision, TTA, decoder, dtype, on_damaged, DCT
+scaling), which must match the request, and *which* images (``IMAGE_FIELDS``), which may change.
+Every feature row records the change stamp of its file (``train_stamps``, ``test_stamps``). A rerun lists the images
 again and sorts each image of the new listing into:
 
 * kept: the cache holds a feature row of the same name and stamp. Its features (bit for bit) and
@@ -30,12 +30,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from catfeat.cache.store import (
-    FeatureWriter, decode_strings, differences, import_h5py, open_cache, partial_attrs, partial_path,
+    MERGE_ROWS, FeatureWriter, decode_strings, differences, import_h5py, open_cache, partial_attrs, partial_path,
     remove_planted_link)
 from catfeat.images.listing import ImageSet
 
 GROW_DIR = ".grow"  # OUT/.grow/gap_<Model>.h5: the computed images of a growth, until merged
-MERGE_ROWS = 4096  # positions merged per step, so memory stays flat for any cache size
 _SPLITS = ("train", "test")
 
 
@@ -46,7 +45,8 @@ class Growth:
     ``old_split[i]`` is 0 (train) or 1 (test) where position ``i`` is kept from row ``old_row[i]`` of
     that split of the old cache, -1 where it is computed; ``compute`` lists the computed positions in
     order; ``damaged`` holds the damaged reason of kept rows by name; ``counts`` the images per kind
-    (``store.GROWTH_COUNTS``) and ``relabelled`` the kept rows whose label or split changed.
+    (``store.GROWTH_COUNTS``), ``relabelled`` the kept rows whose label or split changed, and
+    ``old_classes`` the class names the old cache records (None when it records none).
     """
 
     old_split: np.ndarray
@@ -56,6 +56,7 @@ class Growth:
     damaged: dict[str, str] = field(default_factory=dict)
     relabelled: int = 0
     note: str = ""  # why nothing could be kept, when so
+    old_classes: list[str] | None = None
 
 
 def delta_path(cache: Path) -> Path:
@@ -77,8 +78,8 @@ def plan_growth(cache: Path, images: ImageSet, stamps: Sequence[str]) -> Growth:
     """Sort the images of ``images`` (with their ``stamps``) into kept and computed against the
     complete cache at ``cache`` (already validated by ``open_cache``)."""
     h5py = import_h5py()
-    held = open_cache(cache)
-    old_classes = held.known_classes() or []
+    known = open_cache(cache).known_classes()
+    old_classes = known or []
     with h5py.File(cache, "r") as f:
         rows: dict[str, tuple[int, int, str | None, str]] = {}  # name -> (split, row, stamp, old class/split)
         note = ""
@@ -119,7 +120,7 @@ def plan_growth(cache: Path, images: ImageSet, stamps: Sequence[str]) -> Growth:
         counts["changed" if old is not None else "retried" if name in skipped else "added"] += 1
     listed = set(images.names)
     counts["removed"] = sum(1 for name in rows if name not in listed) + len(skipped - listed)
-    return Growth(old_split, old_row, compute, counts, kept_damage, relabelled, note)
+    return Growth(old_split, old_row, compute, counts, kept_damage, relabelled, note, known)
 
 
 def delta_is_done(path: Path, attrs: dict, n_images: int) -> bool:

@@ -21,6 +21,9 @@ Within a run, Ray retries a failed task, restarts a killed model actor and rebui
 their lineage; when it gives up on lost work (a node gone: :func:`lost_work`), the engine submits the
 images of the unfinished shards it has not received again, in a new job (``retries`` times). Rows are
 keyed by position, so a batch delivered twice is written once and a missing one is never papered over.
+A store that stops answering (images read by URL, ``CATFEAT_STORE_DOWN_AFTER`` in a row of a shard
+unreachable: :class:`~catfeat.images.sources.OutageWatch`) stops the run with one error, none of those
+images recorded as skipped; the shards' rows written so far are kept for the rerun.
 Parts live in ``OUT/.parts/<backbone>/<request key>/shard-00003.h5`` and are deleted once the final cache
 is in place. Features stream back to the driver, which alone writes files, so OUT only needs to exist
 where the command runs; catfeat (same Keras backend) must be installed on every node.
@@ -43,13 +46,15 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from catfeat.models import compile_cache
 from catfeat.models.registry import BackboneSpec
 from catfeat.models.weights import Weights
 from catfeat.images.listing import ByteBudget, ImageSet
+from catfeat.images.sources import OutageWatch
 from catfeat.images.unit import decode_timed, unit_decode
 from catfeat.extraction.stages import ModelRunner, progress_bar, report_damaged, report_skip
 from catfeat.cache.store import (
-    KEY_FIELDS, CacheError, FeatureWriter, check_unfinished, decode_strings, differences, open_cache,
+    KEY_FIELDS, MERGE_ROWS, CacheError, FeatureWriter, check_unfinished, decode_strings, differences, open_cache,
     remove_planted_link)
 
 
@@ -60,7 +65,6 @@ class EngineUnavailableError(RuntimeError):
 INSTALL_HINT = 'pip install "catfeat[ray]"'
 SHARD_IMAGES = 1000  # default shard: seconds of one GPU, small enough to redo, few enough files
 PARTS_DIR = ".parts"
-MERGE_ROWS = 4096  # rows copied per step when merging, so memory stays flat for any shard size
 PART_NAME = re.compile(r"shard-\d{5}\.h5(\.partial)?")  # the only files catfeat writes under .parts
 # Full-size pixels one decode task may hold (its byte budget), part of the memory it declares to Ray.
 DECODE_TASK_BYTES = 64 << 20
@@ -69,6 +73,7 @@ DECODE_TASK_BYTES = 64 << 20
 # job's runtime environment: on a shared cluster, give the nodes their own credentials instead.
 STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
              "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED",
+             "STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT",
              "CATFEAT_READ_TRIES", "CATFEAT_READ_WAIT")
 RETRIES = 2  # times, within one run, the images Ray lost past its own retries are submitted again
 READS = ("auto", "workers", "driver")  # who opens the image files (see _reads_on)
@@ -376,19 +381,26 @@ class FeatureActor:
                                f"{backend!r}; install that backend on every node")
         self.specs = [spec for spec, _, _ in jobs]
         # each Forward compiles here (no batch run to compile it), as in the local engine
-        self.runner = ModelRunner({spec.name: (spec.input_size, Forward(spec, weights, seed, precision, batch_size, tta))
-                                   for spec, precision, tta in jobs})
-        # reported once, with this actor's first batch: how long it built, and when it was ready
+        with compile_cache.CacheCounter() as compiled:  # JAX's persistent compile cache on this worker's node
+            self.runner = ModelRunner({spec.name: (spec.input_size, Forward(spec, weights, seed, precision,
+                                                                            batch_size, tta))
+                                       for spec, precision, tta in jobs})
+        # reported once, with this actor's first batch: how long it built, when it was ready, and
+        # its compile-cache lookups and hits
         self.build_seconds, self.ready_at = time.perf_counter() - t, time.time()
+        self.compiled = (compiled.requests, compiled.hits)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], bool)
         n = len(ok)
         out = {k: batch[k] for k in ("pos", "ok", "reason", "decode_s")}
         out["build_s"], out["ready_at"] = np.zeros(n), np.zeros(n)
+        out["compile_requests"], out["compile_hits"] = np.zeros(n, np.int64), np.zeros(n, np.int64)
         if n:
             out["build_s"][0], out["ready_at"][0] = self.build_seconds, self.ready_at
+            out["compile_requests"][0], out["compile_hits"][0] = self.compiled
             self.build_seconds = self.ready_at = 0.0
+            self.compiled = (0, 0)
         self.runner.seconds = {}
         feats = self.runner({s: np.ascontiguousarray(batch[f"img{s}"][ok]) for s in {sp.input_size for sp in self.specs}})
         for spec in self.specs:
@@ -415,12 +427,17 @@ class PartSink:
         self.writers: dict[tuple[str, int], FeatureWriter] = {}
         self.specs = specs
         self.started_at = started_at  # time.time() when the run began: actors report readiness in it
+        self._paths: list | None = None
+        self.compiled = [0, 0]  # JAX compile-cache lookups and hits of every actor's build
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         secs = self.report.seconds
         secs["decode"] = secs.get("decode", 0.0) + float(np.sum(batch["decode_s"]))
         # actors build side by side: the slowest build is the run's build stage, as in the local engine
         secs["build"] = max(secs.get("build", 0.0), float(np.max(batch["build_s"], initial=0.0)))
+        self.compiled[0] += int(np.sum(batch["compile_requests"]))
+        self.compiled[1] += int(np.sum(batch["compile_hits"]))
+        self.report.compile_cache = compile_cache.verdict(*self.compiled)  # as the local engine reports its build
         ready = batch["ready_at"][batch["ready_at"] > 0]
         if len(ready) and "startup" not in secs:  # Ray up, first actor built: the run's fixed cost
             secs["startup"] = min(max(0.0, float(ready.min()) - self.started_at), time.time() - self.started_at)
@@ -445,9 +462,18 @@ class PartSink:
 
     def _flush(self, shard: Shard) -> None:
         rows, start = self.rows[shard.index], self.next[shard.index]
-        run = []
-        while start + len(run) in rows:
-            run.append(rows.pop(start + len(run)))
+        n = 0
+        while start + n in rows:
+            n += 1
+        # a store that stopped answering (images in a row unreachable) ends the run with one error; a
+        # run of such images at the end of what came is held until a later image shows the store answers
+        watch = OutageWatch()
+        for p in range(start, start + n):
+            ok, why, _ = rows[p]
+            watch.see(self._location(p), None if ok else why)
+        if start + n < shard.end:
+            n -= watch.open
+        run = [rows.pop(start + j) for j in range(n)]
         if not run:
             return
         ok = np.array([r[0] for r in run], bool)
@@ -479,6 +505,12 @@ class PartSink:
 
     def missing(self) -> int:
         return sum(s.end - self.next[s.index] for s in self.shards)
+
+    def _location(self, position: int):
+        """What the image at ``position`` is read from (for the message of a store that went down)."""
+        if self._paths is None:
+            self._paths = self.images.paths()
+        return self._paths[position]
 
     def shard_of(self, position: int) -> Shard:
         return self.shards[bisect.bisect_right(self.starts, position) - 1]
@@ -613,7 +645,6 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
     ``precision`` is taken from the attrs, already resolved, so "mixed" means the same on every worker.
     """
     images, specs, attrs_by_name, paths_by_name = plan.images, plan.specs, plan.attrs, plan.paths
-    plan_in = plan  # ``plan`` names the shards below
     weights, seed, batch_size, progress, decoder = plan.weights, plan.seed, plan.batch_size, plan.progress, plan.decoder
     force, log = plan.force, plan.log
     ray = _import_ray()
@@ -630,21 +661,21 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
         weights = Weights("file", path=weights.path.resolve())  # workers do not share the driver's folder
     secs = report.seconds
     t = time.perf_counter()
-    plan = plan_shards(len(images), shards)
+    all_shards = plan_shards(len(images), shards)
     specs = list(specs)
-    folders = {sp.name: parts_dir(paths_by_name[sp.name], attrs_by_name[sp.name], len(images), len(plan))
+    folders = {sp.name: parts_dir(paths_by_name[sp.name], attrs_by_name[sp.name], len(images), len(all_shards))
                for sp in specs}
     part_attrs = {(sp.name, sh.index): {**attrs_by_name[sp.name], "shard_index": sh.index,
-                                        "shard_start": sh.start, "shard_end": sh.end, "n_shards": len(plan)}
-                  for sp in specs for sh in plan}
+                                        "shard_start": sh.start, "shard_end": sh.end, "n_shards": len(all_shards)}
+                  for sp in specs for sh in all_shards}
     need: dict[int, list[BackboneSpec]] = {}
     out = Path(paths_by_name[specs[0].name]).parent
     for sp in specs:
         make_parts_dir(folders[sp.name].parent, out)  # OUT/.parts/<backbone>: planted links removed
-        check_other_requests(folders[sp.name], attrs_by_name[sp.name], len(plan), force, log)
+        check_other_requests(folders[sp.name], attrs_by_name[sp.name], len(all_shards), force, log)
         make_parts_dir(folders[sp.name], out)
         done = 0
-        for sh in plan:
+        for sh in all_shards:
             remove_planted_link(part_file(folders[sp.name], sh))
             if part_is_done(part_file(folders[sp.name], sh), part_attrs[(sp.name, sh.index)], sh):
                 done += len(sh)
@@ -655,17 +686,17 @@ def extract_with_ray(plan, report, *, address: str | None = None, num_gpus_per_w
     secs["plan"] = time.perf_counter() - t
 
     if need:
-        todo = [sh for sh in plan if sh.index in need]
+        todo = [sh for sh in all_shards if sh.index in need]
         busy = [sp for sp in specs if any(sp in v for v in need.values())]
         _run(ray, images, busy, todo, need, part_attrs, folders, weights=weights, seed=seed,
              batch_size=batch_size, report=report, progress=progress, address=address,
-             num_gpus_per_worker=num_gpus_per_worker, decoder=decoder, skip_damaged=plan_in.skip_damaged,
+             num_gpus_per_worker=num_gpus_per_worker, decoder=decoder, skip_damaged=plan.skip_damaged,
              reads=reads, retries=retries, log=log)
 
     t = time.perf_counter()
     for sp in specs:
         merge_parts(paths_by_name[sp.name], attrs_by_name[sp.name], images, sp.feature_dim,
-                    [(sh, part_file(folders[sp.name], sh)) for sh in plan], stamps=plan_in.stamps)
+                    [(sh, part_file(folders[sp.name], sh)) for sh in all_shards], stamps=plan.stamps)
         # the cache now holds everything; parts of this and of any abandoned request are obsolete
         remove_parts(folders[sp.name].parent)
     secs["merge"] = time.perf_counter() - t

@@ -22,7 +22,7 @@ from catfeat import __version__
 from catfeat.models.registry import BackboneSpec, parse_models
 from catfeat.models.weights import Weights, weights_identity
 from catfeat.images.listing import ImageSet, list_images, shown
-from catfeat.images.reader import READERS, choose_reader, iter_batches, reader_workers
+from catfeat.images.reader import READERS, choose_reader, hold_through_outages, iter_batches, reader_workers
 from catfeat.cache.store import (
     HOW_FIELDS, CacheError, FeatureWriter, StaleCacheError, check_unfinished, remove_planted_link, cache_path,
     differences, growth_text, open_cache, partial_attrs, partial_path, removed_during_run)
@@ -76,6 +76,8 @@ class ExtractionReport:
         return f"{self.backend} on {self.device}, {self.precision}, {self.decoder} decoder{on}"
 
     def summary(self) -> str:
+        """The one line the CLI prints at the end: counts, seconds and pace, what was reused, resumed or
+        grown, and the seconds per stage (the build's with its compile-cache verdict)."""
         total = self.seconds.get("total", 0.0)
         parts = [f"{self.processed} images processed", f"{len(self.skipped)} skipped",
                  f"{len(self.damaged)} decoded with corrupt data" if self.damaged else "",
@@ -179,16 +181,19 @@ def cache_attrs(spec: BackboneSpec, weights, seed: int, precision: str, images: 
                 skip_damaged: bool = False) -> dict:
     """The attributes that identify a cache (see store.KEY_FIELDS) plus provenance. ``on_damaged``
     ("keep" or "skip": what happened to images decoded with corrupt data) decides which rows exist,
-    so it is part of the identity."""
+    and ``dct_scaling`` (decoders that shrink JPEGs in the DCT domain) their pixels, so both are part
+    of the identity."""
     from catfeat.models.forward import backend_name, resolve_precision
 
     return {
         "backbone": spec.name, "weights": weights_identity(weights, seed), "input_size": spec.input_size,
         "preprocessing": spec.preprocessing, "precision": resolve_precision(precision), "tta": tta,
-        "images_fingerprint": fingerprint, "dtype": dtype, "on_damaged": "skip" if skip_damaged else "keep", "feature_dim": spec.feature_dim, "backend": backend_name(),
+        "images_fingerprint": fingerprint, "dtype": dtype, "on_damaged": "skip" if skip_damaged else "keep",
+        "feature_dim": spec.feature_dim, "backend": backend_name(),
         "catfeat_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "classes": json.dumps(images.classes), "layout": images.layout, "data_root": images.data_root(),
         **({"decoder": decoder.name, "decoder_version": decoder.version()} if decoder is not None else {}),
+        **({"dct_scaling": decoder.dct_scaling} if decoder is not None and decoder.dct_scaling else {}),
     }
 
 
@@ -373,7 +378,7 @@ def _grow(plan: ExtractionPlan, report: ExtractionReport, stack: ExitStack, engi
         groups.setdefault(tuple(growths[s.name].compute), []).append(s)
         if growths[s.name].note:
             plan.log(f"catfeat: {growths[s.name].note}")
-        was = open_cache(plan.paths[s.name]).known_classes()
+        was = growths[s.name].old_classes
         if was is not None and was != list(images.classes):
             # Label indices follow the sorted class names: kept rows take the new listing's labels,
             # i.e. they are re-mapped by class name, as a full rebuild would label them.
@@ -459,9 +464,10 @@ def _local_engine(plan: ExtractionPlan, report: ExtractionReport, stack: ExitSta
         report.workers = plan.workers or reader_workers(on_accelerator())
         # on a thread of its own, started before the build: worker start-up and the first decodes
         # overlap the compilation, and the reader's per-batch work stays off the dispatching thread
-        batches = InBackground(iter_batches(images.paths(), sizes, plan.batch_size, start=start,
-                                            workers=report.workers, decode=plan.decode_fn(), reader=report.reader,
-                                            lend=lend))
+        paths = images.paths()
+        batches = InBackground(hold_through_outages(
+            iter_batches(paths, sizes, plan.batch_size, start=start, workers=report.workers,
+                         decode=plan.decode_fn(), reader=report.reader, lend=lend), paths))
     t = time.perf_counter()
     try:
         with CacheCounter() as compiled:  # each Forward builds and compiles its backbone, running no batch

@@ -285,7 +285,8 @@ def run_stages(batches: Iterator[Decoded], runner: ModelRunner, write: Callable[
     written, and its number of images (see :func:`steady_state`).
 
     A batch with ``release`` (pixels lent by the reader) is released as soon as its copies to the
-    device are complete, before this thread takes the next batch.
+    device are complete, before this thread takes the next batch. When the reader raises (a store
+    that stopped answering), the batches it gave before are still written, then its error is raised.
     """
     seconds = {} if seconds is None else seconds
     runner.seconds = seconds
@@ -307,7 +308,11 @@ def run_stages(batches: Iterator[Decoded], runner: ModelRunner, write: Callable[
     try:
         while True:
             t = time.perf_counter()
-            batch = next(batches, None)
+            try:
+                batch = next(batches, None)
+            except Exception:  # the reader failed (a store down): what it gave before is written, then it is raised
+                ok = True
+                raise
             got = time.perf_counter()
             seconds["wait"] += got - t
             if batch is None:

@@ -77,15 +77,16 @@ def _sample(xp, x, ranges, axis: int, boxed: bool):
 def resize_canvas(xp, canvas, heights, widths, factors, flips, sizes: Sequence[int], boxed: bool = True):
     """``{size: (n, size, size, 3) uint8}`` from ``canvas`` (n, C, C, 3) uint8 holding image i in
     ``[:heights[i], :widths[i]]``. ``factors``: the
-    box reduction of each image (1, 2, 4 or 8; all 1 unless ``boxed``); ``flips``: :func:`turns` of
-    its orientation."""
+    box reduction of each image (1, 2, 4 or 8; all 1 unless ``boxed``), (n,) for every size or
+    (n, len(sizes)) per size; ``flips``: :func:`turns` of its orientation."""
     canvas = xp.asarray(canvas)
     h, w, f = (xp.asarray(v, dtype=xp.int32) for v in (heights, widths, factors))
     flips = xp.asarray(flips)
     fy, fx, tr = flips[:, 0], flips[:, 1], flips[:, 2]
     out = {}
-    for s in sizes:
-        rows, cols = _axis(xp, h, f, s, fy), _axis(xp, w, f, s, fx)  # stored axes; transposed at the end
+    for k, s in enumerate(sizes):
+        fk = f[:, k] if f.ndim == 2 else f
+        rows, cols = _axis(xp, h, fk, s, fy), _axis(xp, w, fk, s, fx)  # stored axes; transposed at the end
         acc = None
         for band, wy in _sample(xp, canvas, rows, 1, boxed):  # (n, s, C, 3): the sampled rows
             for box, wx in _sample(xp, band, cols, 2, boxed):  # (n, s, s, 3)

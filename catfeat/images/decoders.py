@@ -4,10 +4,11 @@ One table maps a decoder name to how it decodes; the name is recorded in each ca
 ``decoder``), so that features made by different decoders are never mixed:
 
 * ``opencv``: JPEGs are decoded by OpenCV (libjpeg-turbo), shrunk in the DCT domain by 2, 4 or 8
-  when the photo is that many times larger than the largest input size, then resized bilinearly
-  (no anti-aliasing filter beyond that). Anything that is not a plain, complete RGB or grayscale
-  JPEG (PNG, GIF, CMYK, truncated files, ...) goes to the Pillow decoder, so odd files behave the
-  same under both. About 2.5x the Pillow decoder's speed per core on the Kaggle photos
+  when the photo is that many times larger than the input size (chosen per size: a second decode
+  when two sizes need different scales; :func:`catfeat.images.jpeg.reduction`, recorded in the cache
+  as ``dct_scaling``), then resized bilinearly (no anti-aliasing filter beyond that). Anything that
+  is not a plain, complete RGB or grayscale JPEG (PNG, GIF, CMYK, truncated files, ...) goes to the
+  Pillow decoder, so odd files behave the same under both. About 2.5x the Pillow decoder's speed per core on the Kaggle photos
   (``benchmarks/bench_feeder.py``).
 * ``pillow``: Pillow decode, EXIF rotation, whole image resized with Pillow's anti-aliased
   bilinear filter (the reference recipe's pixels).
@@ -19,8 +20,10 @@ One table maps a decoder name to how it decodes; the name is recorded in each ca
   decoder's path, so the skip and damage reasons are the same. Whole batches go through
   :func:`catfeat.images.reader.iter_batches_nvimgcodec`; ``decode`` here is one file at a time.
 
-``auto`` picks ``nvimgcodec`` where Keras runs on a GPU and nvImageCodec with nvJPEG is installed,
-else ``opencv`` where OpenCV is installed, else ``pillow``.
+``auto`` picks ``opencv`` where OpenCV is installed, else ``pillow``; never ``nvimgcodec``, which is
+asked for by name: on an H200 with 16 cores it fed 858 img/s (decode, resize to four sizes, on the
+device) against 713 img/s for OpenCV on threads and ~4,700-5,200 img/s for OpenCV on the process
+reader a real run uses (README, "GPU decoding").
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from catfeat.images.jpeg import complete_jpeg_bytes, orient, plain_jpeg, reduction
+from catfeat.images.jpeg import DCT_SCALING, complete_jpeg_bytes, orient, plain_jpeg, scale_groups
 from catfeat.images.listing import DecodeError, check_regular, jpeg_damage, read_rgb_checked, resize_all
 from catfeat.images.sources import Blob
 
@@ -106,16 +109,19 @@ def _decode_opencv(path: str | os.PathLike, sizes: Sequence[int], skip_damaged: 
     if data is None:
         return _decode_pillow(path, sizes, skip_damaged)  # not plain, or truncated: Pillow's exact verdict
     cv2 = _cv2()
-    factor = reduction(head, sizes)
-    flag = (getattr(cv2, f"IMREAD_REDUCED_COLOR_{factor}") if factor > 1 else cv2.IMREAD_COLOR) \
-        | cv2.IMREAD_IGNORE_ORIENTATION  # BGR; turned below, as Pillow turns it
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-    if arr is None or arr.ndim != 3 or arr.shape[2] != 3:
-        return _decode_pillow(path, sizes, skip_damaged)
-    damaged = jpeg_damage(data, arr[-1, -1])
-    arr = orient(arr, head.orientation)
-    return _decoded({s: cv2.cvtColor(cv2.resize(arr, (s, s), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
-                     for s in sizes}, damaged, skip_damaged)
+    out, damaged = {}, None
+    for k, (factor, group) in enumerate(scale_groups(head, sizes).items()):
+        flag = (getattr(cv2, f"IMREAD_REDUCED_COLOR_{factor}") if factor > 1 else cv2.IMREAD_COLOR) \
+            | cv2.IMREAD_IGNORE_ORIENTATION  # BGR; turned below, as Pillow turns it
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+        if arr is None or arr.ndim != 3 or arr.shape[2] != 3:
+            return _decode_pillow(path, sizes, skip_damaged)
+        if k == 0:  # the decode of the largest size
+            damaged = jpeg_damage(data, arr[-1, -1])
+        arr = orient(arr, head.orientation)
+        out.update({s: cv2.cvtColor(cv2.resize(arr, (s, s), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
+                    for s in group})
+    return _decoded({s: out[s] for s in sizes}, damaged, skip_damaged)
 
 
 def _decode_nvimgcodec(path: str | os.PathLike, sizes: Sequence[int], skip_damaged: bool = False) -> Decoded:
@@ -126,7 +132,7 @@ def _decode_nvimgcodec(path: str | os.PathLike, sizes: Sequence[int], skip_damag
     if head is not None and canvas_for(head) is not None:
         data = complete_jpeg_bytes(path, head, read_bytes)  # a refusal here is the OpenCV path's, same words
         if data is not None:
-            images, kept = decode_jpegs([data], [head], [reduction(head, sizes)], sizes, 1, on_device=False)
+            images, kept = decode_jpegs([data], [head], sizes, 1, on_device=False)
             if kept:
                 return _decoded({s: np.asarray(images[s][0]) for s in sizes}, None, skip_damaged)
     return _decode_opencv(path, sizes, skip_damaged)
@@ -148,6 +154,7 @@ class Decoder:
     install: str  # what to tell a user who lacks ``module``
     batched: bool = False  # decodes whole batches (:func:`catfeat.images.reader.iter_batches_nvimgcodec`)
     version_of: Callable[[], str] | None = None  # how to read the version, where importing ``module`` is not it
+    dct_scaling: str | None = None  # how it picks a DCT scale (jpeg.DCT_SCALING), None: it decodes at full size
 
     def version(self) -> str:
         import importlib
@@ -158,10 +165,11 @@ class Decoder:
 
 
 DECODERS: dict[str, Decoder] = {
-    "opencv": Decoder("opencv", _decode_opencv, "cv2", "pip install opencv-python-headless, or pass --decoder pillow"),
+    "opencv": Decoder("opencv", _decode_opencv, "cv2", "pip install opencv-python-headless, or pass --decoder pillow",
+                      dct_scaling=DCT_SCALING),
     "pillow": Decoder("pillow", _decode_pillow, "PIL", "pip install pillow"),
     "nvimgcodec": Decoder("nvimgcodec", _decode_nvimgcodec, "nvidia.nvimgcodec", 'pip install "catfeat[gpu]"',
-                          batched=True, version_of=_nvimgcodec_version),
+                          batched=True, version_of=_nvimgcodec_version, dct_scaling=DCT_SCALING),
 }
 
 
@@ -174,24 +182,13 @@ def available(name: str) -> bool:
         return False
 
 
-def gpu_decoding() -> bool:
-    """Whether "auto" decodes on the GPU: Keras runs on one, and nvImageCodec can decode on it."""
-    if not available("nvimgcodec"):
-        return False
-    from catfeat.images.nvimgcodec_decoder import gpu_ready
-    from catfeat.models.forward import device_description
-
-    return gpu_ready() and device_description() != "cpu"  # the package check first: no Keras import
-
-
 def get_decoder(name: str = "auto") -> Decoder:
-    """The decoder called ``name``; ``auto``: nvImageCodec on a GPU (:func:`gpu_decoding`), else OpenCV
-    where installed, else Pillow."""
+    """The decoder called ``name``; ``auto``: OpenCV where installed, else Pillow."""
     if name == "auto":
         if not any(available(n) for n in ("opencv", "pillow")):  # catfeat installs both: likely another Python
             raise ValueError(f"no image decoder (OpenCV or Pillow) is installed in {sys.executable}; run catfeat "
                              "with the Python it was installed into, or pip install opencv-python-headless pillow")
-        name = "nvimgcodec" if gpu_decoding() else "opencv" if available("opencv") else "pillow"
+        name = "opencv" if available("opencv") else "pillow"
     if name not in DECODERS:
         raise ValueError(f"decoder must be auto or one of {', '.join(DECODERS)}, got {name!r}")
     if not available(name):
@@ -200,7 +197,7 @@ def get_decoder(name: str = "auto") -> Decoder:
     return DECODERS[name]
 
 
-__all__ = ["DECODERS", "Decoded", "Decoder", "DecodeError", "get_decoder", "available", "gpu_decoding"]
+__all__ = ["DECODERS", "Decoded", "Decoder", "DecodeError", "get_decoder", "available"]
 
 
 def decode_image(path: str | os.PathLike, sizes: Sequence[int], decoder: str = "auto",

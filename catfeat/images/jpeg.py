@@ -17,6 +17,11 @@ from catfeat.images.listing import MAX_PIXELS, check_file_size, check_jpeg_scans
 
 # libjpeg-turbo scales by 1/2, 1/4, 1/8 while decoding (the DCT domain), far cheaper than a resize.
 REDUCTIONS = (8, 4, 2)
+# How the DCT scale is chosen, recorded in the caches of the decoders that use it (attribute
+# "dct_scaling", a key field): for each input size on its own (:func:`reduction`). Before, it was
+# chosen against the largest size decoded in the same run ("largest-size"), so an image's 224-pixel
+# input depended on whether a 299-pixel backbone ran beside it.
+DCT_SCALING = "per-size"
 
 
 @dataclass(frozen=True)
@@ -54,13 +59,24 @@ def complete_jpeg_bytes(path: str | os.PathLike, head: JpegHeader, read) -> byte
     return data
 
 
-def reduction(head: JpegHeader, sizes: Sequence[int]) -> int:
-    """The DCT-domain scale the OpenCV decoder decodes at: 8, 4 or 2 when the photo is that many times
-    larger than the largest input size, else 1."""
+def reduction(head: JpegHeader, size: int) -> int:
+    """The DCT-domain scale a photo is decoded at for the input size ``size``: 8, 4 or 2 when the photo
+    is that many times larger, else 1. Chosen for each size on its own (:data:`DCT_SCALING`), never
+    from the other sizes decoded with it, so that an image's pixels at a size are the same whichever
+    backbones run beside it (extraction, a growth, predict)."""
     for factor in REDUCTIONS:
-        if min(head.width, head.height) >= factor * max(sizes):
+        if min(head.width, head.height) >= factor * size:
             return factor
     return 1
+
+
+def scale_groups(head: JpegHeader, sizes: Sequence[int]) -> dict[int, list[int]]:
+    """``{DCT scale: [sizes decoded at it]}`` (:func:`reduction`), the scale of the largest size first:
+    one decode per distinct scale, usually a single one."""
+    groups: dict[int, list[int]] = {}
+    for s in sorted(set(int(s) for s in sizes), reverse=True):
+        groups.setdefault(reduction(head, s), []).append(s)
+    return groups
 
 
 # Orientation -> (flip rows, flip columns, then transpose) of the stored image, as

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from catfeat.images.manifest import MANIFEST_SUFFIXES, is_manifest, locate, read_manifest
-from catfeat.images.sources import Blob, is_url, join_url, list_folder, openable, stamps_of
+from catfeat.images.sources import Blob, is_url, join_url, list_folder, listed_url, openable, stamps_of
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Pillow's own bomb limit warns at 89 Mpx; a photo data set never needs more than this.
@@ -71,11 +71,13 @@ class ImageSet:
         return len(self.names)
 
     def paths(self) -> list:
-        """What to read for each image: a local Path, or a URL (str) read by :func:`catfeat.images.sources.fetch`."""
+        """What to read for each image: a local Path, or a URL (str) read by :func:`catfeat.images.sources.fetch`;
+        a URL with its size from the listing is a :class:`~catfeat.images.sources.ListedURL` (one GET to read)."""
+        listed = self.listed or [None] * len(self.names)
         if self.locations is not None:
-            return [loc if is_url(loc) else Path(loc) for loc in self.locations]
+            return [listed_url(loc, known) if is_url(loc) else Path(loc) for loc, known in zip(self.locations, listed)]
         if isinstance(self.root, str):
-            return [join_url(self.root, n) for n in self.names]
+            return [listed_url(join_url(self.root, n), known) for n, known in zip(self.names, listed)]
         return [self.root / n for n in self.names]
 
     def data_root(self) -> str:

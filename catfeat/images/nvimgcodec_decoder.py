@@ -28,11 +28,10 @@ from typing import Sequence
 import numpy as np
 
 from catfeat.images.canvas_resize import jitted_resize, resize_canvas, turns
-from catfeat.images.jpeg import JpegHeader
+from catfeat.images.jpeg import JpegHeader, reduction
 from catfeat.images.listing import looks_gray_filled
 
 MODULE = "nvidia.nvimgcodec"
-INSTALL = 'pip install "catfeat[gpu]"'
 # Canvas sides: an image is packed into the smallest that holds it; larger photos take the CPU path.
 CANVAS_STEPS = (512, 1024, 2048, 4096)
 # uint8 canvas bytes per resize call (a batch of 4,096-pixel photos is resized a few at a time).
@@ -49,20 +48,6 @@ def installed() -> bool:
         return importlib.util.find_spec(MODULE) is not None
     except ModuleNotFoundError:  # no ``nvidia`` namespace at all
         return False
-
-
-def gpu_ready() -> bool:
-    """Whether nvImageCodec would decode on a GPU here: the package, nvJPEG and a CUDA device."""
-    import importlib.util
-
-    if not installed():
-        return False
-    try:
-        if importlib.util.find_spec("nvidia.nvjpeg") is None:
-            return False
-    except ModuleNotFoundError:
-        return False
-    return session().on_gpu
 
 
 @contextlib.contextmanager
@@ -155,10 +140,10 @@ def _on_jax() -> bool:
     return keras.backend.backend() == "jax"
 
 
-def _resize(canvas: np.ndarray, heads: Sequence[JpegHeader], factors: Sequence[int], sizes: tuple, jax: bool):
+def _resize(canvas: np.ndarray, heads: Sequence[JpegHeader], sizes: tuple, jax: bool):
     h = np.array([hd.height for hd in heads], np.int32)
     w = np.array([hd.width for hd in heads], np.int32)
-    f = np.asarray(factors, np.int32)
+    f = np.array([[reduction(hd, s) for s in sizes] for hd in heads], np.int32)  # (n, sizes): DCT scale per size
     flips = turns([hd.orientation for hd in heads])
     boxed = bool((f > 1).any())
     if jax:
@@ -166,11 +151,11 @@ def _resize(canvas: np.ndarray, heads: Sequence[JpegHeader], factors: Sequence[i
     return resize_canvas(np, canvas, h, w, f, flips, sizes, boxed)
 
 
-def decode_jpegs(datas: Sequence[bytes], heads: Sequence[JpegHeader], factors: Sequence[int],
-                 sizes: Sequence[int], batch_size: int | None = None,
-                 on_device: bool | None = None) -> tuple[dict[int, object], list[int]]:
+def decode_jpegs(datas: Sequence[bytes], heads: Sequence[JpegHeader], sizes: Sequence[int],
+                 batch_size: int | None = None, on_device: bool | None = None) -> tuple[dict[int, object], list[int]]:
     """Decode plain JPEGs (their bytes and :func:`catfeat.images.jpeg.plain_jpeg` headers, each
-    :func:`canvas_for` some canvas) and resize each to every size, box-reduced by ``factors`` first.
+    :func:`canvas_for` some canvas) and resize each to every size, box-reduced first by the DCT scale
+    the OpenCV decoder decodes that size at (:func:`catfeat.images.jpeg.reduction`).
 
     Returns ``({size: (m, size, size, 3) uint8}, positions)``: the m images decoded, in input order,
     and their positions in the input. The others (nvImageCodec refused them, their shape is not the
@@ -205,7 +190,7 @@ def decode_jpegs(datas: Sequence[bytes], heads: Sequence[JpegHeader], factors: S
                 canvas[j, :heads[i].height, :heads[i].width] = host.pop(i)
             pad = n - len(rows)  # padded with 1-pixel images: a fixed shape, no compile per batch
             hd = [heads[i] for i in rows] + [JpegHeader(1, 1, 1)] * pad
-            parts.append((rows, _resize(canvas, hd, [factors[i] for i in rows] + [1] * pad, sizes, jax)))
+            parts.append((rows, _resize(canvas, hd, sizes, jax)))
     kept = sorted((i, p, j) for p, (rows, _) in enumerate(parts) for j, i in enumerate(rows))
     return _gather(parts, kept, sizes, jax), [i for i, _, _ in kept]
 

@@ -18,7 +18,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from catfeat.images.listing import DECODE_BYTES, Batch, ByteBudget
-from catfeat.images.unit import decode_timed, unit_decode
+from catfeat.images.sources import OutageWatch
+from catfeat.images.unit import decode_timed, fetch_image, unit_decode
 
 
 READERS = ("auto", "threads", "processes")
@@ -133,7 +134,7 @@ def iter_batches_nvimgcodec(paths: Sequence[Path], sizes: Sequence[int], batch_s
     is the OpenCV decoder) under ``budget``, as on the thread reader: same reasons, same damaged
     list, same row order. Images are device arrays under the JAX backend, numpy elsewhere."""
     from catfeat.images.decoders import get_decoder, read_bytes
-    from catfeat.images.jpeg import complete_jpeg_bytes, plain_jpeg, reduction
+    from catfeat.images.jpeg import complete_jpeg_bytes, plain_jpeg
     from catfeat.images.listing import DecodeError
     from catfeat.images.nvimgcodec_decoder import canvas_for, decode_jpegs, merge_rows
 
@@ -142,31 +143,75 @@ def iter_batches_nvimgcodec(paths: Sequence[Path], sizes: Sequence[int], batch_s
     one = unit_decode(decode or get_decoder("nvimgcodec").decode)
     budget = ByteBudget() if budget is None else budget
 
-    def prepare(path) -> tuple | None:
-        """(bytes, header, reduction) of a file for nvImageCodec, or None for the CPU path."""
+    def prepare(path) -> tuple:
+        """(what the CPU path reads: the file, or a URL's object read once (else the reason it could
+        not be read, with the seconds it took); (bytes, header) for nvImageCodec, or None)."""
+        path, reason, seconds = fetch_image(path)
+        if path is None:
+            return (reason, seconds), None
         try:
             head = plain_jpeg(path)
             if head is None or canvas_for(head) is None:
-                return None
+                return path, None
             data = complete_jpeg_bytes(path, head, read_bytes)
         except (DecodeError, OSError):  # the CPU path names the reason
-            return None
-        return None if data is None else (data, head, reduction(head, sizes))
+            return path, None
+        return path, None if data is None else (data, head)
+
+    def cpu_path(where) -> tuple:
+        """:func:`decode_timed`'s result for what :func:`prepare` read."""
+        if isinstance(where, tuple):  # could not be read: its reason
+            return None, where[0], where[1], 0.0
+        return decode_timed(where, sizes, budget, one)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="catfeat-read") as pool:
-        for b0, preps in _in_order(pool, paths, batch_size, start, prefetch, prepare):
+        for b0, prepared in _in_order(pool, paths, batch_size, start, prefetch, prepare):
             t = time.perf_counter()
+            preps = [p for _, p in prepared]
             fast = [i for i, p in enumerate(preps) if p is not None]
-            images, kept = decode_jpegs([preps[i][0] for i in fast], [preps[i][1] for i in fast],
-                                        [preps[i][2] for i in fast], sizes, batch_size)
+            images, kept = decode_jpegs([preps[i][0] for i in fast], [preps[i][1] for i in fast], sizes,
+                                        batch_size)
             seconds = time.perf_counter() - t
             done = [fast[k] for k in kept]
             rest = sorted(set(range(len(preps))) - set(done))
-            slow = dict(zip(rest, [f.result() for f in [pool.submit(decode_timed, paths[b0 + i], sizes, budget, one)
-                                                         for i in rest]]))
+            slow = dict(zip(rest, [f.result() for f in [pool.submit(cpu_path, prepared[i][0]) for i in rest]]))
             ok = np.array([i not in slow or slow[i][0] is not None for i in range(len(preps))], dtype=bool)
             errors = {b0 + i: r[1] for i, r in slow.items() if r[0] is None}
             damaged = {b0 + i: r[1] for i, r in slow.items() if r[0] is not None and r[1]}
             host = {i: r[0] for i, r in slow.items() if r[0] is not None}
             yield Batch(b0, merge_rows(images, done, host, sizes), ok, errors,
                         seconds + sum(r[2] + r[3] for r in slow.values()), 0.0, damaged)
+
+
+def hold_through_outages(batches: Iterator[Batch], paths: Sequence,
+                         watch: OutageWatch | None = None) -> Iterator[Batch]:
+    """``batches`` in order, watched for a store that stops answering (``watch``, default
+    :class:`~catfeat.images.sources.OutageWatch`: ``CATFEAT_STORE_DOWN_AFTER`` images in a row).
+
+    A batch that ends in images whose store could not be reached is held (its pixels copied out of
+    lent memory) until a later image shows the store answers: then it goes on, and those images are
+    skipped with their reason. Should the run of failures reach the limit first, the held batches
+    are dropped and :class:`~catfeat.images.sources.StoreDownError` raised: no image is recorded as
+    skipped because the store was down, and a rerun resumes at the first row not written.
+    ``paths``: the locations of the whole list (batch positions index it)."""
+    watch = OutageWatch() if watch is None else watch
+    held: list[Batch] = []
+    for batch in batches:
+        try:
+            for pos in range(batch.start, batch.start + len(batch)):
+                watch.see(paths[pos], batch.errors.get(pos))
+        except BaseException:
+            if batch.release is not None:
+                batch.release()
+            raise
+        if watch.open:
+            if batch.release is not None:  # held for long: give the reader its memory back
+                batch.images = {s: np.array(a) for s, a in batch.images.items()}
+                batch.release()
+                batch.release = None
+            held.append(batch)
+            continue
+        yield from held
+        held.clear()
+        yield batch
+    yield from held  # the list ended first: too few failures in a row to call the store down

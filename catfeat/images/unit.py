@@ -49,6 +49,18 @@ def unit_decode(decode: Callable | None) -> Callable | None:
     return None if decode is None or decode is DECODERS["pillow"].decode else decode
 
 
+def fetch_image(path) -> tuple:
+    """``(what the decoders read, None, seconds)`` for ``path``: a local path as it is, a URL's object
+    read once (:func:`catfeat.images.sources.fetch`, under the checks of a local file); or
+    ``(None, reason, seconds)`` when it cannot be read. Reading a URL again is never needed: the
+    decoders take what this returns."""
+    t = time.perf_counter()
+    try:
+        return fetch(path, MAX_FILE_BYTES, check_header), None, time.perf_counter() - t
+    except (FetchError, DecodeError) as e:
+        return None, str(e), time.perf_counter() - t
+
+
 def decode_rows(paths: Sequence, sizes: Sequence[int], decode: Callable) -> list[tuple]:
     """``[(arrays or None, reason or None, seconds)]`` for each path: the reader's unit of work. With
     arrays, the reason (if any) is the corrupt data the image was decoded with (``Decoded.damaged``)."""
@@ -73,12 +85,9 @@ def decode_timed(path, sizes: Sequence[int], budget: ByteBudget | None = None,
     apart (see :func:`unit_decode`). The unit of work of every reader: threads, processes, Ray, predict.
     ``path``: a local path or a URL (read by :func:`catfeat.images.sources.fetch`; the seconds that
     takes count as decode seconds)."""
-    t = time.perf_counter()
-    try:
-        path = fetch(path, MAX_FILE_BYTES, check_header)
-    except (FetchError, DecodeError) as e:
-        return None, str(e), time.perf_counter() - t, 0.0
-    fetched = time.perf_counter() - t
+    path, reason, fetched = fetch_image(path)
+    if path is None:
+        return None, reason, fetched, 0.0
     cost = declared_bytes(path) if budget is not None else 0
     if cost:
         budget.acquire(cost)

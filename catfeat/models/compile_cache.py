@@ -11,7 +11,8 @@ folder that another user owns or may write to is not used (a warning says so). S
 turn the cache off. TensorFlow and PyTorch have no such cache: nothing is done for them.
 
 :class:`CacheCounter` counts JAX's cache lookups and hits while a block runs (for "compile cache:
-hit" in the extraction summary).
+hit" in the extraction summary); :func:`verdict` says counts summed over processes (the Ray engine's
+model actors) in the same words.
 """
 from __future__ import annotations
 
@@ -119,10 +120,15 @@ class CacheCounter:
         self.hits = _counts["hits"] - self._start["hits"]
 
     def verdict(self) -> str:
-        """"hit" (every program loaded), "miss" (all compiled), "N of M hit", or "" (no lookup: the
-        cache is off, or the backend has none)."""
-        if not self.requests:
-            return ""
-        if self.hits == self.requests:
-            return "hit"
-        return "miss" if not self.hits else f"{self.hits} of {self.requests} hit"
+        """:func:`verdict` of this block's lookups and hits."""
+        return verdict(self.requests, self.hits)
+
+
+def verdict(requests: int, hits: int) -> str:
+    """"hit" (every program loaded), "miss" (all compiled), "N of M hit", or "" (no lookup: the
+    cache is off, or the backend has none), of ``requests`` lookups of which ``hits`` were found."""
+    if not requests:
+        return ""
+    if hits == requests:
+        return "hit"
+    return "miss" if not hits else f"{hits} of {requests} hit"

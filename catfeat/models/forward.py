@@ -105,6 +105,7 @@ def default_batch_size(gpu: bool | None = None) -> int:
 
 @contextlib.contextmanager
 def dtype_policy(policy: str):
+    """Within the block, Keras builds layers under the dtype policy ``policy`` (e.g. "mixed_float16")."""
     import keras
 
     old = keras.config.dtype_policy()

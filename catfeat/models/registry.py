@@ -128,7 +128,8 @@ def build_backbone(name: str | BackboneSpec, weights: WeightsArg = "imagenet", s
 
     spec = get_backbone(name)
     w = Weights.parse(weights)
-    keras.utils.set_random_seed(w.seed_or(seed))
+    if w.kind == "none":  # random weights: make them reproducible. Only then: under JAX or PyTorch,
+        keras.utils.set_random_seed(w.seed_or(seed))  # it imports TensorFlow (seconds) just to seed it
     shape = (spec.input_size, spec.input_size, 3)
     try:
         return _import(spec.builder)(include_top=False, weights=w.argument(), input_shape=shape, pooling="avg")
