@@ -7,7 +7,6 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.base import clone
 from sklearn.exceptions import DataConversionWarning, NotFittedError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -17,18 +16,10 @@ from catfeat.head.scoring import tune_head
 # The default head, as users get it: on the checks' few rows (20-150) it must train enough for the
 # accuracy they ask (check_classifiers_train, check_class_weight_classifiers).
 CHECKED = FusedHead()
-# Those are the only checks that ask how well the head learns. Every other one checks a convention
-# (input validation, cloning, pickling, sample weights, determinism, shapes): there the head keeps
-# the default preset and its code paths (epochs "auto", several passes an epoch over few rows, early
-# stopping with a validation split) with a tenth of the ~1,200 optimizer steps and a shorter patience.
-TRAINING_CHECKS = {"check_classifiers_train", "check_class_weight_classifiers"}
-CONVENTION_PARAMS = dict(max_steps=120, patience=2)
 
 
 @parametrize_with_checks([CHECKED], expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS)
 def test_sklearn_estimator_checks(estimator, check):
-    if getattr(check, "func", check).__name__ not in TRAINING_CHECKS:
-        estimator = clone(estimator).set_params(**CONVENTION_PARAMS)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*retracing.*")
         check(estimator)
