@@ -547,8 +547,8 @@ def extract(data_dir: str | os.PathLike, models: str | Sequence[str] = DEFAULT_M
     ``force`` (which also rebuilds a cache of other images from scratch). ``weights``: "imagenet", None (random,
     fixed by ``seed``) or a weights file path (one backbone). ``precision``: "float32" or "mixed".
     ``tta="flip"`` stores the mean of the features of each image and its mirror image.
-    ``batch_size=None``: 32 on a CPU, 128 on a GPU. ``decoder``: "auto" (nvImageCodec on a GPU where
-    installed, else OpenCV), "nvimgcodec", "opencv" or "pillow" (see :mod:`catfeat.images.decoders`);
+    ``batch_size=None``: 32 on a CPU, 128 on a GPU. ``decoder``: "auto" (OpenCV where installed, else
+    Pillow), "nvimgcodec", "opencv" or "pillow" (see :mod:`catfeat.images.decoders`);
     recorded in the cache. ``dtype="float16"``
     stores the features at half the size (recorded in the cache; they load as float32).
     ``reader``: "threads", "processes" (decoding free of the interpreter lock, for many-core GPU
