@@ -101,7 +101,6 @@ def test_one_flag_name_per_idea_old_spellings_still_parse():
     assert p.parse_args(["--head", "h"]).out is None and "--csv" not in p.format_help()
 
 
-
 @pytest.mark.parametrize("name, flag, value, message", [
     ("extract", "--limit", "0", "must be at least 1, got 0"),
     ("extract", "--limit", "-5", "must be at least 1, got -5"),
